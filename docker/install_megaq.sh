@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs megaq from a source checkout into the active Python environment: the README's install
+# command. CI and the Docker image both run this script, so what CI tests is what the image ships.
+#   bash docker/install_megaq.sh [checkout-dir]
+# PyTorch must already be installed (the CPU build in CI, the CUDA build in the image): megaq takes
+# whatever torch it finds rather than pulling a several-GB build of its own.
+set -euo pipefail
+src=${1:-.}
+python -c "import torch" 2>/dev/null || {
+    echo "install_megaq.sh: PyTorch is not installed; install the build for your machine first" >&2
+    exit 1
+}
+python -m pip install -e "$src[test]"
+python -c "import megaq, torch; print(f'megaq {megaq.__version__} installed (torch {torch.__version__})')"

@@ -1,0 +1,9 @@
+"""megaq.ops — autograd operators built from the quantization numerics and kernels: the quantized
+linear under a recipe."""
+
+from .linear import quantized_gemm, quantized_linear, quantize_operand
+from .recipe import (RECIPE_PRESETS, GemmSpec, Int4Backward, OperandSpec, Recipe, RecipeError,
+                     get_recipe)
+
+__all__ = ["quantized_linear", "quantized_gemm", "quantize_operand", "Recipe", "GemmSpec",
+           "OperandSpec", "Int4Backward", "RecipeError", "RECIPE_PRESETS", "get_recipe"]
