@@ -10,5 +10,11 @@ python -c "import torch" 2>/dev/null || {
     echo "install_megaq.sh: PyTorch is not installed; install the build for your machine first" >&2
     exit 1
 }
-python -m pip install -e "$src[test]"
+# With a CUDA build of torch, build csrc/ against that torch: pip's isolated build environment would
+# not see it (and must never download another one).
+if python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then
+    python -m pip install --no-build-isolation -e "$src[test]"
+else
+    python -m pip install -e "$src[test]"
+fi
 python -c "import megaq, torch; print(f'megaq {megaq.__version__} installed (torch {torch.__version__})')"

@@ -1,0 +1,122 @@
+// pybind11 bindings of megaq._C: argument checks in PyTorch terms, then the plain-C launchers of the
+// .cu files (raw pointers, sizes, the current CUDA stream). Kernels never see a torch type.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "int4_gemm/int4_gemm.h"
+
+namespace {
+
+// Numbers and shapes in error messages are formatted with std::to_string, never streamed: a toolchain
+// that links a private static libstdc++ into the extension (seen with the GPU image's /opt/gcc g++)
+// leaves the stream locale that c10::str uses without its numeric facets, and `ss << int64_t` then
+// segfaults (or prints nothing). Strings, devices and dtypes stream fine.
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string dims(c10::IntArrayRef d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+void check_packed_operand(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "int4_gemm: ", name, " must be a CUDA tensor; got device ",
+              t.device().str());
+  TORCH_CHECK(t.scalar_type() == torch::kUInt8 || t.scalar_type() == torch::kInt8, "int4_gemm: ",
+              name, " must be packed INT4 as uint8 (two values per byte, megaq.quant.pack_int4); got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, "int4_gemm: ", name, " must be 2-D [rows, K/2]; got shape ",
+              dims(t.sizes()));
+  TORCH_CHECK(t.size(1) == 0 || t.stride(1) == 1, "int4_gemm: ", name,
+              " must have contiguous rows (stride(1) == 1); got strides ", dims(t.strides()));
+  TORCH_CHECK(t.size(1) % 16 == 0, "int4_gemm: ", name,
+              ".size(1) (K/2 bytes) must be a multiple of 16, i.e. K a multiple of 32; got ",
+              num(t.size(1)), " bytes. megaq.kernels.cuda_ext.int4_gemm zero-pads K for you.");
+  if (t.size(0) > 1 && t.size(1) > 0)
+    TORCH_CHECK(t.stride(0) % 16 == 0, "int4_gemm: ", name,
+                " row stride must be a multiple of 16 bytes; got ", num(t.stride(0)));
+  if (t.numel() > 0)
+    TORCH_CHECK(reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, "int4_gemm: ", name,
+                " data pointer must be 16-byte aligned (use .contiguous() on a fresh tensor)");
+}
+
+void check_scale(const std::optional<torch::Tensor>& s, int64_t n, const torch::Tensor& ref,
+                 const char* name, const char* dim_name) {
+  if (!s.has_value()) return;
+  const torch::Tensor& t = *s;
+  TORCH_CHECK(t.device() == ref.device(), "int4_gemm: ", name, " must be on ", ref.device().str(),
+              " like the operands; got ", t.device().str());
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, "int4_gemm: ", name, " must be float32; got ",
+              t.scalar_type());
+  TORCH_CHECK(t.numel() == n && t.is_contiguous(), "int4_gemm: ", name, " must be a contiguous ",
+              "float32 vector with ", dim_name, " = ", num(n), " elements; got shape ",
+              dims(t.sizes()), " and strides ", dims(t.strides()));
+}
+
+// out = (A @ B^T) * scale_a[:, None] * scale_b[None, :], written into `out` (returned).
+// a: uint8 [M, K/2], b: uint8 [N, K/2] packed INT4; scale_a: f32 [M] or None; scale_b: f32 [N] or
+// None; out: [M, N] float32 / bfloat16, or int32 (raw accumulators; then both scales must be None).
+torch::Tensor int4_gemm(const torch::Tensor& a, const torch::Tensor& b,
+                        torch::Tensor out, const std::optional<torch::Tensor>& scale_a,
+                        const std::optional<torch::Tensor>& scale_b) {
+  check_packed_operand(a, "a");
+  check_packed_operand(b, "b");
+  TORCH_CHECK(a.device() == b.device(), "int4_gemm: a and b must be on the same device; got ",
+              a.device().str(), " and ", b.device().str());
+  TORCH_CHECK(a.size(1) == b.size(1), "int4_gemm: a and b must have the same packed K; got a ",
+              dims(a.sizes()), " and b ", dims(b.sizes()));
+  const int64_t M = a.size(0), N = b.size(0), K = 2 * a.size(1);
+  check_scale(scale_a, M, a, "scale_a", "M");
+  check_scale(scale_b, N, a, "scale_b", "N");
+
+  TORCH_CHECK(out.device() == a.device(), "int4_gemm: out must be on ", a.device().str(), "; got ",
+              out.device().str());
+  int out_kind;
+  switch (out.scalar_type()) {
+    case torch::kFloat32: out_kind = MEGAQ_OUT_F32; break;
+    case torch::kBFloat16: out_kind = MEGAQ_OUT_BF16; break;
+    case torch::kInt32: out_kind = MEGAQ_OUT_I32; break;
+    default:
+      TORCH_CHECK(false, "int4_gemm: out dtype must be float32, bfloat16 or int32; got ",
+                  out.scalar_type());
+  }
+  TORCH_CHECK(out_kind != MEGAQ_OUT_I32 || (!scale_a.has_value() && !scale_b.has_value()),
+              "int4_gemm: int32 output returns the raw accumulators; pass no scales");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N, "int4_gemm: out must be [",
+              num(M), ", ", num(N), "]; got ", dims(out.sizes()));
+  TORCH_CHECK(N <= 1 || out.stride(1) == 1, "int4_gemm: out must have contiguous rows; got strides ",
+              dims(out.strides()));
+  const int64_t ldc = M <= 1 ? N : out.stride(0);
+  TORCH_CHECK(ldc >= N, "int4_gemm: out row stride ", num(ldc), " < N = ", num(N));
+  if (M == 0 || N == 0) return out;
+
+  const c10::cuda::CUDAGuard guard(a.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
+  const cudaError_t err = megaq_int4_gemm(
+      static_cast<const uint8_t*>(a.data_ptr()), static_cast<const uint8_t*>(b.data_ptr()),
+      scale_a.has_value() ? scale_a->data_ptr<float>() : nullptr,
+      scale_b.has_value() ? scale_b->data_ptr<float>() : nullptr, out.data_ptr(), out_kind, M, N,
+      K, M <= 1 ? a.size(1) : a.stride(0), N <= 1 ? b.size(1) : b.stride(0), ldc, stream);
+  TORCH_CHECK(err != cudaErrorNotSupported,
+              "int4_gemm: this GPU has no INT4 mma (needs compute capability >= 8.0); device ",
+              a.device().str());
+  TORCH_CHECK(err == cudaSuccess, "int4_gemm: CUDA error: ", cudaGetErrorString(err));
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "megaq CUDA kernels (csrc/); see megaq.kernels.cuda_ext for the Python API";
+  m.def("int4_gemm", &int4_gemm, pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("out"),
+        pybind11::arg("scale_a") = pybind11::none(), pybind11::arg("scale_b") = pybind11::none(),
+        "out = (A @ B^T) * scale_a[:, None] * scale_b[None, :] on mma.sync m16n8k64 s4.s4 "
+        "(A [M, K/2], B [N, K/2] packed INT4 uint8, low nibble = even index; K % 32 == 0). "
+        "out: preallocated [M, N] float32 / bfloat16 / int32 (int32: raw accumulators, no scales).");
+}
