@@ -9,11 +9,12 @@ data-parallel group, as in ZeRO++'s qgZ / 1-bit Adam's compressed all-reduce:
     2. server:  d = Q(s + E)            E <- s + E - d           (residual, 1/world of the size)
                 all-gather of the INT8 shards -> the averaged gradient on every rank
 
-Q is ``megaq.quant.quantize_blockwise`` with blocks of ``block`` (128) consecutive elements of the
-flattened gradient, round-to-nearest by default. With error feedback the quantization errors are
-not lost but carried into the next step, so the sum over steps of the compressed averages stays
-within a bounded residual of the sum of the exact averages (a constant gradient converges to the
-exact mean, tests/test_quantized_comm.py); without it, round-to-nearest has a fixed bias.
+Q is ``megaq.quant.quantize_blockwise`` (through megaq.kernels' dispatch) with blocks of ``block``
+(128) consecutive elements of the flattened gradient, round-to-nearest by default. With error
+feedback the quantization errors are not lost but carried into the next step, so the sum over
+steps of the compressed averages stays within a bounded residual of the sum of the exact averages
+(a constant gradient converges to the exact mean, tests/test_quantized_comm.py); without it,
+round-to-nearest has a fixed bias.
 
 Bytes on the wire per rank: (w-1)/w x N x (1 + 4/block) twice (about 0.52x BF16's ring all-reduce,
 0.26x FP32's). Memory: one FP32 residual of the gradient's size per rank (+1/w for the server part).
@@ -41,10 +42,10 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.distributed as dist
 
-from megaq.quant import quantize_blockwise
 from megaq.quant.rounding import ROUNDING_MODES
-from megaq.parallel.quantized_comm import (_exchange_all_gather, _exchange_reduce_scatter,
-                                           _flat_blocks, _world)
+from megaq.parallel.quantized_comm import (_dequantize, _exchange_all_gather,
+                                           _exchange_reduce_scatter, _flat_blocks, _world,
+                                           quantize_propagating)
 
 GRAD_COMPRESSION_MODES = ("none", "int8_ef", "zeropp")
 ZEROPP_KEYS = ("zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size")
@@ -135,19 +136,32 @@ def _compressed_all_reduce_flat(flat: torch.Tensor, group, state: GradCompressio
         if state.error_feedback:
             worker, server = state._residual((key, part), g.numel(), world, g.device)
             g = g + worker
-        qt = quantize_blockwise(g.view(-1, block), (1, block), 8, state.rounding)
+        # NaN/Inf (an fp16 overflow) travel as NaN, so every rank sees the overflow; the residuals
+        # of such a step are dropped (the loss scaler skips it).
+        qt, bad = quantize_propagating(g.view(-1, block), (1, block), state.rounding)
         if state.error_feedback:
-            worker.copy_(g - qt.dequantize(torch.float32).reshape(-1))
+            if bad:
+                worker.zero_()
+            else:
+                worker.copy_(g - _dequantize(qt, torch.float32).reshape(-1))
         shard = _exchange_reduce_scatter(qt, group, True, KIND)  # FP32 sum [rows / world, block]
         if average:
             shard = shard / world
         if state.error_feedback:
             shard = shard + server.view_as(shard)
-        qs = quantize_blockwise(shard, (1, block), 8, state.rounding)
+        qs, bad = quantize_propagating(shard, (1, block), state.rounding)
         if state.error_feedback:
-            server.copy_((shard - qs.dequantize(torch.float32)).reshape(-1))
+            if bad:
+                server.zero_()
+            else:
+                server.copy_((shard - _dequantize(qs, torch.float32)).reshape(-1))
         full = _exchange_all_gather(qs, group, True, KIND)
-        out[start:start + n] = full.dequantize(torch.float32).reshape(-1)[:n]
+        if state.error_feedback and bool(torch.isnan(full.scale).any()):
+            # an overflow on some rank (NaN scales reach every rank): the step will be skipped,
+            # so no rank keeps a residual of it (one check over the scales, 1/block of the data)
+            worker.zero_()
+            server.zero_()
+        out[start:start + n] = _dequantize(full, torch.float32).reshape(-1)[:n]
     return out
 
 
@@ -189,6 +203,11 @@ def int8_ef_hook(state: GradCompressionState, bucket: "dist.GradBucket") -> torc
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(buffer)
     return fut
+
+
+# DDP checks the hook's annotations against the real types (this module's are strings).
+int8_ef_hook.__annotations__ = {"state": GradCompressionState, "bucket": dist.GradBucket,
+                                "return": torch.futures.Future[torch.Tensor]}
 
 
 def register_ddp_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
@@ -309,6 +328,7 @@ def validate_comm_config(zero_stage: int, comm_options: Mapping[str, Any]) -> No
       grad_compression:   parallel.grad_compression, "none" | "int8_ef" | "zeropp"
       comm_dtype:         parallel.comm_dtype, "bf16" | "int8" (tensor-parallel collectives)
       comm_block:         parallel.comm_block, elements per scale (positive int)
+      comm_backward:      parallel.comm_backward, "int8" | "exact"
       zero_optimization:  DeepSpeed's zero_optimization section (a dict)
       communication_data_type: DeepSpeed's top-level key
       tensor_parallel:    parallel.tensor_parallel
@@ -327,13 +347,19 @@ def validate_comm_config(zero_stage: int, comm_options: Mapping[str, Any]) -> No
     comm_dtype = comm_options.get("comm_dtype", "bf16") or "bf16"
     if comm_dtype not in ("bf16", "int8"):
         raise ValueError(f"parallel.comm_dtype must be one of ('bf16', 'int8'), got {comm_dtype!r}")
+    backward = comm_options.get("comm_backward", "int8") or "int8"
+    if backward not in ("int8", "exact"):
+        raise ValueError(f"parallel.comm_backward must be one of ('int8', 'exact'), got {backward!r}")
     block = comm_options.get("comm_block", 128)
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"parallel.comm_block must be a positive integer, got {block!r}")
     zero = dict(comm_options.get("zero_optimization") or {})
     tp = int(comm_options.get("tensor_parallel", 1) or 1)
-    zeropp_set = {k: zero[k] for k in ZEROPP_KEYS
-                  if k in zero and zero[k] not in (False, None, 0, 1)}
+    if comm_dtype == "int8" and "tensor_parallel" in comm_options and tp == 1:
+        warnings.warn("parallel.comm_dtype='int8' has no effect with parallel.tensor_parallel=1 "
+                      "(there are no tensor-parallel collectives)", CommConfigWarning, stacklevel=2)
+    zeropp_set = {k: zero[k] for k in ZEROPP_KEYS if k in zero and (
+        (int(zero[k] or 1) > 1) if k == "zero_hpz_partition_size" else bool(zero[k]))}
 
     if mode == "zeropp":
         if zero_stage != 3:
@@ -353,12 +379,13 @@ def validate_comm_config(zero_stage: int, comm_options: Mapping[str, Any]) -> No
                          f"'zeropp' (which sets them) or remove them")
 
     effective = dict(zero)
-    if mode == "zeropp":
+    if mode == "zeropp":  # the keys the trainer fills in (zeropp_keys), unless given explicitly
         world = comm_options.get("world_size")
         per_node = comm_options.get("gpus_per_node")
-        if world and per_node:
-            for k, v in zeropp_keys(int(world), int(per_node)).items():
-                effective.setdefault(k, v)
+        defaults = zeropp_keys(int(world), int(per_node)) if world and per_node else \
+            {"zero_quantized_weights": True, "zero_quantized_gradients": True}
+        for k, v in defaults.items():
+            effective.setdefault(k, v)
     if zero_stage == 3 and tp > 1:
         if effective.get("zero_quantized_gradients"):
             raise ValueError("zero_optimization.zero_quantized_gradients (ZeRO++ qgZ) with "

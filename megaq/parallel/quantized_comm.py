@@ -1,8 +1,9 @@
 """Quantized collectives: INT8 payload + FP32 block scales on the wire (docs/COMMUNICATION.md).
 
-Every collective here quantizes with ``megaq.quant.quantize_blockwise`` (symmetric INT8, one FP32
-scale per block of ``block`` consecutive elements along the last dimension, i.e. block shape
-``(1, block)``), so what travels is exactly the reference format the kernels are tested against.
+Every collective here quantizes with ``megaq.quant.quantize_blockwise``'s format and semantics
+(symmetric INT8, one FP32 scale per block of ``block`` consecutive elements along the last
+dimension, i.e. block shape ``(1, block)``), through ``megaq.kernels.quantize`` / ``dequantize``:
+the Triton kernels on GPUs, the megaq.quant reference itself on the CPU.
 
     quantized_all_gather(x, dim, group)      each rank quantizes its shard once, one all-gather,
                                               dequantize (or hand the QuantizedTensor to an INT8
@@ -35,7 +36,8 @@ Autograd versions of Megatron's tensor-parallel mappings, drop-in for ``megaq.pa
     reduce_from_tensor_parallel_region_int8       fwd quantized all-reduce, bwd identity
     copy_to_tensor_parallel_region_int8           fwd identity, bwd all-reduce (int8 or exact)
 
-Forward collectives round to nearest; gradient collectives in the backward round stochastically
+Forward collectives round to nearest and refuse NaN/Inf (NonFiniteError); gradient collectives
+pass NaN/Inf on as NaN in their block (so loss scaling sees an overflow) and round stochastically
 by default (unbiased, ALGORITHMS.md §1), drawing from torch's default generator of the tensor's
 device like the recipes do (every TP rank quantizes tensors of the same shape, so the default
 generators stay in step across the TP group).
@@ -50,6 +52,7 @@ all-reduce: 2 (w-1)/w x input). ``exact_all_gather`` / ``exact_reduce_scatter`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field, replace
@@ -58,7 +61,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.distributed as dist
 
-from megaq.quant import QuantizedTensor, quantize_blockwise
+from megaq.quant import QuantizedTensor
 from megaq.quant.rounding import ROUNDING_MODES
 from megaq.parallel.state import (get_tensor_parallel_group, get_tensor_parallel_rank,
                                   get_tensor_parallel_world_size)
@@ -66,6 +69,54 @@ from megaq.parallel.state import (get_tensor_parallel_group, get_tensor_parallel
 # torch >= 2.12 renamed the single-tensor collectives; the old names still work but warn.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+try:  # the dispatcher: Triton kernels on GPUs, the megaq.quant reference elsewhere (same results)
+    from megaq.kernels import dequantize as _dequantize_fast
+    from megaq.kernels import quantize as _quantize_fast
+except ImportError:  # pragma: no cover - kernels layer unavailable
+    _quantize_fast = _dequantize_fast = None
+
+
+def quantize_for_comm(x2d: torch.Tensor, block: tuple[int, int], bits: int = 8,
+                       rounding: str = "nearest", generator: torch.Generator | None = None,
+                       check: bool = True) -> QuantizedTensor:
+    """``megaq.quant.quantize_blockwise`` semantics, through ``megaq.kernels`` where available."""
+    if _quantize_fast is not None:
+        return _quantize_fast(x2d, block, bits, rounding, generator, check)
+    from megaq.quant import quantize_blockwise as reference
+    return reference(x2d, block, bits, rounding, generator, check)
+
+
+def quantize_propagating(x2d: torch.Tensor, block: tuple[int, int], rounding: str = "nearest",
+                         generator: torch.Generator | None = None) -> tuple[QuantizedTensor, bool]:
+    """INT8 block quantization for gradients: NaN/Inf are not an error but travel as a NaN
+    scale of their block, so every receiver sees NaN there (as an exact collective would spread
+    the overflow; fp16 loss scaling then skips the step). Returns (tensor, had_non_finite). The
+    finite case costs nothing extra: the quantizer's own check decides."""
+    from megaq.quant import NonFiniteError
+    try:
+        return quantize_for_comm(x2d, block, 8, rounding, generator, True), False
+    except NonFiniteError:
+        pass
+    bad = ~torch.isfinite(x2d)
+    qt = quantize_for_comm(torch.where(bad, torch.zeros_like(x2d), x2d), block, 8, rounding,
+                            generator, False)
+    from megaq.quant import block_absmax
+    bad_blocks = block_absmax(bad.float(), qt.block) > 0
+    qt.scale = torch.where(bad_blocks, torch.full_like(qt.scale, float("nan")), qt.scale)
+    return qt, True
+
+
+def _quantize(x2d: torch.Tensor, block: tuple[int, int], rounding: str, generator, check: bool,
+              propagate: bool) -> QuantizedTensor:
+    if propagate:
+        return quantize_propagating(x2d, block, rounding, generator)[0]
+    return quantize_for_comm(x2d, block, 8, rounding, generator, check)
+
+
+def _dequantize(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    return _dequantize_fast(qt, dtype) if _dequantize_fast is not None else qt.dequantize(dtype)
+
 
 _ALIGN = 16  # bytes: every packed segment starts 16-byte aligned, so the FP32 scales can be viewed
 
@@ -86,7 +137,10 @@ class QuantizedCommConfig:
                     gradient's own dtype (only the forward is compressed).
     pack:           one collective per quantized exchange (scales + payload in one byte buffer)
                     instead of two.
-    check_finite:   raise megaq.quant.NonFiniteError on NaN/Inf instead of sending garbage.
+    check_finite:   raise megaq.quant.NonFiniteError on NaN/Inf in a forward collective
+                    instead of sending garbage. Backward (gradient) collectives never raise: a
+                    NaN/Inf arrives as NaN in its block, as an exact collective would spread it,
+                    so that fp16 loss scaling sees the overflow and skips the step.
     """
 
     block: int = 128
@@ -333,7 +387,7 @@ def _exchange_reduce_scatter(qt: QuantizedTensor, group, pack: bool, kind: str) 
     received = QuantizedTensor(r_payload.reshape(rows, cols), r_scales.reshape(rows, nb),
                                qt.block, 8, (rows, cols))
     # FP32 sum over the sources, in rank order (deterministic).
-    return received.dequantize(torch.float32).view(world, rc, cols).sum(0)
+    return _dequantize(received, torch.float32).view(world, rc, cols).sum(0)
 
 
 # ---- public quantized collectives ------------------------------------------------------------
@@ -342,7 +396,7 @@ def quantized_all_gather(x: "torch.Tensor | QuantizedTensor", dim: int = 0, grou
                          block: int = 128, *, rounding: str = "nearest",
                          generator: torch.Generator | None = None, pack: bool = True,
                          return_quantized: bool = False, out_dtype: torch.dtype | None = None,
-                         check_finite: bool = True,
+                         check_finite: bool = True, propagate_nonfinite: bool = False,
                          kind: str = "all_gather[int8]") -> "torch.Tensor | QuantizedTensor":
     """All-gather ``x`` along ``dim`` over ``group`` (None: the default group) with an INT8 payload.
 
@@ -352,7 +406,8 @@ def quantized_all_gather(x: "torch.Tensor | QuantizedTensor", dim: int = 0, grou
     dequantized to FP32 unless ``out_dtype`` says otherwise. ``return_quantized=True`` (dim 0
     only) returns the gathered QuantizedTensor ``[world * rows, C]`` of the flattened
     ``[-1, C]`` view for an INT8 consumer, without dequantizing. A group of one rank returns
-    ``x`` itself.
+    ``x`` itself. NaN/Inf raise ``megaq.quant.NonFiniteError`` (``check_finite``), or with
+    ``propagate_nonfinite`` (gradients) arrive as NaN in their block on every rank.
     """
     world = _world(group)
     if isinstance(x, QuantizedTensor):
@@ -364,9 +419,9 @@ def quantized_all_gather(x: "torch.Tensor | QuantizedTensor", dim: int = 0, grou
             raise ValueError(f"a QuantizedTensor of {x.shape[0]} rows with row-block {x.block[0]} "
                              f"cannot be gathered along rows (rows must be whole blocks)")
         if world == 1:
-            return x if return_quantized else x.dequantize(out_dtype or torch.float32)
+            return x if return_quantized else _dequantize(x, out_dtype or torch.float32)
         gathered = _exchange_all_gather(x, group, pack, kind)
-        return gathered if return_quantized else gathered.dequantize(out_dtype or torch.float32)
+        return gathered if return_quantized else _dequantize(gathered, out_dtype or torch.float32)
 
     dim = _norm_dim(dim, x.dim())
     if return_quantized and dim != 0:
@@ -374,16 +429,16 @@ def quantized_all_gather(x: "torch.Tensor | QuantizedTensor", dim: int = 0, grou
                          "flattened [-1, C] view stay in gathered order)")
     if world == 1:
         if return_quantized:
-            return quantize_blockwise(x.reshape(-1, x.shape[-1]), _block_shape(block), 8, rounding,
-                                      generator, check_finite)
+            return _quantize(x.reshape(-1, x.shape[-1]), _block_shape(block), rounding, generator,
+                             check_finite, propagate_nonfinite)
         return x
     out_dtype = out_dtype or x.dtype
     flat = x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
-    qt = quantize_blockwise(flat, _block_shape(block), 8, rounding, generator, check_finite)
+    qt = _quantize(flat, _block_shape(block), rounding, generator, check_finite, propagate_nonfinite)
     gathered = _exchange_all_gather(qt, group, pack, kind)
     if return_quantized:
         return gathered
-    full = gathered.dequantize(out_dtype).view((world,) + tuple(x.shape))
+    full = _dequantize(gathered, out_dtype).view((world,) + tuple(x.shape))
     if dim == 0:
         return full.reshape((world * x.size(0),) + tuple(x.shape[1:]))
     return torch.cat(full.unbind(0), dim=dim)
@@ -402,14 +457,15 @@ def _stack_chunks(x: torch.Tensor, dim: int, world: int, what: str) -> torch.Ten
 def quantized_reduce_scatter(x: torch.Tensor, dim: int = 0, group=None, block: int = 128,
                              rounding: str = "nearest", *, generator: torch.Generator | None = None,
                              pack: bool = True, out_dtype: torch.dtype | None = None,
-                             check_finite: bool = True,
+                             check_finite: bool = True, propagate_nonfinite: bool = False,
                              kind: str = "reduce_scatter[int8]") -> torch.Tensor:
     """Sum ``x`` over ``group`` and keep this rank's chunk along ``dim`` (rank r: chunk r).
 
     Each rank quantizes its ``world`` chunks (blocks along the last dimension of a chunk), an
     all-to-all delivers chunk r of every rank to rank r, which dequantizes and sums in FP32 and
     returns ``out_dtype`` (default ``x``'s dtype). ``x.size(dim)`` must be divisible by the group
-    size (ValueError otherwise). A group of one rank returns ``x`` itself.
+    size (ValueError otherwise). A group of one rank returns ``x`` itself. Non-finite values: as
+    in ``quantized_all_gather``.
     """
     world = _world(group)
     dim = _norm_dim(dim, x.dim())
@@ -418,7 +474,7 @@ def quantized_reduce_scatter(x: torch.Tensor, dim: int = 0, group=None, block: i
     stacked = _stack_chunks(x, dim, world, "quantized_reduce_scatter")  # [world, *chunk]
     chunk_shape = tuple(stacked.shape[1:])
     flat = stacked.reshape(-1, chunk_shape[-1])  # [world * Rc, C]: row blocks never cross chunks
-    qt = quantize_blockwise(flat, _block_shape(block), 8, rounding, generator, check_finite)
+    qt = _quantize(flat, _block_shape(block), rounding, generator, check_finite, propagate_nonfinite)
     summed = _exchange_reduce_scatter(qt, group, pack, kind)
     return summed.view(chunk_shape).to(out_dtype or x.dtype)
 
@@ -436,7 +492,8 @@ def _flat_blocks(x: torch.Tensor, world: int, block: int) -> tuple[torch.Tensor,
 
 def quantized_all_reduce(x: torch.Tensor, group=None, block: int = 128, rounding: str = "nearest", *,
                          average: bool = False, generator: torch.Generator | None = None,
-                         pack: bool = True, check_finite: bool = True) -> torch.Tensor:
+                         pack: bool = True, check_finite: bool = True,
+                         propagate_nonfinite: bool = False) -> torch.Tensor:
     """Sum (or mean, ``average=True``) of ``x`` over ``group``: a quantized reduce-scatter of the
     flattened tensor, then a quantized all-gather of the FP32 partial sums (requantized). Any
     shape; the flattened tensor is quantized in blocks of ``block`` consecutive elements. Returns a
@@ -447,13 +504,13 @@ def quantized_all_reduce(x: torch.Tensor, group=None, block: int = 128, rounding
     if block == -1:
         raise ValueError("quantized_all_reduce needs a finite block size")
     blocks, n = _flat_blocks(x, world, block)
-    qt = quantize_blockwise(blocks, _block_shape(block), 8, rounding, generator, check_finite)
+    qt = _quantize(blocks, _block_shape(block), rounding, generator, check_finite, propagate_nonfinite)
     shard = _exchange_reduce_scatter(qt, group, pack, "all_reduce[int8]")
     if average:
         shard = shard / world
-    qs = quantize_blockwise(shard, _block_shape(block), 8, rounding, generator, check_finite)
+    qs = _quantize(shard, _block_shape(block), rounding, generator, check_finite, propagate_nonfinite)
     full = _exchange_all_gather(qs, group, pack, "all_reduce[int8]")
-    return full.dequantize(torch.float32).reshape(-1)[:n].view(x.shape).to(x.dtype)
+    return _dequantize(full, torch.float32).reshape(-1)[:n].view(x.shape).to(x.dtype)
 
 
 # ---- exact collectives with the same accounting (references and benchmarks) ------------------
@@ -517,7 +574,7 @@ def _grad_reduce_scatter(grad: torch.Tensor, cfg: QuantizedCommConfig) -> torch.
     if cfg.backward == "exact":
         return exact_reduce_scatter(grad, 0, group)
     return quantized_reduce_scatter(grad, 0, group, cfg.block, cfg.grad_rounding, pack=cfg.pack,
-                                    check_finite=cfg.check_finite)
+                                    propagate_nonfinite=True)
 
 
 def _grad_all_gather(grad: torch.Tensor, cfg: QuantizedCommConfig) -> torch.Tensor:
@@ -525,7 +582,7 @@ def _grad_all_gather(grad: torch.Tensor, cfg: QuantizedCommConfig) -> torch.Tens
     if cfg.backward == "exact":
         return exact_all_gather(grad, 0, group)
     return quantized_all_gather(grad, 0, group, cfg.block, rounding=cfg.grad_rounding, pack=cfg.pack,
-                                check_finite=cfg.check_finite)
+                                propagate_nonfinite=True)
 
 
 def _grad_all_reduce(grad: torch.Tensor, cfg: QuantizedCommConfig) -> torch.Tensor:
@@ -533,7 +590,7 @@ def _grad_all_reduce(grad: torch.Tensor, cfg: QuantizedCommConfig) -> torch.Tens
     if cfg.backward == "exact":
         return exact_all_reduce(grad, group)
     return quantized_all_reduce(grad, group, cfg.block, cfg.grad_rounding, pack=cfg.pack,
-                                check_finite=cfg.check_finite)
+                                propagate_nonfinite=True)
 
 
 class _GatherFromSequenceParallelRegionInt8(torch.autograd.Function):
@@ -649,15 +706,21 @@ class TPMappings(NamedTuple):
 def tp_mappings(comm_dtype: str = "bf16",
                 config: "QuantizedCommConfig | dict | None" = None) -> TPMappings:
     """``"bf16"``: megaq.parallel.mappings' exact collectives (in the activations' dtype);
-    ``"int8"``: the quantized ones above, bound to ``config``."""
+    ``"int8"``: the quantized ones above, bound to ``config``. Cached per (dtype, config), so a
+    layer may call it in its constructor or on every forward."""
+    if comm_dtype not in COMM_DTYPES:
+        raise ValueError(f"parallel.comm_dtype must be one of {COMM_DTYPES}, got {comm_dtype!r}")
+    return _tp_mappings(comm_dtype, resolve_config(config) if comm_dtype == "int8" else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _tp_mappings(comm_dtype: str, cfg: QuantizedCommConfig | None) -> TPMappings:
     if comm_dtype == "bf16":
         from megaq.parallel import mappings
         return TPMappings(mappings.copy_to_tp_region, mappings.reduce_from_tp_region,
                           mappings.gather_from_sequence_parallel_region,
                           mappings.reduce_scatter_to_sequence_parallel_region)
     if comm_dtype == "int8":
-        cfg = resolve_config(config)
-
         def gather(x, tensor_parallel_output_grad=True):
             return gather_from_sequence_parallel_region_int8(x, tensor_parallel_output_grad, cfg)
 
