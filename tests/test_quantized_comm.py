@@ -362,25 +362,6 @@ def _ddp_hook(rank, world):
 TINY_GPT = dict(vocab_size=96, seq_len=16, n_layer=2, n_head=4, n_embd=160)  # 160: a partial block
 
 
-def _use_int8_mappings(config=None):
-    """What `parallel.comm_dtype: int8` will do in megaq/nn/linear.py, done by monkeypatching."""
-    import megaq.nn.linear as linear
-    maps = tp_mappings("int8", config)
-    linear.copy_to_tp_region = maps.copy_to_tp_region
-    linear.reduce_from_tp_region = maps.reduce_from_tp_region
-    linear.gather_from_sequence_parallel_region = maps.gather_from_sequence_parallel_region
-    linear.reduce_scatter_to_sequence_parallel_region = maps.reduce_scatter_to_sequence_parallel_region
-
-
-def _use_exact_mappings():
-    import megaq.nn.linear as linear
-    maps = tp_mappings("bf16")
-    linear.copy_to_tp_region = maps.copy_to_tp_region
-    linear.reduce_from_tp_region = maps.reduce_from_tp_region
-    linear.gather_from_sequence_parallel_region = maps.gather_from_sequence_parallel_region
-    linear.reduce_scatter_to_sequence_parallel_region = maps.reduce_scatter_to_sequence_parallel_region
-
-
 def _tiny_batch(vocab, batch=2, seed=99):
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, vocab, (batch, 16), generator=g),
@@ -397,15 +378,13 @@ def _gpt_tp2(rank, world):
     for sp in (False, True):
         runs = {}
         for comm in ("bf16", "int8"):
-            _use_int8_mappings() if comm == "int8" else _use_exact_mappings()
             model_parallel_seed(SEED)
-            model = GPT(GPTConfig(**TINY_GPT, sequence_parallel=sp))
+            model = GPT(GPTConfig(**TINY_GPT, sequence_parallel=sp, comm_dtype=comm))
             with track_comm() as stats:
                 loss = model(ids, labels)
                 loss.backward()
             grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
             runs[comm] = (loss.item(), grads, stats.as_dict())
-        _use_exact_mappings()
         out[sp] = dict(loss_bf16=runs["bf16"][0], loss_int8=runs["int8"][0],
                        grad_error=_rel(runs["int8"][1], runs["bf16"][1]),
                        int8_kinds=sorted(k for k in runs["int8"][2] if k.endswith("[int8]")))
@@ -519,9 +498,8 @@ def _train_tp2_dp2(rank, world, steps):
     dp_group = get_data_parallel_group()
     losses = {}
     for comm in ("bf16", "int8"):
-        _use_int8_mappings() if comm == "int8" else _use_exact_mappings()
         model_parallel_seed(SEED)
-        model = GPT(GPTConfig(**TINY_GPT, sequence_parallel=True))
+        model = GPT(GPTConfig(**TINY_GPT, sequence_parallel=True, comm_dtype=comm))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
         state = GradCompressionState(group=dp_group)
         pattern = torch.tensor([3, 17, 42, 8, 91, 23, 55, 64]).roll(get_data_parallel_rank())
@@ -543,7 +521,6 @@ def _train_tp2_dp2(rank, world, steps):
                 mean_loss = exact_all_reduce(loss.detach(), dp_group, average=True)
                 history.append(mean_loss.item())
         losses[comm] = dict(losses=history, bytes=stats.as_dict())
-    _use_exact_mappings()
     destroy_model_parallel()
     return losses
 

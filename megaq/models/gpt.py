@@ -28,6 +28,7 @@ from megaq.nn import (ColumnParallelLinear, LayerNorm, ParallelDropout, RowParal
                       VocabParallelEmbedding, column_parallel_linear, normal_init,
                       vocab_parallel_cross_entropy, zeros_init)
 from megaq.ops import get_recipe
+from megaq.parallel.quantized_comm import tp_mappings
 from megaq.parallel import (gather_from_tp_region, get_model_parallel_seed,
                             get_tensor_parallel_rank, get_tensor_parallel_world_size,
                             init_seed_for, initialize_from_full_, is_tensor_parallel,
@@ -51,6 +52,8 @@ class GPTConfig:
     lm_head_recipe: str | dict = "bf16"
     make_vocab_size_divisible_by: int = 128  # the padded vocab is a multiple of this x TP size
     layer_norm_eps: float = 1e-5
+    comm_dtype: str = "bf16"        # tensor-parallel collectives of the blocks: "bf16" exact | "int8"
+    comm_config: dict | None = None  # megaq.parallel.quantized_comm.QuantizedCommConfig fields
 
     def __post_init__(self) -> None:
         self.validate()
@@ -75,6 +78,10 @@ class GPTConfig:
                 get_recipe(getattr(self, key))
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"GPTConfig.{key}: {err}") from err
+        try:
+            tp_mappings(self.comm_dtype, self.comm_config)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"GPTConfig.comm_dtype/comm_config: {err}") from err
         if self.n_head % tensor_parallel_size != 0:
             raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be divisible by the "
                              f"tensor-parallel size ({tensor_parallel_size})")

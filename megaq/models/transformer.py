@@ -39,10 +39,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias, recipe=cfg.recipe,
                                         sequence_parallel=cfg.sequence_parallel,
-                                        partition_stride=3, skip_init=True)
+                                        partition_stride=3, skip_init=True,
+                                        comm_dtype=cfg.comm_dtype, comm_config=cfg.comm_config)
         self.out_proj = RowParallelLinear(cfg.n_embd, cfg.n_embd, bias=cfg.bias, recipe=cfg.recipe,
                                           input_is_parallel=True,
-                                          sequence_parallel=cfg.sequence_parallel, skip_init=True)
+                                          sequence_parallel=cfg.sequence_parallel, skip_init=True,
+                                          comm_dtype=cfg.comm_dtype, comm_config=cfg.comm_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)  # [T, B, 3 * C/tp] (full T even under sequence parallelism)
@@ -66,10 +68,12 @@ class MLP(nn.Module):
         super().__init__()
         hidden = 4 * cfg.n_embd
         self.fc1 = ColumnParallelLinear(cfg.n_embd, hidden, bias=cfg.bias, recipe=cfg.recipe,
-                                        sequence_parallel=cfg.sequence_parallel, skip_init=True)
+                                        sequence_parallel=cfg.sequence_parallel, skip_init=True,
+                                        comm_dtype=cfg.comm_dtype, comm_config=cfg.comm_config)
         self.fc2 = RowParallelLinear(hidden, cfg.n_embd, bias=cfg.bias, recipe=cfg.recipe,
                                      input_is_parallel=True,
-                                     sequence_parallel=cfg.sequence_parallel, skip_init=True)
+                                     sequence_parallel=cfg.sequence_parallel, skip_init=True,
+                                     comm_dtype=cfg.comm_dtype, comm_config=cfg.comm_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

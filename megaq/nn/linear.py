@@ -26,6 +26,7 @@ from megaq.parallel import (copy_to_tp_region, gather_from_sequence_parallel_reg
                             initialize_from_full_, mark_sequence_parallel, mark_tensor_parallel,
                             reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region,
                             scatter_to_tp_region)
+from megaq.parallel.quantized_comm import QuantizedCommConfig, TPMappings, tp_mappings
 
 InitFn = Callable[[torch.Tensor, "torch.Generator | None"], None]
 
@@ -49,13 +50,15 @@ def _divide(n: int, parts: int, what: str) -> int:
 
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            recipe: Recipe, *, sequence_parallel: bool = False,
-                           gather_output: bool = False) -> torch.Tensor:
+                           gather_output: bool = False, comm: TPMappings | None = None) -> torch.Tensor:
     """``x W^T + b`` with ``weight`` this rank's rows ``[out/tp, in]``; also the vocab-parallel
-    lm_head, whose weight is the (tied) embedding shard."""
+    lm_head, whose weight is the (tied) embedding shard. ``comm`` picks exact (default) or INT8
+    collectives (``megaq.parallel.quantized_comm.tp_mappings``)."""
+    comm = comm or tp_mappings("bf16")
     if sequence_parallel:
-        x = gather_from_sequence_parallel_region(x)  # backward: reduce-scatter of the partial grads
+        x = comm.gather_from_sequence_parallel_region(x)  # backward: reduce-scatter of the partial grads
     else:
-        x = copy_to_tp_region(x)  # backward: all-reduce of the partial grads
+        x = comm.copy_to_tp_region(x)  # backward: all-reduce of the partial grads
     y = quantized_linear(x, weight, bias, recipe)
     return gather_from_tp_region(y) if gather_output else y
 
@@ -71,13 +74,18 @@ class ColumnParallelLinear(nn.Module):
         partition_stride: the output dim is ``stride`` equal blocks, each split over the ranks
             (3 for a fused QKV, so each rank holds whole heads of q, k and v).
         skip_init: leave the parameters uninitialized (the caller initializes them).
+        comm_dtype: "bf16" (exact collectives in the activations' dtype) or "int8" (INT8 payload +
+            block scales, ``comm_config`` says how).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  recipe: "str | dict | Recipe" = "bf16", gather_output: bool = False,
                  sequence_parallel: bool = False, partition_stride: int = 1,
-                 init_method: InitFn = normal_init(0.02), skip_init: bool = False):
+                 init_method: InitFn = normal_init(0.02), skip_init: bool = False,
+                 comm_dtype: str = "bf16", comm_config: "QuantizedCommConfig | dict | None" = None):
         super().__init__()
+        self.comm_dtype = comm_dtype
+        self.comm = tp_mappings(comm_dtype, comm_config)
         tp = get_tensor_parallel_world_size()
         if out_features % (partition_stride * tp) != 0:
             raise ValueError(f"out_features ({out_features}) must be divisible by partition_stride "
@@ -111,12 +119,13 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return column_parallel_linear(x, self.weight, self.bias, self.recipe,
                                       sequence_parallel=self.sequence_parallel,
-                                      gather_output=self.gather_output)
+                                      gather_output=self.gather_output, comm=self.comm)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, recipe={self.recipe.name}, "
-                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}, "
+                f"comm_dtype={self.comm_dtype}")
 
 
 class RowParallelLinear(nn.Module):
@@ -134,8 +143,11 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  recipe: "str | dict | Recipe" = "bf16", input_is_parallel: bool = True,
                  sequence_parallel: bool = False, init_method: InitFn = normal_init(0.02),
-                 skip_init: bool = False):
+                 skip_init: bool = False, comm_dtype: str = "bf16",
+                 comm_config: "QuantizedCommConfig | dict | None" = None):
         super().__init__()
+        self.comm_dtype = comm_dtype
+        self.comm = tp_mappings(comm_dtype, comm_config)
         tp = get_tensor_parallel_world_size()
         if sequence_parallel and not input_is_parallel:
             raise ValueError("sequence_parallel requires input_is_parallel=True")
@@ -167,9 +179,9 @@ class RowParallelLinear(nn.Module):
             x = scatter_to_tp_region(x)
         y = quantized_linear(x, self.weight, None, self.recipe)
         if self.sequence_parallel:
-            y = reduce_scatter_to_sequence_parallel_region(y)
+            y = self.comm.reduce_scatter_to_sequence_parallel_region(y)
         else:
-            y = reduce_from_tp_region(y)
+            y = self.comm.reduce_from_tp_region(y)
         if self.bias is not None:
             # Under sequence parallelism each rank sees only its tokens: the all-reduce in the
             # backward of copy_to_tp_region sums the bias's partial gradients.
@@ -181,4 +193,4 @@ class RowParallelLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, recipe={self.recipe.name}, "
                 f"input_is_parallel={self.input_is_parallel}, "
-                f"sequence_parallel={self.sequence_parallel}")
+                f"sequence_parallel={self.sequence_parallel}, comm_dtype={self.comm_dtype}")
