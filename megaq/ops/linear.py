@@ -12,18 +12,26 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..quant import (QuantizedTensor, bit_split, block_hadamard, check_finite, hq_quantize,
+from ..quant import (QuantizedTensor, bit_split, block_hadamard, check_finite,
                      leverage_score_sample, leverage_scores, lsq_step, pad_to_multiple,
                      quantize_with_scale)
 from .recipe import GemmSpec, OperandSpec, Recipe, get_recipe
 
 
-def quantize_operand(x: torch.Tensor, spec: OperandSpec, check: bool,
-                     transpose: bool = False) -> QuantizedTensor:
-    """Quantize a GEMM operand `[rows, reduction]` (or `x.T` when `transpose`) per its spec."""
+def quantize_operand(x: torch.Tensor, spec: OperandSpec, check: bool, transpose: bool = False,
+                     hadamard: int = 0) -> QuantizedTensor:
+    """Quantize a GEMM operand `[rows, reduction]` (or `x.T` when `transpose`) per its spec, after a
+    block Hadamard rotation of the reduction axis when `hadamard` > 0."""
     if spec.scale == "lsq":
         src = x.t() if transpose else x
+        if check:
+            check_finite(src, "quantized linear operand")
+        if hadamard:
+            src = block_hadamard(pad_to_multiple(src.float(), hadamard), hadamard)
         return quantize_with_scale(src.float(), lsq_step(src), (-1, -1), spec.bits, spec.rounding)
+    if hadamard:
+        return kernels.hadamard_quantize(x, hadamard, spec.block, bits=spec.bits,
+                                         rounding=spec.rounding, check=check, transpose=transpose)
     return kernels.quantize(x, spec.block, bits=spec.bits, rounding=spec.rounding, check=check,
                             transpose=transpose)
 
@@ -39,13 +47,11 @@ def quantized_gemm(a: torch.Tensor, b: torch.Tensor, spec: GemmSpec, check: bool
         b = b.t() if transpose_b else b
         return a @ b.t()
     if spec.hadamard:
-        # The rotation acts on the reduction axis; zero padding to whole Hadamard blocks leaves the
-        # product unchanged because both operands are padded alike.
-        a = a.t() if transpose_a else a
-        b = b.t() if transpose_b else b
-        a = block_hadamard(pad_to_multiple(a.float(), spec.hadamard), spec.hadamard)
-        b = block_hadamard(pad_to_multiple(b.float(), spec.hadamard), spec.hadamard)
-        transpose_a = transpose_b = False
+        # The rotation acts on the reduction axis (zero-padded to whole Hadamard blocks, which leaves
+        # the product unchanged because both operands are padded alike); fused with the quantizer.
+        qa = quantize_operand(a, spec.a, check, transpose_a, hadamard=spec.hadamard)
+        qb = quantize_operand(b, spec.b, check, transpose_b, hadamard=spec.hadamard)
+        return kernels.scaled_mm(qa, qb, out_dtype=torch.float32)
     qa = quantize_operand(a, spec.a, check, transpose_a)
     qb = quantize_operand(b, spec.b, check, transpose_b)
     return kernels.scaled_mm(qa, qb, out_dtype=torch.float32)
@@ -90,9 +96,9 @@ class _Int4QuantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, recipe: Recipe):
         spec = recipe.forward
-        xq = hq_quantize(x2d, spec.hadamard, "lsq" if spec.a.scale == "lsq" else "row", recipe.check_finite)
-        wq = hq_quantize(weight, spec.hadamard, "lsq" if spec.b.scale == "lsq" else "row",
-                         recipe.check_finite)
+        # the Hadamard quantizer (HQ) of both operands: INT4 in Hadamard space
+        xq = quantize_operand(x2d, spec.a, recipe.check_finite, hadamard=spec.hadamard)
+        wq = quantize_operand(weight, spec.b, recipe.check_finite, hadamard=spec.hadamard)
         y = kernels.scaled_mm(xq, wq, out_dtype=torch.float32)
         if bias is not None:
             y = y + bias.float()

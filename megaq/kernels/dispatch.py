@@ -1,0 +1,592 @@
+"""The one place that decides which implementation runs: Triton kernels on CUDA, the `megaq.quant`
+reference elsewhere (CPU tensors, no Triton, unsupported shapes/blocks).
+
+`MEGAQ_KERNELS=reference|triton|auto` (default auto) forces a path. `triton` on CPU tensors needs
+`TRITON_INTERPRET=1` (set before triton is imported): that is how CI runs these kernels.
+
+Public functions (re-exported by `megaq.kernels`):
+    quantize(x2d, block, bits=8, rounding="nearest", generator=None, check=True, transpose=False)
+    quantize_dual(x2d, block, block_t, ...) -> (q of x, q of x.T)      both orientations
+    hadamard_quantize(x2d, hadamard, block=(1, -1), ..., transpose=False)
+    dequantize(qt, dtype=torch.float32)
+    scaled_mm(a, b, out_dtype=torch.float32, bias=None, out_block=(1, 128), out_rounding="nearest")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+
+import torch
+
+_MODES = ("reference", "triton", "auto")
+_CONFIG_OVERRIDE: dict | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# choosing the path
+def kernel_mode() -> str:
+    mode = os.environ.get("MEGAQ_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"MEGAQ_KERNELS must be one of {list(_MODES)}; got {mode!r}")
+    return mode
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    mode = kernel_mode()
+    if mode == "reference":
+        return False
+    devices = {t.device.type for t in tensors}
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError("MEGAQ_KERNELS=triton but triton cannot be imported")
+        if devices != {"cuda"} and not _interpreting():
+            raise RuntimeError("MEGAQ_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 "
+                               "(set before triton is imported)")
+        return True
+    # auto: Triton on CUDA GPUs with INT8 tensor cores (sm_80+), the reference otherwise
+    if devices != {"cuda"} or not triton_available() or _interpreting():
+        return False
+    return _capability(tensors[0].device.index or 0) >= (8, 0)
+
+
+def _has_tma(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return _interpreting()
+    return _capability(device.index or 0) >= (9, 0)
+
+
+@contextlib.contextmanager
+def config_override(**cfg):
+    """Force kernel tile configurations (tests use tiny tiles under the interpreter; the benchmark
+    sweeps). GEMM keys: BM, BN, BK, J, CVT, GROUP_M, num_warps, num_stages, USE_TMA, WS. Quantizer
+    keys: QUANT_ROWS, QUANT_COLS, QUANT_WARPS, QUANT_STAGES, DUAL_FUSED, ROW_TWOPASS."""
+    global _CONFIG_OVERRIDE
+    old = _CONFIG_OVERRIDE
+    _CONFIG_OVERRIDE = dict(cfg)
+    try:
+        yield
+    finally:
+        _CONFIG_OVERRIDE = old
+
+
+def _ref():
+    from . import reference
+    return reference
+
+
+def _quant():
+    import megaq.quant as q
+    return q
+
+
+def _rint_libdevice() -> bool:
+    return not _interpreting()
+
+
+def _seed_tensor(device: torch.device, generator: torch.Generator | None, n: int = 2) -> torch.Tensor:
+    """Seeds for Philox drawn from torch's generator (the device's default one unless given), so
+    stochastic rounding follows torch's RNG state (checkpointed runs reproduce). Stays on device."""
+    gdev = generator.device if generator is not None else device
+    seeds = torch.randint(0, 2 ** 62, (n,), dtype=torch.int64, device=gdev, generator=generator)
+    return seeds.to(device, non_blocking=True)
+
+
+def _check_flag(flag: torch.Tensor | None, x: torch.Tensor, name: str) -> None:
+    if flag is not None and int(flag.item()):
+        # the device flag says NaN/Inf is somewhere: let the reference check count and name it
+        _quant().check_finite(x, name)
+        raise _quant().NonFiniteError(f"{name} of shape {tuple(x.shape)} holds NaN or Inf values")
+
+
+def _qmax(bits: int) -> int:
+    return _quant().qmax_for_bits(bits)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return q
+    if q.shape[1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    nib = q.to(torch.uint8) & 0x0F
+    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# quantize
+def _tile_plan(blocks: list[tuple[int, int]], rows_default: int = 32):
+    """Tile [BR, BC] serving every (gr, gc) block (x coordinates) in one program, or None."""
+    for gr, gc in blocks:
+        if not (_pow2(gr) and _pow2(gc)) or (gr == 1 and gc == 1):
+            return None
+    max_gr = max(gr for gr, _ in blocks)
+    max_gc = max(gc for _, gc in blocks)
+    br = max_gr if max_gr > 1 else rows_default
+    if max_gc > 1:
+        bc = max(max_gc, 128)
+    else:
+        bc = 64 if br >= 128 else 128
+    for gr, gc in blocks:
+        if gr not in (1, br):
+            return None
+        if gc == 1 and gr != br:
+            return None
+        if gc > 1 and bc % gc:
+            return None
+    if br * bc > 32768 or br > 256:
+        return None
+    return br, bc
+
+
+def _launch_tile(x, outs, bits, rounding, generator, check):
+    """outs: list of ("N"|"T", (gr, gc) in x coordinates). Returns dict orientation -> QuantizedTensor."""
+    from .triton_quant import _quant_tile_kernel
+    q = _quant()
+    R, C = x.shape
+    rows_default = (_CONFIG_OVERRIDE or {}).get("QUANT_ROWS", 32)
+    plan = _tile_plan([blk for _, blk in outs], rows_default)
+    assert plan is not None
+    BR, BC = plan
+    dev = x.device
+    res = {}
+    args = {}
+    for orient, (gr, gc) in outs:
+        if orient == "N":
+            data = torch.empty((R, C), dtype=torch.int8, device=dev)
+            scale = torch.empty((math.ceil(R / gr), math.ceil(C / gc)), dtype=torch.float32, device=dev)
+            res["N"] = (data, scale, (gr, gc), (R, C))
+        else:
+            data = torch.empty((C, R), dtype=torch.int8, device=dev)
+            scale = torch.empty((math.ceil(C / gc), math.ceil(R / gr)), dtype=torch.float32, device=dev)
+            res["T"] = (data, scale, (gc, gr), (C, R))
+        args[orient] = (data, scale, scale.stride(0), gr, gc)
+    dummy = torch.empty(1, dtype=torch.int8, device=dev)
+    fdummy = torch.empty(1, dtype=torch.float32, device=dev)
+    n = args.get("N", (dummy, fdummy, 0, 1, BC))
+    t = args.get("T", (dummy, fdummy, 0, BR, 1))
+    stochastic = rounding == "stochastic"
+    seed = _seed_tensor(dev, generator) if stochastic else dummy
+    flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
+    grid = (_cdiv(C, BC), _cdiv(R, BR))
+    nw = (_CONFIG_OVERRIDE or {}).get("QUANT_WARPS", 8 if BR * BC >= 16384 else 4)
+    _quant_tile_kernel[grid](
+        x, R, C, x.stride(0), x.stride(1),
+        n[0], n[1], n[2], t[0], t[1], t[2], seed, flag if check else dummy,
+        BR=BR, BC=BC, N_GR=n[3], N_GC=n[4], HAS_N="N" in args, T_GR=t[3], T_GC=t[4],
+        HAS_T="T" in args, STOCHASTIC=stochastic, CHECK=check, QMAX=_qmax(bits),
+        RINT_LIBDEVICE=_rint_libdevice(), num_warps=nw)
+    _check_flag(flag, x, "quantize input")
+    return {o: q.QuantizedTensor(_pack(d, bits), s, blk, bits, shp) for o, (d, s, blk, shp) in res.items()}
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard_pm1(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float32)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h.to(dtype=dtype, device=device).contiguous()
+
+
+def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, block=None):
+    """Per-row quantization of `view` [R, C] (any strides), optionally after a Hadamard rotation
+    of each row (zero padded to whole Hadamard blocks)."""
+    from .triton_quant import _quant_strip_kernel
+    q = _quant()
+    R, C_in = view.shape
+    dev = view.device
+    C = C_in if not hadamard else math.ceil(C_in / hadamard) * hadamard
+    data = torch.empty((R, C), dtype=torch.int8, device=dev)
+    scale = torch.empty((R, 1), dtype=torch.float32, device=dev)
+    dummy = torch.empty(1, dtype=torch.int8, device=dev)
+    stochastic = rounding == "stochastic"
+    seed = _seed_tensor(dev, generator) if stochastic else dummy
+    flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
+    if hadamard:
+        f32 = view.dtype not in (torch.bfloat16, torch.float16)
+        if f32 and view.dtype != torch.float32:
+            view = view.float()
+        h = _hadamard_pm1(hadamard, torch.float32 if _interpreting() else
+                          (torch.bfloat16 if f32 else view.dtype), str(dev))
+        BC = hadamard
+        BR = (_CONFIG_OVERRIDE or {}).get("QUANT_ROWS", 64)
+        BR = max(BR, 16)
+        single = C == hadamard
+        inv_sqrt = 1.0 / math.sqrt(hadamard)
+        nw = (_CONFIG_OVERRIDE or {}).get("QUANT_WARPS", 8)
+    else:
+        f32 = True
+        h = dummy
+        inv_sqrt = 1.0
+        cp = max(16, _next_pow2(C))
+        if cp <= 8192:
+            BC, single = cp, True
+            BR = max(1, min(16, 8192 // cp))
+        else:
+            BC, single = 2048, False
+            BR = 4
+        ov = (_CONFIG_OVERRIDE or {}).get("QUANT_ROWS")
+        if ov:
+            BR = min(BR, ov)
+        nw = 8 if BR * BC >= 8192 else 4
+    grid = (_cdiv(R, BR),)
+    _quant_strip_kernel[grid](
+        view, R, C, C_in, view.stride(0), view.stride(1), data, scale, h, inv_sqrt,
+        seed, flag if check else dummy,
+        BR=BR, BC=BC, SINGLE=single, HAD=hadamard, F32_INPUT=f32, UPCAST=_interpreting(), STOCHASTIC=stochastic, CHECK=check,
+        QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(), num_warps=nw,
+        num_stages=(_CONFIG_OVERRIDE or {}).get("QUANT_STAGES", 1 if (hadamard and f32) else 2))
+    _check_flag(flag, view, "quantize input")
+    blk = block if block is not None else (1, C)
+    return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, (R, C))
+
+
+def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0, block=None):
+    """Per-row (axis=1) or per-column-written-transposed (axis=0) quantization over a full 2-D grid:
+    pass 1 folds tile abs-maxes into a per-row/column buffer with atomics, pass 2 re-reads the
+    tiles and quantizes. Hadamard rotation (zero padded) along the reduced axis when hadamard > 0."""
+    from .triton_quant import _amax_partial_kernel, _quant_given_amax_kernel
+    q = _quant()
+    R_in, C_in = x.shape
+    dev = x.device
+    if hadamard and x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        x = x.float()
+    R = _cdiv(R_in, hadamard) * hadamard if (hadamard and axis == 0) else R_in
+    C = _cdiv(C_in, hadamard) * hadamard if (hadamard and axis == 1) else C_in
+    n = C if axis == 0 else R
+    amax = torch.zeros(n, dtype=torch.int32, device=dev)
+    out_shape = (C, R) if axis == 0 else (R, C)
+    data = torch.empty(out_shape, dtype=torch.int8, device=dev)
+    scale = torch.empty((n, 1), dtype=torch.float32, device=dev)
+    dummy = torch.empty(1, dtype=torch.int8, device=dev)
+    stochastic = rounding == "stochastic"
+    seed = _seed_tensor(dev, generator) if stochastic else dummy
+    flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
+    ov = _CONFIG_OVERRIDE or {}
+    if hadamard:
+        h = _hadamard_pm1(hadamard, torch.float32 if _interpreting() else
+                          (torch.bfloat16 if x.dtype == torch.float32 else x.dtype), str(dev))
+    else:
+        h = dummy
+    if axis == 0:
+        BR = hadamard or ov.get("QUANT_ROWS", 64)
+        BC = ov.get("QUANT_COLS", 64 if hadamard else 128)
+    else:
+        BC = hadamard or ov.get("QUANT_COLS", 128)
+        BR = ov.get("QUANT_ROWS", 64)
+    inv = 1.0 / math.sqrt(hadamard) if hadamard else 1.0
+    grid = (_cdiv(C, BC), _cdiv(R, BR))
+    nw = ov.get("QUANT_WARPS", 4)
+    _amax_partial_kernel[grid](x, R_in, C_in, x.stride(0), x.stride(1), amax, h, inv,
+                               flag if check else dummy, BR=BR, BC=BC, AXIS=axis, HAD=hadamard,
+                               UPCAST=_interpreting(), CHECK=check, num_warps=nw)
+    _check_flag(flag, x, "quantize input")
+    _quant_given_amax_kernel[grid](x, R, C, R_in, C_in, x.stride(0), x.stride(1), amax, data, scale, h,
+                                   inv, seed, BR=BR, BC=BC, AXIS=axis, HAD=hadamard,
+                                   UPCAST=_interpreting(), STOCHASTIC=stochastic, QMAX=_qmax(bits),
+                                   RINT_LIBDEVICE=_rint_libdevice(), num_warps=nw)
+    ext = R if axis == 0 else C
+    blk = block if block is not None else (1, ext)
+    return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, out_shape)
+
+
+def _check_args(x, bits, rounding):
+    if x.dim() != 2:
+        raise ValueError(f"quantize input must be 2-D [rows, cols]; got shape {tuple(x.shape)} "
+                         "(flatten leading dimensions first)")
+    _qmax(bits)
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be one of ('nearest', 'stochastic'); got {rounding!r}")
+
+
+def _triton_quantizable(x) -> bool:
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.numel() > 0
+
+
+def quantize(x2d: torch.Tensor, block: tuple[int, int], bits: int = 8, rounding: str = "nearest",
+             generator: torch.Generator | None = None, check: bool = True, transpose: bool = False):
+    """Block-quantize `x2d` (or `x2d.T` when `transpose`, written directly in that orientation):
+    `megaq.quant.quantize_blockwise` semantics, returns a `QuantizedTensor`."""
+    if not _use_triton(x2d) or not _triton_quantizable(x2d):
+        return _ref().quantize(x2d, block, bits, rounding, generator, check, transpose)
+    _check_args(x2d, bits, rounding)
+    q = _quant()
+    view = x2d.t() if transpose else x2d
+    R, C = view.shape
+    br, bc = q.resolve_block(block, (R, C))
+    if br == 1 and bc >= C:                        # one scale per row of the output
+        if transpose:
+            return _launch_twopass(x2d, 0, bits, rounding, generator, check, block=(br, bc))
+        return _launch_strip(view, bits, rounding, generator, check, block=(br, bc))
+    if transpose:
+        outs = [("T", (bc, br))]                    # the block in x2d's coordinates
+        if _tile_plan([outs[0][1]]) is not None:
+            return _launch_tile(x2d, outs, bits, rounding, generator, check)["T"]
+    elif _tile_plan([(br, bc)]) is not None:
+        return _launch_tile(x2d, [("N", (br, bc))], bits, rounding, generator, check)["N"]
+    return _ref().quantize(x2d, block, bits, rounding, generator, check, transpose)
+
+
+# One read for both orientations measured slower than two passes on an H200 (324 µs against
+# 81 + 103 µs for 16384×4096 bf16, 1×128 blocks): two passes until the fused tile kernel is faster.
+DUAL_FUSED = False
+# Per-row Hadamard + quantize: the two-kernel grid version (atomics for the row abs-max, then a
+# second read to quantize) measured faster on an H100 than the strip kernel (one program per row
+# block walking its rows twice): 185 vs 196 µs nearest, 279 vs 383 µs stochastic (16384×4096 bf16).
+ROW_TWOPASS = True
+
+
+def quantize_dual(x2d: torch.Tensor, block: tuple[int, int], block_t: tuple[int, int], bits: int = 8,
+                  rounding: str = "nearest", generator: torch.Generator | None = None,
+                  check: bool = True):
+    """`(quantize(x2d, block), quantize(x2d, block_t, transpose=True))`. With DUAL_FUSED (or the
+    config override DUAL_FUSED=True) from one read of `x2d` where one tile serves both block shapes
+    (e.g. (1,128) and (1,128): a 128×128 tile gives both the row and the column scales). Both share `rounding`; with
+    stochastic rounding the two orientations draw independent random numbers."""
+    if not _use_triton(x2d) or not _triton_quantizable(x2d):
+        return (_ref().quantize(x2d, block, bits, rounding, generator, check, False),
+                _ref().quantize(x2d, block_t, bits, rounding, generator, check, True))
+    _check_args(x2d, bits, rounding)
+    q = _quant()
+    R, C = x2d.shape
+    br, bc = q.resolve_block(block, (R, C))
+    tr, tc = q.resolve_block(block_t, (C, R))
+    outs = [("N", (br, bc)), ("T", (tc, tr))]
+    fused = (_CONFIG_OVERRIDE or {}).get("DUAL_FUSED", DUAL_FUSED)
+    if fused and not (br == 1 and bc >= C) and not (tr == 1 and tc >= R) and \
+            _tile_plan([b for _, b in outs]) is not None:
+        res = _launch_tile(x2d, outs, bits, rounding, generator, check)
+        return res["N"], res["T"]
+    return (quantize(x2d, block, bits, rounding, generator, check, False),
+            quantize(x2d, block_t, bits, rounding, generator, check, True))
+
+
+def hadamard_quantize(x2d: torch.Tensor, hadamard: int, block: tuple[int, int] = (1, -1), bits: int = 8,
+                      rounding: str = "nearest", generator: torch.Generator | None = None,
+                      check: bool = True, transpose: bool = False):
+    """Rotate the last dim of `x2d` (of `x2d.T` when `transpose`) by the orthonormal block Hadamard
+    of size `hadamard` (zero padded to whole blocks) in FP32, then block-quantize:
+    `quantize_blockwise(block_hadamard(pad_to_multiple(v.float(), h), h), block)`. Fused (one
+    kernel) for per-row blocks; other blocks rotate with the reference, then quantize."""
+    q = _quant()
+    view = x2d.t() if transpose else x2d
+    if view.dim() != 2:
+        raise ValueError(f"hadamard_quantize input must be 2-D; got shape {tuple(view.shape)}")
+    if hadamard not in q.SUPPORTED_HADAMARD_BLOCKS:
+        raise ValueError(f"Hadamard block must be one of {q.SUPPORTED_HADAMARD_BLOCKS}; got {hadamard}")
+    R, C_in = view.shape
+    Cp = math.ceil(C_in / hadamard) * hadamard
+    br, bc = q.resolve_block(block, (R, Cp))
+    if _use_triton(x2d) and _triton_quantizable(x2d) and hadamard >= 16 and br == 1 and bc >= Cp:
+        _check_args(view, bits, rounding)
+        if check and not (view.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+            q.check_finite(view, "hadamard_quantize input")
+        if transpose:
+            return _launch_twopass(x2d, 0, bits, rounding, generator, check, hadamard=hadamard,
+                                   block=(br, bc))
+        if (_CONFIG_OVERRIDE or {}).get("ROW_TWOPASS", ROW_TWOPASS):
+            return _launch_twopass(x2d, 1, bits, rounding, generator, check, hadamard=hadamard,
+                                   block=(br, bc))
+        return _launch_strip(view, bits, rounding, generator, check, hadamard=hadamard, block=(br, bc))
+    if check:
+        q.check_finite(view, "hadamard_quantize input")
+    rotated = q.block_hadamard(q.pad_to_multiple(view.float(), hadamard), hadamard)
+    return quantize(rotated, block, bits, rounding, generator, check=False)
+
+
+def dequantize(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`qt.dequantize(dtype)`: payload × block scale."""
+    if not _use_triton(qt.data) or qt.bits != 8 or dtype not in (torch.float32, torch.bfloat16,
+                                                                 torch.float16):
+        return qt.dequantize(dtype)
+    from .triton_quant import _dequant_kernel
+    R, C = qt.shape
+    gr, gc = qt.block
+    gr = 1 << 30 if gr >= R else gr
+    gc = 1 << 30 if gc >= C else gc
+    if not (_pow2(gr) and _pow2(gc)):
+        return qt.dequantize(dtype)
+    out = torch.empty((R, C), dtype=dtype, device=qt.data.device)
+    BR, BC = 32, 128
+    scale = qt.scale.contiguous()
+    _dequant_kernel[(_cdiv(C, BC), _cdiv(R, BR))](
+        qt.data.contiguous(), scale, out, R, C, scale.stride(0), GR=gr, GC=gc,
+        BR=BR, BC=BC, num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# scaled_mm
+# Default tile configurations; keys: (mode, G) -> config.
+GEMM_CONFIGS = {
+    # swept on an H100 SXM (2026-11, triton 3.6; tools/bench_kernels.py --sweep, docs/PERFORMANCE.md).
+    # (mode, K granularity G, B scale per tile is a scalar) -> tile configuration
+    ("rowcol", 0, True): dict(BM=128, BN=128, BK=128, J=1, CVT=0, GROUP_M=16, num_warps=4, num_stages=3),
+    ("blocked", 128, True): dict(BM=128, BN=128, BK=128, J=1, CVT=0, GROUP_M=8, num_warps=8, num_stages=4),
+    ("blocked", 128, False): dict(BM=64, BN=128, BK=128, J=1, CVT=0, GROUP_M=8, num_warps=4, num_stages=3),
+    ("blocked", 256, False): dict(BM=64, BN=128, BK=256, J=1, CVT=0, GROUP_M=8, num_warps=4, num_stages=2),
+    ("blocked", 64, False): dict(BM=64, BN=128, BK=64, J=1, CVT=0, GROUP_M=8, num_warps=4, num_stages=4),
+    ("blocked", 32, False): dict(BM=64, BN=128, BK=32, J=1, CVT=0, GROUP_M=8, num_warps=4, num_stages=4),
+}
+
+
+_GEMM_KEYS = ("BM", "BN", "BK", "J", "CVT", "GROUP_M", "num_warps", "num_stages", "USE_TMA", "WS")
+
+
+def gemm_config(mode: str, g: int, M: int, N: int, K: int, device=None, rb: int = 1) -> dict:
+    g = g if mode == "blocked" else 0
+    scalar_b = mode == "rowcol" or rb % 128 == 0 or rb >= N
+    cfg = GEMM_CONFIGS.get((mode, g, scalar_b)) or GEMM_CONFIGS[(mode, g, not scalar_b)]
+    cfg = dict(cfg)
+    if device is not None and device.type == "cuda" and _capability(device.index or 0) < (9, 0):
+        # sm_80/86/89: less shared memory per SM than sm_90's 228 KB
+        cfg["num_stages"] = min(cfg["num_stages"], 3)
+        cfg["BN"] = min(cfg["BN"], 128)
+    if _CONFIG_OVERRIDE:
+        cfg.update({k: v for k, v in _CONFIG_OVERRIDE.items() if k in _GEMM_KEYS})
+    if mode == "blocked":
+        cfg["BK"] = g
+    # keep the operand ring inside shared memory (228 KB on sm_90, ~164 KB on sm_80)
+    limit = 200 * 1024
+    if device is not None and device.type == "cuda" and _capability(device.index or 0) < (9, 0):
+        limit = 140 * 1024
+    per_stage = (cfg["BM"] + cfg["BN"]) * cfg["BK"] * cfg.get("J", 1)
+    while cfg["num_stages"] > 1 and cfg["num_stages"] * per_stage > limit:
+        cfg["num_stages"] -= 1
+    return cfg
+
+
+def _gemm_plan(a, b):
+    """(mode, G, ratio_a, ratio_b, stride_sak, stride_sbk) or None when the blocks don't line up."""
+    M, K = a.shape
+    ga, gb = a.block[1], b.block[1]
+    a_row, b_row = ga >= K, gb >= K
+    if a_row and b_row:
+        return "rowcol", 0, 1, 1, 0, 0
+    gs = [g for g, r in ((ga, a_row), (gb, b_row)) if not r]
+    g = min(gs)
+    if g not in (32, 64, 128, 256) or any(x % g for x in gs):
+        return None
+    ratio_a = 1 if a_row else ga // g
+    ratio_b = 1 if b_row else gb // g
+    if not (_pow2(ratio_a) and _pow2(ratio_b)):
+        return None
+    sak = 0 if a_row else a.scale.stride(1)
+    sbk = 0 if b_row else b.scale.stride(1)
+    return "blocked", g, ratio_a, ratio_b, sak, sbk
+
+
+def scaled_mm(a, b, out_dtype: torch.dtype = torch.float32, bias: torch.Tensor | None = None, *,
+              out_block: tuple[int, int] = (1, 128), out_rounding: str = "nearest",
+              generator: torch.Generator | None = None):
+    """`A · Bᵀ` for `QuantizedTensor`s quantized along their shared last dim (K), each with its own
+    block scales: Σ_kb s_a[m, kb] s_b[n, kb] Σ_{k∈kb} a[m, k] b[n, k] (+ bias[n]).
+
+    out_dtype float32/bfloat16/float16 returns a tensor; `torch.int8` returns the output requantized
+    per `out_block` (1 × QB) as a `QuantizedTensor` (the INT8 data flow), rounding `out_rounding`.
+    """
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"scaled_mm: reduction sizes differ: A {a.shape} vs B {b.shape}")
+    int8_out = out_dtype == torch.int8
+    plan = _gemm_plan(a, b) if _use_triton(a.data, b.data) else None
+    if plan is None or (bias is not None and bias.device != a.data.device) or 0 in (*a.shape, b.shape[0]):
+        out = _ref().scaled_mm(a, b, torch.float32, bias)
+        if int8_out:
+            return quantize(out, out_block, 8, out_rounding, generator, check=False)
+        return out.to(out_dtype)
+    return _triton_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator)
+
+
+def _triton_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator):
+    from .triton_gemm import _scaled_mm_kernel
+    mode, g, ratio_a, ratio_b, sak, sbk = plan
+    M, K = a.shape
+    N = b.shape[0]
+    dev = a.data.device
+    ad = a.int_values().contiguous()
+    bd = b.int_values().contiguous()
+    sa = a.scale.float().contiguous() if a.scale.dtype != torch.float32 else a.scale
+    sb = b.scale.float().contiguous() if b.scale.dtype != torch.float32 else b.scale
+    if mode == "rowcol" and K * 127 * 127 >= 2 ** 31:
+        mode, g = "blocked", 128            # keep INT32 partials from overflowing
+        ratio_a = ratio_b = 1
+        sak = sbk = 0
+    cfg = gemm_config(mode, g, M, N, K, dev, b.block[0])
+    BM, BN, BK, J = cfg["BM"], cfg["BN"], cfg["BK"], cfg["J"]
+    ra, rb = a.block[0], b.block[0]
+    sa_scalar = ra % BM == 0 or ra >= M
+    sb_scalar = rb % BN == 0 or rb >= N
+    int8_out = out_dtype == torch.int8
+    qb = 0
+    if int8_out:
+        qb = _quant().resolve_block(out_block, (M, N))[1]
+        if out_block[0] != 1 or not _pow2(qb) or qb < 16 or qb > BN or BN % qb:
+            out = _triton_scaled_mm(a, b, plan, torch.float32, bias, out_block, out_rounding, generator)
+            return quantize(out, out_block, 8, out_rounding, generator, check=False)
+        c = torch.empty((M, N), dtype=torch.int8, device=dev)
+        cs = torch.empty((M, math.ceil(N / qb)), dtype=torch.float32, device=dev)
+    else:
+        c = torch.empty((M, N), dtype=out_dtype, device=dev)
+        cs = None
+    use_tma = cfg.get("USE_TMA", True) and _has_tma(dev) and K % 16 == 0 \
+        and ad.data_ptr() % 16 == 0 and bd.data_ptr() % 16 == 0
+    a_desc = b_desc = None
+    a_ptr, b_ptr = ad, bd
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        a_desc = TensorDescriptor.from_tensor(ad, [BM, BK])
+        b_desc = TensorDescriptor.from_tensor(bd, [BN, BK])
+        a_ptr = b_ptr = None
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    stochastic = int8_out and out_rounding == "stochastic"
+    seed = _seed_tensor(dev, generator) if stochastic else dummy
+    has_bias = bias is not None
+    grid = (_cdiv(M, BM) * _cdiv(N, BN),)
+    _scaled_mm_kernel[grid](
+        a_ptr, a_desc, b_ptr, b_desc, sa, sb, c, cs if cs is not None else dummy,
+        bias.contiguous() if has_bias else dummy, seed,
+        M, N, K, ad.stride(0), bd.stride(0), c.stride(0),
+        sa.stride(0), sak, sb.stride(0), sbk, cs.stride(0) if cs is not None else 0,
+        ra, rb, sa.shape[1] if sak else 2 ** 30, sb.shape[1] if sbk else 2 ** 30,
+        MODE=0 if mode == "rowcol" else 1, BM=BM, BN=BN, BK=BK, J=J, GROUP_M=cfg["GROUP_M"],
+        RATIO_A=ratio_a, RATIO_B=ratio_b, SA_SCALAR=sa_scalar, SB_SCALAR=sb_scalar,
+        CVT=cfg["CVT"], HAS_BIAS=has_bias, OUT_MODE=1 if int8_out else 0, OUT_QB=max(qb, 1),
+        OUT_STOCHASTIC=stochastic, USE_TMA=use_tma, EVEN_K=K % (BK * J) == 0,
+        RINT_LIBDEVICE=_rint_libdevice(), WS=bool(cfg.get("WS", False)),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if int8_out:
+        return _quant().QuantizedTensor(c, cs, (1, qb), 8, (M, N))
+    return c
+

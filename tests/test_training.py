@@ -1,0 +1,339 @@
+"""The trainer end to end on CPU (gloo, FP32): data parallel with ZeRO 1-3, exact resume, tensor
+parallel, Hugging Face export; plus the pieces it is built from (LR schedule, throughput/MFU,
+launcher environment discovery, quantization-error probe)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from distributed_utils import run_distributed
+from megaq.training.distributed import discover, expand_slurm_nodelist, local_world_size
+from megaq.training.metrics import Throughput, format_duration, peak_tflops
+from megaq.training.schedule import WarmupDecaySchedule
+
+
+# ---------------------------------------------------------------------------------------------------
+# Children (module level: run_distributed pickles them by name)
+
+def _pretrain_all(rank, world_size, cfg_dicts):
+    from megaq.training.config import config_from_dict
+    from megaq.training.trainer import pretrain
+
+    return [pretrain(config_from_dict(c)) for c in cfg_dicts]
+
+
+def _fell(losses: list[float]) -> bool:
+    return sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data parallel, ZeRO 1-3
+
+def test_data_parallel_zero_1_2_3_train_and_agree(demo_cache, tmp_path):
+    """DP=2: the loss falls under every ZeRO stage, the stages compute the same thing (their loss
+    curves agree), and their checkpoints export to the same weights."""
+    stages = (1, 2, 3)
+    cfgs = [tiny_config(demo_cache, zero_optimization={"stage": s}, train={"train_steps": 10},
+                        checkpoint={"dir": str(tmp_path / f"zero{s}")}) for s in stages]
+    summaries = run_distributed(_pretrain_all, 2, cfgs, timeout=300)
+    rank0 = summaries[0]
+    for stage, summary in zip(stages, rank0):
+        assert summary["zero_stage"] == stage
+        assert summary["layout"]["data_parallel"] == 2
+        assert summary["final_step"] == 10 and len(summary["losses"]) == 10
+        assert all(math.isfinite(x) for x in summary["losses"])
+        assert _fell(summary["losses"]), (stage, summary["losses"])
+    # Both ranks report the same (DP-averaged) losses.
+    assert [s["losses"] for s in summaries[0]] == [s["losses"] for s in summaries[1]]
+    for summary in rank0[1:]:
+        torch.testing.assert_close(torch.tensor(summary["losses"]), torch.tensor(rank0[0]["losses"]),
+                                   rtol=1e-4, atol=1e-5)
+
+    from megaq.training.export_hf import export_hf
+    from safetensors.torch import load_file
+
+    exported = [load_file(str(export_hf(tmp_path / f"zero{s}", tmp_path / f"hf{s}") / "model.safetensors"))
+                for s in stages]
+    assert set(exported[0]) == set(exported[1]) == set(exported[2])
+    for other in exported[1:]:
+        for name, tensor in exported[0].items():
+            torch.testing.assert_close(other[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume
+
+def test_resume_continues_the_same_loss_sequence(demo_cache, tmp_path):
+    """N steps straight == k steps, stop, resume, N-k steps: bit for bit on CPU FP32, with dropout
+    and the INT8 recipe's stochastic rounding (so the RNG states must be restored too), DP=2."""
+    common = dict(model={"dropout": 0.1}, quant={"recipe": "int8"},
+                  train={"train_steps": 6, "decay_steps": 6, "micro_batch_size": 2, "global_batch_size": 8})
+    straight = tiny_config(demo_cache, checkpoint={"dir": str(tmp_path / "a"), "save_at_end": False}, **common)
+    first = tiny_config(demo_cache, checkpoint={"dir": str(tmp_path / "b")}, **common)
+    first["train"] = {**first["train"], "train_steps": 3}
+    resumed = tiny_config(demo_cache, checkpoint={"dir": str(tmp_path / "b")}, **common)
+    a, b1, b2 = run_distributed(_pretrain_all, 2, [straight, first, resumed], timeout=300)[0]
+    assert a["resumed_from"] is None and len(a["losses"]) == 6
+    assert b1["final_step"] == 3 and b1["last_checkpoint"].endswith("step_00000003")
+    assert b2["resumed_from"].endswith("step_00000003") and b2["start_step"] == 3
+    assert b1["losses"] == a["losses"][:3]
+    assert b2["losses"] == a["losses"][3:], (a["losses"], b1["losses"], b2["losses"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor parallel
+
+def test_tensor_parallel_matches_one_process_and_exports_to_hf(demo_cache, tmp_path):
+    """TP=2 (bf16 recipe, FP32) trains like TP=1: same losses (so DeepSpeed clips with the right
+    TP-aware gradient norm); its checkpoint exports to the same weights as TP=1's, and the
+    Hugging Face model gives megaq's logits."""
+    sections = dict(train={"train_steps": 5, "micro_batch_size": 8, "global_batch_size": 8, "grad_clip": 0.5})
+    tp1 = tiny_config(demo_cache, checkpoint={"dir": str(tmp_path / "tp1")}, **sections)
+    tp2 = tiny_config(demo_cache, checkpoint={"dir": str(tmp_path / "tp2")}, parallel={"tensor_parallel": 2},
+                      **sections)
+    (one,) = run_distributed(_pretrain_all, 1, [tp1], timeout=300)[0]
+    (two,) = run_distributed(_pretrain_all, 2, [tp2], timeout=300)[0]
+    assert two["layout"]["tensor_parallel"] == 2 and two["layout"]["data_parallel"] == 1
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-4, atol=1e-5)
+
+    from safetensors.torch import load_file
+
+    from megaq.training.export_hf import export_hf
+
+    out1, out2 = export_hf(tmp_path / "tp1", tmp_path / "hf1"), export_hf(tmp_path / "tp2", tmp_path / "hf2")
+    w1, w2 = load_file(str(out1 / "model.safetensors")), load_file(str(out2 / "model.safetensors"))
+    assert set(w1) == set(w2)
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-3, atol=1e-4, msg=name)
+    _check_hf_logits_match_megaq(out2)
+
+
+def _check_hf_logits_match_megaq(hf_dir):
+    """Load the export with transformers and compare logits with megaq's GPT holding the same weights."""
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    from megaq.models import GPT, GPTConfig
+
+    info = json.loads((hf_dir / "megaq_export.json").read_text())
+    from megaq.training.checkpoint import read_checkpoint
+
+    state = read_checkpoint(info["checkpoint"]).state
+    cfg = GPTConfig(**{**state["model"], "sequence_parallel": False})
+    model = GPT(cfg, init_seed=0).eval()
+    from safetensors.torch import load_file
+
+    hf_weights = load_file(str(hf_dir / "model.safetensors"))
+    # HF names -> megaq names (the inverse of to_hf_gpt2_state_dict, for this test only).
+    ours = {}
+    wte = hf_weights["transformer.wte.weight"]
+    padded = torch.zeros(model.padded_vocab_size, cfg.n_embd)
+    padded[: wte.size(0)] = wte
+    ours["token_embedding.weight"] = padded
+    ours["position_embedding.weight"] = hf_weights["transformer.wpe.weight"]
+    for i in range(cfg.n_layer):
+        h, b = f"transformer.h.{i}", f"blocks.{i}"
+        for hf_name, our_name in (("ln_1", "ln_attn"), ("ln_2", "ln_mlp")):
+            ours[f"{b}.{our_name}.weight"] = hf_weights[f"{h}.{hf_name}.weight"]
+            ours[f"{b}.{our_name}.bias"] = hf_weights[f"{h}.{hf_name}.bias"]
+        for hf_name, our_name in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.out_proj"),
+                                  ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            ours[f"{b}.{our_name}.weight"] = hf_weights[f"{h}.{hf_name}.weight"].t()
+            ours[f"{b}.{our_name}.bias"] = hf_weights[f"{h}.{hf_name}.bias"]
+    ours["ln_f.weight"] = hf_weights["transformer.ln_f.weight"]
+    ours["ln_f.bias"] = hf_weights["transformer.ln_f.bias"]
+    model.load_state_dict(ours, strict=True)
+
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids)[..., : cfg.vocab_size]
+        got = hf_model(ids).logits
+    rel = (got - expected).norm() / expected.norm()
+    assert rel < 1e-4, rel
+
+
+def _pretrain_quantized_tp(rank, world_size, cfg_dicts):
+    return _pretrain_all(rank, world_size, cfg_dicts)
+
+
+def test_tensor_parallel_runs_under_int8_and_int4(demo_cache):
+    cfgs = [tiny_config(demo_cache, parallel={"tensor_parallel": 2, "sequence_parallel": True},
+                        quant={"recipe": "int8", "log_error_interval": 2}, train={"train_steps": 3}),
+            tiny_config(demo_cache, parallel={"tensor_parallel": 2}, quant={"recipe": "int4"},
+                        train={"train_steps": 3}, zero_optimization={"stage": 0})]
+    int8, int4 = run_distributed(_pretrain_quantized_tp, 2, cfgs, timeout=300)[0]
+    for summary in (int8, int4):
+        assert summary["final_step"] == 3 and all(math.isfinite(x) for x in summary["losses"])
+        assert summary["losses"][0] == pytest.approx(math.log(257), rel=0.05)  # starts near uniform
+    # Rank 0 measured every quantized linear layer's forward error at step 2: small, not zero.
+    errors = int8["quant_errors"][2]
+    assert len(errors) == 2 * 4, errors  # 2 blocks x (qkv, out_proj, fc1, fc2)
+    assert all(0 < e < 0.1 for e in errors.values()), errors
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantization error probe (in process, TP=1)
+
+def test_quant_error_probe_measures_quantized_layers_without_changing_training():
+    from megaq.models import GPT, GPTConfig
+    from megaq.training.quant_error import QuantErrorProbe
+
+    cfg = GPTConfig(vocab_size=257, seq_len=16, n_layer=1, n_head=2, n_embd=64, recipe="int8")
+    model = GPT(cfg, init_seed=3)
+    ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(1))
+    probe = QuantErrorProbe(model, interval=5)
+    assert probe.due(5) and not probe.due(4)
+    torch.manual_seed(0)
+    plain = model(ids, ids)
+    torch.manual_seed(0)
+    with probe.measuring():
+        measured = model(ids, ids)
+    assert torch.equal(plain, measured)
+    errors = probe.take()
+    assert set(errors) == {"blocks.0.attn.qkv", "blocks.0.attn.out_proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
+    assert all(0 < e < 0.1 for e in errors.values())
+    assert QuantErrorProbe(GPT(GPTConfig(vocab_size=257, seq_len=16, n_layer=1, n_head=2, n_embd=64), init_seed=3),
+                           interval=5).due(5) is False  # bf16: nothing to measure
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+def test_warmup_then_cosine_to_min_lr():
+    s = WarmupDecaySchedule(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110, decay="cosine")
+    assert s.lr_at(0) == pytest.approx(1e-4)          # (0 + 1) / 10 of the peak, never zero
+    assert s.lr_at(9) == pytest.approx(1e-3)
+    assert s.lr_at(10) == pytest.approx(1e-3)
+    assert s.lr_at(60) == pytest.approx(5.5e-4)       # half way: the mean of lr and min_lr
+    assert s.lr_at(110) == pytest.approx(1e-4) and s.lr_at(500) == pytest.approx(1e-4)
+    lrs = [s.lr_at(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_linear_and_constant_decay():
+    linear = WarmupDecaySchedule(lr=1.0, min_lr=0.0, warmup_steps=0, decay_steps=4, decay="linear")
+    assert [linear(i) for i in range(6)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+    constant = WarmupDecaySchedule(lr=1.0, min_lr=0.1, warmup_steps=2, decay_steps=4, decay="constant")
+    assert [constant(i) for i in range(5)] == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="min_lr"):
+        WarmupDecaySchedule(lr=1.0, min_lr=2.0, warmup_steps=0, decay_steps=4)
+
+
+def test_resumed_run_follows_the_config_not_the_checkpoint_schedule():
+    """A checkpoint restores the scheduler's fields and the optimizer's hyperparameters; a resumed
+    run whose config changed them (longer run, new peak LR, betas) must use the new values."""
+    from megaq.training.config import config_from_dict
+    from megaq.training.engine import DECAY_GROUP_KEY, apply_config_to_optimizer, build_schedule
+
+    def setup(train):
+        cfg = config_from_dict({"model": {"preset": "tiny"}, "data": {"demo": True}, "train": train})
+        w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.AdamW([{"params": [w], "weight_decay": 0.1, DECAY_GROUP_KEY: True},
+                                       {"params": [b], "weight_decay": 0.0, DECAY_GROUP_KEY: False}],
+                                      lr=train["lr"])
+        schedule = build_schedule(cfg, cfg.train.train_steps)
+        return cfg, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), schedule
+
+    _, old_opt, old_sched, _ = setup({"train_steps": 10, "lr": 1e-3, "min_lr": 0.0})
+    for _ in range(4):
+        old_opt.step()
+        old_sched.step()
+    cfg, opt, sched, schedule = setup({"train_steps": 100, "lr": 2e-3, "min_lr": 0.0, "betas": [0.8, 0.9],
+                                       "weight_decay": 0.01})
+    opt.load_state_dict(old_opt.state_dict())
+    sched.load_state_dict(old_sched.state_dict())
+    assert sched.lr_lambdas[0].decay_steps == 10  # what the checkpoint says
+    changes = apply_config_to_optimizer(cfg, sched, cfg.train.train_steps)
+    schedule = build_schedule(cfg, cfg.train.train_steps)
+    assert any("decay_steps: 10 -> 100" in c for c in changes) and any("betas" in c for c in changes)
+    assert sched.last_epoch == 4
+    assert opt.param_groups[0]["lr"] == pytest.approx(schedule.lr_at(4))
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    opt.step()
+    sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(schedule.lr_at(5))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Throughput, MFU, ETA
+
+def test_peak_flops_table_and_mfu():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA L40") == 181.0
+    assert peak_tflops(None) is None and peak_tflops("Some CPU") is None
+
+    now = [0.0]
+    t = Throughput(tokens_per_step=1000, flops_per_token=1e9, num_gpus=2, peak_tflops_per_gpu=1.0,
+                   total_steps=10, clock=lambda: now[0])
+    for step in (1, 2):
+        now[0] += 0.5
+        t.step_done(step)
+    r = t.report()
+    assert r["tokens_per_s"] == pytest.approx(2000.0)                  # 2 steps x 1000 tokens in 1 s
+    assert r["mfu"] == pytest.approx(2000.0 * 1e9 / (2 * 1e12))        # = 1.0
+    assert r["eta_s"] == pytest.approx(8 * 0.5)
+    cpu = Throughput(1000, 1e9, 1, None, 10, clock=lambda: now[0])
+    now[0] += 1.0
+    cpu.step_done(1)
+    assert cpu.report()["mfu"] is None
+    assert format_duration(3725) == "1h02m" and format_duration(59) == "59s" and format_duration(None) == "?"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher environment discovery
+
+def test_discover_torchrun_slurm_mpi_and_single_process():
+    torchrun = discover({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                         "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.master_addr, torchrun.master_port,
+            torchrun.source, torchrun.local_world_size) == (3, 8, 1, "n1", 1234, "torchrun", 4)
+    slurm = discover({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+                      "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_NTASKS_PER_NODE": "4(x2)", "PATH": ""})
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr, slurm.source,
+            slurm.local_world_size) == (5, 8, 1, "gpu007", "slurm", 4)
+    assert slurm.master_port == discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "4242",
+                                          "SLURM_JOB_NODELIST": "gpu007", "PATH": ""}).master_port
+    mpi = discover({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                    "MASTER_ADDR": "h0", "MASTER_PORT": "555"})
+    assert (mpi.rank, mpi.world_size, mpi.master_addr, mpi.source) == (2, 4, "h0", "mpi")
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        discover({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"})
+    single = discover({})
+    assert (single.rank, single.world_size, single.source) == (0, 1, "single") and single.master_port > 0
+    ignored = discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "MEGAQ_IGNORE_SLURM": "1"})
+    assert ignored.source == "single"
+
+
+def test_slurm_nodelist_expansion():
+    assert expand_slurm_nodelist("gpu[001-003,007],login1") == ["gpu001", "gpu002", "gpu003", "gpu007", "login1"]
+    assert expand_slurm_nodelist("r[1-2]n[3-4]") == ["r1n3", "r1n4", "r2n3", "r2n4"]
+    assert expand_slurm_nodelist("node5") == ["node5"]
+    assert local_world_size({"LOCAL_SIZE": "2"}, 8) == 2 and local_world_size({}, 8) == 8
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data plumbing
+
+def test_text_files_are_tokenized_once_and_reused(tmp_path):
+    from megaq.data import IndexedDataset
+    from megaq.training.data import build_text_files_dataset
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello world. " * 400 + "\n\n" + "another document " * 300)
+    spec = {"type": "byte", "model": None}
+    prefix = build_text_files_dataset([str(text)], tmp_path / "cache", spec)
+    ds = IndexedDataset(prefix)
+    assert ds.total_tokens > 5000 and ds.vocab_size == 257
+    mtime = (tmp_path / "cache" / f"{prefix.split('/')[-1]}.bin").stat().st_mtime_ns
+    assert build_text_files_dataset([str(text)], tmp_path / "cache", spec) == prefix
+    assert (tmp_path / "cache" / f"{prefix.split('/')[-1]}.bin").stat().st_mtime_ns == mtime  # reused
+    text.write_text("changed " * 1000)
+    assert build_text_files_dataset([str(text)], tmp_path / "cache", spec) != prefix  # rebuilt

@@ -1,0 +1,442 @@
+#!/usr/bin/env python
+"""Benchmark megaq's INT8 kernels on a CUDA GPU: one table, JSON out.
+
+    python tools/bench_kernels.py [--json out.json] [--sweep] [--quick] [--no-linear]
+
+Sections
+1. GEMM (M, N, K) shapes of the issue: cuBLAS BF16 (`a @ b.t()`), `torch._int_mm`, `torch._scaled_mm`
+   FP8 row-wise, and every megaq INT8 variant (operands already quantized):
+     rowcol   per-row × per-column scales in the epilogue (the GEMM of the Hadamard recipe)
+     blk128   1×128 activations · 128×128 weights, scale every K=128 (DeepSeek-V3 style)
+     blk128r  1×128 · 1×128 (both per-row blocks: the wgrad operands of the int8 recipe)
+     blk32    1×32 · 32×32;  jet32  32×32 · 32×32 (Jetfire)
+   TOPS = 2MNK / median time; ratio to BF16 on the same shape in the same run.
+   --sweep times a list of tile configurations per variant on two shapes first and uses the best.
+2. Quantize kernels: bandwidth (bytes read + written / median time) on 16384×4096 BF16.
+3. Forward GEMM including the quantization of both operands (x and W requantized every step).
+4. Quantized linear forward + backward (megaq.ops.quantized_linear) against BF16 F.linear.
+5. Error on outlier-heavy inputs (a few input channels ×50) of each variant against FP64.
+Timings: triton.testing.do_bench (CUDA events, L2 flushed before each call), median.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megaq import kernels  # noqa: E402
+from megaq.kernels import dispatch  # noqa: E402
+from megaq.quant import quantize_blockwise  # noqa: E402
+
+SHAPES = [(8192, 4096, 4096), (8192, 16384, 4096), (8192, 4096, 16384), (16384, 6400, 1600),
+          (16384, 1600, 6400)]
+VARIANTS = {  # name: (A block, B block, Hadamard rotation before quantizing)
+    "rowcol": ((1, -1), (1, -1), 0),
+    "hadamard": ((1, -1), (1, -1), 128),
+    "blk128": ((1, 128), (128, 128), 0),
+    "blk128r": ((1, 128), (1, 128), 0),
+    "blk32": ((1, 32), (32, 32), 0),
+    "jet32": ((32, 32), (32, 32), 0),
+}
+SWEEP = {
+    "rowcol": [dict(BM=128, BN=256, BK=128, num_warps=8, num_stages=3),
+               dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3),
+               dict(BM=128, BN=128, BK=128, num_warps=4, num_stages=3),
+               dict(BM=128, BN=128, BK=128, num_warps=4, num_stages=4),
+               dict(BM=128, BN=128, BK=128, num_warps=4, num_stages=2),
+               dict(BM=128, BN=128, BK=128, num_warps=4, num_stages=3, GROUP_M=16),
+               dict(BM=64, BN=128, BK=128, num_warps=4, num_stages=4),
+               dict(BM=128, BN=64, BK=128, num_warps=4, num_stages=4),
+               dict(BM=128, BN=256, BK=128, num_warps=8, num_stages=3, WS=True)],
+    "blk128": [dict(BM=128, BN=128, num_warps=8, num_stages=4, CVT=0),
+               dict(BM=64, BN=128, num_warps=4, num_stages=4, CVT=0),
+               dict(BM=64, BN=128, num_warps=4, num_stages=3, CVT=0),
+               dict(BM=64, BN=128, num_warps=4, num_stages=2, CVT=0),
+               dict(BM=64, BN=128, num_warps=4, num_stages=3, CVT=1),
+               dict(BM=64, BN=128, num_warps=4, num_stages=3, CVT=0, GROUP_M=16),
+               dict(BM=64, BN=64, num_warps=4, num_stages=4, CVT=0),
+               dict(BM=128, BN=64, num_warps=4, num_stages=3, CVT=0),
+               dict(BM=64, BN=128, num_warps=4, num_stages=3, CVT=0, USE_TMA=False)],
+    "blk32": [dict(BM=64, BN=128, num_warps=4, num_stages=6, CVT=0, J=1),
+              dict(BM=64, BN=128, num_warps=4, num_stages=4, CVT=0, J=1),
+              dict(BM=64, BN=64, num_warps=4, num_stages=6, CVT=0, J=1)],
+}
+SWEEP["blk128r"] = SWEEP["blk128"]
+SWEEP["jet32"] = SWEEP["blk32"]
+SWEEP["hadamard"] = SWEEP["rowcol"]
+
+
+def bench_ms(fn, quick=False):
+    import triton
+    return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                   return_mode="median")
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def rand(shape, dtype=torch.bfloat16, seed=0, outliers=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(shape, generator=g, device="cuda")
+    if outliers:
+        x[:, ::97] *= 50
+    return x.to(dtype)
+
+
+def quantize_variant(name, x, w, check=True):
+    ab, bb, had = VARIANTS[name]
+    if had:
+        return (kernels.hadamard_quantize(x, had, ab, check=check),
+                kernels.hadamard_quantize(w, had, bb, check=check))
+    return kernels.quantize(x, ab, check=check), kernels.quantize(w, bb, check=check)
+
+
+def gemm_section(args, results):
+    rows = []
+    best_cfg = {}
+    variants = [v for v in VARIANTS if v != "hadamard"]  # same GEMM as rowcol
+    if args.sweep:
+        for v in ("rowcol", "blk128", "blk32"):
+            best, best_t = None, float("inf")
+            for cfg in SWEEP[v]:
+                tot = 0.0
+                try:
+                    for (M, N, K) in (SHAPES[0], SHAPES[3]):
+                        x, w = rand((M, K), seed=1), rand((N, K), seed=2)
+                        qa, qb = quantize_variant(v, x, w)
+                        with kernels.config_override(**cfg):
+                            fn = lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16)  # noqa
+                            fn()
+                            torch.cuda.synchronize()
+                            t = bench_ms(fn, quick=True)
+                        tot += t
+                        results["sweep"].append(dict(variant=v, cfg=cfg, shape=(M, N, K), ms=t,
+                                                     tops=2 * M * N * K / t / 1e9))
+                        print(f"sweep {v:8s} {str(cfg):90s} {M}x{N}x{K}: {2*M*N*K/t/1e9:7.1f} TOPS",
+                              flush=True)
+                except Exception as e:
+                    results["sweep"].append(dict(variant=v, cfg=cfg, error=repr(e)[:500]))
+                    print(f"sweep {v} {cfg}: FAILED {repr(e)[:300]}", flush=True)
+                    continue
+                if tot < best_t:
+                    best, best_t = cfg, tot
+            best_cfg[v] = best
+            print(f"best {v}: {best}", flush=True)
+        best_cfg["hadamard"] = best_cfg.get("rowcol")
+        best_cfg["blk128r"] = best_cfg.get("blk128")
+        best_cfg["jet32"] = best_cfg.get("blk32")
+    results["best_cfg"] = best_cfg
+
+    for (M, N, K) in SHAPES:
+        flop = 2 * M * N * K
+        row = dict(shape=(M, N, K))
+        x, w = rand((M, K), seed=1), rand((N, K), seed=2)
+        t = bench_ms(lambda: x @ w.t())
+        row["bf16"] = flop / t / 1e9
+        bf16_t = t
+        try:
+            xi = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+            wi = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+            row["int_mm"] = flop / bench_ms(lambda: torch._int_mm(xi, wi.t())) / 1e9
+        except Exception as e:
+            row["int_mm_error"] = repr(e)[:200]
+        try:
+            xf = x.to(torch.float8_e4m3fn)
+            wf = w.to(torch.float8_e4m3fn)
+            sa = torch.rand(M, 1, device="cuda") + 0.5
+            sb = torch.rand(1, N, device="cuda") + 0.5
+            fp8 = lambda: torch._scaled_mm(xf, wf.t(), sa, sb, out_dtype=torch.bfloat16,  # noqa
+                                           use_fast_accum=True)
+            fp8()
+            row["fp8_rowwise"] = flop / bench_ms(fp8) / 1e9
+        except Exception as e:
+            row["fp8_error"] = repr(e)[:200]
+        for v in variants:
+            try:
+                qa, qb = quantize_variant(v, x, w)
+                cfg = best_cfg.get(v) or {}
+                with kernels.config_override(**cfg):
+                    fn = lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16)  # noqa
+                    fn()
+                    row[v] = flop / bench_ms(fn) / 1e9
+                if cfg:   # the shipped default too, for comparison
+                    fn = lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16)  # noqa
+                    row[v + "_default"] = flop / bench_ms(fn) / 1e9
+            except Exception as e:
+                row[v + "_error"] = repr(e)[:300]
+                traceback.print_exc()
+        row["bf16_ms"] = bf16_t
+        rows.append(row)
+        print("gemm", json.dumps(row), flush=True)
+    results["gemm"] = rows
+
+
+def quant_section(args, results):
+    R, C = 16384, 4096
+    x = rand((R, C), seed=3)
+    cases = [
+        ("(1,128)", lambda: kernels.quantize(x, (1, 128), check=False), 3, {}),
+        ("(1,128) rows16", lambda: kernels.quantize(x, (1, 128), check=False), 3, dict(QUANT_ROWS=16)),
+
+        ("(1,128) check", lambda: kernels.quantize(x, (1, 128)), 3, {}),
+        ("(1,128) SR", lambda: kernels.quantize(x, (1, 128), rounding="stochastic", check=False), 3, {}),
+        ("(1,128)ᵀ", lambda: kernels.quantize(x, (1, 128), transpose=True, check=False), 3, {}),
+        ("dual (1,128)+(1,128)ᵀ", lambda: kernels.quantize_dual(x, (1, 128), (1, 128), check=False), 4, {}),
+        ("dual fused (one read)", lambda: kernels.quantize_dual(x, (1, 128), (1, 128), check=False), 4,
+         dict(DUAL_FUSED=True, QUANT_WARPS=4)),
+        ("(128,128)ᵀ", lambda: kernels.quantize(x, (128, 128), transpose=True, check=False), 3, {}),
+        ("(1,-1)ᵀ cols128", lambda: kernels.quantize(x, (1, -1), transpose=True, check=False), 3,
+         dict(QUANT_COLS=128)),
+
+        ("(128,128)", lambda: kernels.quantize(x, (128, 128), check=False), 3, {}),
+        ("(32,32)", lambda: kernels.quantize(x, (32, 32), check=False), 3, {}),
+        ("(1,32)", lambda: kernels.quantize(x, (1, 32), check=False), 3, {}),
+        ("(1,-1)", lambda: kernels.quantize(x, (1, -1), check=False), 3, {}),
+        ("(1,-1)ᵀ", lambda: kernels.quantize(x, (1, -1), transpose=True, check=False), 3, {}),
+        ("hadamard128 (1,-1)", lambda: kernels.hadamard_quantize(x, 128, check=False), 3, {}),
+        ("hadamard128 (1,-1) w4", lambda: kernels.hadamard_quantize(x, 128, check=False), 3,
+         dict(QUANT_WARPS=4)),
+        ("hadamard128 (1,-1) two-kernel grid", lambda: kernels.hadamard_quantize(x, 128, check=False), 3,
+         dict(ROW_TWOPASS=True)),
+        ("hadamard128 SR two-kernel grid",
+         lambda: kernels.hadamard_quantize(x, 128, rounding="stochastic", check=False), 3,
+         dict(ROW_TWOPASS=True)),
+        ("hadamard128 (1,-1)ᵀ SR",
+         lambda: kernels.hadamard_quantize(x, 128, rounding="stochastic", transpose=True, check=False), 3, {}),
+        ("(1,128)ᵀ SR", lambda: kernels.quantize(x, (1, 128), rounding="stochastic", transpose=True,
+                                                 check=False), 3, {}),
+        ("hadamard128 (1,-1)ᵀ", lambda: kernels.hadamard_quantize(x, 128, transpose=True, check=False), 3, {}),
+        ("hadamard128 SR", lambda: kernels.hadamard_quantize(x, 128, rounding="stochastic", check=False),
+         3, {}),
+        ("torch reference (1,128)", lambda: quantize_blockwise(x, (1, 128), check=False), 3,
+         dict(_ref=True)),
+        ("dequantize bf16", None, 3, {}),
+    ]
+    q128 = kernels.quantize(x, (1, 128))
+    t_copy = bench_ms(lambda: x.clone())
+    out = [dict(name="copy (read+write bf16)", ms=t_copy, GBps=2 * R * C * 2 / t_copy / 1e6)]
+    for name, fn, bytes_per, cfg in cases:
+        try:
+            if fn is None:
+                fn = lambda: kernels.dequantize(q128, torch.bfloat16)  # noqa
+            ref = cfg.pop("_ref", False) if cfg else False
+            if ref:
+                os.environ["MEGAQ_KERNELS"] = "reference"
+            with kernels.config_override(**cfg):
+                fn()
+                t = bench_ms(fn)
+            os.environ.pop("MEGAQ_KERNELS", None)
+            out.append(dict(name=name, ms=t, GBps=bytes_per * R * C / t / 1e6))
+        except Exception as e:
+            os.environ.pop("MEGAQ_KERNELS", None)
+            out.append(dict(name=name, error=repr(e)[:300]))
+        print("quant", json.dumps(out[-1]), flush=True)
+    results["quant"] = out
+
+
+def fwd_section(args, results):
+    rows = []
+    for (M, N, K) in SHAPES:
+        x, w = rand((M, K), seed=1), rand((N, K), seed=2)
+        flop = 2 * M * N * K
+        row = dict(shape=(M, N, K), bf16=flop / bench_ms(lambda: x @ w.t()) / 1e9)
+        for v in VARIANTS:
+            cfg = results["best_cfg"].get(v) or {}
+            try:
+                def fn():  # check=False: the NaN check costs one host sync per operand
+                    qa, qb = quantize_variant(v, x, w, check=False)
+                    return kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16)
+                with kernels.config_override(**cfg):
+                    fn()
+                    row[v] = flop / bench_ms(fn) / 1e9
+            except Exception as e:
+                row[v + "_error"] = repr(e)[:300]
+        rows.append(row)
+        print("fwd", json.dumps(row), flush=True)
+    results["fwd_with_quant"] = rows
+
+
+def pipeline_section(args, results):
+    """The three GEMMs of a linear layer's step with every operand quantized by megaq.kernels
+    (check=False, no autograd): what megaq.ops can reach when it calls the fused kernels. BF16:
+    the same three matmuls. dgrad/wgrad operands quantized along their reduction axis, gradients
+    with stochastic rounding."""
+    rows = []
+    for (M, N, K) in SHAPES[:2] + SHAPES[3:4]:
+        x, w, gy = rand((M, K), seed=1), rand((N, K), seed=2), rand((M, N), seed=4)
+        flop = 3 * 2 * M * N * K
+
+        def bf16():
+            y = x @ w.t()
+            gx = gy @ w
+            gw = gy.t() @ x
+            return y, gx, gw
+
+        def int8_blk128():
+            q = kernels.quantize
+            y = kernels.scaled_mm(q(x, (1, 128), check=False), q(w, (128, 128), check=False),
+                                  out_dtype=torch.bfloat16)
+            gx = kernels.scaled_mm(q(gy, (1, 128), rounding="stochastic", check=False),
+                                   q(w, (128, 128), transpose=True, check=False), out_dtype=torch.bfloat16)
+            gw = kernels.scaled_mm(q(gy, (1, 128), rounding="stochastic", transpose=True, check=False),
+                                   q(x, (1, 128), transpose=True, check=False), out_dtype=torch.bfloat16)
+            return y, gx, gw
+
+        def int8_hadamard():
+            hq = kernels.hadamard_quantize
+            y = kernels.scaled_mm(hq(x, 128, check=False), hq(w, 128, check=False),
+                                  out_dtype=torch.bfloat16)
+            gx = kernels.scaled_mm(hq(gy, 128, rounding="stochastic", check=False),
+                                   hq(w, 128, transpose=True, check=False), out_dtype=torch.bfloat16)
+            gw = kernels.scaled_mm(hq(gy, 128, rounding="stochastic", transpose=True, check=False),
+                                   hq(x, 128, transpose=True, check=False), out_dtype=torch.bfloat16)
+            return y, gx, gw
+
+        row = dict(shape=(M, N, K))
+        for name, fn in (("bf16", bf16), ("int8_blk128", int8_blk128), ("int8_hadamard", int8_hadamard)):
+            try:
+                fn()
+                row[name] = flop / bench_ms(fn) / 1e9
+            except Exception as e:
+                row[name + "_error"] = repr(e)[:300]
+        rows.append(row)
+        print("pipeline", json.dumps(row), flush=True)
+    results["pipeline"] = rows
+
+
+def linear_section(args, results):
+    try:
+        from megaq.ops import quantized_linear
+    except Exception as e:
+        results["linear_error"] = repr(e)
+        return
+    rows = []
+    for (M, N, K) in SHAPES[:2] + SHAPES[3:4]:
+        x = rand((M, K), seed=1).requires_grad_(True)
+        w = (rand((N, K), seed=2) / math.sqrt(K)).requires_grad_(True)
+        gy = rand((M, N), seed=4)
+        flop = 3 * 2 * M * N * K
+        row = dict(shape=(M, N, K))
+        for recipe in ("bf16", "int8", "int8_hadamard", "int8_block32", "int8_jetfire"):
+            def step():
+                x.grad = w.grad = None
+                y = quantized_linear(x, w, None, recipe)
+                y.backward(gy)
+            try:
+                step()
+                row[recipe] = flop / bench_ms(step) / 1e9
+            except Exception as e:
+                row[recipe + "_error"] = repr(e)[:300]
+        rows.append(row)
+        print("linear", json.dumps(row), flush=True)
+    results["linear"] = rows
+
+
+def error_section(args, results):
+    """Relative Frobenius error of out = X Wᵀ against FP64, X with outlier channels ×50."""
+    M, N, K = 4096, 4096, 4096
+    x = rand((M, K), torch.float32, seed=7, outliers=True)
+    w = rand((N, K), torch.float32, seed=8) / math.sqrt(K)
+    ref = x.double() @ w.double().t()
+    out = {}
+    for v in VARIANTS:
+        qa, qb = quantize_variant(v, x, w)
+        y = kernels.scaled_mm(qa, qb, out_dtype=torch.float32)
+        out[v] = float((y.double() - ref).norm() / ref.norm())
+    out["bf16 operands"] = float(((x.bfloat16() @ w.bfloat16().t()).double() - ref).norm() / ref.norm())
+    results["outlier_error"] = out
+    print("error", json.dumps(out), flush=True)
+
+
+def print_table(results):
+    print("\n## GEMM TOPS (median; ratio to cuBLAS BF16 in brackets)")
+    cols = ["bf16", "int_mm", "fp8_rowwise", "rowcol", "blk128", "blk128r", "blk32", "jet32"]
+    print("| M,N,K | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for r in results.get("gemm", []):
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("-" if v is None else (f"{v:.0f}" if c == "bf16" else f"{v:.0f} ({v / r['bf16']:.2f}×)"))
+        print(f"| {r['shape']} | " + " | ".join(cells) + " |")
+    if results.get("fwd_with_quant"):
+        print("\n## forward incl. quantizing both operands (TOPS-equivalent)")
+        cols = ["bf16"] + list(VARIANTS)
+        print("| M,N,K | " + " | ".join(cols) + " |")
+        for r in results["fwd_with_quant"]:
+            print(f"| {r['shape']} | " + " | ".join(
+                "-" if r.get(c) is None else f"{r[c]:.0f} ({r[c] / r['bf16']:.2f}×)" for c in cols) + " |")
+    if results.get("pipeline"):
+        print("\n## fwd+bwd GEMMs with fused quantizers, no autograd (TFLOPS-equivalent, 6MNK)")
+        for r in results["pipeline"]:
+            print(f"| {r['shape']} | " + " | ".join(
+                "-" if r.get(c) is None else f"{c} {r[c]:.0f} ({r[c] / r['bf16']:.2f}×)"
+                for c in ("bf16", "int8_blk128", "int8_hadamard")) + " |")
+    if results.get("linear"):
+        print("\n## quantized linear fwd+bwd (TFLOPS-equivalent, 6MNK)")
+        cols = ["bf16", "int8", "int8_hadamard", "int8_block32", "int8_jetfire"]
+        for r in results["linear"]:
+            print(f"| {r['shape']} | " + " | ".join(
+                "-" if r.get(c) is None else f"{c} {r[c]:.0f} ({r[c] / r['bf16']:.2f}×)" for c in cols) + " |")
+    if results.get("quant"):
+        print("\n## quantize kernels, 16384×4096 bf16")
+        for q in results["quant"]:
+            print(f"| {q['name']} | " + (f"{q['ms'] * 1e3:.0f} µs | {q['GBps']:.0f} GB/s |" if "ms" in q
+                                         else q.get("error", "")))
+    if results.get("outlier_error"):
+        print("\n## error vs fp64 on outlier inputs:", json.dumps(results["outlier_error"]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default="bench_kernels.json")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-linear", action="store_true")
+    ap.add_argument("--sections", default="gemm,quant,fwd,pipeline,linear,error")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU")
+        return 1
+    import triton
+    results = dict(gpu=torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability(),
+                   torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   sweep=[], best_cfg={}, default_configs={str(k): v for k, v in
+                                                           dispatch.GEMM_CONFIGS.items()})
+    t0 = time.time()
+    sections = args.sections.split(",")
+    for name, fn in (("gemm", gemm_section), ("quant", quant_section), ("fwd", fwd_section),
+                     ("pipeline", pipeline_section), ("linear", linear_section),
+                     ("error", error_section)):
+        if name not in sections or (name == "linear" and args.no_linear):
+            continue
+        try:
+            fn(args, results)
+        except Exception as e:
+            results[name + "_error"] = repr(e)[:500]
+            traceback.print_exc()
+        results["elapsed_s"] = time.time() - t0
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
