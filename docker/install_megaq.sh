@@ -11,8 +11,8 @@ python -c "import torch" 2>/dev/null || {
     exit 1
 }
 # With a CUDA build of torch, build csrc/ against that torch: pip's isolated build environment would
-# not see it (and must never download another one).
-if python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then
+# not see it (and must never download another one). pip >= 25.1 isolates editable builds by default.
+if [ "${MEGAQ_BUILD_EXT:-}" = "1" ] || python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then
     python -m pip install --no-build-isolation -e "$src[test]"
 else
     python -m pip install -e "$src[test]"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..quant import (QuantizedTensor, bit_split, block_hadamard, check_finite,
-                     leverage_score_sample, leverage_scores, lsq_step, pad_to_multiple,
+                     leverage_score_weights, leverage_scores, lsq_step, pad_to_multiple,
                      quantize_with_scale)
 from .recipe import GemmSpec, OperandSpec, Recipe, get_recipe
 
@@ -119,20 +119,23 @@ class _Int4QuantizedLinear(torch.autograd.Function):
         high, low = bit_split(grad_y.float(), check=False)
         # The 2N rows of the bit-split gradient: each is one rank-1 term of both gradient GEMMs.
         split_rows = torch.cat((high.dequantize(), low.dequantize()), 0)
-        x_hat, w_hat = ctx.xq.dequantize(), ctx.wq.dequantize()
+        # The products run in the activations' dtype (BF16 on GPUs: tensor cores): the INT4 operands
+        # and the bit-split rows are exact there up to their FP32 scales' rounding (2^-9 relative).
+        compute = ctx.x_dtype
+        x_hat, w_hat = ctx.xq.dequantize(compute), ctx.wq.dequantize(compute)
 
         def sampled_gradient(scores: torch.Tensor) -> torch.Tensor:
-            kept, weights = leverage_score_sample(scores, lss.keep_ratio, lss.lss)
-            sampled = torch.zeros_like(split_rows)
-            sampled[kept] = split_rows[kept] * weights[:, None]
-            return sampled[:tokens] + sampled[tokens:]   # fold high and low terms back per token
+            weights = leverage_score_weights(scores, lss.keep_ratio, lss.lss)
+            sampled = split_rows * weights[:, None]
+            return (sampled[:tokens] + sampled[tokens:]).to(compute)  # fold high and low terms per token
 
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             g = sampled_gradient(leverage_scores(split_rows))
             grad_x = block_hadamard(g @ w_hat, h)[:, :ctx.in_features].to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            g = sampled_gradient(leverage_scores(split_rows, torch.cat((x_hat, x_hat), 0)))
+            x_norms = x_hat.float().norm(dim=1)
+            g = sampled_gradient(split_rows.norm(dim=1) * torch.cat((x_norms, x_norms)))
             grad_w = block_hadamard(g.t() @ x_hat, h)[:, :ctx.in_features].to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.float().sum(0).to(grad_y.dtype)

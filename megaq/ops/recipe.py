@@ -215,6 +215,8 @@ def get_recipe(spec: str | Mapping[str, Any] | Recipe) -> Recipe:
     if isinstance(spec, Mapping):
         spec = dict(spec)
         base = get_recipe(spec.pop("preset", "bf16"))
-        spec.setdefault("name", f"{base.name}+custom" if len(spec) else base.name)
+        # switching the finite check does not change the numerics: keep the preset's name
+        changes_numerics = bool(set(spec) - {"check_finite", "name"})
+        spec.setdefault("name", f"{base.name}+custom" if changes_numerics else base.name)
         return _build(Recipe, spec, "recipe", base)
     raise RecipeError(f"recipe must be a preset name or a mapping; got {type(spec).__name__}")

@@ -7,7 +7,8 @@ from .blockwise import (SUPPORTED_BITS, block_absmax, dequantize, fake_quantize,
 from .checks import NonFiniteError, check_finite
 from .hadamard import SUPPORTED_HADAMARD_BLOCKS, block_hadamard, hadamard_matrix, pad_to_multiple
 from .int4 import HQ_SCALE_MODES, bit_split, hq_quantize, lsq_step
-from .lss import LSS_MODES, keep_probabilities, leverage_score_sample, leverage_scores
+from .lss import (LSS_MODES, keep_probabilities, leverage_score_sample, leverage_score_weights,
+                  leverage_scores)
 from .packing import pack_int4, unpack_int4
 from .rounding import ROUNDING_MODES, round_nearest, round_stochastic
 from .tensor import QuantizedTensor
@@ -20,5 +21,6 @@ __all__ = [
     "hadamard_matrix", "block_hadamard", "pad_to_multiple", "SUPPORTED_HADAMARD_BLOCKS",
     "pack_int4", "unpack_int4",
     "hq_quantize", "lsq_step", "bit_split", "HQ_SCALE_MODES",
-    "leverage_scores", "keep_probabilities", "leverage_score_sample", "LSS_MODES",
+    "leverage_scores", "keep_probabilities", "leverage_score_sample", "leverage_score_weights",
+    "LSS_MODES",
 ]

@@ -29,31 +29,47 @@ def leverage_scores(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Ten
 
 
 def keep_probabilities(scores: torch.Tensor, expected_kept: float) -> torch.Tensor:
-    """p_i = min(1, c·score_i) with c chosen so that Σ p_i = expected_kept.
+    """p_i = min(1, c·score_i) with c chosen so that Σ p_i = expected_kept (at most the number of
+    non-zero scores).
 
-    Rows whose scaled score exceeds 1 are clamped to 1 and the budget is re-spread over the rest
-    (water filling); at most n rounds, usually two or three."""
+    Water filling in closed form, without a host synchronization: with the scores sorted in
+    decreasing order s_0 ≥ s_1 ≥ …, the k largest saturate at p = 1 for the smallest k with
+    (B − k)·s_k < Σ_{i≥k} s_i, and the rest get c = (B − k) / Σ_{i≥k} s_i."""
     scores = scores.float()
-    n_positive = int((scores > 0).sum())
-    budget = min(float(expected_kept), float(n_positive))
-    probs = torch.zeros_like(scores)
-    if budget <= 0:
-        return probs
-    saturated = torch.zeros_like(scores, dtype=torch.bool)
-    for _ in range(scores.numel()):
-        free = (~saturated) & (scores > 0)
-        remaining = budget - float(saturated.sum())
-        free_total = scores[free].sum()
-        if remaining <= 0 or free_total <= 0:
-            break
-        candidate = torch.where(free, scores * (remaining / free_total), probs)
-        newly = free & (candidate >= 1.0)
-        probs = torch.where(saturated, torch.ones_like(probs), candidate)
-        if not bool(newly.any()):
-            break
-        saturated |= newly
-        probs = torch.where(saturated, torch.ones_like(probs), probs)
-    return probs.clamp_(0.0, 1.0)
+    n = scores.numel()
+    if n == 0:
+        return scores.clone()
+    sorted_scores, order = torch.sort(scores, descending=True)
+    suffix = sorted_scores.flip(0).cumsum(0).flip(0)              # Σ_{i≥k} s_i
+    positive = sorted_scores > 0
+    n_positive = positive.sum()
+    budget = torch.clamp(torch.as_tensor(float(expected_kept), device=scores.device), min=0.0)
+    budget = torch.minimum(budget, n_positive.float())
+    k = torch.arange(n, device=scores.device, dtype=torch.float32)
+    fits = positive & ((budget - k) * sorted_scores < suffix)
+    first = torch.where(fits.any(), torch.argmax(fits.int()), n_positive)  # saturated count
+    tail_sum = suffix[first.clamp(max=n - 1)]
+    c = torch.where(tail_sum > 0, (budget - first.float()) / tail_sum, torch.zeros_like(tail_sum))
+    probs_sorted = torch.where(k < first.float(), torch.ones_like(sorted_scores), c * sorted_scores)
+    probs_sorted = torch.where(positive, probs_sorted, torch.zeros_like(probs_sorted)).clamp_(0.0, 1.0)
+    return torch.empty_like(probs_sorted).scatter_(0, order, probs_sorted)
+
+
+def leverage_score_weights(scores: torch.Tensor, keep_ratio: float = 0.5, mode: str = "sample",
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The same choice as `leverage_score_sample`, as a dense FP32 weight per row: 1/p_i for a kept
+    row, 0 for a dropped one. Shape-static (no data-dependent indexing), so it needs no host
+    synchronization on a GPU."""
+    if mode == "drop_zero":
+        return (scores > 0).float()
+    if mode != "sample":
+        raise ValueError(f"LSS mode must be one of {LSS_MODES}; got {mode!r}")
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"LSS keep_ratio must be in (0, 1]; got {keep_ratio}")
+    probs = keep_probabilities(scores, keep_ratio * scores.numel())
+    u = torch.rand(probs.shape, device=probs.device, generator=generator)
+    kept = u < probs
+    return torch.where(kept, 1.0 / probs.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(probs))
 
 
 def leverage_score_sample(scores: torch.Tensor, keep_ratio: float = 0.5, mode: str = "sample",
@@ -67,7 +83,6 @@ def leverage_score_sample(scores: torch.Tensor, keep_ratio: float = 0.5, mode: s
         raise ValueError(f"LSS mode must be one of {LSS_MODES}; got {mode!r}")
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"LSS keep_ratio must be in (0, 1]; got {keep_ratio}")
-    probs = keep_probabilities(scores, keep_ratio * scores.numel())
-    u = torch.rand(probs.shape, device=probs.device, generator=generator)
-    kept = torch.nonzero(u < probs, as_tuple=False).flatten()
-    return kept, 1.0 / probs[kept]
+    weights = leverage_score_weights(scores, keep_ratio, mode, generator)
+    kept = torch.nonzero(weights > 0, as_tuple=False).flatten()
+    return kept, weights[kept]

@@ -355,6 +355,8 @@ class LoggingConfig(_Section):
                               "TensorBoard scalars every this many steps (and at step 1).")
     tensorboard_dir: Optional[str] = Field(None, description="TensorBoard event directory (rank 0 "
                                            "writes); None disables TensorBoard.")
+    metrics_file: Optional[str] = Field(None, description="JSON-lines file of the same scalars (one line "
+                                        "per log step and evaluation; appended to on resume); None: none.")
     peak_tflops: Optional[float] = Field(None, gt=0, description="Peak dense BF16 TFLOP/s of one GPU, "
                                          "for MFU; default: looked up from the GPU's name.")
 

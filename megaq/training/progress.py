@@ -1,12 +1,14 @@
 """Rank-0 reporting: one console line per log interval and the same numbers as TensorBoard scalars.
 
 Scalars: train/loss, train/lr, train/grad_norm, perf/tokens_per_s, perf/mfu, perf/step_time_s,
-val/loss, val/ppl, and quant_error/<layer> (see megaq.training.quant_error). Other ranks get a
-no-op reporter, so the loop calls it unconditionally.
+val/loss, val/ppl, and quant_error/<layer> (see megaq.training.quant_error). The same scalars can go
+to a JSON-lines file (`logging.metrics_file`, appended to, so a resumed run continues it) for scripts
+and plots. Other ranks get a no-op reporter, so the loop calls it unconditionally.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,15 +32,30 @@ def setup_console_logging(rank: int) -> None:
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+def _peak_memory_gib() -> Optional[float]:
+    """Peak GPU memory allocated by this process so far (None on CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2 ** 30
+
+
 class ProgressReporter:
-    def __init__(self, total_steps: int, tensorboard_dir: Optional[str], enabled: bool) -> None:
+    def __init__(self, total_steps: int, tensorboard_dir: Optional[str], enabled: bool,
+                 metrics_file: Optional[str] = None) -> None:
         self.total_steps = total_steps
         self.enabled = enabled
         self.writer = None
+        self.metrics = None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=os.path.expanduser(tensorboard_dir))
+        if enabled and metrics_file:
+            path = os.path.expanduser(metrics_file)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.metrics = open(path, "a", buffering=1)  # line-buffered: a crash loses no line
 
     def train_step(self, step: int, loss: float, lr: float, grad_norm: Optional[float], perf: dict) -> None:
         if not self.enabled:
@@ -52,7 +69,8 @@ class ProgressReporter:
         logger.info(" | ".join(parts))
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/tokens_per_s": perf["tokens_per_s"], "perf/mfu": perf.get("mfu"),
-                   "perf/step_time_s": perf.get("step_time_s")}
+                   "perf/step_time_s": perf.get("step_time_s"),
+                   "perf/peak_memory_gib": _peak_memory_gib()}
         self.scalars(scalars, step)
 
     def evaluation(self, step: int, loss: float) -> None:
@@ -72,11 +90,13 @@ class ProgressReporter:
         self.scalars({f"quant_error/{name}": value for name, value in errors.items()}, step)
 
     def scalars(self, values: dict[str, Optional[float]], step: int) -> None:
+        finite = {name: value for name, value in values.items() if value is not None and math.isfinite(value)}
+        if self.metrics is not None:
+            self.metrics.write(json.dumps({"step": step, **finite}) + "\n")
         if self.writer is None:
             return
-        for name, value in values.items():
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(name, value, step)
+        for name, value in finite.items():
+            self.writer.add_scalar(name, value, step)
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -86,3 +106,6 @@ class ProgressReporter:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None

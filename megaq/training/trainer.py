@@ -170,7 +170,8 @@ def _train(cfg: MegaqConfig, env) -> dict:
     peak = cfg.logging.peak_tflops or current_device_peak_tflops()
     throughput = Throughput(layout.tokens_per_step, run.flops_per_token, layout.world_size, peak,
                             layout.train_steps, start_step=step)
-    reporter = ProgressReporter(layout.train_steps, cfg.logging.tensorboard_dir, enabled=rank == 0)
+    reporter = ProgressReporter(layout.train_steps, cfg.logging.tensorboard_dir, enabled=rank == 0,
+                                metrics_file=cfg.logging.metrics_file)
     probe = QuantErrorProbe(engine.module, cfg.quant.log_error_interval if rank == 0 else 0)
     step_losses: list[torch.Tensor] = []
     last_saved_step = step if resumed_from else None
