@@ -168,12 +168,30 @@ def test_load_config_applies_and_validates_overrides(tmp_path):
         load_config(path)
 
 
+def _prepared_char_corpus(tmp_path: Path) -> list[str]:
+    """A small char-level indexed dataset, for configs written for prepared data (data.path)."""
+    from megaq.data.preprocess import preprocess
+    from megaq.data.tokenizer_training import train_char_vocab
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 400)
+    vocab = tmp_path / "chars.json"
+    train_char_vocab([text.read_text()], vocab)
+    preprocess(text, tmp_path / "corpus", {"type": "char", "model": str(vocab)}, whole_file=True,
+               progress=False)
+    return [f"data.path={tmp_path / 'corpus'}", f"data.tokenizer.model={vocab}"]
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.name)
-def test_shipped_configs_are_valid(path):
-    cfg = load_config(path)
-    assert cfg.data.source == "demo"  # runs anywhere, out of the box
-    # CPU configs are for 1-2 processes, GPU configs for a node of 8 GPUs.
-    for processes in ((1, 2) if path.name.startswith("tiny") else (1, 8)):
+def test_shipped_configs_are_valid(path, tmp_path):
+    prepared = bool(json.loads(path.read_text()).get("data", {}).get("path"))
+    cfg = load_config(path, _prepared_char_corpus(tmp_path) if prepared else [])
+    if not prepared:
+        assert cfg.data.source == "demo"  # runs anywhere, out of the box
+    # CPU configs are for 1-2 processes, GPU configs for a node of 8 GPUs; a config for prepared data
+    # reproduces a single-GPU reference run.
+    counts = (1, 2) if path.name.startswith("tiny") else (1,) if prepared else (1, 8)
+    for processes in counts:
         resolve_layout(cfg, cfg.parallel.tensor_parallel * processes)
     assert cfg.checkpoint.dir and cfg.logging.tensorboard_dir
 

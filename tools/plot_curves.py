@@ -1,0 +1,72 @@
+"""Loss curves from megaq metrics files (logging.metrics_file, JSON lines) as one PNG, and a summary.
+
+    python tools/plot_curves.py runs/shakespeare/shakespeare_{bf16,int8,int4}.jsonl --out curves.png
+
+A file that holds several runs (appended to after a restart from scratch) is cut to its last run:
+the rows after the last point where the step number went backwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def last_run(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    start, last_step = 0, -1
+    for i, row in enumerate(rows):
+        if "train/loss" in row:
+            if row["step"] < last_step:
+                start = i
+            last_step = row["step"]
+    return rows[start:]
+
+
+def summarize(rows: list[dict]) -> dict:
+    val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+    best = min(val, key=lambda v: v[1]) if val else (None, None)
+    return {"best_val_loss": best[1], "best_step": best[0], "last_val_loss": val[-1][1] if val else None,
+            "last_step": max((r["step"] for r in rows), default=0), "evaluations": len(val)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("metrics", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    ap.add_argument("--title", default="")
+    args = ap.parse_args()
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    print("| run | best validation loss (step) | last validation loss (step) |\n|---|---|---|")
+    for path in args.metrics:
+        rows = last_run(path)
+        name = path.stem.split("_")[-1]
+        train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+        val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
+        ax_train.plot(*zip(*train), label=name, linewidth=1)
+        if val:
+            ax_val.plot(*zip(*val), marker="o", markersize=3, label=name)
+        s = summarize(rows)
+        print(f"| {name} | {s['best_val_loss']:.4f} ({s['best_step']}) | "
+              f"{s['last_val_loss']:.4f} ({val[-1][0]}) |")
+    for ax, what in ((ax_train, "training loss"), (ax_val, "validation loss")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_val.set_ylim(top=min(ax_val.get_ylim()[1], 2.2))
+    if args.title:
+        fig.suptitle(args.title)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
