@@ -72,3 +72,28 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
                                    f"not finish within {timeout} s")
         return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]
+
+
+def require_contiguous_collectives(*modules) -> None:
+    """Make gloo as strict as NCCL, which rejects non-contiguous tensors (gloo accepts them), so
+    that CPU runs catch what would fail on GPUs. Wraps torch.distributed's collectives and each
+    module's private `_all_gather_single` / `_reduce_scatter_single`. Call inside the workers."""
+
+    def strict(collective):
+        def wrapper(*args, **kwargs):
+            for t in args:
+                for x in (t if isinstance(t, (list, tuple)) else [t]):
+                    if isinstance(x, torch.Tensor) and not x.is_contiguous():
+                        raise ValueError(f"{getattr(collective, '__name__', collective)}: tensor of "
+                                         f"shape {tuple(x.shape)} is not contiguous (NCCL rejects it)")
+            return collective(*args, **kwargs)
+        return wrapper
+
+    for name in ("all_reduce", "all_to_all_single", "all_gather", "all_gather_single",
+                 "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor"):
+        if hasattr(dist, name):
+            setattr(dist, name, strict(getattr(dist, name)))
+    for module in modules:
+        for name in ("_all_gather_single", "_reduce_scatter_single"):
+            if hasattr(module, name):
+                setattr(module, name, strict(getattr(module, name)))

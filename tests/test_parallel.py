@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import distributed as dist
 
 import megaq.parallel.random as parallel_random
-from distributed_utils import run_distributed
+from distributed_utils import require_contiguous_collectives, run_distributed
 from megaq.models.gpt import GPT, GPTConfig, tensor_parallel_layout
 from megaq.models.hf_export import merge_tensor_parallel_shards
 from megaq.nn import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -123,30 +123,6 @@ def test_parallel_layers_validate_their_shapes():
         RowParallelLinear(8, 8, input_is_parallel=False, sequence_parallel=True)
 
 
-def _require_contiguous_collectives():
-    """Make gloo as strict as NCCL, which rejects non-contiguous tensors (gloo accepts them), so
-    that CPU runs catch what would fail on GPUs. Called inside the worker processes."""
-    import megaq.parallel.mappings as mappings
-
-    def strict(collective):
-        def wrapper(*args, **kwargs):
-            for t in args:
-                tensors = t if isinstance(t, (list, tuple)) else [t]
-                for x in tensors:
-                    if isinstance(x, torch.Tensor) and not x.is_contiguous():
-                        raise ValueError(f"{collective.__name__}: tensor of shape "
-                                         f"{tuple(x.shape)} is not contiguous (NCCL rejects it)")
-            return collective(*args, **kwargs)
-        return wrapper
-
-    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-                 "all_gather_single", "reduce_scatter_single"):
-        if hasattr(dist, name):
-            setattr(dist, name, strict(getattr(dist, name)))
-    mappings._all_gather_single = strict(mappings._all_gather_single)
-    mappings._reduce_scatter_single = strict(mappings._reduce_scatter_single)
-
-
 # ---- process groups (4 processes) ------------------------------------------------------------
 
 def _process_group_layout(rank, world_size):
@@ -207,7 +183,8 @@ MAPPING_CHECKS = ["copy_to_tp_region", "reduce_from_tp_region", "scatter_to_tp_r
 def _mapping_checks(rank, world):
     """For each mapping: ((output, input grad), (expected output, expected input grad)).
     Every rank builds every rank's tensors from seeds, so it can compute the expectation."""
-    _require_contiguous_collectives()
+    import megaq.parallel.mappings as mappings
+    require_contiguous_collectives(mappings)
     initialize_model_parallel(world)
     full = _randn(4, 3, 6, seed=1)                                    # replicated tensor
     per_rank = [_randn(4, 3, 6, seed=10 + r) for r in range(world)]  # a different one per rank
@@ -300,7 +277,8 @@ def _reference_linear(x, w, b, grad):
 
 
 def _layer_checks(rank, world):
-    _require_contiguous_collectives()
+    import megaq.parallel.mappings as mappings
+    require_contiguous_collectives(mappings)
     initialize_model_parallel(world)
     out = {}
     x = _randn(5, 8, seed=1)
@@ -453,7 +431,8 @@ def _batch(vocab_size):
 
 
 def _gpt_tp_runs(rank, world):
-    _require_contiguous_collectives()
+    import megaq.parallel.mappings as mappings
+    require_contiguous_collectives(mappings)
     initialize_model_parallel(world)
     model_parallel_seed(SEED)
     results = {}
@@ -540,7 +519,8 @@ def _repeating_batch():
 
 
 def _train_quantized(rank, world, recipes, steps):
-    _require_contiguous_collectives()
+    import megaq.parallel.mappings as mappings
+    require_contiguous_collectives(mappings)
     initialize_model_parallel(world)
     results = {}
     for recipe in recipes:

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed_utils import run_distributed
+from distributed_utils import require_contiguous_collectives, run_distributed
 from megaq.parallel.grad_compression import (CommConfigWarning, GradCompressionState,
                                              compressed_all_reduce_, validate_comm_config,
                                              zeropp_keys)
@@ -47,28 +47,6 @@ def _randn(*shape, seed, dtype=torch.float32):
 
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def _strict_collectives():
-    """Make gloo as strict as NCCL about non-contiguous tensors (inside the workers)."""
-    import megaq.parallel.quantized_comm as qc
-
-    def strict(collective):
-        def wrapper(*args, **kwargs):
-            for t in args:
-                for x in (t if isinstance(t, (list, tuple)) else [t]):
-                    if isinstance(x, torch.Tensor) and not x.is_contiguous():
-                        raise ValueError(f"{getattr(collective, '__name__', collective)}: tensor of "
-                                         f"shape {tuple(x.shape)} is not contiguous (NCCL rejects it)")
-            return collective(*args, **kwargs)
-        return wrapper
-
-    for name in ("all_reduce", "all_to_all_single", "all_gather_single", "all_gather_into_tensor",
-                 "reduce_scatter_single", "reduce_scatter_tensor"):
-        if hasattr(dist, name):
-            setattr(dist, name, strict(getattr(dist, name)))
-    qc._all_gather_single = strict(qc._all_gather_single)
-    qc._reduce_scatter_single = strict(qc._reduce_scatter_single)
 
 
 # ---- single process --------------------------------------------------------------------------
@@ -393,7 +371,8 @@ def _gpt_tp2(rank, world):
 
 
 def _two_process_checks(rank, world):
-    _strict_collectives()
+    import megaq.parallel.quantized_comm as qc
+    require_contiguous_collectives(qc)
     return dict(collectives=_collective_errors(rank, world, (6, 4, 300)),
                 bytes=_byte_ratios(world),
                 quantized_inputs=_quantized_inputs_and_errors(rank, world),
@@ -526,7 +505,8 @@ def _train_tp2_dp2(rank, world, steps):
 
 
 def _four_process_checks(rank, world):
-    _strict_collectives()
+    import megaq.parallel.quantized_comm as qc
+    require_contiguous_collectives(qc)
     return dict(collectives=_collective_errors(rank, world, (8, 3, 300)),
                 training=_train_tp2_dp2(rank, world, 10))
 
