@@ -443,6 +443,22 @@ def test_data_iterator_batches_and_consumed_samples(tmp_path):
     assert it.consumed_samples == 6 + 3 * 6 and it.state_dict()["consumed_samples"] == 24
 
 
+def test_data_workers_survive_the_stop_signals_a_scheduler_sends(tmp_path):
+    # SLURM / launchers signal every process of a job; the loader's workers must keep feeding the step
+    # during which the training process saves, so they ignore SIGTERM and SIGUSR1.
+    import signal
+
+    ds = write_dataset(tmp_path / "ds", numbered_docs(6, 9), vocab_size=10000, eod_id=9999)
+    gpt = GPTDataset(ds, 4, "train", valid_fraction=0.2)
+    it = build_data_iterator(gpt, ResumableSampler(len(gpt), 2, 0, 1, seed=0), num_workers=1)
+    next(it)
+    for worker in it._batches._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGUSR1)
+    for _ in range(4):
+        assert next(it)["input_ids"].shape == (2, 4)
+
+
 # -------------------------------------------------------------------------------------- demo corpus
 
 def test_demo_corpus_builds_deterministically_and_reuses(tmp_path, caplog):

@@ -41,7 +41,8 @@ class DataIterator:
         self._start = sampler.consumed_samples
         self._delivered = 0
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_samples,
-                            num_workers=num_workers, pin_memory=pin_memory)
+                            num_workers=num_workers, pin_memory=pin_memory,
+                            worker_init_fn=_ignore_stop_signals if num_workers else None)
         self._batches = iter(loader)
 
     def __iter__(self) -> "DataIterator":
@@ -64,3 +65,16 @@ class DataIterator:
 def build_data_iterator(dataset: Dataset, sampler: ResumableSampler, num_workers: int = 0,
                         pin_memory: bool = False) -> DataIterator:
     return DataIterator(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGUSR1 / SIGINT to the training process.
+
+    Schedulers signal every process of a job (SLURM's scancel and --signal, a launcher's process-group
+    kill). A worker that died of it would make the loader raise before the training process finishes
+    its step and saves; instead the workers ignore the signal, keep feeding the step, and exit when
+    the loader shuts down or the training process is gone (PyTorch's worker watchdog)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
