@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from megaq.ops import RECIPE_PRESETS, RecipeError, get_recipe, quantized_linear
-from megaq.quant import NonFiniteError, block_hadamard, hq_quantize, pad_to_multiple
+from megaq.quant import NonFiniteError, block_hadamard, hq_quantize
 
 
 def _problem(tokens, d_in, d_out, dtype=torch.float32, seed=0, outliers=False):

@@ -76,7 +76,7 @@ def main() -> None:
                     results.append(case)
                     print(json.dumps(case)[:300], flush=True)
 
-    print(f"\n| model | seq | recipe | tokens/s | vs bf16 | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
+    print("\n| model | seq | recipe | tokens/s | vs bf16 | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
     for case in results:
         if "error" in case:
             print(f"| {case['model']} | {case['seq_len']} | {case['recipe']} | failed | | | |")

@@ -90,7 +90,6 @@ def _quant_one(xf, ax, rows, cols, pid_r, pid_c, R, C, q_ptr, s_ptr, s_stride, s
     """Quantize one [BR, BC] tile (fp32 values xf, abs values ax) with blocks (GR, GC) in the tile's
     coordinates. TRANS: payload goes to q[C, R] (transposed) and the scale grid is transposed too."""
     NB: tl.constexpr = BC // GC
-    n_rb = tl.cdiv(R, GR)
     n_cb = tl.cdiv(C, GC)
     if GR == 1 and GC == BC:          # one scale per row of the tile
         s = _scale_from_amax(tl.max(ax, axis=1), QMAX)

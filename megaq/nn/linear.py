@@ -21,10 +21,8 @@ import torch
 from torch import nn
 
 from megaq.ops import Recipe, get_recipe, quantized_linear
-from megaq.parallel import (copy_to_tp_region, gather_from_sequence_parallel_region,
-                            gather_from_tp_region, get_tensor_parallel_world_size,
+from megaq.parallel import (copy_to_tp_region, gather_from_tp_region, get_tensor_parallel_world_size,
                             initialize_from_full_, mark_sequence_parallel, mark_tensor_parallel,
-                            reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region,
                             scatter_to_tp_region)
 from megaq.parallel.quantized_comm import QuantizedCommConfig, TPMappings, tp_mappings
 
