@@ -176,6 +176,35 @@ def test_tensor_parallel_runs_under_int8_and_int4(demo_cache):
     assert all(0 < e < 0.1 for e in errors.values()), errors
 
 
+def _pretrain_counting_collectives(rank, world_size, cfg_dicts):
+    from megaq.parallel.quantized_comm import track_comm
+
+    results = []
+    for cfg in cfg_dicts:
+        with track_comm() as stats:
+            summary = _pretrain_all(rank, world_size, [cfg])[0]
+        results.append((summary["losses"], sorted(stats.as_dict())))
+    return results
+
+
+def test_tp2_dp2_with_int8_communication_tracks_exact_communication(demo_cache, tmp_path):
+    """TP=2 x DP=2 on 4 processes: INT8 tensor-parallel collectives (sequence parallel) and the INT8
+    error-feedback gradient all-reduce, selected by config, train like the exact collectives."""
+    def cfg(name, **parallel):
+        return tiny_config(demo_cache, parallel={"tensor_parallel": 2, "sequence_parallel": True, **parallel},
+                           zero_optimization={"stage": 1}, train={"train_steps": 12},
+                           checkpoint={"dir": str(tmp_path / name)})
+
+    (exact, exact_kinds), (int8, int8_kinds) = run_distributed(
+        _pretrain_counting_collectives, 4,
+        [cfg("exact"), cfg("int8", comm_dtype="int8", grad_compression="int8_ef")], timeout=400)[0]
+    assert not any(k.endswith("[int8]") for k in exact_kinds), exact_kinds
+    assert {"all_gather[int8]", "reduce_scatter[int8]", "grad_all_reduce[int8]"} <= set(int8_kinds), int8_kinds
+    assert _fell(int8), int8
+    # measured here: largest per-step gap 0.0005 over 12 steps (losses 5.53 -> 3.91)
+    assert max(abs(a - b) for a, b in zip(int8, exact)) < 0.01, (int8, exact)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Quantization error probe (in process, TP=1)
 

@@ -1,9 +1,11 @@
 """megaq.ops — autograd operators built from the quantization numerics and kernels: the quantized
-linear under a recipe."""
+linear under a recipe, and the INT8 data-flow LayerNorm and GELU."""
 
+from .dataflow import Int8Activation, int8_gelu, int8_layernorm
 from .linear import quantized_gemm, quantized_linear, quantize_operand
 from .recipe import (RECIPE_PRESETS, GemmSpec, Int4Backward, OperandSpec, Recipe, RecipeError,
                      get_recipe)
 
 __all__ = ["quantized_linear", "quantized_gemm", "quantize_operand", "Recipe", "GemmSpec",
-           "OperandSpec", "Int4Backward", "RecipeError", "RECIPE_PRESETS", "get_recipe"]
+           "OperandSpec", "Int4Backward", "RecipeError", "RECIPE_PRESETS", "get_recipe",
+           "Int8Activation", "int8_layernorm", "int8_gelu"]

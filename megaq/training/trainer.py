@@ -124,7 +124,8 @@ def _train(cfg: MegaqConfig, env) -> dict:
                 f"vocab {mc.vocab_size}: {run.num_parameters / 1e6:.2f}M parameters | recipe "
                 f"{get_recipe(mc.recipe).name}, lm_head {get_recipe(mc.lm_head_recipe).name}")
     logger.info(f"parallel: world {layout.world_size} = TP {layout.tensor_parallel} x DP {layout.data_parallel} | "
-                f"ZeRO stage {zero_stage} | {precision} on {device_type}")
+                f"ZeRO stage {zero_stage} | {precision} on {device_type} | TP collectives "
+                f"{cfg.parallel.comm_dtype}, DP gradients {cfg.parallel.grad_compression}")
     logger.info(f"batch: {layout.global_batch_size} sequences/step = micro {layout.micro_batch_size} x accumulation "
                 f"{layout.gradient_accumulation_steps} x DP {layout.data_parallel}; {layout.tokens_per_step:,} "
                 f"tokens/step; {layout.train_steps} steps")

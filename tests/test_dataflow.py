@@ -1,0 +1,239 @@
+"""INT8 data flow (megaq.ops.dataflow): LayerNorm and GELU that write INT8 and save only INT8 for backward,
+against fp64 torch, on the CPU reference path."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megaq.ops import Int8Activation, int8_gelu, int8_layernorm
+from megaq.ops.dataflow import gelu_tanh, gelu_tanh_grad, layernorm_backward
+from megaq.quant import NonFiniteError, quantize_blockwise
+
+
+def _rel(a, ref):
+    return float((a.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
+
+
+def _act(rows, cols, dtype, seed, outliers=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen) * 2 + 0.5
+    if outliers:
+        x[:, ::97] *= 10                                   # outlier channels, as tests/test_ops_linear.py
+    g = torch.randn(rows, cols, generator=gen)
+    return x.to(dtype), g.to(dtype), gen
+
+
+def _ln_params(cols, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return 1 + 0.1 * torch.randn(cols, generator=gen), 0.1 * torch.randn(cols, generator=gen)
+
+
+def _run_ln(x, w, b, g, block=(1, 128), quantize_grad_input=False, seed=7):
+    xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+    out = int8_layernorm(xs, ws, bs, 1e-5, block=block, quantize_grad_input=quantize_grad_input,
+                         generator=torch.Generator().manual_seed(seed))
+    out.value.backward(g)
+    return out, xs.grad, ws.grad, bs.grad
+
+
+def _ref_ln(x, w, b, g):
+    xd, wd, bd = (t.double().requires_grad_(True) for t in (x, w, b))
+    yd = F.layer_norm(xd, (x.shape[-1],), wd, bd, 1e-5)
+    yd.backward(g.double())
+    return yd.detach(), xd.grad, wd.grad, bd.grad
+
+
+SHAPES = [(300, 384), (77, 1600)]        # hidden 1600 = 12.5 blocks of 128; rows not multiples of 128
+DTYPES = [torch.float32, torch.bfloat16]
+
+# Measured relative Frobenius errors against fp64 (Gaussian 2·N(0,1)+0.5, ×10 outlier channel every 97,
+# the shapes above, 1×128 blocks, fp32 and bf16 alike), max over the four cases; bounds ≈ 1.5× of them.
+#   LayerNorm: output 0.0174, ∇x 0.0094, ∇w 0.0208, ∇b 0.0094      GELU: output 0.0238, ∇x 0.0263
+LN_BOUNDS = {"y": 0.026, "dx": 0.014, "dw": 0.031, "db": 0.014}
+GELU_BOUNDS = {"y": 0.036, "dx": 0.040}
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm_forward_and_gradients_against_fp64(rows, cols, dtype):
+    x, g, _ = _act(rows, cols, dtype, seed=rows + cols)
+    w, b = _ln_params(cols)
+    out, gx, gw, gb = _run_ln(x, w, b, g)
+    yd, gxd, gwd, gbd = _ref_ln(x, w, b, g)
+    assert isinstance(out, Int8Activation)
+    assert out.value.dtype == dtype and out.value.shape == x.shape
+    assert out.q.data.dtype == torch.int8 and out.q.shape == (rows, cols)
+    assert out.q.scale.shape == (rows, math.ceil(cols / 128))
+    # value is the payload dequantized (exactly in fp32, up to bf16 rounding in bf16)
+    torch.testing.assert_close(out.value.float(), out.q.dequantize().to(dtype).float(), rtol=0, atol=0)
+    errs = {"y": _rel(out.q.dequantize(), yd), "dx": _rel(gx, gxd), "dw": _rel(gw, gwd),
+            "db": _rel(gb, gbd)}
+    for key, bound in LN_BOUNDS.items():
+        assert errs[key] < bound, (key, errs)
+    assert gx.dtype == dtype and gw.dtype == w.dtype
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_forward_and_gradient_against_fp64(rows, cols, dtype):
+    x, g, _ = _act(rows, cols, dtype, seed=3 * rows + cols)
+    xs = x.clone().requires_grad_(True)
+    out = int8_gelu(xs, generator=torch.Generator().manual_seed(5))
+    out.value.backward(g)
+    xd = x.double().requires_grad_(True)
+    yd = F.gelu(xd, approximate="tanh")
+    yd.backward(g.double())
+    assert out.q.data.dtype == torch.int8 and out.value.shape == x.shape
+    errs = {"y": _rel(out.q.dequantize(), yd), "dx": _rel(xs.grad, xd.grad)}
+    for key, bound in GELU_BOUNDS.items():
+        assert errs[key] < bound, (key, errs)
+
+
+def test_gelu_formulas_match_torch():
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64, requires_grad=True)
+    y = F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(gelu_tanh(x.detach()), y.detach(), rtol=1e-12, atol=1e-12)
+    y.sum().backward()
+    torch.testing.assert_close(gelu_tanh_grad(x.detach()), x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_layernorm_output_feeds_gelu_without_requantizing():
+    """A consumer reads the Int8Activation's payload as is; gradients reach the LayerNorm's input."""
+    x, _, _ = _act(50, 384, torch.bfloat16, seed=11)
+    w, b = _ln_params(384)
+    xs = x.clone().requires_grad_(True)
+    ln = int8_layernorm(xs.view(5, 10, 384), w, b)        # [T, B, C] in, any leading dims
+    out = int8_gelu(ln)
+    # the GELU saw exactly the LN's INT8 values: its output equals GELU of the dequantized payload,
+    # requantized (a plain-tensor input would have been requantized from the bf16 value instead)
+    expect = quantize_blockwise(gelu_tanh(ln.q.dequantize()), (1, 128))
+    assert torch.equal(out.q.data, expect.data) and torch.equal(out.q.scale, expect.scale)
+    out.value.float().square().sum().backward()
+    assert xs.grad is not None and xs.grad.shape == x.shape and torch.isfinite(xs.grad).all()
+
+
+@pytest.mark.parametrize("block", [(1, 128), (32, 32), (1, -1)])
+def test_other_blocks_and_no_affine(block):
+    x, g, _ = _act(77, 384, torch.float32, seed=2)
+    xs = x.clone().requires_grad_(True)
+    out = int8_layernorm(xs, None, None, block=block)
+    out.value.backward(g)
+    xd = x.double().requires_grad_(True)
+    F.layer_norm(xd, (384,)).backward(g.double())
+    assert _rel(xs.grad, xd.grad) < LN_BOUNDS["dx"] * 1.5
+    assert _rel(out.q.dequantize(), F.layer_norm(x.double(), (384,))) < LN_BOUNDS["y"]
+    og = int8_gelu(x, block=block)
+    assert _rel(og.q.dequantize(), F.gelu(x.double(), approximate="tanh")) < GELU_BOUNDS["y"]
+
+
+def test_quantized_input_gradient_option():
+    x, g, _ = _act(300, 384, torch.float32, seed=4)
+    w, b = _ln_params(384)
+    _, gx, _, _ = _run_ln(x, w, b, g, quantize_grad_input=True)
+    _, gxd, _, _ = _ref_ln(x, w, b, g)
+    assert _rel(gx, gxd) < 0.020                  # measured 0.0131 (one more SR pass)
+    xs = x.clone().requires_grad_(True)
+    int8_gelu(xs, quantize_grad_input=True).value.backward(g)
+    xd = x.double().requires_grad_(True)
+    F.gelu(xd, approximate="tanh").backward(g.double())
+    assert _rel(xs.grad, xd.grad) < 0.043        # measured 0.0284
+
+
+def _saved_tensors(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return saved, result
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_only_int8_activations_are_saved(dtype):
+    rows, cols = 77, 1600
+    x, g, _ = _act(rows, cols, dtype, seed=9)
+    w, b = _ln_params(cols)
+    xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+    saved, ln = _saved_tensors(lambda: int8_layernorm(xs, ws, bs))
+    big = [t for t in saved if t.numel() >= rows * cols]
+    assert big and all(t.dtype == torch.int8 for t in big), [(t.dtype, t.shape) for t in saved]
+    # besides the payload: scales [rows, 13], mean/rstd [rows], the weight [cols]
+    assert sum(t.numel() * t.element_size() for t in saved if t.is_floating_point()) < \
+        0.1 * x.numel() * x.element_size()
+
+    saved, _ = _saved_tensors(lambda: int8_gelu(ln))
+    big = [t for t in saved if t.numel() >= rows * cols]
+    assert big and all(t.dtype == torch.int8 for t in big), [(t.dtype, t.shape) for t in saved]
+    assert all(t.numel() < rows * cols for t in saved if t.is_floating_point())
+
+
+def test_nonfinite_inputs_raise():
+    x, g, _ = _act(77, 384, torch.float32, seed=1)
+    w, b = _ln_params(384)
+    bad = x.clone()
+    bad[3, 5] = float("nan")
+    with pytest.raises(NonFiniteError, match="int8_layernorm input"):
+        int8_layernorm(bad, w, b)
+    with pytest.raises(NonFiniteError, match="int8_gelu input"):
+        int8_gelu(bad)
+    bad[3, 5] = float("inf")
+    with pytest.raises(NonFiniteError):
+        int8_layernorm(bad.requires_grad_(True), w, b)
+    # a NaN in the incoming gradient is caught in backward
+    g_bad = g.clone()
+    g_bad[0, 0] = float("nan")
+    xs = x.clone().requires_grad_(True)
+    with pytest.raises(NonFiniteError, match="output gradient of int8_layernorm"):
+        int8_layernorm(xs, w, b).value.backward(g_bad)
+    with pytest.raises(NonFiniteError, match="output gradient of int8_gelu"):
+        int8_gelu(xs).value.backward(g_bad)
+
+
+# Unbiasedness of the SR backward: the exact expectation (the same saved INT8 input, the unquantized
+# incoming gradient) is computed in fp64; the mean of N independent draws has error ≈ single/√N
+# (0.071× for N = 200); we assert < 0.12× (measured 0.070× for both ops, single-draw error 0.0093), far from what a biased rounding gives
+# (a bias of the order of the SR noise keeps the ratio near 1).
+N_DRAWS = 200
+MEAN_RATIO_BOUND = 0.12
+
+
+def _draws(value, leaf, g, n=N_DRAWS):
+    total, first = torch.zeros(leaf.shape, dtype=torch.float64), None
+    for _ in range(n):
+        leaf.grad = None
+        value.backward(g, retain_graph=True)
+        total += leaf.grad.double()
+        first = leaf.grad.double().clone() if first is None else first
+    return total / n, first
+
+
+def test_layernorm_backward_stochastic_rounding_is_unbiased():
+    x, g, _ = _act(64, 384, torch.float32, seed=21)
+    w, b = _ln_params(384)
+    xs = x.clone().requires_grad_(True)
+    out = int8_layernorm(xs, w, b, generator=torch.Generator().manual_seed(0))
+    mean_grad, single = _draws(out.value, xs, g)
+    x_hat = quantize_blockwise(x, (1, 128)).dequantize().double()
+    var, mu = torch.var_mean(x.float(), dim=1, unbiased=False)
+    rstd = torch.rsqrt(var + 1e-5)
+    exact, _, _ = layernorm_backward(x_hat, mu.double(), rstd.double(), w.double(), g.double())
+    e_single, e_mean = _rel(single, exact), _rel(mean_grad, exact)
+    assert e_single > 1e-3                    # the single draw is noisy (the SR is active)
+    assert e_mean < MEAN_RATIO_BOUND * e_single, (e_mean, e_single)
+
+
+def test_gelu_backward_stochastic_rounding_is_unbiased():
+    x, g, _ = _act(64, 384, torch.float32, seed=22)
+    xs = x.clone().requires_grad_(True)
+    out = int8_gelu(xs, generator=torch.Generator().manual_seed(0))
+    mean_grad, single = _draws(out.value, xs, g)
+    x_hat = quantize_blockwise(x, (1, 128)).dequantize().double()
+    exact = gelu_tanh_grad(x_hat) * g.double()
+    e_single, e_mean = _rel(single, exact), _rel(mean_grad, exact)
+    assert e_single > 1e-3
+    assert e_mean < MEAN_RATIO_BOUND * e_single, (e_mean, e_single)
