@@ -156,7 +156,7 @@ def _saved_tensors(fn):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_only_int8_activations_are_saved(dtype):
     rows, cols = 77, 1600
-    x, g, _ = _act(rows, cols, dtype, seed=9)
+    x, _, _ = _act(rows, cols, dtype, seed=9)
     w, b = _ln_params(cols)
     xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
     saved, ln = _saved_tensors(lambda: int8_layernorm(xs, ws, bs))
@@ -196,8 +196,8 @@ def test_nonfinite_inputs_raise():
 
 # Unbiasedness of the SR backward: the exact expectation (the same saved INT8 input, the unquantized
 # incoming gradient) is computed in fp64; the mean of N independent draws has error ≈ single/√N
-# (0.071× for N = 200); we assert < 0.12× (measured 0.070× for both ops, single-draw error 0.0093), far from what a biased rounding gives
-# (a bias of the order of the SR noise keeps the ratio near 1).
+# (0.071× for N = 200); we assert < 0.12× (measured 0.070× for both ops, single-draw error 0.0093),
+# far from what a biased rounding gives (a bias of the order of the SR noise keeps the ratio near 1).
 N_DRAWS = 200
 MEAN_RATIO_BOUND = 0.12
 

@@ -263,3 +263,33 @@ if __name__ == "__main__":
     args = [int(v) for v in sys.argv[1:]]
     shapes = [tuple(args[i:i + 3]) for i in range(0, len(args), 3)] or [(4096, 4096, 4096)]
     benchmark(shapes)
+
+
+# ------------------------------------------------------------------- dispatch: megaq.kernels.scaled_mm
+
+def test_dispatch_keeps_int4_on_the_reference_off_gpu(monkeypatch):
+    monkeypatch.setenv("MEGAQ_INT4_GEMM", "native")
+    from megaq.kernels import dispatch
+    a = quantize_blockwise(torch.randn(5, 64), (1, -1), bits=4)
+    assert not dispatch._native_int4_eligible(a, a, torch.float32)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m,n,k", [(77, 200, 128), (300, 1600, 384)])
+def test_scaled_mm_dispatches_per_row_int4_to_the_native_gemm(ext, monkeypatch, m, n, k):
+    # forced on wherever the extension runs (on sm_90 the s4 mma is emulated: correctness only)
+    from megaq import kernels
+    from megaq.kernels import dispatch
+    from megaq.quant import hq_quantize
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(m, k, generator=gen).cuda()
+    w = torch.randn(n, k, generator=gen).cuda()
+    qx, qw = hq_quantize(x, 32), hq_quantize(w, 32)
+    expected = qx.dequantize() @ qw.dequantize().t()
+    monkeypatch.setenv("MEGAQ_INT4_GEMM", "native")
+    assert dispatch._native_int4_eligible(qx, qw, torch.float32)
+    bias = torch.randn(n, generator=gen).cuda()
+    got = kernels.scaled_mm(qx, qw, torch.float32, bias)
+    rel = float((got - bias - expected).norm() / expected.norm())
+    assert rel < 1e-6, rel   # INT32 accumulation is exact; only the FP32 scaling rounds

@@ -520,6 +520,10 @@ def scaled_mm(a, b, out_dtype: torch.dtype = torch.float32, bias: torch.Tensor |
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"scaled_mm: reduction sizes differ: A {a.shape} vs B {b.shape}")
     int8_out = out_dtype == torch.int8
+    if _native_int4_eligible(a, b, out_dtype):
+        from .cuda_ext import int4_gemm
+        out = int4_gemm(a.data, b.data, a.scale, b.scale, out_dtype=out_dtype)
+        return out + bias.to(out.dtype) if bias is not None else out
     plan = _gemm_plan(a, b) if _use_triton(a.data, b.data) else None
     if plan is None or (bias is not None and bias.device != a.data.device) or 0 in (*a.shape, b.shape[0]):
         out = _ref().scaled_mm(a, b, torch.float32, bias)
@@ -527,6 +531,24 @@ def scaled_mm(a, b, out_dtype: torch.dtype = torch.float32, bias: torch.Tensor |
             return quantize(out, out_block, 8, out_rounding, generator, check=False)
         return out.to(out_dtype)
     return _triton_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator)
+
+
+def _native_int4_eligible(a, b, out_dtype) -> bool:
+    """The csrc/ INT4 tensor-core GEMM takes two packed INT4 operands with one scale per row each, on
+    GPUs whose INT4 mma is native (sm_80/86/89). `MEGAQ_INT4_GEMM=native` forces it wherever it runs
+    (sm_90 too, where it is emulated: for testing), `=int8` never uses it."""
+    choice = os.environ.get("MEGAQ_INT4_GEMM", "auto")
+    if choice == "int8" or a.bits != 4 or b.bits != 4 or not a.data.is_cuda:
+        return False
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        return False
+    per_row = a.block == (1, a.shape[1]) and b.block == (1, b.shape[1])
+    if not per_row:
+        return False
+    from .cuda_ext import has_native_int4_mma, int4_gemm_available
+    if not int4_gemm_available(a.data.device):
+        return False
+    return choice == "native" or has_native_int4_mma(a.data.device)
 
 
 def _triton_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator):
