@@ -119,11 +119,8 @@ def test_exit_75_requeues_and_other_failures_do_not(fake_slurm):
     assert len([c for c in calls() if c[:2] == ["scontrol", "requeue"]]) == before
 
 
-def test_usr1_to_batch_script_is_forwarded_then_requeued(fake_slurm):
-    """The trap: SIGUSR1 to the batch shell -> scancel --signal=USR1 <job> (here failing, so the
-    fallback signals srun directly) -> the step exits 75 -> scontrol requeue."""
-    env, calls = fake_slurm
-    env.update(FAKE_SLEEP="1", FAKE_SCANCEL_RC="1")
+def _signal_once_srun_runs(env, calls, sig) -> subprocess.Popen:
+    """Start pretrain.sbatch under the fake SLURM, wait until it has started srun, send `sig` to it."""
     p = subprocess.Popen(["bash", str(SLURM / "pretrain.sbatch"), "configs/tiny_cpu.json"], env=env, cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 20
@@ -131,7 +128,16 @@ def test_usr1_to_batch_script_is_forwarded_then_requeued(fake_slurm):
         assert time.time() < deadline and p.poll() is None, "srun was not started"
         time.sleep(0.05)
     time.sleep(0.2)
-    p.send_signal(signal.SIGUSR1)
+    p.send_signal(sig)
+    return p
+
+
+def test_usr1_to_batch_script_is_forwarded_then_requeued(fake_slurm):
+    """The trap: SIGUSR1 to the batch shell -> scancel --signal=USR1 <job> (here failing, so the
+    fallback signals srun directly) -> the step exits 75 -> scontrol requeue."""
+    env, calls = fake_slurm
+    env.update(FAKE_SLEEP="1", FAKE_SCANCEL_RC="1")
+    p = _signal_once_srun_runs(env, calls, signal.SIGUSR1)
     out, _ = p.communicate(timeout=20)
     assert p.returncode == 0, out
     names = [c[0] for c in calls()]
@@ -146,14 +152,7 @@ def test_sigterm_saves_but_does_not_requeue(fake_slurm):
     ends without requeueing (a cancelled job must stay cancelled)."""
     env, calls = fake_slurm
     env.update(FAKE_SLEEP="1", FAKE_SCANCEL_RC="1")
-    p = subprocess.Popen(["bash", str(SLURM / "pretrain.sbatch"), "configs/tiny_cpu.json"], env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 20
-    while not any(c[0] == "srun" for c in calls()):
-        assert time.time() < deadline and p.poll() is None, "srun was not started"
-        time.sleep(0.05)
-    time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
+    p = _signal_once_srun_runs(env, calls, signal.SIGTERM)
     out, _ = p.communicate(timeout=20)
     assert p.returncode == 75, out
     assert "srun got TERM" in [c[0] for c in calls()]
@@ -166,14 +165,7 @@ def test_usr1_during_start_up_still_requeues(fake_slurm):
     forwarded it: the newest complete checkpoint is intact, so the job is requeued."""
     env, calls = fake_slurm
     env.update(FAKE_SLEEP="1", FAKE_SCANCEL_RC="1", FAKE_USR1_RC="138")
-    p = subprocess.Popen(["bash", str(SLURM / "pretrain.sbatch"), "configs/tiny_cpu.json"], env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 20
-    while not any(c[0] == "srun" for c in calls()):
-        assert time.time() < deadline and p.poll() is None, "srun was not started"
-        time.sleep(0.05)
-    time.sleep(0.2)
-    p.send_signal(signal.SIGUSR1)
+    p = _signal_once_srun_runs(env, calls, signal.SIGUSR1)
     out, _ = p.communicate(timeout=20)
     assert p.returncode == 0, out
     assert "died of SIGUSR1" in out
