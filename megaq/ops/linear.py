@@ -13,8 +13,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..quant import (QuantizedTensor, bit_split, block_hadamard, check_finite,
-                     leverage_score_weights, leverage_scores, lsq_step, pad_to_multiple,
-                     quantize_with_scale)
+                     leverage_score_weights, leverage_scores, lsq_quantize, pad_to_multiple)
 from .recipe import GemmSpec, OperandSpec, Recipe, get_recipe
 
 
@@ -28,7 +27,7 @@ def quantize_operand(x: torch.Tensor, spec: OperandSpec, check: bool, transpose:
             check_finite(src, "quantized linear operand")
         if hadamard:
             src = block_hadamard(pad_to_multiple(src.float(), hadamard), hadamard)
-        return quantize_with_scale(src.float(), lsq_step(src), (-1, -1), spec.bits, spec.rounding)
+        return lsq_quantize(src, spec.bits, spec.rounding)
     if hadamard:
         return kernels.hadamard_quantize(x, hadamard, spec.block, bits=spec.bits,
                                          rounding=spec.rounding, check=check, transpose=transpose)

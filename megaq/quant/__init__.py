@@ -6,7 +6,7 @@ from .blockwise import (SUPPORTED_BITS, block_absmax, dequantize, fake_quantize,
                         quantize_blockwise, quantize_with_scale, resolve_block)
 from .checks import NonFiniteError, check_finite
 from .hadamard import SUPPORTED_HADAMARD_BLOCKS, block_hadamard, hadamard_matrix, pad_to_multiple
-from .int4 import HQ_SCALE_MODES, bit_split, hq_quantize, lsq_step
+from .int4 import HQ_SCALE_MODES, bit_split, hq_quantize, lsq_quantize, lsq_step
 from .lss import (LSS_MODES, keep_probabilities, leverage_score_sample, leverage_score_weights,
                   leverage_scores)
 from .packing import pack_int4, unpack_int4
@@ -20,7 +20,7 @@ __all__ = [
     "check_finite", "NonFiniteError",
     "hadamard_matrix", "block_hadamard", "pad_to_multiple", "SUPPORTED_HADAMARD_BLOCKS",
     "pack_int4", "unpack_int4",
-    "hq_quantize", "lsq_step", "bit_split", "HQ_SCALE_MODES",
+    "hq_quantize", "lsq_step", "lsq_quantize", "bit_split", "HQ_SCALE_MODES",
     "leverage_scores", "keep_probabilities", "leverage_score_sample", "leverage_score_weights",
     "LSS_MODES",
 ]

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .blockwise import quantize_blockwise, quantize_with_scale
+from .blockwise import qmax_for_bits, quantize_blockwise, quantize_with_scale
 from .checks import check_2d, check_finite
 from .hadamard import block_hadamard, pad_to_multiple
 from .tensor import QuantizedTensor
@@ -31,6 +31,12 @@ def lsq_step(x: torch.Tensor, qmax: int = INT4_QMAX) -> torch.Tensor:
     return step.reshape(1, 1)
 
 
+def lsq_quantize(x: torch.Tensor, bits: int = 4, rounding: str = "nearest",
+                 generator: torch.Generator | None = None) -> QuantizedTensor:
+    """Quantize the 2-D `x` with one per-tensor LSQ step (`lsq_step`); values beyond qmax·step clip."""
+    return quantize_with_scale(x.float(), lsq_step(x, qmax_for_bits(bits)), (-1, -1), bits, rounding, generator)
+
+
 def hq_quantize(x: torch.Tensor, hadamard_block: int = 32, scale_mode: str = "row",
                 check: bool = True) -> QuantizedTensor:
     """Hadamard quantizer: `Q4(pad(x) · H)` along the last dim.
@@ -45,7 +51,7 @@ def hq_quantize(x: torch.Tensor, hadamard_block: int = 32, scale_mode: str = "ro
     if scale_mode == "row":
         return quantize_blockwise(rotated, (1, -1), bits=4, check=False)
     if scale_mode == "lsq":
-        return quantize_with_scale(rotated, lsq_step(rotated), (-1, -1), bits=4)
+        return lsq_quantize(rotated, bits=4)
     raise ValueError(f"scale_mode must be one of {HQ_SCALE_MODES}; got {scale_mode!r}")
 
 
