@@ -1,6 +1,6 @@
 """Loss curves from megaq metrics files (logging.metrics_file, JSON lines) as one PNG, and a summary.
 
-    python tools/plot_curves.py runs/shakespeare/shakespeare_{bf16,int8,int4}.jsonl --out curves.png
+    python tools/plot_curves.py runs/shakespeare/shakespeare_{bf16,int8,int4}.jsonl [--out curves.png]
 
 A file that holds several runs (appended to after a restart from scratch) is cut to its last run:
 the rows after the last point where the step number went backwards.
@@ -34,38 +34,50 @@ def summarize(rows: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("metrics", nargs="+", type=Path)
-    ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    ap.add_argument("--out", type=Path, help="PNG to write (without it: the table only)")
     ap.add_argument("--title", default="")
     args = ap.parse_args()
 
+    print("| run | best validation loss (step) | last validation loss (step) |\n|---|---|---|")
+    runs = {}
+    for path in args.metrics:
+        rows = last_run(path)
+        name = path.stem.split("_")[-1]
+        runs[name] = rows
+        s = summarize(rows)
+        if s["evaluations"]:
+            last_val_step = [r["step"] for r in rows if "val/loss" in r][-1]
+            print(f"| {name} | {s['best_val_loss']:.4f} ({s['best_step']}) | "
+                  f"{s['last_val_loss']:.4f} ({last_val_step}) |")
+        else:
+            print(f"| {name} | no evaluation (last step {s['last_step']}) | |")
+    if args.out:
+        plot(runs, args.out, args.title)
+
+
+def plot(runs: dict[str, list[dict]], out: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    print("| run | best validation loss (step) | last validation loss (step) |\n|---|---|---|")
-    for path in args.metrics:
-        rows = last_run(path)
-        name = path.stem.split("_")[-1]
+    for name, rows in runs.items():
         train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
         val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
         ax_train.plot(*zip(*train), label=name, linewidth=1)
         if val:
             ax_val.plot(*zip(*val), marker="o", markersize=3, label=name)
-        s = summarize(rows)
-        print(f"| {name} | {s['best_val_loss']:.4f} ({s['best_step']}) | "
-              f"{s['last_val_loss']:.4f} ({val[-1][0]}) |")
     for ax, what in ((ax_train, "training loss"), (ax_val, "validation loss")):
         ax.set_xlabel("step")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend()
     ax_val.set_ylim(top=min(ax_val.get_ylim()[1], 2.2))
-    if args.title:
-        fig.suptitle(args.title)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":

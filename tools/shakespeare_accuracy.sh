@@ -30,14 +30,7 @@ for recipe in ${recipes//,/ }; do
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-for recipe in ${recipes//,/ }; do
-    python - "$out/shakespeare_$recipe.jsonl" "$recipe" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-val = [(r["step"], r["val/loss"]) for r in rows if "val/loss" in r]
-best = min(val, key=lambda v: v[1]) if val else (None, float("nan"))
-print(f"{sys.argv[2]}: best validation loss {best[1]:.4f} at step {best[0]} over {len(val)} evaluations; "
-      f"last step {max((r['step'] for r in rows), default=0)}")
-PY
-done
+metrics=()
+for recipe in ${recipes//,/ }; do metrics+=("$out/shakespeare_$recipe.jsonl"); done
+python tools/plot_curves.py "${metrics[@]}" || status=1
 exit $status
