@@ -33,6 +33,7 @@ DEMO_MAX_BYTES = 400_000
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped when none is available")
+    config.addinivalue_line("markers", "slow: runs for a minute or more (deselect with -m 'not slow')")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -23,12 +23,11 @@ Bounds (all on random, never all-zero inputs; NaN never passes: every comparison
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from interpreter_utils import run_interpreter_child
 
 from megaq import kernels
 from megaq.quant import (NonFiniteError, block_hadamard, pad_to_multiple, quantize_blockwise)
@@ -178,15 +177,7 @@ def test_triton_kernels_under_interpreter():
     if IN_CHILD:
         pytest.skip("this is the child")
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", MEGAQ_KERNELS="triton", MEGAQ_INTERP_CHILD="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           str(Path(__file__).resolve()), "-k", "test_interp_"],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    run_interpreter_child(__file__, "MEGAQ_INTERP_CHILD", timeout=900)
 
 
 @pytest.mark.skipif(IN_CHILD, reason="parent-process test")

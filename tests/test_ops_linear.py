@@ -135,6 +135,32 @@ def test_int4_saves_packed_operands_for_backward():
     assert saved_bytes <= 0.3 * bf16_bytes
 
 
+@pytest.mark.parametrize("recipe", ["int8", "int8_block128"])
+def test_int8_linear_saves_its_int8_wgrad_operand_not_the_input(recipe):
+    # the input is needed again only as the wgrad GEMM's operand: the forward keeps that INT8
+    # copy (+ scales), about half of the BF16 input's bytes, and nothing else but the weight
+    x, w, b, gy = _problem(256, 384, 512)
+    x = x.bfloat16().requires_grad_(True)
+    w = w.bfloat16().requires_grad_(True)
+    saved = []
+
+    def pack_hook(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        y = quantized_linear(x, w, None, recipe)
+    activations = [t for t in saved if t.data_ptr() != w.data_ptr()]
+    assert all(t.dtype in (torch.int8, torch.float32) for t in activations), \
+        [t.dtype for t in activations]
+    saved_bytes = sum(t.numel() * t.element_size() for t in activations)
+    assert saved_bytes <= 0.55 * x.numel() * 2
+    # and the gradients are those of the requantize-in-backward formulation: same recipe, same error
+    y.backward(gy.bfloat16())
+    g64, x64, w64 = gy.double(), x.detach().double(), w.detach().double()
+    assert _rel(x.grad, g64 @ w64) < 0.05 and _rel(w.grad, g64.t() @ x64) < 0.05
+
+
 def test_recipe_presets_and_overrides():
     assert set(RECIPE_PRESETS) >= {"bf16", "int8", "int8_jetfire", "int4"}
     r = get_recipe({"preset": "int8_block128", "forward": {"a": {"block": [1, 32]}}})

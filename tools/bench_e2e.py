@@ -1,96 +1,268 @@
-"""End-to-end training throughput of the real trainer, one recipe after another, in one run.
+"""End-to-end training throughput of the real trainer: models x sequence lengths x recipes, one table.
 
-Each case runs `launch/pretrain_gpt.py` as a subprocess for `--steps` optimizer steps on the demo
-corpus (or `--data-path`), logging every step to a metrics file; the table reports the median
-tokens/s and MFU over the steps after `--warmup` and the peak GPU memory, side by side with BF16.
+Each case runs `launch/pretrain_gpt.py` as a subprocess for `--steps` optimizer steps on one GPU (demo
+corpus, or `--override data.path=...`), logging every step to a metrics file; the table reports the
+median tokens/s and MFU over the steps after `--warmup`, the peak GPU memory, and both as ratios to
+BF16 of the same model and sequence length. A case that fails (out of memory, an error, a time-out)
+becomes a row saying so; the other cases still run.
 
-    python tools/bench_e2e.py --models gpt2 --seq 1024 --recipes bf16,int8,int4 --json e2e.json
+    python tools/bench_e2e.py --models gpt2,gpt2-xl,gpt-1.3b --seq 1024,2048 \\
+        --recipes bf16,int8,int4,fp8_tensorwise,fp8_rowwise --compile --json e2e.json
+
+Recipes: megaq recipe names (bf16, int8, int4, ...), and the peers `fp8_tensorwise` / `fp8_rowwise`:
+the same model, data and optimizer with the blocks' linear layers trained by torchao's float8
+(`quant.peer`; needs torchao). `--compile` compiles the megaq recipes' blocks (`train.compile`); the
+peers are always compiled (torchao's float8 casts are meant to be fused by it). A recipe may carry
+`@compile` or `@eager` to choose for itself, e.g. `bf16@eager,bf16@compile,int8@eager`. When several
+BF16 rows share a model and sequence length, the ratios use the fastest (the strongest baseline).
+
+The vocabulary is GPT-2's (`--vocab-size 50304`) even though the demo corpus's tokens are bytes, so
+that the output layer and loss cost what they cost in a real GPT-2-sized run.
+
+Cost: each case starts a process (imports, DeepSpeed, building the model: about 20 s for GPT-2 on an
+H100) and, compiled, pays for compilation in its first step (10-25 s more for GPT-2); `--case-timeout`
+bounds a case. Budget about 40 s per GPT-2 case, more for the larger models.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Bench recipe name -> quant.peer
+PEERS = {"fp8_tensorwise": "torchao_float8_tensorwise", "fp8_rowwise": "torchao_float8_rowwise"}
+# Micro batches that fit an 80 GB H100 at sequence 2048 without activation checkpointing.
+DEFAULT_MICRO_BATCH = "gpt2:16,gpt2-xl:4,gpt-1.3b:4"
 
-def run_case(model: str, seq: int, recipe: str, micro: int, steps: int, warmup: int, config: str,
-             extra: list[str], workdir: Path, port: int) -> dict:
-    metrics = workdir / f"{model}_{seq}_{recipe}.jsonl"
-    overrides = [f"model.preset={model}", f"model.seq_len={seq}", f"quant.recipe={recipe}",
-                 f"train.train_steps={steps}", f"train.micro_batch_size={micro}",
-                 f"train.global_batch_size={micro}", "train.eval_interval=0",
-                 f"checkpoint.dir={workdir / 'ckpt' / recipe}", "checkpoint.save_interval=0",
-                 "checkpoint.save_at_end=false", "checkpoint.auto_resume=false",
-                 "logging.log_interval=1", "logging.tensorboard_dir=null",
-                 f"logging.metrics_file={metrics}", "quant.log_error_interval=0", *extra]
-    cmd = [sys.executable, str(ROOT / "launch" / "pretrain_gpt.py"), "--config", config]
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    seq_len: int
+    recipe: str      # a megaq recipe name or a key of PEERS
+    compiled: bool
+    micro_batch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}_{self.seq_len}_{self.recipe}_{'compiled' if self.compiled else 'eager'}"
+
+    def overrides(self) -> list[str]:
+        peer = PEERS.get(self.recipe)
+        recipe = "bf16" if peer else self.recipe
+        return [f"model.preset={self.model}", f"model.seq_len={self.seq_len}", f"quant.recipe={recipe}",
+                f"quant.peer={json.dumps(peer)}", f"train.compile={json.dumps(self.compiled)}",
+                f"train.micro_batch_size={self.micro_batch}", f"train.global_batch_size={self.micro_batch}"]
+
+
+def parse_micro_batches(text: str, models: list[str]) -> dict[str, int]:
+    """'16' (every model) or 'gpt2:16,gpt2-xl:4' -> {model: micro batch} for every model benchmarked."""
+    text = text.strip()
+    if text.isdigit():
+        return {m: int(text) for m in models}
+    table = {}
+    for item in text.split(","):
+        model, sep, value = item.partition(":")
+        if not sep or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--micro-batch: {item!r} is not MODEL:N with N a positive integer "
+                             f"(e.g. {DEFAULT_MICRO_BATCH})")
+        table[model.strip()] = int(value)
+    missing = [m for m in models if m not in table]
+    if missing:
+        raise ValueError(f"--micro-batch gives no micro batch for {missing}; add MODEL:N for them")
+    return table
+
+
+def parse_recipes(text: str, compile_default: bool) -> list[tuple[str, bool]]:
+    """'bf16,int8@eager,fp8_rowwise' -> [(recipe, compiled)]. Peers are compiled unless '@eager'."""
+    from megaq.ops import RecipeError, get_recipe
+
+    out = []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        recipe, _, mode = token.partition("@")
+        if mode not in ("", "compile", "eager"):
+            raise ValueError(f"--recipes: {token!r}: the suffix must be @compile or @eager")
+        if recipe not in PEERS:
+            try:
+                get_recipe(recipe)
+            except RecipeError as e:
+                raise ValueError(f"--recipes: {recipe!r} is neither a megaq recipe nor a peer "
+                                 f"{sorted(PEERS)}: {e}") from None
+        default = True if recipe in PEERS else compile_default
+        out.append((recipe, default if not mode else mode == "compile"))
+    if not out:
+        raise ValueError("--recipes is empty")
+    return out
+
+
+def build_cases(models: list[str], seqs: list[int], recipes: list[tuple[str, bool]],
+                micro: dict[str, int]) -> list[Case]:
+    return [Case(model, seq, recipe, compiled, micro[model])
+            for model in models for seq in seqs for recipe, compiled in recipes]
+
+
+def summarize_failure(returncode: int | None, output: str) -> str:
+    """A one-line reason for a failed case: out of memory, the last error line, or the exit code."""
+    if returncode is None:
+        return "timed out"
+    if "OutOfMemoryError" in output or "CUDA out of memory" in output:
+        return "out of memory"
+    errors = [line.strip() for line in output.splitlines()
+              if re.match(r"\s*([\w.]+(Error|Exception)|megaq: )", line)]
+    return errors[-1][:300] if errors else f"exit code {returncode}"
+
+
+def read_metrics(path: Path, warmup: int) -> dict:
+    """Medians over the logged steps after `warmup` (all steps when there are no more)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "perf/tokens_per_s" in r]
+    if not rows:
+        raise ValueError(f"{path}: no step was logged")
+    steady = [r for r in rows if r["step"] > warmup] or rows
+    mfu = [r["perf/mfu"] for r in steady if r.get("perf/mfu") is not None]
+    memory = [r["perf/peak_memory_gib"] for r in rows if r.get("perf/peak_memory_gib") is not None]
+    return {"tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in steady),
+            "mfu": statistics.median(mfu) if mfu else None,
+            "peak_memory_gib": max(memory) if memory else None,
+            "final_loss": rows[-1].get("train/loss"), "steps_measured": len(steady)}
+
+
+def run_case(case: Case, args: argparse.Namespace, workdir: Path, port: int) -> dict:
+    metrics = workdir / f"{case.name}.jsonl"
+    log = workdir / f"{case.name}.log"
+    overrides = case.overrides() + [
+        f"model.vocab_size={args.vocab_size}", f"train.train_steps={args.steps}", "train.eval_interval=0",
+        f"checkpoint.dir={workdir / 'checkpoints'}", "checkpoint.save_interval=0", "checkpoint.save_at_end=false",
+        "checkpoint.auto_resume=false", "logging.log_interval=1", "logging.tensorboard_dir=null",
+        f"logging.metrics_file={metrics}", "quant.log_error_interval=0", *args.override]
+    cmd = [sys.executable, str(ROOT / "launch" / "pretrain_gpt.py"), "--config", args.config]
     for o in overrides:
         cmd += ["--override", o]
     env = dict(os.environ, MASTER_PORT=str(port), MEGAQ_IGNORE_SLURM="1")
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
-    case = {"model": model, "seq_len": seq, "recipe": recipe, "micro_batch": micro, "steps": steps}
-    if proc.returncode != 0:
-        case["error"] = f"exit code {proc.returncode}: " + (proc.stdout + proc.stderr)[-2000:]
-        return case
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    rows = [r for r in rows if "perf/tokens_per_s" in r and r["step"] > warmup]
-    case["tokens_per_s"] = statistics.median(r["perf/tokens_per_s"] for r in rows)
-    mfu = [r["perf/mfu"] for r in rows if "perf/mfu" in r]
-    case["mfu"] = statistics.median(mfu) if mfu else None
-    mem = [r["perf/peak_memory_gib"] for r in rows if "perf/peak_memory_gib" in r]
-    case["peak_memory_gib"] = max(mem) if mem else None
-    case["final_loss"] = rows[-1]["train/loss"] if rows else None
-    return case
+    row = {"model": case.model, "seq_len": case.seq_len, "recipe": case.recipe, "compiled": case.compiled,
+           "micro_batch": case.micro_batch, "steps": args.steps}
+    try:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=args.case_timeout)
+        returncode, output = proc.returncode, proc.stdout
+    except subprocess.TimeoutExpired as e:  # its output may come back as bytes even in text mode
+        partial = e.stdout or ""
+        returncode, output = None, partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+    log.write_text(output)
+    if returncode != 0:
+        row["error"] = summarize_failure(returncode, output)
+        row["log_tail"] = output[-3000:]
+        return row
+    try:
+        row.update(read_metrics(metrics, args.warmup))
+    except (OSError, ValueError) as e:
+        row["error"] = f"no metrics: {e}"
+    return row
 
 
-def main() -> None:
+def add_ratios(rows: list[dict]) -> None:
+    """tokens/s and peak memory relative to the fastest BF16 row of the same model and sequence."""
+    for row in rows:
+        if "tokens_per_s" not in row:
+            continue
+        bases = [b for b in rows if b["model"] == row["model"] and b["seq_len"] == row["seq_len"]
+                 and b["recipe"] == "bf16" and "tokens_per_s" in b]
+        if not bases:
+            continue
+        base = max(bases, key=lambda b: b["tokens_per_s"])
+        row["speed_vs_bf16"] = row["tokens_per_s"] / base["tokens_per_s"]
+        if row.get("peak_memory_gib") and base.get("peak_memory_gib"):
+            row["memory_vs_bf16"] = row["peak_memory_gib"] / base["peak_memory_gib"]
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| model | seq | micro | recipe | compiled | tokens/s | vs bf16 | MFU | peak GiB | mem vs bf16 | loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['model']} | {r['seq_len']} | {r['micro_batch']} | {r['recipe']} | {'yes' if r['compiled'] else 'no'} |"
+        if "error" in r:
+            lines.append(f"{head} failed: {r['error'][:120].replace('|', '/')} | | | | | |")
+            continue
+
+        def fmt(key: str, spec: str, suffix: str = "") -> str:
+            return format(r[key], spec) + suffix if r.get(key) is not None else "-"
+
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        lines.append(f"{head} {r['tokens_per_s']:,.0f} | {fmt('speed_vs_bf16', '.2f', 'x')} | {mfu} | "
+                     f"{fmt('peak_memory_gib', '.1f')} | {fmt('memory_vs_bf16', '.2f', 'x')} | {fmt('final_loss', '.3f')} |")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    def run(cmd: list[str]) -> str | None:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]),
+            "commit": run(["git", "rev-parse", "--short", "HEAD"]), "command": " ".join(sys.argv)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="gpt2", help="comma-separated model presets")
     ap.add_argument("--seq", default="1024", help="comma-separated sequence lengths")
-    ap.add_argument("--recipes", default="bf16,int8,int4")
-    ap.add_argument("--micro-batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=10, help="steps left out of the medians")
+    ap.add_argument("--recipes", default="bf16,int8,int4", help="megaq recipes and peers (fp8_tensorwise, "
+                    "fp8_rowwise), each optionally @compile / @eager")
+    ap.add_argument("--compile", action="store_true", help="compile the megaq recipes' blocks (train.compile)")
+    ap.add_argument("--micro-batch", default=DEFAULT_MICRO_BATCH, help="N for every model, or MODEL:N,...")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=8, help="steps left out of the medians (start-up, compilation)")
+    ap.add_argument("--vocab-size", type=int, default=50304, help="model.vocab_size (GPT-2's, padded)")
+    ap.add_argument("--case-timeout", type=float, default=600, help="seconds before a case counts as failed")
     ap.add_argument("--config", default=str(ROOT / "configs" / "gpt2_bf16.json"))
-    ap.add_argument("--override", action="append", default=[], help="extra section.key=value")
+    ap.add_argument("--override", action="append", default=[], help="extra section.key=value for every case")
+    ap.add_argument("--workdir", help="keep the cases' logs and metrics here (default: a temporary directory)")
     ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be positive and --warmup non-negative")
+    try:
+        args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+        args.seq_list = [int(s) for s in args.seq.split(",")]
+        args.micro_table = parse_micro_batches(args.micro_batch, args.model_list)
+        args.recipe_list = parse_recipes(args.recipes, args.compile)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
 
-    results = []
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cases = build_cases(args.model_list, args.seq_list, args.recipe_list, args.micro_table)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        port = 29700
-        for model in args.models.split(","):
-            for seq in (int(s) for s in args.seq.split(",")):
-                for recipe in args.recipes.split(","):
-                    port += 1
-                    case = run_case(model, seq, recipe, args.micro_batch, args.steps, args.warmup,
-                                    args.config, args.override, Path(tmp), port)
-                    results.append(case)
-                    print(json.dumps(case)[:300], flush=True)
-
-    print("\n| model | seq | recipe | tokens/s | vs bf16 | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
-    for case in results:
-        if "error" in case:
-            print(f"| {case['model']} | {case['seq_len']} | {case['recipe']} | failed | | | |")
-            continue
-        base = next((c for c in results if c["model"] == case["model"] and c["seq_len"] == case["seq_len"]
-                     and c["recipe"] == "bf16" and "tokens_per_s" in c), None)
-        ratio = f"{case['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        mfu = f"{100 * case['mfu']:.1f}%" if case.get("mfu") else "n/a"
-        mem = f"{case['peak_memory_gib']:.1f}" if case.get("peak_memory_gib") else "n/a"
-        print(f"| {case['model']} | {case['seq_len']} | {case['recipe']} | {case['tokens_per_s']:,.0f} | "
-              f"{ratio} | {mfu} | {mem} |")
+        workdir = Path(args.workdir or tmp).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        for i, case in enumerate(cases):
+            row = run_case(case, args, workdir, port=29700 + i)
+            rows.append(row)
+            brief = {k: v for k, v in row.items() if k != "log_tail"}
+            print(f"[{i + 1}/{len(cases)}] {json.dumps(brief)}", flush=True)
+    add_ratios(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({"environment": environment(), "results": rows}, indent=1) + "\n")
+    print("\n" + format_table(rows))
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

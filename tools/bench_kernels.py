@@ -15,7 +15,10 @@ Sections
 2. Quantize kernels: bandwidth (bytes read + written / median time) on 16384×4096 BF16.
 3. Forward GEMM including the quantization of both operands (x and W requantized every step).
 4. Quantized linear forward + backward (megaq.ops.quantized_linear) against BF16 F.linear.
-5. Error on outlier-heavy inputs (a few input channels ×50) of each variant against FP64.
+5. Kernel time per category of one linear step (torch.profiler): where the time goes.
+6. Host time per call of the entry points and of a tiny linear step (Python dispatch + launch).
+7. The INT4 recipe's kernels (quantizer, bit split, sampled GEMMs) and its linear against BF16.
+8. Error on outlier-heavy inputs (a few input channels ×50) of each variant against FP64.
 Timings: triton.testing.do_bench (CUDA events, L2 flushed before each call), median.
 """
 
@@ -321,6 +324,7 @@ def pipeline_section(args, results):
 
 
 LINEAR_RECIPES = ("bf16", "int8", "int8_block128", "int8_block32", "int8_jetfire", "int4")
+GRAPHED_RECIPES = ("bf16", "int8", "int8_block128", "int4")
 
 
 def linear_section(args, results):
@@ -349,9 +353,116 @@ def linear_section(args, results):
                 row[recipe] = flop / bench_ms(step) / 1e9
             except Exception as e:
                 row[recipe + "_error"] = repr(e)[:300]
+            if recipe in GRAPHED_RECIPES:
+                # the same step replayed from a CUDA graph: what it costs without host launch overhead
+                try:
+                    graphed = torch.cuda.make_graphed_callables(
+                        lambda a, b, spec=spec: quantized_linear(a, b, None, spec),
+                        (x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)))
+
+                    def graphed_step():
+                        graphed(x, w).backward(gy)
+                    graphed_step()
+                    row[recipe + "_graph"] = flop / bench_ms(graphed_step) / 1e9
+                except Exception as e:
+                    row[recipe + "_graph_error"] = repr(e)[:300]
         rows.append(row)
         print("linear", json.dumps(row), flush=True)
     results["linear"] = rows
+
+
+def _kernel_category(name: str) -> str:
+    n = name.lower()
+    if "scaled_mm" in n or "gemm" in n or "nvjet" in n or "xmma" in n or "cutlass" in n:
+        return "gemm"
+    if "quant" in n or "amax" in n:
+        return "quantize"
+    if "rand" in n or "philox" in n:
+        return "rng"
+    return "other"
+
+
+def linear_profile_section(args, results):
+    """Where a quantized linear's step goes: CUDA kernel time per kernel name and per category
+    (GEMM / quantize / RNG / other) from torch.profiler, per fwd+bwd step, at 8192×4096×4096."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megaq.ops import quantized_linear
+    M, N, K = SHAPES[0]
+    x = rand((M, K), seed=1).requires_grad_(True)
+    w = (rand((N, K), seed=2) / math.sqrt(K)).requires_grad_(True)
+    gy = rand((M, N), seed=4)
+    steps = 10
+    out = {}
+    for recipe in ("bf16", "int8", "int4"):
+        spec = {"preset": recipe, "check_finite": False}
+
+        def step():
+            x.grad = w.grad = None
+            quantized_linear(x, w, None, spec).backward(gy)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        kernels_us: dict[str, float] = {}
+        for evt in prof.key_averages():
+            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+            if t:
+                kernels_us[evt.key] = kernels_us.get(evt.key, 0.0) + t / steps
+        cats: dict[str, float] = {}
+        for k, t in kernels_us.items():
+            cats[_kernel_category(k)] = cats.get(_kernel_category(k), 0.0) + t
+        top = sorted(kernels_us.items(), key=lambda kv: -kv[1])[:12]
+        out[recipe] = dict(total_us=sum(kernels_us.values()), categories=cats,
+                           top_kernels=[(k[:90], round(t, 1)) for k, t in top])
+        print("linear_profile", recipe, json.dumps(out[recipe])[:600], flush=True)
+    results["linear_profile"] = dict(shape=(M, N, K), per_step=out)
+
+
+def host_section(args, results):
+    """Host (CPU) time per call of the kernel entry points and of a whole linear step on a tiny
+    problem (256×256, GPU time negligible): what the Python dispatch and the Triton launch cost. A
+    step is host-bound whenever this exceeds its GPU time."""
+    from megaq.ops import quantized_linear
+
+    def per_call_us(fn, n=200):
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        elapsed = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        return elapsed / n * 1e6
+
+    x = rand((256, 256), seed=1)
+    w = rand((256, 256), seed=2)
+    qa = kernels.quantize(x, (1, -1), check=False)
+    qb = kernels.quantize(w, (1, -1), check=False)
+    rows = {
+        "torch add (one ATen kernel)": per_call_us(lambda: x + 1),
+        "quantize (1,128)": per_call_us(lambda: kernels.quantize(x, (1, 128), check=False)),
+        "quantize (1,128) stochastic": per_call_us(
+            lambda: kernels.quantize(x, (1, 128), rounding="stochastic", check=False)),
+        "hadamard_quantize per-row": per_call_us(lambda: kernels.hadamard_quantize(x, 128, check=False)),
+        "hadamard_quantize per-row of xT": per_call_us(
+            lambda: kernels.hadamard_quantize(x, 128, check=False, transpose=True)),
+        "scaled_mm rowcol -> bf16": per_call_us(lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16)),
+    }
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    gy = rand((256, 256), seed=3)
+    for recipe in ("bf16", "int8", "int8_block128", "int4"):
+        spec = {"preset": recipe, "check_finite": False}
+
+        def step():
+            quantized_linear(xs, ws, None, spec).backward(gy)
+        rows[f"linear fwd+bwd {recipe}"] = per_call_us(step, 50)
+    results["host"] = rows
+    print("host", json.dumps(rows), flush=True)
 
 
 def error_section(args, results):
@@ -368,6 +479,122 @@ def error_section(args, results):
     out["bf16 operands"] = float(((x.bfloat16() @ w.bfloat16().t()).double() - ref).norm() / ref.norm())
     results["outlier_error"] = out
     print("error", json.dumps(out), flush=True)
+
+
+INT4_GRAD_MM_SWEEP = [dict(BM=128, BN=128, BK=128, GROUP_M=16, num_warps=4, num_stages=3),
+                      dict(BM=128, BN=128, BK=128, GROUP_M=16, num_warps=8, num_stages=3),
+                      dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4),
+                      dict(BM=128, BN=256, BK=128, GROUP_M=8, num_warps=8, num_stages=3),
+                      dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=4, num_stages=4)]
+
+
+def int4_section(args, results):
+    """The INT4 recipe (megaq.kernels.int4) at tokens × out × in = 8192×4096×4096: the fused Hadamard +
+    INT4 quantizer and the bit split (bandwidth), the sampling weights, the sampled dgrad / wgrad
+    INT8 GEMMs (TOPS = 2·M·N·K with K the live reduction; with and without the fused inverse
+    Hadamard epilogue; a small tile sweep), the whole backward; then the linear fwd+bwd against BF16
+    `F.linear` at the linear section's shapes and the bytes kept for backward against BF16's."""
+    from megaq.kernels import int4 as k4
+    from megaq.ops import quantized_linear
+    from megaq.quant import leverage_score_weights
+    out = results["int4"] = {}     # filled as it goes: a failing step keeps the earlier numbers
+    T, O, I = SHAPES[0]
+    x = rand((T, I), seed=1)
+    w = rand((O, I), seed=2) / math.sqrt(I)
+    gy = rand((T, O), seed=4)
+    q_bytes = T * I * 2 + T * I + T * I // 2          # read bf16, write int8 values + packed copy
+    for name, fn, nbytes in (
+            ("hq_quantize x (row)", lambda: k4.hq_quantize_int4(x, 32, check=False), q_bytes),
+            ("hq_quantize x (lsq)", lambda: k4.hq_quantize_int4(x, 32, "lsq", check=False), q_bytes + T * I * 2),
+            ("hq_quantize x, previous path (2-pass + torch pack)",
+             lambda: kernels.hadamard_quantize(x, 32, (1, -1), bits=4, check=False), q_bytes),
+            ("hq_quantize w (row)", lambda: k4.hq_quantize_int4(w, 32, check=False), O * I * 7 // 2),
+            ("bit_split dy", lambda: k4.bit_split_int4(gy, check=False), T * O * 3)):
+        ms = bench_ms(fn, args.quick)
+        out[name] = dict(us=ms * 1e3, GBps=nbytes / ms / 1e6)
+    xq, xv, x_norm_sq = k4.hq_quantize_int4(x, 32, check=False)
+    wq, wv, _ = k4.hq_quantize_int4(w, 32, check=False)
+    split = k4.bit_split_int4(gy, check=False)
+    x_norms = xq.scale.reshape(-1) * x_norm_sq.sqrt()
+
+    def weights(keep=0.5, mode="sample"):
+        norms = split.row_norms()
+        return (leverage_score_weights(norms, keep, mode),
+                leverage_score_weights(norms * torch.cat((x_norms, x_norms)), keep, mode))
+    out["sampling weights (both GEMMs)"] = dict(us=bench_ms(weights, args.quick) * 1e3)
+    out["forward GEMM (int4 values on INT8 TC)"] = dict(
+        TOPS=2 * T * O * I / bench_ms(lambda: k4.int4_mm(xq, wq, xv, wv, torch.bfloat16), args.quick) / 1e9)
+    for keep, mode in ((0.5, "sample"), (0.2, "sample"), (1.0, "drop_zero")):
+        wd, ww = weights(keep, mode)
+        kept = int(((ww[:T] != 0) | (ww[T:] != 0)).sum())
+        bw = {}
+        for name, args_ in (("dgrad", (wd, None)), ("wgrad", (None, ww)), ("both", (wd, ww))):
+            bw[name + "_us"] = bench_ms(lambda: k4.int4_sampled_gradients(
+                split, *args_, xq, wq, 32, I, torch.bfloat16, torch.bfloat16), args.quick) * 1e3
+        out[f"backward products keep={keep} {mode}"] = dict(kept_tokens=kept, **bw)
+    # the GEMMs alone on ready operands: dgrad T×Ip×O, wgrad O×Ip×kept
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a_d = torch.randint(-127, 128, (T, O), device="cuda", dtype=torch.int8, generator=g)
+    b_d = torch.randint(-7, 8, (I, O), device="cuda", dtype=torch.int8, generator=g)
+    a_w = torch.randint(-127, 128, (O, T), device="cuda", dtype=torch.int8, generator=g)
+    b_w = torch.randint(-7, 8, (I, T), device="cuda", dtype=torch.int8, generator=g)
+    v, u = torch.rand(T, device="cuda"), torch.rand(O, device="cuda")
+    kept = torch.tensor([int(0.9 * T) // 128 * 128], dtype=torch.int32, device="cuda")
+    gemms = out["sampled_mm"] = []
+    for cfg in INT4_GRAD_MM_SWEEP:
+        row = dict(cfg=cfg)
+        try:
+            for had in (32, 0):
+                with dispatch.config_override(**cfg):
+                    c = k4.grad_mm_config(had)
+                gx = torch.empty((T, I), dtype=torch.bfloat16, device="cuda")
+                gw = torch.empty((O, I), dtype=torch.bfloat16, device="cuda")
+                row[f"dgrad_TOPS_had{had}"] = 2 * T * I * O / bench_ms(
+                    lambda: k4._sampled_mm(a_d, b_d, v, gx, None, had, c), args.quick) / 1e9
+                row[f"wgrad_TOPS_had{had}"] = 2 * O * I * int(kept) / bench_ms(
+                    lambda: k4._sampled_mm(a_w, b_w, u, gw, kept, had, c), args.quick) / 1e9
+        except Exception as e:
+            row["error"] = repr(e)[:300]
+        gemms.append(row)
+        print("int4 grad_mm", json.dumps(row), flush=True)
+    # linear fwd+bwd against BF16, as the trainer runs it (no per-operand NaN check)
+    linear = out["linear"] = []
+    for (M, N, K) in SHAPES[:2] + SHAPES[3:4]:
+        xl = rand((M, K), seed=1).requires_grad_(True)
+        wl = (rand((N, K), seed=2) / math.sqrt(K)).requires_grad_(True)
+        gl = rand((M, N), seed=4)
+        row = dict(shape=(M, N, K))
+        for recipe in ("bf16", "int4", "int4_drop_zero", "int4_keep0.2"):
+            spec = {"preset": recipe, "check_finite": False}
+            if recipe == "int4_keep0.2":      # fewer kept rows: the wgrad reduction shrinks with them
+                spec = {"preset": "int4", "int4_backward": {"keep_ratio": 0.2}, "check_finite": False}
+
+            def step():
+                xl.grad = wl.grad = None
+                quantized_linear(xl, wl, None, spec).backward(gl)
+
+            def fwd():
+                with torch.no_grad():
+                    quantized_linear(xl, wl, None, spec)
+            try:
+                row[recipe + "_ms"] = bench_ms(step, args.quick)
+                row[recipe + "_fwd_ms"] = bench_ms(fwd, args.quick)
+                row[recipe] = 6 * M * N * K / row[recipe + "_ms"] / 1e9
+            except Exception as e:
+                row[recipe + "_error"] = repr(e)[:300]
+        if "bf16" in row and "int4" in row:
+            row["int4_vs_bf16"] = row["int4"] / row["bf16"]
+        y = quantized_linear(xl, wl, None, {"preset": "int4", "check_finite": False})
+        node = y.grad_fn
+        while node is not None and not hasattr(node, "xq"):     # step over the reshape's view node
+            node = node.next_functions[0][0]
+        kept = node.xq.nbytes() + node.x_norm_sq.numel() * 4
+        row["saved_activation_bytes_vs_bf16"] = kept / (xl.numel() * 2)
+        row["saved_bytes_vs_bf16 (x and w)"] = (kept + node.wq.nbytes()) / ((xl.numel() + wl.numel()) * 2)
+        del y, node
+        linear.append(row)
+        print("int4 linear", json.dumps(row), flush=True)
+    print("int4", json.dumps({k: v for k, v in out.items() if k not in ("sampled_mm", "linear")}), flush=True)
 
 
 def print_table(results):
@@ -396,10 +623,23 @@ def print_table(results):
                 for c in ("bf16", "int8_blk128", "int8_hadamard")) + " |")
     if results.get("linear"):
         print("\n## quantized linear fwd+bwd (TFLOPS-equivalent, 6MNK)")
-        cols = list(LINEAR_RECIPES)
+        cols = list(LINEAR_RECIPES) + [f"{r}_graph" for r in GRAPHED_RECIPES]
         for r in results["linear"]:
+            # graphed rows against the graphed BF16 step
+            base = {c: r.get("bf16_graph") if c.endswith("_graph") else r.get("bf16") for c in cols}
             print(f"| {r['shape']} | " + " | ".join(
-                "-" if r.get(c) is None else f"{c} {r[c]:.0f} ({r[c] / r['bf16']:.2f}×)" for c in cols) + " |")
+                "-" if r.get(c) is None or not base[c] else f"{c} {r[c]:.0f} ({r[c] / base[c]:.2f}×)"
+                for c in cols) + " |")
+    if results.get("linear_profile"):
+        prof = results["linear_profile"]
+        print(f"\n## kernel time per fwd+bwd step at {prof['shape']} (µs, torch.profiler)")
+        for recipe, p in prof["per_step"].items():
+            cats = ", ".join(f"{k} {v:.0f}" for k, v in sorted(p["categories"].items()))
+            print(f"| {recipe} | total {p['total_us']:.0f} | {cats} |")
+    if results.get("host"):
+        print("\n## host time per call (µs; 256×256 operands, GPU time negligible)")
+        for name, us in results["host"].items():
+            print(f"| {name} | {us:.0f} |")
     if results.get("quant"):
         print("\n## quantize kernels, 16384×4096 bf16")
         for q in results["quant"]:
@@ -415,7 +655,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-linear", action="store_true")
-    ap.add_argument("--sections", default="gemm,quant,fwd,pipeline,linear,error")
+    ap.add_argument("--sections", default="gemm,quant,fwd,pipeline,linear,linear_profile,host,int4,error")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU")
@@ -430,7 +670,8 @@ def main():
     sections = args.sections.split(",")
     for name, fn in (("gemm", gemm_section), ("quant", quant_section), ("fwd", fwd_section),
                      ("pipeline", pipeline_section), ("linear", linear_section),
-                     ("error", error_section)):
+                     ("linear_profile", linear_profile_section), ("host", host_section),
+                     ("int4", int4_section), ("error", error_section)):
         if name not in sections or (name == "linear" and args.no_linear):
             continue
         try:

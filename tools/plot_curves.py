@@ -38,19 +38,18 @@ def main() -> None:
     ap.add_argument("--title", default="")
     args = ap.parse_args()
 
-    print("| run | best validation loss (step) | last validation loss (step) |\n|---|---|---|")
-    runs = {}
-    for path in args.metrics:
-        rows = last_run(path)
-        name = path.stem.split("_")[-1]
-        runs[name] = rows
-        s = summarize(rows)
+    runs = {path.stem.split("_")[-1]: last_run(path) for path in args.metrics}
+    summaries = {name: summarize(rows) for name, rows in runs.items()}
+    bf16_best = summaries.get("bf16", {}).get("best_val_loss")
+    print("| run | best validation loss (step) | last validation loss (step) | best vs bf16 |\n|---|---|---|---|")
+    for name, s in summaries.items():
         if s["evaluations"]:
-            last_val_step = [r["step"] for r in rows if "val/loss" in r][-1]
+            last_val_step = [r["step"] for r in runs[name] if "val/loss" in r][-1]
+            ratio = f"{100 * (s['best_val_loss'] / bf16_best - 1):+.2f}%" if bf16_best else "-"
             print(f"| {name} | {s['best_val_loss']:.4f} ({s['best_step']}) | "
-                  f"{s['last_val_loss']:.4f} ({last_val_step}) |")
+                  f"{s['last_val_loss']:.4f} ({last_val_step}) | {ratio} |")
         else:
-            print(f"| {name} | no evaluation (last step {s['last_step']}) | |")
+            print(f"| {name} | no evaluation (last step {s['last_step']}) | | |")
     if args.out:
         plot(runs, args.out, args.title)
 
@@ -72,7 +71,11 @@ def plot(runs: dict[str, list[dict]], out: Path, title: str) -> None:
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend()
-    ax_val.set_ylim(top=min(ax_val.get_ylim()[1], 2.2))
+    # Zoom the validation panel to 1.5x the best loss, so that the first evaluations' high losses do
+    # not flatten the differences between runs near the end.
+    best = min((r["val/loss"] for rows in runs.values() for r in rows if "val/loss" in r), default=None)
+    if best is not None and best > 0:
+        ax_val.set_ylim(top=min(ax_val.get_ylim()[1], 1.5 * best))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -105,6 +105,21 @@ def _rint_libdevice() -> bool:
     return not _interpreting()
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel(module: str, name: str):
+    """The `@triton.jit` function `name` of `megaq.kernels.<module>` (imported on first use: Triton is
+    an optional dependency)."""
+    import importlib
+    return getattr(importlib.import_module(f"megaq.kernels.{module}"), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor for pointer arguments a kernel variant never touches (allocated once per
+    device: an allocation per launch is measurable host time)."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
 def _seed_tensor(device: torch.device, generator: torch.Generator | None, n: int = 2) -> torch.Tensor:
     """Seeds for Philox drawn from torch's generator (the device's default one unless given), so
     stochastic rounding follows torch's RNG state (checkpointed runs reproduce). Stays on device."""
@@ -173,7 +188,6 @@ def _tile_plan(blocks: list[tuple[int, int]], rows_default: int = 32):
 
 def _launch_tile(x, outs, bits, rounding, generator, check):
     """outs: list of ("N"|"T", (gr, gc) in x coordinates). Returns dict orientation -> QuantizedTensor."""
-    from .triton_quant import _quant_tile_kernel
     q = _quant()
     R, C = x.shape
     rows_default = (_CONFIG_OVERRIDE or {}).get("QUANT_ROWS", 32)
@@ -193,8 +207,8 @@ def _launch_tile(x, outs, bits, rounding, generator, check):
             scale = torch.empty((math.ceil(C / gc), math.ceil(R / gr)), dtype=torch.float32, device=dev)
             res["T"] = (data, scale, (gc, gr), (C, R))
         args[orient] = (data, scale, scale.stride(0), gr, gc)
-    dummy = torch.empty(1, dtype=torch.int8, device=dev)
-    fdummy = torch.empty(1, dtype=torch.float32, device=dev)
+    dummy = _placeholder(dev, torch.int8)
+    fdummy = _placeholder(dev, torch.float32)
     n = args.get("N", (dummy, fdummy, 0, 1, BC))
     t = args.get("T", (dummy, fdummy, 0, BR, 1))
     stochastic = rounding == "stochastic"
@@ -202,7 +216,7 @@ def _launch_tile(x, outs, bits, rounding, generator, check):
     flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
     grid = (_cdiv(C, BC), _cdiv(R, BR))
     nw = (_CONFIG_OVERRIDE or {}).get("QUANT_WARPS", 8 if BR * BC >= 16384 else 4)
-    _quant_tile_kernel[grid](
+    _kernel("triton_quant", "_quant_tile_kernel")[grid](
         x, R, C, x.stride(0), x.stride(1),
         n[0], n[1], n[2], t[0], t[1], t[2], seed, flag if check else dummy,
         BR=BR, BC=BC, N_GR=n[3], N_GC=n[4], HAS_N="N" in args, T_GR=t[3], T_GC=t[4],
@@ -223,14 +237,13 @@ def _hadamard_pm1(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
 def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, block=None):
     """Per-row quantization of `view` [R, C] (any strides), optionally after a Hadamard rotation
     of each row (zero padded to whole Hadamard blocks)."""
-    from .triton_quant import _quant_strip_kernel
     q = _quant()
     R, C_in = view.shape
     dev = view.device
     C = C_in if not hadamard else math.ceil(C_in / hadamard) * hadamard
     data = torch.empty((R, C), dtype=torch.int8, device=dev)
     scale = torch.empty((R, 1), dtype=torch.float32, device=dev)
-    dummy = torch.empty(1, dtype=torch.int8, device=dev)
+    dummy = _placeholder(dev, torch.int8)
     stochastic = rounding == "stochastic"
     seed = _seed_tensor(dev, generator) if stochastic else dummy
     flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
@@ -262,7 +275,7 @@ def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, blo
             BR = min(BR, ov)
         nw = 8 if BR * BC >= 8192 else 4
     grid = (_cdiv(R, BR),)
-    _quant_strip_kernel[grid](
+    _kernel("triton_quant", "_quant_strip_kernel")[grid](
         view, R, C, C_in, view.stride(0), view.stride(1), data, scale, h, inv_sqrt,
         seed, flag if check else dummy,
         BR=BR, BC=BC, SINGLE=single, HAD=hadamard, F32_INPUT=f32, UPCAST=_interpreting(), STOCHASTIC=stochastic, CHECK=check,
@@ -277,7 +290,6 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
     """Per-row (axis=1) or per-column-written-transposed (axis=0) quantization over a full 2-D grid:
     pass 1 folds tile abs-maxes into a per-row/column buffer with atomics, pass 2 re-reads the
     tiles and quantizes. Hadamard rotation (zero padded) along the reduced axis when hadamard > 0."""
-    from .triton_quant import _amax_partial_kernel, _quant_given_amax_kernel
     q = _quant()
     R_in, C_in = x.shape
     dev = x.device
@@ -290,7 +302,7 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
     out_shape = (C, R) if axis == 0 else (R, C)
     data = torch.empty(out_shape, dtype=torch.int8, device=dev)
     scale = torch.empty((n, 1), dtype=torch.float32, device=dev)
-    dummy = torch.empty(1, dtype=torch.int8, device=dev)
+    dummy = _placeholder(dev, torch.int8)
     stochastic = rounding == "stochastic"
     seed = _seed_tensor(dev, generator) if stochastic else dummy
     flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
@@ -309,14 +321,14 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
     inv = 1.0 / math.sqrt(hadamard) if hadamard else 1.0
     grid = (_cdiv(C, BC), _cdiv(R, BR))
     nw = ov.get("QUANT_WARPS", 4)
-    _amax_partial_kernel[grid](x, R_in, C_in, x.stride(0), x.stride(1), amax, h, inv,
-                               flag if check else dummy, BR=BR, BC=BC, AXIS=axis, HAD=hadamard,
-                               UPCAST=_interpreting(), CHECK=check, num_warps=nw)
+    _kernel("triton_quant", "_amax_partial_kernel")[grid](
+        x, R_in, C_in, x.stride(0), x.stride(1), amax, h, inv, flag if check else dummy,
+        BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=check, num_warps=nw)
     _check_flag(flag, x, "quantize input")
-    _quant_given_amax_kernel[grid](x, R, C, R_in, C_in, x.stride(0), x.stride(1), amax, data, scale, h,
-                                   inv, seed, BR=BR, BC=BC, AXIS=axis, HAD=hadamard,
-                                   UPCAST=_interpreting(), STOCHASTIC=stochastic, QMAX=_qmax(bits),
-                                   RINT_LIBDEVICE=_rint_libdevice(), num_warps=nw)
+    _kernel("triton_quant", "_quant_given_amax_kernel")[grid](
+        x, R, C, R_in, C_in, x.stride(0), x.stride(1), amax, data, scale, h, inv, seed,
+        BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), STOCHASTIC=stochastic,
+        QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(), num_warps=nw)
     ext = R if axis == 0 else C
     blk = block if block is not None else (1, ext)
     return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, out_shape)
@@ -431,7 +443,6 @@ def dequantize(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if not _use_triton(qt.data) or qt.bits != 8 or dtype not in (torch.float32, torch.bfloat16,
                                                                  torch.float16):
         return qt.dequantize(dtype)
-    from .triton_quant import _dequant_kernel
     R, C = qt.shape
     gr, gc = qt.block
     gr = 1 << 30 if gr >= R else gr
@@ -441,7 +452,7 @@ def dequantize(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     out = torch.empty((R, C), dtype=dtype, device=qt.data.device)
     BR, BC = 32, 128
     scale = qt.scale.contiguous()
-    _dequant_kernel[(_cdiv(C, BC), _cdiv(R, BR))](
+    _kernel("triton_quant", "_dequant_kernel")[(_cdiv(C, BC), _cdiv(R, BR))](
         qt.data.contiguous(), scale, out, R, C, scale.stride(0), GR=gr, GC=gc,
         BR=BR, BC=BC, num_warps=4)
     return out
@@ -552,7 +563,6 @@ def _native_int4_eligible(a, b, out_dtype) -> bool:
 
 
 def _triton_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator):
-    from .triton_gemm import _scaled_mm_kernel
     mode, g, ratio_a, ratio_b, sak, sbk = plan
     M, K = a.shape
     N = b.shape[0]
@@ -591,12 +601,12 @@ def _triton_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, gene
         a_desc = TensorDescriptor.from_tensor(ad, [BM, BK])
         b_desc = TensorDescriptor.from_tensor(bd, [BN, BK])
         a_ptr = b_ptr = None
-    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    dummy = _placeholder(dev, torch.float32)
     stochastic = int8_out and out_rounding == "stochastic"
     seed = _seed_tensor(dev, generator) if stochastic else dummy
     has_bias = bias is not None
     grid = (_cdiv(M, BM) * _cdiv(N, BN),)
-    _scaled_mm_kernel[grid](
+    _kernel("triton_gemm", "_scaled_mm_kernel")[grid](
         a_ptr, a_desc, b_ptr, b_desc, sa, sb, c, cs if cs is not None else dummy,
         bias.contiguous() if has_bias else dummy, seed,
         M, N, K, ad.stride(0), bd.stride(0), c.stride(0),

@@ -27,7 +27,7 @@ from megaq.models.transformer import TransformerBlock
 from megaq.nn import (ColumnParallelLinear, LayerNorm, ParallelDropout, RowParallelLinear,
                       VocabParallelEmbedding, column_parallel_linear, normal_init,
                       vocab_parallel_cross_entropy, zeros_init)
-from megaq.ops import get_recipe
+from megaq.ops import data_flow_format, get_recipe
 from megaq.parallel.quantized_comm import tp_mappings
 from megaq.parallel import (gather_from_tp_region, get_model_parallel_seed,
                             get_tensor_parallel_rank, get_tensor_parallel_world_size,
@@ -54,6 +54,7 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
     comm_dtype: str = "bf16"        # tensor-parallel collectives of the blocks: "bf16" exact | "int8"
     comm_config: dict | None = None  # megaq.parallel.quantized_comm.QuantizedCommConfig fields
+    data_flow: str = "bf16"         # activations between the blocks' operators: "bf16" | "int8"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,6 +86,7 @@ class GPTConfig:
         if self.n_head % tensor_parallel_size != 0:
             raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be divisible by the "
                              f"tensor-parallel size ({tensor_parallel_size})")
+        check_data_flow(self.data_flow, self.recipe, self.sequence_parallel, "GPTConfig.")
 
     @property
     def head_dim(self) -> int:
@@ -94,6 +96,24 @@ class GPTConfig:
         """``vocab_size`` rounded up to a multiple of make_vocab_size_divisible_by x TP size."""
         multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
         return math.ceil(self.vocab_size / multiple) * multiple
+
+
+def check_data_flow(data_flow: str, recipe, sequence_parallel: bool, prefix: str = "") -> None:
+    """Raise ValueError unless the blocks can run `data_flow` under `recipe`; keys named with
+    `prefix` (GPTConfig. / quant.)."""
+    if data_flow not in ("bf16", "int8"):
+        raise ValueError(f"{prefix}data_flow must be 'bf16' or 'int8', got {data_flow!r}")
+    if data_flow == "bf16":
+        return
+    try:
+        data_flow_format(recipe)
+    except ValueError as err:
+        raise ValueError(f"{prefix}data_flow='int8': {err}; use an INT8 recipe such as 'int8' or "
+                         f"'int8_block128', or data_flow 'bf16'") from None
+    if sequence_parallel:
+        raise ValueError(f"{prefix}data_flow='int8' does not support sequence parallelism (the LayerNorm "
+                         f"output would cross an all-gather as INT8 operands, which is not implemented); "
+                         f"turn sequence parallelism off or use data_flow 'bf16'")
 
 
 # ---- the TP layout of every parameter, by name (used to merge checkpoint shards) -------------

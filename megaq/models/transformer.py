@@ -6,6 +6,12 @@ transposes. Inside the attention and MLP each rank works on its own heads / hidd
 
     x --LN--> qkv (column-parallel, heads split) --SDPA--> out_proj (row-parallel) --+--> x
     x --LN--> fc1 (column-parallel) --GELU--> fc2 (row-parallel) --------------------+--> x
+
+With ``cfg.data_flow == "int8"`` the block runs the INT8 data flow (``megaq.ops.dataflow_linear``
+says which scales travel where): the LayerNorms (the second fused with the attention residual add)
+and the GELU write INT8 GEMM operands, fc1 writes INT8 from its epilogue, and only INT8 activations
+are saved for backward, except what SDPA keeps. Same parameters, same module tree: a checkpoint
+loads into either path.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaq.nn import ColumnParallelLinear, LayerNorm, ParallelDropout, RowParallelLinear
+from megaq.ops import Int8Operand, data_flow_format, dataflow_linear, gelu_operand, layernorm_operand
 from megaq.parallel import get_tensor_parallel_world_size, tp_rng_fork
 
 if TYPE_CHECKING:
@@ -47,7 +54,11 @@ class CausalSelfAttention(nn.Module):
                                           comm_dtype=cfg.comm_dtype, comm_config=cfg.comm_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv(x)  # [T, B, 3 * C/tp] (full T even under sequence parallelism)
+        return self.out_proj(self.attend(self.qkv(x)))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """SDPA over this rank's heads: ``qkv [T, B, 3 * C/tp]`` (full T even under sequence
+        parallelism) -> ``[T, B, C/tp]``."""
         seq, batch, _ = qkv.shape
         # [T, B, 3, h, d] -> [3, B, h, T, d]: SDPA's layout, batch and heads leading.
         q, k, v = qkv.view(seq, batch, 3, self.n_head_local, self.head_dim) \
@@ -56,8 +67,7 @@ class CausalSelfAttention(nn.Module):
         # The attention probabilities are this rank's heads only: draw their mask per rank.
         with tp_rng_fork() if dropout_p > 0.0 else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        y = y.permute(2, 0, 1, 3).reshape(seq, batch, self.n_head_local * self.head_dim)
-        return self.out_proj(y)
+        return y.permute(2, 0, 1, 3).reshape(seq, batch, self.n_head_local * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -92,8 +102,40 @@ class TransformerBlock(nn.Module):
         # The residual stream is replicated over the TP ranks, or sharded along the sequence
         # under sequence parallelism; the dropout mask must follow.
         self.resid_dropout = ParallelDropout(cfg.dropout, input_is_sharded=sp)
+        self.data_flow = cfg.data_flow
+        # the GEMM operand layout the INT8 producers write (validated with the config)
+        self.operand_format = data_flow_format(cfg.recipe) if cfg.data_flow == "int8" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.data_flow == "int8":
+            return self._forward_int8(x)
         x = x + self.resid_dropout(self.attn(self.ln_attn(x)))
         x = x + self.resid_dropout(self.mlp(self.ln_mlp(x)))
         return x
+
+    def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = self.operand_format
+        check = self.attn.qkv.recipe.check_finite
+        ln = self.ln_attn
+        h = layernorm_operand(x, ln.weight, ln.bias, ln.eps, *fmt, check=check)
+        y = self.attn.attend(_column_parallel(self.attn.qkv, h))
+        a = self.resid_dropout(_row_parallel(self.attn.out_proj, y))
+        ln = self.ln_mlp
+        x, h = layernorm_operand(x, ln.weight, ln.bias, ln.eps, *fmt, residual=a, check=check)
+        u = _column_parallel(self.mlp.fc1, h, int8_output=True)
+        m = _row_parallel(self.mlp.fc2, gelu_operand(u, *fmt))
+        return x + self.resid_dropout(m)
+
+
+def _column_parallel(linear: ColumnParallelLinear, x: Int8Operand, int8_output: bool = False):
+    """`linear` on an INT8 operand (no sequence parallelism: the config refuses it with the data
+    flow): the replicated input enters the TP region through its autograd handle."""
+    x = x._replace(carrier=linear.comm.copy_to_tp_region(x.carrier))
+    return dataflow_linear(x, linear.weight, linear.bias, linear.recipe, int8_output=int8_output)
+
+
+def _row_parallel(linear: RowParallelLinear, x: "Int8Operand | torch.Tensor") -> torch.Tensor:
+    """`linear` on this rank's input features: partial products summed over the TP ranks, then the
+    replicated bias (as RowParallelLinear.forward)."""
+    y = linear.comm.reduce_from_tp_region(dataflow_linear(x, linear.weight, None, linear.recipe))
+    return y + linear.bias if linear.bias is not None else y

@@ -27,16 +27,15 @@ per block too (what a kernel writing an INT8 gradient computes).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from .. import kernels
+from ..kernels import dataflow as dataflow_kernels
+from ..kernels.dataflow import gelu_tanh, gelu_tanh_grad
+from ..kernels.dataflow import layernorm_backward_math as layernorm_backward
 from ..quant import QuantizedTensor, check_finite
-
-_GELU_K = math.sqrt(2.0 / math.pi)
-_GELU_C = 0.044715
 
 
 class Int8Activation(NamedTuple):
@@ -68,20 +67,6 @@ def _maybe_quantize_grad_input(g: torch.Tensor, quantize: bool, block, generator
 
 # --------------------------------------------------------------------------------------------------
 # LayerNorm
-def layernorm_backward(x_in: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                       weight: torch.Tensor | None, grad: torch.Tensor):
-    """LayerNorm gradients from an input `x_in [R, C]` and its per-row `mean`, `rstd` `[R]`, for the
-    output gradient `grad [R, C]`, all in `grad`'s dtype. Returns `(dx, dweight, dbias)` (`dweight`
-    None when `weight` is None). Linear in `grad`, so an unbiased `grad` gives unbiased gradients."""
-    xhat = (x_in - mean[:, None]) * rstd[:, None]
-    gw = grad * weight if weight is not None else grad
-    c1 = (gw * xhat).mean(dim=1, keepdim=True)
-    c2 = gw.mean(dim=1, keepdim=True)
-    dx = (gw - xhat * c1 - c2) * rstd[:, None]
-    dweight = (grad * xhat).sum(0) if weight is not None else None
-    return dx, dweight, grad.sum(0)
-
-
 class _Int8LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, block, check, quantize_grad_input, generator, out_box):
@@ -145,16 +130,6 @@ def int8_layernorm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 
 # --------------------------------------------------------------------------------------------------
 # GELU (tanh approximation, GPT-2)
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(_GELU_K * (x + _GELU_C * x * x * x)))
-
-
-def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
-    """d/dx of `gelu_tanh`."""
-    t = torch.tanh(_GELU_K * (x + _GELU_C * x * x * x))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_K * (1.0 + 3.0 * _GELU_C * x * x)
-
-
 class _Int8Gelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, xq_data, xq_scale, meta, block, check, quantize_grad_input, generator,
@@ -203,3 +178,127 @@ def int8_gelu(x: Int8Activation | torch.Tensor, block: tuple[int, int] = (1, 128
     out = _Int8Gelu.apply(value, xq.data, xq.scale, (xq.block, xq.bits, xq.shape), tuple(block),
                           check, quantize_grad_input, generator, box)
     return Int8Activation(out, box[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Producers of GEMM operands (the model's data flow; design in megaq/ops/dataflow_linear.py)
+class Int8Operand(NamedTuple):
+    """An activation that exists only as INT8, in the layout its consuming GEMM reads.
+
+    `q` `[rows, C']`: INT8 payload + FP32 scales. With `hadamard` > 0 each row of the activation was
+    zero-padded to whole Hadamard blocks (C' ≥ C) and rotated by the orthonormal block Hadamard
+    before quantization (the default recipe's forward A operand, one scale per token); with
+    `hadamard` 0 the values are unrotated, C' = C (e.g. fc1's (1, 128)-block GEMM epilogue output).
+
+    `carrier` has the activation's logical shape and dtype and is attached to autograd: consumers
+    take it as an input so that the activation's gradient flows back to the producer. It holds no
+    data (one NaN broadcast over the shape, so any accidental use as a value is loud, never silently
+    wrong); `dequantize()` gives the values."""
+
+    carrier: torch.Tensor
+    q: QuantizedTensor
+    hadamard: int
+
+    @property
+    def features(self) -> int:
+        return self.carrier.shape[-1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The activation's values `[..., C]` (rotated back when `hadamard`)."""
+        from ..quant import block_hadamard
+        v = self.q.dequantize(torch.float32)
+        if self.hadamard:
+            v = block_hadamard(v, self.hadamard)
+        return v[:, :self.features].reshape(self.carrier.shape).to(dtype)
+
+
+def carrier_like(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The autograd handle of an `Int8Operand`: no storage beyond one NaN."""
+    return torch.full((), float("nan"), dtype=dtype, device=device).expand(shape)
+
+
+def _qt_meta(q: QuantizedTensor):
+    return q.block, q.bits, q.shape
+
+
+class _LayerNormOperand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, hadamard, block, check, box):
+        C = x.shape[-1]
+        out = dataflow_kernels.layernorm_quantize(
+            x.reshape(-1, C), weight, bias, eps, hadamard, block,
+            residual=residual.reshape(-1, C) if residual is not None else None, check=check)
+        w = weight if weight is not None else x.new_empty(0)
+        ctx.save_for_backward(out.x_q.data, out.x_q.scale, out.mean, out.rstd, w)
+        ctx.x_meta = _qt_meta(out.x_q)
+        ctx.has_residual, ctx.has_weight, ctx.has_bias = residual is not None, weight is not None, bias is not None
+        ctx.shape, ctx.b_dtype = x.shape, bias.dtype if bias is not None else None
+        box.append(out.y_q)
+        carrier = carrier_like(x.shape, x.dtype, x.device)
+        if residual is None:
+            return carrier
+        return out.x_sum.view(x.shape), carrier
+
+    @staticmethod
+    def backward(ctx, *grads):
+        data, scale, mean, rstd, w = ctx.saved_tensors
+        x_q = QuantizedTensor(data, scale, *ctx.x_meta)
+        C = ctx.shape[-1]
+        grad_sum = grads[0].reshape(-1, C) if ctx.has_residual else None
+        grad_y = grads[-1].reshape(-1, C)
+        dx, dw, db = dataflow_kernels.layernorm_backward(x_q, mean, rstd, w if ctx.has_weight else None,
+                                                         grad_y, grad_sum)
+        dx = dx.view(ctx.shape)
+        grad_w = dw.to(w.dtype) if ctx.has_weight and ctx.needs_input_grad[2] else None
+        grad_b = db.to(ctx.b_dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return dx, dx if ctx.has_residual else None, grad_w, grad_b, None, None, None, None, None
+
+
+def layernorm_operand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      eps: float, hadamard: int, block: tuple[int, int], *,
+                      residual: torch.Tensor | None = None, check: bool = True):
+    """LayerNorm of `x` (the BF16/FP32 residual stream; `x + residual` when `residual` is given,
+    fused) written straight into the consuming GEMM's INT8 operand format `(hadamard, block)`.
+
+    Returns the `Int8Operand`, or `(x + residual, Int8Operand)` with a residual. Saved for backward:
+    the INT8 (1, 128) copy of the LayerNorm input and per-row FP32 mean/rstd only. Backward: the
+    LayerNorm gradient from the dequantized saved input (FP32 inside), with the residual stream's
+    gradient added in the same pass; it is returned to both `x` and `residual`."""
+    box: list = []
+    out = _LayerNormOperand.apply(x, residual, weight, bias, float(eps), int(hadamard), tuple(block),
+                                  bool(check), box)
+    if residual is None:
+        return Int8Operand(out, box[0], int(hadamard))
+    x_sum, carrier = out
+    return x_sum, Int8Operand(carrier, box[0], int(hadamard))
+
+
+class _GeluOperand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, carrier, h_data, h_scale, h_meta, hadamard, block, box):
+        h_q = QuantizedTensor(h_data, h_scale, *h_meta)
+        box.append(dataflow_kernels.gelu_quantize(h_q, hadamard, block))
+        ctx.save_for_backward(h_data, h_scale)       # only the INT8 input
+        ctx.h_meta, ctx.shape = h_meta, carrier.shape
+        return carrier_like(carrier.shape, carrier.dtype, carrier.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        data, scale = ctx.saved_tensors
+        h_q = QuantizedTensor(data, scale, *ctx.h_meta)
+        dh = dataflow_kernels.gelu_backward(h_q, grad.reshape(-1, ctx.shape[-1]))
+        return dh.view(ctx.shape), None, None, None, None, None, None
+
+
+def gelu_operand(h: Int8Operand, hadamard: int, block: tuple[int, int]) -> Int8Operand:
+    """GELU (tanh) of an unrotated INT8 (1, 128)-block activation (fc1's INT8 epilogue output), FP32
+    inside, written straight into fc2's INT8 operand format `(hadamard, block)`. Saves only its INT8
+    input; backward is GELU'(dequantized input) · incoming gradient."""
+    if not isinstance(h, Int8Operand) or h.hadamard or h.q.bits != 8:
+        raise ValueError("gelu_operand: input must be an unrotated INT8 Int8Operand (fc1's INT8 output); "
+                         f"got {type(h).__name__}" + (f" with hadamard={h.hadamard}, bits={h.q.bits}"
+                                                      if isinstance(h, Int8Operand) else ""))
+    box: list = []
+    carrier = _GeluOperand.apply(h.carrier, h.q.data, h.q.scale, _qt_meta(h.q), int(hadamard),
+                                 tuple(block), box)
+    return Int8Operand(carrier, box[0], int(hadamard))

@@ -18,6 +18,10 @@ Two families:
 
 All of them are the identity when the TP world size is 1 (or model parallelism is not
 initialized). None of them modifies its input: the forward all-reduce works on a copy.
+
+Every collective is counted in megaq.parallel.quantized_comm's CommStats (kinds
+``all_reduce[bf16]``, ``all_gather[bf16]``, ``reduce_scatter[bf16]`` ... by the tensor's dtype), with
+the same wire-byte formulas as the INT8 mappings, so the two can be compared per training step.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megaq.parallel.quantized_comm import record_exact_collective
 from megaq.parallel.state import get_tensor_parallel_group, get_tensor_parallel_rank, \
     get_tensor_parallel_world_size
 
@@ -36,10 +41,12 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 # ---- the collectives themselves (no autograd) ------------------------------------------------
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if get_tensor_parallel_world_size() == 1:
+    world = get_tensor_parallel_world_size()
+    if world == 1:
         return x
     out = x.contiguous().clone()
     dist.all_reduce(out, group=get_tensor_parallel_group())
+    record_exact_collective("all_reduce", out.numel() * out.element_size(), out.dtype, world)
     return out
 
 
@@ -62,6 +69,7 @@ def _all_gather_along_first_dim(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((world * x.size(0),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_single(out, x, group=get_tensor_parallel_group())
+    record_exact_collective("all_gather", x.numel() * x.element_size(), x.dtype, world)
     return out
 
 
@@ -85,6 +93,7 @@ def _reduce_scatter_along_first_dim(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((x.size(0) // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _reduce_scatter_single(out, x, group=get_tensor_parallel_group())
+    record_exact_collective("reduce_scatter", x.numel() * x.element_size(), x.dtype, world)
     return out
 
 

@@ -262,6 +262,42 @@ def _dtype_name(dtype: torch.dtype) -> str:
             torch.float64: "fp64"}.get(dtype, str(dtype).replace("torch.", ""))
 
 
+# Kinds of data-parallel traffic: megaq's compressed gradient all-reduce (``grad_*``) and
+# DeepSpeed's own collectives (``ds_*``: gradient reduction, ZeRO parameter all-gathers, its scalar
+# overflow / norm reductions; counted by megaq.training.metrics.count_deepspeed_collectives).
+# Every other kind is a tensor-parallel mapping.
+DATA_PARALLEL_KIND_PREFIXES = ("grad_", "ds_")
+
+
+def is_data_parallel_kind(kind: str) -> bool:
+    return kind.startswith(DATA_PARALLEL_KIND_PREFIXES)
+
+
+def exact_wire_bytes(op: str, nbytes: int, world: int) -> int:
+    """Bytes one rank transmits in an unquantized collective (ring / direct algorithms, as NCCL's
+    bus-bandwidth factors): ``all_gather`` (nbytes = this rank's shard) (w-1) x nbytes;
+    ``reduce_scatter`` and ``all_to_all`` (nbytes = this rank's whole input) (w-1)/w x nbytes;
+    ``all_reduce`` 2 (w-1)/w x nbytes; ``reduce`` and ``broadcast`` (a pipelined chain) nbytes."""
+    if world <= 1:
+        return 0
+    if op == "all_gather":
+        return nbytes * (world - 1)
+    if op in ("reduce_scatter", "all_to_all"):
+        return nbytes * (world - 1) // world
+    if op == "all_reduce":
+        return 2 * nbytes * (world - 1) // world
+    if op in ("reduce", "broadcast"):
+        return nbytes
+    raise ValueError(f"no wire-byte formula for collective {op!r}")
+
+
+def record_exact_collective(op: str, nbytes: int, dtype: torch.dtype, world: int, prefix: str = "") -> None:
+    """Count one unquantized collective of ``nbytes`` (see ``exact_wire_bytes``) under the kind
+    ``f"{prefix}{op}[{dtype}]"`` in COMM_STATS and the open track_comm() blocks."""
+    _record(f"{prefix}{op}[{_dtype_name(dtype)}]", buffer_bytes=nbytes,
+            wire_bytes=exact_wire_bytes(op, nbytes, world))
+
+
 # ---- low-level helpers -----------------------------------------------------------------------
 
 def _world(group) -> int:
@@ -523,8 +559,7 @@ def exact_all_gather(x: torch.Tensor, dim: int = 0, group=None) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((world * x.size(0),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_single(out, x, group=group)
-    _record(f"all_gather[{_dtype_name(x.dtype)}]", buffer_bytes=_nbytes(x),
-            wire_bytes=_nbytes(x) * (world - 1))
+    record_exact_collective("all_gather", _nbytes(x), x.dtype, world)
     if dim == 0:
         return out
     return torch.cat(out.view((world,) + tuple(x.shape)).unbind(0), dim=dim)
@@ -538,8 +573,7 @@ def exact_reduce_scatter(x: torch.Tensor, dim: int = 0, group=None) -> torch.Ten
     stacked = _stack_chunks(x, dim, world, "exact_reduce_scatter").contiguous()
     out = torch.empty(stacked.shape[1:], dtype=x.dtype, device=x.device)
     _reduce_scatter_single(out, stacked.view((-1,) + tuple(stacked.shape[2:])), group=group)
-    _record(f"reduce_scatter[{_dtype_name(x.dtype)}]", buffer_bytes=_nbytes(x),
-            wire_bytes=_nbytes(x) * (world - 1) // world)
+    record_exact_collective("reduce_scatter", _nbytes(x), x.dtype, world)
     return out
 
 
@@ -549,8 +583,7 @@ def exact_all_reduce(x: torch.Tensor, group=None, *, average: bool = False) -> t
         return x
     out = x.contiguous().clone()
     dist.all_reduce(out, group=group)
-    _record(f"all_reduce[{_dtype_name(x.dtype)}]", buffer_bytes=_nbytes(out),
-            wire_bytes=2 * _nbytes(out) * (world - 1) // world)
+    record_exact_collective("all_reduce", _nbytes(out), x.dtype, world)
     return out / world if average else out
 
 

@@ -43,12 +43,13 @@ def keep_probabilities(scores: torch.Tensor, expected_kept: float) -> torch.Tens
     suffix = sorted_scores.flip(0).cumsum(0).flip(0)              # Σ_{i≥k} s_i
     positive = sorted_scores > 0
     n_positive = positive.sum()
-    budget = torch.clamp(torch.as_tensor(float(expected_kept), device=scores.device), min=0.0)
+    # torch.full, not as_tensor: a host-to-device copy of a Python float waits for the GPU stream
+    budget = torch.full((), max(float(expected_kept), 0.0), device=scores.device)
     budget = torch.minimum(budget, n_positive.float())
     k = torch.arange(n, device=scores.device, dtype=torch.float32)
     fits = positive & ((budget - k) * sorted_scores < suffix)
     first = torch.where(fits.any(), torch.argmax(fits.int()), n_positive)  # saturated count
-    tail_sum = suffix[first.clamp(max=n - 1)]
+    tail_sum = suffix.gather(0, first.clamp(max=n - 1).reshape(1)).reshape(())  # indexing by a 0-dim tensor would .item()
     c = torch.where(tail_sum > 0, (budget - first.float()) / tail_sum, torch.zeros_like(tail_sum))
     probs_sorted = torch.where(k < first.float(), torch.ones_like(sorted_scores), c * sorted_scores)
     probs_sorted = torch.where(positive, probs_sorted, torch.zeros_like(probs_sorted)).clamp_(0.0, 1.0)

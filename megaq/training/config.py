@@ -206,6 +206,9 @@ class DataConfig(_Section):
                                        description="Tokenizer spec: {type, model}.")
     valid_fraction: float = Field(0.02, ge=0.0, lt=1.0, description="Fraction of the documents held out "
                                   "for validation (the last ones).")
+    valid_path: Optional[str] = Field(
+        None, description="Prefix of a separate indexed dataset to validate on (a held-out test text, "
+        "tokenized like data.path). With it, all of data.path trains and valid_fraction is not used.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
 
     @model_validator(mode="after")
@@ -227,6 +230,16 @@ class DataConfig(_Section):
             raise ValueError("data.path is not set: give the prefix of an indexed dataset (PREFIX.bin + "
                              "PREFIX.idx from tools/preprocess_data.py), or data.text_files, or set "
                              "data.demo=true to train on the built-in demo corpus")
+        if self.valid_path is not None:
+            prefix = os.path.expanduser(self.valid_path)
+            missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not os.path.isfile(f"{prefix}{ext}")]
+            if missing:
+                raise ValueError(f"data.valid_path={self.valid_path!r}: missing {' and '.join(missing)} (the "
+                                 f"prefix of an indexed dataset made by tools/preprocess_data.py)")
+            if "valid_fraction" in self.model_fields_set and self.valid_fraction > 0:
+                raise ValueError(f"data.valid_path and data.valid_fraction={self.valid_fraction} are both set: "
+                                 f"with a separate validation set all of the training data trains; remove "
+                                 f"data.valid_fraction (or set it to 0)")
         return self
 
     @property
@@ -244,9 +257,19 @@ class QuantConfig(_Section):
         "fc2): a preset name (bf16, int8, int8_jetfire, int4, ...) or a mapping "
         "{\"preset\": ..., overrides} (see megaq.ops.get_recipe).")
     lm_head_recipe: Union[str, dict] = Field("bf16", description="Recipe of the output layer (lm_head).")
+    data_flow: Literal["bf16", "int8"] = Field(
+        "bf16", description="Activations between the blocks' operators. int8: LayerNorm, GELU and fc1's "
+        "GEMM epilogue write INT8 GEMM operands and the blocks save INT8 activations for backward (the "
+        "INT8 data flow, ALGORITHMS.md §1); needs an INT8 recipe (int8, int8_block128, ...) and no "
+        "sequence parallelism. bf16: every linear quantizes its own BF16 input.")
     log_error_interval: int = Field(
         0, ge=0, description="Every this many steps, log each quantized linear layer's relative forward "
         "error against the bf16 recipe to TensorBoard (quant_error/<layer>); 0 = never.")
+    peer: Optional[Literal["torchao_float8_tensorwise", "torchao_float8_rowwise"]] = Field(
+        None, description="Benchmark peer, not a megaq recipe: train the transformer blocks' linear layers "
+        "with torchao's float8 training (tensorwise or rowwise scaling) instead, for end-to-end "
+        "comparisons (tools/bench_e2e.py). Needs torchao, a GPU with float8 tensor cores, "
+        "quant.recipe=bf16 and parallel.tensor_parallel=1; use with train.compile=true.")
     check_finite: bool = Field(
         False, description="Check every quantizer input for NaN/Inf and raise naming the tensor. Costs a "
         "host synchronization per operand on GPUs; off by default because the training loop stops on a "
@@ -262,6 +285,17 @@ class QuantConfig(_Section):
         except RecipeError as e:
             raise ValueError(f"quant.{info.field_name}: {e}") from None
         return value
+
+    @model_validator(mode="after")
+    def _peer_replaces_bf16_only(self) -> "QuantConfig":
+        from megaq.ops import get_recipe
+
+        if self.peer is not None:
+            quantized = [key for key in ("recipe", "lm_head_recipe") if get_recipe(getattr(self, key)).is_quantized]
+            if quantized:
+                raise ValueError(f"quant.peer={self.peer!r} replaces the BF16 linear layers with torchao's float8 "
+                                 f"ones; it needs {' and '.join('quant.' + k for k in quantized)} = 'bf16'")
+        return self
 
 
 class ParallelConfig(_Section):
@@ -317,6 +351,11 @@ class TrainConfig(_Section):
     eval_interval: int = Field(0, ge=0, description="Evaluate validation loss and perplexity every this "
                                "many steps and at the end (0 = never).")
     eval_iters: int = Field(10, gt=0, description="Micro batches per data-parallel rank in one evaluation.")
+    compile: bool = Field(
+        False, description="torch.compile each transformer block in place (nn.Module.compile: parameter "
+        "names, and so checkpoints, stay the same) before DeepSpeed wraps the model. Linear layers under "
+        "a quantized recipe (INT8/INT4) run eagerly between the compiled pieces; not with "
+        "quant.data_flow='int8'. The first step is slow while it compiles.")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -383,6 +422,14 @@ class MegaqConfig(BaseModel):
                              f"each tensor-parallel rank must hold whole attention heads")
         if self.parallel.sequence_parallel and tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
+        if self.train.compile and self.quant.data_flow == "int8":
+            raise ValueError("train.compile=true does not support quant.data_flow='int8' (its blocks are fused "
+                             "INT8 kernels already); set one of them off")
+        if self.quant.peer is not None and tp != 1:
+            raise ValueError(f"quant.peer={self.quant.peer!r} swaps the linear layers for torchao's, which are "
+                             f"not tensor parallel: it needs parallel.tensor_parallel=1 (got {tp})")
+        from megaq.models.gpt import check_data_flow
+        check_data_flow(self.quant.data_flow, self.quant.recipe, self.parallel.sequence_parallel, "quant.")
         return self
 
     def to_dict(self) -> dict:

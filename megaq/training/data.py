@@ -77,6 +77,15 @@ def build_text_files_dataset(files: list[str], cache_dir: Path, tokenizer_spec: 
     return str(prefix)
 
 
+def _open_indexed(prefix: str, tokenizer, spec: dict, key: str) -> IndexedDataset:
+    indexed = IndexedDataset(prefix)
+    if indexed.vocab_size is not None and indexed.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(f"{key} {prefix} was tokenized with a vocabulary of {indexed.vocab_size} ids, "
+                          f"but data.tokenizer ({spec['type']}) has {tokenizer.vocab_size}: give the tokenizer "
+                          f"the dataset was made with")
+    return indexed
+
+
 def prepare_data(cfg: MegaqConfig, rank: int, local_rank: int, barrier: Callable[[], None]) -> RunData:
     data = cfg.data
     spec = data.tokenizer.spec()
@@ -94,20 +103,29 @@ def prepare_data(cfg: MegaqConfig, rank: int, local_rank: int, barrier: Callable
                                 rank, local_rank, barrier)
         description = (f"the demo corpus (Python standard library docstrings) at {prefix}; "
                        f"set data.path to train on your own data")
-    indexed = IndexedDataset(prefix)
-    if indexed.vocab_size is not None and indexed.vocab_size != tokenizer.vocab_size:
-        raise ConfigError(f"data.path {prefix} was tokenized with a vocabulary of {indexed.vocab_size} ids, "
-                          f"but data.tokenizer ({spec['type']}) has {tokenizer.vocab_size}: give the tokenizer "
-                          f"the dataset was made with")
+    indexed = _open_indexed(prefix, tokenizer, spec, "data.path")
     seq_len = cfg.model.seq_len
     seed = cfg.train.seed
+    # A separate validation set leaves all of data.path to training.
+    valid_fraction = 0.0 if data.valid_path is not None else data.valid_fraction
     try:
-        train = GPTDataset(indexed, seq_len, split="train", valid_fraction=data.valid_fraction, seed=seed,
+        train = GPTDataset(indexed, seq_len, split="train", valid_fraction=valid_fraction, seed=seed,
                            eod_id=tokenizer.eod_id)
     except ValueError as e:
         raise ConfigError(f"data: cannot make training samples of model.seq_len={seq_len}: {e}") from None
     valid = None
-    if data.valid_fraction > 0:
+    if data.valid_path is not None:
+        valid_prefix = os.path.expanduser(data.valid_path)
+        try:
+            # All of its documents, in stored order (the "train" split of a 0 fraction, unshuffled).
+            valid = GPTDataset(_open_indexed(valid_prefix, tokenizer, spec, "data.valid_path"), seq_len,
+                               split="train", valid_fraction=0.0, seed=seed, eod_id=tokenizer.eod_id,
+                               shuffle_documents=False)
+        except ValueError as e:
+            raise ConfigError(f"data.valid_path={data.valid_path!r}: cannot make validation samples of "
+                              f"model.seq_len={seq_len}: {e}") from None
+        description += f", validated on {valid_prefix}"
+    elif data.valid_fraction > 0:
         try:
             valid = GPTDataset(indexed, seq_len, split="valid", valid_fraction=data.valid_fraction, seed=seed,
                                eod_id=tokenizer.eod_id)

@@ -8,6 +8,7 @@ the config's `zero_optimization` section as DeepSpeed reads it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from megaq.models import GPT, GPTConfig, configure_optimizer_groups
+from megaq.nn import ColumnParallelLinear, RowParallelLinear
 from megaq.parallel import DeepSpeedMPU
 from megaq.training.config import ConfigError, Layout, MegaqConfig
 from megaq.training.schedule import WarmupDecaySchedule
@@ -46,7 +48,8 @@ def gpt_config(cfg: MegaqConfig, tokenizer_vocab_size: int) -> GPTConfig:
                      lm_head_recipe=_with_finite_check(cfg.quant.lm_head_recipe, cfg.quant.check_finite),
                      make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
                      comm_dtype=p.comm_dtype,
-                     comm_config={"block": p.comm_block, "backward": p.comm_backward})
+                     comm_config={"block": p.comm_block, "backward": p.comm_backward},
+                     data_flow=cfg.quant.data_flow)
 
 
 def _with_finite_check(recipe: "str | dict", check_finite: bool) -> dict:
@@ -118,6 +121,48 @@ def build_schedule(cfg: MegaqConfig, total_steps: int) -> WarmupDecaySchedule:
                                decay=t.decay)
 
 
+def compile_blocks(model: GPT) -> None:
+    """train.compile: torch.compile each transformer block in place.
+
+    In place (nn.Module.compile) rather than torch.compile(model): the parameter names keep no
+    `_orig_mod.` prefix, so checkpoints, the optimizer groups and the export do not depend on the
+    flag. Per block ("regional" compilation): the blocks share one compiled graph, so compile time
+    does not grow with depth; the embeddings and the vocab-parallel loss stay eager. Done before
+    `deepspeed.initialize`, which then wraps a model whose blocks are compiled; this is what
+    DeepSpeed's own `engine.compile()` does without DeepCompile (module.compile with the inductor
+    backend), and DeepCompile's passes are for ZeRO-3, which megaq's ZeRO-1 runs do not use.
+    Compilation is lazy: the first forward pays for it.
+
+    Linear layers under a quantized recipe (INT8/INT4) are excluded (torch.compiler.disable): they
+    run eagerly, as graph breaks between the compiled LayerNorm / attention / GELU / residual
+    pieces. Left to dynamo, tracing into their kernel dispatch (Triton launches, cached lookups,
+    host-side checks) did not finish within a minute for GPT-2 on an H100, and their GEMMs and
+    quantizers are fused kernels already."""
+    for block in model.blocks:
+        for module in block.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and module.recipe.is_quantized:
+                module.forward = torch.compiler.disable(module.forward)
+        block.compile()
+
+
+@contextlib.contextmanager
+def compile_failures_explained(cfg: MegaqConfig):
+    """Around the training loop: a torch.compile failure (train.compile=true) is re-raised naming
+    the option and the recipe. It is not hidden by falling back to eager, which would make a
+    benchmark row claim a compiled run that was not."""
+    if not cfg.train.compile:
+        yield
+        return
+    from torch._dynamo.exc import TorchDynamoException
+
+    try:
+        yield
+    except TorchDynamoException as e:
+        what = f"quant.peer={cfg.quant.peer}" if cfg.quant.peer else f"quant.recipe={cfg.quant.recipe}"
+        raise RuntimeError(f"train.compile=true: torch.compile failed for {what} ({type(e).__name__}, see "
+                           f"above); run with train.compile=false") from e
+
+
 def _gpus_per_node() -> int:
     return max(torch.cuda.device_count(), 1)
 
@@ -132,6 +177,11 @@ def build_training_engine(cfg: MegaqConfig, layout: Layout, ds_config: dict, tok
     model = GPT(model_cfg)
     flops_per_token = model.flops_per_token()
     num_parameters = model.num_parameters()
+    if cfg.quant.peer is not None:
+        from megaq.training.peers import apply_peer
+        apply_peer(model, cfg.quant.peer, device_type)
+    if cfg.train.compile:
+        compile_blocks(model)
     optimizer = build_optimizer(cfg, model, device_type)
     schedule = build_schedule(cfg, layout.train_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -35,8 +35,10 @@ from megaq.training.config import (MegaqConfig, build_deepspeed_config, resolve_
                                    resolve_precision)
 from megaq.training.data import prepare_data
 from megaq.training.distributed import configure_cpu_threads, destroy_distributed, init_distributed
-from megaq.training.engine import apply_config_to_optimizer, build_training_engine
-from megaq.training.metrics import Throughput, current_device_peak_tflops
+from megaq.training.engine import (apply_config_to_optimizer, build_training_engine,
+                                   compile_failures_explained)
+from megaq.training.metrics import (CommBytesPerStep, Throughput, count_deepspeed_collectives,
+                                    current_device_peak_tflops)
 from megaq.training.progress import ProgressReporter, setup_console_logging
 from megaq.training.quant_error import QuantErrorProbe
 from megaq.training.signals import EXIT_RESUMABLE, StopRequest
@@ -122,7 +124,9 @@ def _train(cfg: MegaqConfig, env) -> dict:
     mc = run.model_config
     logger.info(f"model: GPT {mc.n_layer} layers x {mc.n_embd} wide, {mc.n_head} heads, context {mc.seq_len}, "
                 f"vocab {mc.vocab_size}: {run.num_parameters / 1e6:.2f}M parameters | recipe "
-                f"{get_recipe(mc.recipe).name}, lm_head {get_recipe(mc.lm_head_recipe).name}")
+                f"{get_recipe(mc.recipe).name}, lm_head {get_recipe(mc.lm_head_recipe).name}"
+                + (f" | blocks' linears: peer {cfg.quant.peer}" if cfg.quant.peer else "")
+                + (" | torch.compile per block" if cfg.train.compile else ""))
     logger.info(f"parallel: world {layout.world_size} = TP {layout.tensor_parallel} x DP {layout.data_parallel} | "
                 f"ZeRO stage {zero_stage} | {precision} on {device_type} | TP collectives "
                 f"{cfg.parallel.comm_dtype}, DP gradients {cfg.parallel.grad_compression}")
@@ -171,6 +175,8 @@ def _train(cfg: MegaqConfig, env) -> dict:
     peak = cfg.logging.peak_tflops or current_device_peak_tflops()
     throughput = Throughput(layout.tokens_per_step, run.flops_per_token, layout.world_size, peak,
                             layout.train_steps, start_step=step)
+    count_deepspeed_collectives()
+    comm_bytes = CommBytesPerStep()
     reporter = ProgressReporter(layout.train_steps, cfg.logging.tensorboard_dir, enabled=rank == 0,
                                 metrics_file=cfg.logging.metrics_file)
     probe = QuantErrorProbe(engine.module, cfg.quant.log_error_interval if rank == 0 else 0)
@@ -182,18 +188,19 @@ def _train(cfg: MegaqConfig, env) -> dict:
         if manager.directory is None or last_saved_step == at_step:
             return
         t0 = time.perf_counter()
-        path = manager.save(engine, at_step, {"consumed_samples": batches.consumed_samples,
-                                              "tokens_seen": at_step * layout.tokens_per_step,
-                                              "config": cfg.to_dict(), "model": dataclasses.asdict(mc),
-                                              "tokenizer": {"spec": data.tokenizer.spec,
-                                                            "vocab_size": data.tokenizer.vocab_size,
-                                                            "eod_id": data.tokenizer.eod_id}})
+        with comm_bytes.excluded():
+            path = manager.save(engine, at_step, {"consumed_samples": batches.consumed_samples,
+                                                  "tokens_seen": at_step * layout.tokens_per_step,
+                                                  "config": cfg.to_dict(), "model": dataclasses.asdict(mc),
+                                                  "tokenizer": {"spec": data.tokenizer.spec,
+                                                                "vocab_size": data.tokenizer.vocab_size,
+                                                                "eod_id": data.tokenizer.eod_id}})
         summary["last_checkpoint"] = str(path)
         last_saved_step = at_step
         throughput.exclude(time.perf_counter() - t0)
 
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, compile_failures_explained(cfg):
             while step < layout.train_steps:
                 measuring = probe.measuring() if probe.due(step + 1) else contextlib.nullcontext()
                 loss_sum = torch.zeros((), device=device)
@@ -210,6 +217,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
                 step_loss = _dp_mean(loss_sum / layout.gradient_accumulation_steps)
                 step_losses.append(step_loss)
                 throughput.step_done(step)
+                comm_bytes.step_done()
                 errors = probe.take()
                 if errors:
                     reporter.quant_errors(step, errors)
@@ -223,12 +231,14 @@ def _train(cfg: MegaqConfig, env) -> dict:
                             f"is {summary.get('last_checkpoint', 'none')}. Set quant.check_finite=true to "
                             f"find the first quantizer input that holds NaN/Inf")
                     reporter.train_step(step, loss_value, lr, _grad_norm(engine), throughput.report())
+                    reporter.scalars(comm_bytes.report(), step)
 
                 if cfg.train.eval_interval and data.valid is not None and (
                         step % cfg.train.eval_interval == 0 or step == layout.train_steps):
                     t0 = time.perf_counter()
-                    val = evaluate(engine, data.valid, layout.micro_batch_size, cfg.train.eval_iters, device,
-                                   cfg.train.seed)
+                    with comm_bytes.excluded():
+                        val = evaluate(engine, data.valid, layout.micro_batch_size, cfg.train.eval_iters, device,
+                                       cfg.train.seed)
                     summary["val_losses"].append((step, val))
                     reporter.evaluation(step, val)
                     throughput.exclude(time.perf_counter() - t0)

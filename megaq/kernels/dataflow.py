@@ -1,0 +1,286 @@
+"""The INT8 data flow's memory-bound operators (ALGORITHMS.md §1), chosen per device like `dispatch`:
+the Triton kernels of `triton_dataflow` on CUDA (and under `MEGAQ_KERNELS=triton` + TRITON_INTERPRET=1),
+the reference below (plain PyTorch on `megaq.quant`) elsewhere or for formats the kernels do not cover.
+
+Every function takes and returns 2-D tensors `[rows, C]` and `QuantizedTensor`s; autograd lives in
+`megaq.ops.dataflow`. The *operand format* `(hadamard, block)` is the forward GEMM's A-operand layout
+that a producer writes so that the consuming linear skips its quantize pass: `hadamard` > 0 means
+each row is zero-padded to whole Hadamard blocks and rotated by the orthonormal block Hadamard, then
+quantized with `block` (the default recipe: `(128, (1, -1))`, one scale per token); `hadamard` 0 means
+plain `block` tiles (`(0, (1, 128))` for `int8_block128`).
+
+    layernorm_quantize(x2d, weight, bias, eps, hadamard, block, residual=None)
+        -> LayerNormQuantized(x_sum, y_q, x_q, mean, rstd)
+    layernorm_backward(x_q, mean, rstd, weight, grad2d, grad_residual=None) -> (dx, dweight, dbias)
+    gelu_quantize(h_q, hadamard, block) -> y_q
+    gelu_backward(h_q, grad2d) -> dh
+
+Numerics (the reference defines them; the kernels match it up to FP32 summation order):
+- LayerNorm in FP32 on `x_sum = x + residual` rounded to the input dtype (the residual stream is
+  BF16/FP32; the sum is what the block carries on). Output `y_q` in the operand format (nearest);
+  `x_q` = INT8 copy of `x_sum` per `SAVE_BLOCK` (nearest) — the only copy of the input kept for
+  backward — and per-row FP32 `mean`, `rstd`.
+- LayerNorm backward from the dequantized `x_q` and the saved statistics, FP32 inside; the incoming
+  gradient is read as given (BF16) and `grad_residual` (the residual stream's gradient) is added to
+  `dx`, so the add of the residual's backward costs no pass of its own. Weight and bias gradients FP32.
+- GELU (tanh approximation, as GPT-2) of an INT8 `(1, 128)`-block input (fc1's INT8 GEMM epilogue),
+  FP32 inside, output in the operand format (fc2's A operand). Backward: GELU'(dequantized input) ·
+  incoming gradient, in the gradient's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..quant import (QuantizedTensor, block_hadamard, check_finite, pad_to_multiple,
+                     quantize_blockwise)
+from .dispatch import _hadamard_pm1, _interpreting, _rint_libdevice, _use_triton
+
+SAVE_BLOCK = (1, 128)      # block of the INT8 copies saved for backward (LayerNorm input, GELU input)
+_CHUNK = 128               # columns per kernel step: one Hadamard block, one saved (1, 128) block
+_GELU_K = math.sqrt(2.0 / math.pi)
+_GELU_C = 0.044715
+
+
+class LayerNormQuantized(NamedTuple):
+    x_sum: torch.Tensor | None   # x + residual in x's dtype (None without a residual)
+    y_q: QuantizedTensor         # LayerNorm output in the operand format
+    x_q: QuantizedTensor         # INT8 copy of the LayerNorm input per SAVE_BLOCK (for backward)
+    mean: torch.Tensor           # [rows] FP32
+    rstd: torch.Tensor           # [rows] FP32
+
+
+# --------------------------------------------------------------------------------------------------
+# the math (FP32), shared by the reference and the tests
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation (GPT-2), as `x · sigmoid(2z)` (= 0.5 x (1 + tanh z)), z = √(2/π)(x +
+    0.044715 x³): the sigmoid form has no cancellation where tanh z is near -1."""
+    return x * torch.sigmoid(2.0 * _GELU_K * (x + _GELU_C * x * x * x))
+
+
+def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    """d/dx of `gelu_tanh`: σ(2z) + x · 2σ(2z)σ(-2z) · z'."""
+    z2 = 2.0 * _GELU_K * (x + _GELU_C * x * x * x)
+    return torch.sigmoid(z2) + x * torch.sigmoid(z2) * torch.sigmoid(-z2) * 2.0 * _GELU_K * (
+        1.0 + 3.0 * _GELU_C * x * x)
+
+
+def layernorm_backward_math(x_in: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                            weight: torch.Tensor | None, grad: torch.Tensor):
+    """LayerNorm gradients from an input `x_in [R, C]` and its per-row `mean`, `rstd` `[R]`, for the
+    output gradient `grad [R, C]`, all in `grad`'s dtype. Returns `(dx, dweight, dbias)` (`dweight`
+    None when `weight` is None). Linear in `grad`, so an unbiased `grad` gives unbiased gradients."""
+    xhat = (x_in - mean[:, None]) * rstd[:, None]
+    gw = grad * weight if weight is not None else grad
+    c1 = (gw * xhat).mean(dim=1, keepdim=True)
+    c2 = gw.mean(dim=1, keepdim=True)
+    dx = (gw - xhat * c1 - c2) * rstd[:, None]
+    dweight = (grad * xhat).sum(0) if weight is not None else None
+    return dx, dweight, grad.sum(0)
+
+
+def quantize_operand_reference(y: torch.Tensor, hadamard: int, block: tuple[int, int]) -> QuantizedTensor:
+    """`y [R, C]` (FP32) in the operand format: zero-padded + rotated when `hadamard`, then block
+    quantized (nearest)."""
+    if hadamard:
+        y = block_hadamard(pad_to_multiple(y, hadamard), hadamard)
+    return quantize_blockwise(y, block, 8, "nearest", check=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# which path
+def _kernel_format(hadamard: int, block: tuple[int, int], cols: int) -> bool:
+    """The Triton kernels write per-row INT8 after a 128-Hadamard, or (1, 128) blocks unrotated."""
+    if hadamard:
+        return hadamard == _CHUNK and block[0] == 1 and (block[1] == -1 or block[1] >= cols)
+    return tuple(block) == (1, _CHUNK)
+
+
+def _check_format(hadamard: int, block: tuple[int, int]) -> None:
+    from ..quant import SUPPORTED_HADAMARD_BLOCKS
+    if hadamard and hadamard not in SUPPORTED_HADAMARD_BLOCKS:
+        raise ValueError(f"operand Hadamard block must be 0 or one of {SUPPORTED_HADAMARD_BLOCKS}; "
+                         f"got {hadamard}")
+    if len(block) != 2 or block[0] != 1:
+        raise ValueError(f"operand block must be (1, k) or (1, -1) (one row per token); got {block!r}")
+
+
+def _padded(cols: int, hadamard: int) -> int:
+    return math.ceil(cols / hadamard) * hadamard if hadamard else cols
+
+
+def _triton():
+    from . import triton_dataflow
+    return triton_dataflow
+
+
+# --------------------------------------------------------------------------------------------------
+# LayerNorm
+def layernorm_quantize(x2d: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       eps: float, hadamard: int, block: tuple[int, int], *,
+                       residual: torch.Tensor | None = None, check: bool = True) -> LayerNormQuantized:
+    """[Residual add +] LayerNorm of `x2d` `[R, C]` writing the next GEMM's INT8 operand (see the
+    module doc). NaN/Inf in the (summed) input raises `NonFiniteError` when `check`."""
+    _check_format(hadamard, block)
+    if x2d.dim() != 2:
+        raise ValueError(f"layernorm_quantize: input must be 2-D; got shape {tuple(x2d.shape)}")
+    if residual is not None and residual.shape != x2d.shape:
+        raise ValueError(f"layernorm_quantize: residual shape {tuple(residual.shape)} != input "
+                         f"shape {tuple(x2d.shape)}")
+    tensors = [t for t in (x2d, residual, weight, bias) if t is not None]
+    if _use_triton(*tensors) and _kernel_format(hadamard, block, _padded(x2d.shape[1], hadamard)) \
+            and x2d.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return _launch_layernorm(x2d, weight, bias, eps, hadamard, residual, check)
+    x_sum = x2d + residual if residual is not None else None
+    xs = x_sum if x_sum is not None else x2d
+    if check:
+        check_finite(xs, "LayerNorm input")
+    xf = xs.float()
+    var, mean = torch.var_mean(xf, dim=1, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    y = (xf - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    y_q = quantize_operand_reference(y, hadamard, block)
+    x_q = quantize_blockwise(xs, SAVE_BLOCK, 8, "nearest", check=False)
+    return LayerNormQuantized(x_sum, y_q, x_q, mean, rstd)
+
+
+def layernorm_backward(x_q: QuantizedTensor, mean: torch.Tensor, rstd: torch.Tensor,
+                       weight: torch.Tensor | None, grad2d: torch.Tensor,
+                       grad_residual: torch.Tensor | None = None):
+    """`(dx, dweight, dbias)` of the LayerNorm whose input was saved as `x_q`; `dx` in `grad2d`'s
+    dtype with `grad_residual` added, `dweight` (None without weight) and `dbias` FP32 `[C]`."""
+    if grad2d.shape != tuple(x_q.shape):
+        raise ValueError(f"layernorm_backward: gradient shape {tuple(grad2d.shape)} != saved input "
+                         f"shape {tuple(x_q.shape)}")
+    tensors = [t for t in (x_q.data, grad2d, grad_residual, weight) if t is not None]
+    if _use_triton(*tensors) and x_q.block == SAVE_BLOCK and x_q.bits == 8:
+        return _launch_layernorm_backward(x_q, mean, rstd, weight, grad2d, grad_residual)
+    dx, dw, db = layernorm_backward_math(x_q.dequantize(torch.float32), mean, rstd,
+                                         weight.float() if weight is not None else None, grad2d.float())
+    if grad_residual is not None:
+        dx = dx + grad_residual.float()
+    return dx.to(grad2d.dtype), dw, db
+
+
+# --------------------------------------------------------------------------------------------------
+# GELU
+def gelu_quantize(h_q: QuantizedTensor, hadamard: int, block: tuple[int, int]) -> QuantizedTensor:
+    """GELU of the INT8 `h_q` (FP32 inside) written in the operand format (nearest)."""
+    _check_format(hadamard, block)
+    if _use_triton(h_q.data) and h_q.bits == 8 and h_q.block == SAVE_BLOCK \
+            and _kernel_format(hadamard, block, _padded(h_q.shape[1], hadamard)):
+        return _launch_gelu(h_q, hadamard)
+    return quantize_operand_reference(gelu_tanh(h_q.dequantize(torch.float32)), hadamard, block)
+
+
+def gelu_backward(h_q: QuantizedTensor, grad2d: torch.Tensor) -> torch.Tensor:
+    """GELU'(dequantized `h_q`) · `grad2d`, FP32 inside, in `grad2d`'s dtype."""
+    if grad2d.shape != tuple(h_q.shape):
+        raise ValueError(f"gelu_backward: gradient shape {tuple(grad2d.shape)} != saved input shape "
+                         f"{tuple(h_q.shape)}")
+    if _use_triton(h_q.data, grad2d) and h_q.bits == 8 and h_q.block == SAVE_BLOCK:
+        return _launch_gelu_backward(h_q, grad2d)
+    return (gelu_tanh_grad(h_q.dequantize(torch.float32)) * grad2d.float()).to(grad2d.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+ROWS = 16   # rows per program (>= 16: the Hadamard rotation is a tl.dot)
+
+
+def _hadamard_arg(hadamard: int, device: torch.device):
+    if not hadamard:
+        return torch.empty(1, dtype=torch.float32, device=device), 1.0
+    dtype = torch.float32 if _interpreting() else torch.bfloat16
+    return _hadamard_pm1(hadamard, dtype, str(device)), 1.0 / math.sqrt(hadamard)
+
+
+def _launch_layernorm(x2d, weight, bias, eps, hadamard, residual, check):
+    from ..quant import NonFiniteError
+    R, C = x2d.shape
+    dev = x2d.device
+    x2d = x2d.contiguous()
+    Cp = _padded(C, hadamard)
+    n_out_blocks = 1 if hadamard else math.ceil(C / _CHUNK)
+    y_data = torch.empty((R, Cp), dtype=torch.int8, device=dev)
+    y_scale = torch.empty((R, n_out_blocks), dtype=torch.float32, device=dev)
+    n_save = math.ceil(C / _CHUNK)
+    x_data = torch.empty((R, C), dtype=torch.int8, device=dev)
+    x_scale = torch.empty((R, n_save), dtype=torch.float32, device=dev)
+    mean = torch.empty(R, dtype=torch.float32, device=dev)
+    rstd = torch.empty(R, dtype=torch.float32, device=dev)
+    x_sum = torch.empty_like(x2d) if residual is not None else None
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    flag = torch.zeros(1, dtype=torch.int32, device=dev)
+    h, inv_sqrt = _hadamard_arg(hadamard, dev)
+    grid = (math.ceil(R / ROWS),)
+    _triton()._layernorm_quant_kernel[grid](
+        x2d, residual.contiguous() if residual is not None else dummy,
+        x_sum if x_sum is not None else dummy,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        R, C, Cp, float(eps), y_data, y_scale, x_data, x_scale, n_save, mean, rstd, h, inv_sqrt, flag,
+        BR=ROWS, BC=_CHUNK, HAD=hadamard, HAS_RES=residual is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, CHECK=check, UPCAST=_interpreting(),
+        RINT_LIBDEVICE=_rint_libdevice(), num_warps=4)
+    if check and int(flag.item()):
+        raise NonFiniteError(f"LayerNorm input of shape {(R, C)} holds NaN or Inf values")
+    block = (1, Cp) if hadamard else (1, _CHUNK)
+    return LayerNormQuantized(x_sum, QuantizedTensor(y_data, y_scale, block, 8, (R, Cp)),
+                              QuantizedTensor(x_data, x_scale, SAVE_BLOCK, 8, (R, C)), mean, rstd)
+
+
+def _launch_layernorm_backward(x_q, mean, rstd, weight, grad2d, grad_residual):
+    R, C = x_q.shape
+    dev = grad2d.device
+    n_prog = math.ceil(R / ROWS)
+    dx = torch.empty((R, C), dtype=grad2d.dtype, device=dev)
+    # per-program partial sums of the weight and bias gradients, folded by one torch reduction
+    dw_part = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
+    db_part = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    _triton()._layernorm_backward_kernel[(n_prog,)](
+        x_q.data, x_q.scale, x_q.scale.shape[1], mean, rstd,
+        weight if weight is not None else dummy, grad2d.contiguous(),
+        grad_residual.contiguous() if grad_residual is not None else dummy,
+        dx, dw_part, db_part, R, C,
+        BR=ROWS, BC=_CHUNK, HAS_W=weight is not None, HAS_RES=grad_residual is not None,
+        num_warps=4)
+    return dx, dw_part.sum(0) if weight is not None else None, db_part.sum(0)
+
+
+def _launch_gelu(h_q, hadamard):
+    R, N = h_q.shape
+    dev = h_q.data.device
+    Np = _padded(N, hadamard)
+    n_out_blocks = 1 if hadamard else math.ceil(N / _CHUNK)
+    y_data = torch.empty((R, Np), dtype=torch.int8, device=dev)
+    y_scale = torch.empty((R, n_out_blocks), dtype=torch.float32, device=dev)
+    h, inv_sqrt = _hadamard_arg(hadamard, dev)
+    _triton()._gelu_quant_kernel[(math.ceil(R / ROWS),)](
+        h_q.data, h_q.scale, h_q.scale.shape[1], R, N, Np, y_data, y_scale, h, inv_sqrt,
+        BR=ROWS, BC=_CHUNK, HAD=hadamard, UPCAST=_interpreting(), RINT_LIBDEVICE=_rint_libdevice(),
+        num_warps=4)
+    block = (1, Np) if hadamard else (1, _CHUNK)
+    return QuantizedTensor(y_data, y_scale, block, 8, (R, Np))
+
+
+def _launch_gelu_backward(h_q, grad2d):
+    R, N = h_q.shape
+    dh = torch.empty((R, N), dtype=grad2d.dtype, device=grad2d.device)
+    BR = 32
+    _triton()._gelu_backward_kernel[(math.ceil(N / _CHUNK), math.ceil(R / BR))](
+        h_q.data, h_q.scale, h_q.scale.shape[1], grad2d.contiguous(), dh, R, N,
+        BR=BR, BC=_CHUNK, num_warps=4)
+    return dh
+
+
+__all__ = ["LayerNormQuantized", "SAVE_BLOCK", "layernorm_quantize", "layernorm_backward",
+           "gelu_quantize", "gelu_backward", "gelu_tanh", "gelu_tanh_grad", "layernorm_backward_math",
+           "quantize_operand_reference"]

@@ -1,0 +1,151 @@
+"""The INT8 data flow's linear layer: it reads an activation that already is its GEMM operand, keeps
+that INT8 operand (not the BF16 input) for backward, and can write its output as INT8.
+
+Design: which scales travel between operators (ALGORITHMS.md §1, issue 5)
+-------------------------------------------------------------------------
+The producers write exactly the forward GEMM's A operand of the recipe, so the consuming linear has
+no X quantize pass. For the default `int8` recipe that is INT8 in Hadamard-128 space along the hidden
+axis with one FP32 scale per token (row); for `int8_block128` it is (1, 128) tiles, unrotated.
+The scales that cross an operator boundary, forward:
+
+    residual x (BF16) --[add +] LayerNorm--> X̃ = Q(LN(x)·H), per token ---------> QKV / fc1 GEMM
+    QKV GEMM --> BF16 q, k, v --> SDPA (BF16) --> out ------ quantize once ------> out-proj GEMM
+    fc1 GEMM --epilogue--> INT8 (1, 128) blocks --GELU (FP32 inside)--> Q(GELU·H) per token --> fc2
+
+- fc1's GEMM requantizes its FP32 accumulator per (1, 128) block in its epilogue (bias included);
+  the GELU kernel reads that, so no BF16 copy of fc1's output is ever written. (1, 128) rather than
+  per row, because the epilogue sees one 128-column tile of a row at a time.
+- Saved for backward: each linear's X̃ (INT8, per-token scale), the LayerNorm's INT8 (1, 128) input
+  copy + mean/rstd, the GELU's INT8 input. No BF16 activation is saved by the block except SDPA's
+  own q, k, v, output (attention stays BF16).
+
+Backward: the gradients between autograd functions are BF16 tensors (an autograd edge carries a
+dense gradient of the output's shape). Each linear quantizes its ∇Y as the recipe's dgrad and wgrad
+specs say (stochastic rounding), exactly as `megaq.ops.linear`. The LayerNorm and GELU backward
+kernels read their INT8 saved inputs and the BF16 incoming gradient and write a BF16 gradient: the
+LayerNorm's is summed into the high-precision residual gradient (a quantized residual gradient would
+only add noise where the block keeps full precision on purpose), the GELU's is requantized by fc1's
+backward in its own (rotated) layouts anyway.
+
+wgrad from the saved operand. `∇W = ∇Yᵀ X` reduces over tokens, but X̃ holds X·H (rotated along
+`in`, padded to C' columns). Since H is symmetric, orthonormal and block diagonal,
+`∇Yᵀ X = (∇Yᵀ (X H)) H`: the wgrad GEMM runs on the dequantized X̃ requantized along tokens (the
+recipe's wgrad spec, e.g. its own Hadamard over tokens), and its small `[out, C']` result is rotated
+back once and cut to `in` columns. Straight-through estimator through every quantizer, as
+`megaq.ops.linear`: the gradients are those of the quantized product.
+
+Alternatives weighed: per-(1, 128) producers (Jetfire-like) would make the default GEMM a
+per-K-block one, measured at 0.69× the per-row × per-column GEMM on the H100 (docs/PERFORMANCE.md);
+handing INT8 gradients between operators would need the whole LN→fc1→GELU→fc2 chain in one
+autograd function — a further step, the kernels' formats already allow it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from ..quant import QuantizedTensor, block_hadamard
+from .dataflow import Int8Operand, carrier_like
+from .linear import quantize_operand, quantized_gemm
+from .recipe import Recipe, get_recipe
+
+INT8_OUTPUT_BLOCK = (1, 128)
+
+
+def data_flow_format(recipe: Recipe | str | dict) -> tuple[int, tuple[int, int]]:
+    """`(hadamard, block)`: the forward A-operand layout producers must write for `recipe`.
+    Raises ValueError when the recipe cannot run the INT8 data flow, naming why."""
+    recipe = get_recipe(recipe)
+    fwd = recipe.forward
+    if recipe.int4_backward is not None or fwd.a.fmt != "int8" or fwd.b.fmt != "int8":
+        raise ValueError(f"the INT8 data flow needs an INT8 forward GEMM; recipe {recipe.name!r} has "
+                         f"forward operands {fwd.a.fmt}/{fwd.b.fmt}"
+                         + (" with the INT4 backward" if recipe.int4_backward is not None else ""))
+    if fwd.a.scale != "max" or fwd.a.rounding != "nearest":
+        raise ValueError(f"the INT8 data flow needs max-scaled, nearest-rounded activations; recipe "
+                         f"{recipe.name!r} has forward.a scale={fwd.a.scale!r}, rounding={fwd.a.rounding!r}")
+    block = tuple(fwd.a.block)
+    if fwd.hadamard:
+        if block != (1, -1):
+            raise ValueError(f"the INT8 data flow with a Hadamard forward needs one scale per token "
+                             f"(forward.a.block [1, -1]); recipe {recipe.name!r} has {list(block)}")
+    elif block[0] != 1 or block[1] == -1:
+        raise ValueError(f"the INT8 data flow without a Hadamard forward needs (1, k) activation tiles "
+                         f"(forward.a.block [1, k]); recipe {recipe.name!r} has {list(block)}")
+    return fwd.hadamard, block
+
+
+class _DataFlowLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, xq, hadamard, weight, bias, recipe: Recipe, int8_output, box):
+        in_features = weight.shape[1]
+        spec = recipe.forward
+        if xq is None:
+            # a BF16 input (the attention output): quantized once, and only the INT8 copy is kept
+            xq = quantize_operand(x.reshape(-1, in_features), spec.a, recipe.check_finite,
+                                  hadamard=spec.hadamard)
+        wq = quantize_operand(weight, spec.b, recipe.check_finite, hadamard=spec.hadamard)
+        out_shape = (*x.shape[:-1], weight.shape[0])
+        if int8_output:
+            box.append(kernels.scaled_mm(xq, wq, out_dtype=torch.int8, bias=bias,
+                                         out_block=INT8_OUTPUT_BLOCK))
+            y = carrier_like(out_shape, x.dtype, x.device)
+        else:
+            y = kernels.scaled_mm(xq, wq, out_dtype=x.dtype, bias=bias).view(out_shape)
+        ctx.save_for_backward(xq.data, xq.scale, weight)
+        ctx.xq_meta = (xq.block, xq.bits, xq.shape)
+        ctx.recipe, ctx.hadamard, ctx.has_bias = recipe, hadamard, bias is not None
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        data, scale, weight = ctx.saved_tensors
+        recipe: Recipe = ctx.recipe
+        in_features = weight.shape[1]
+        grad_y = grad_y.reshape(-1, weight.shape[0]).contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # dgrad: ∇X = ∇Y · W, operands ∇Y [tokens, out] and Wᵀ [in, out]
+            grad_x = quantized_gemm(grad_y, weight, recipe.dgrad, recipe.check_finite,
+                                    transpose_b=True).to(ctx.x_dtype).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            # wgrad from the saved operand: ∇Yᵀ · X̃ over tokens, then H back on the [out, C'] result
+            x_saved = kernels.dequantize(QuantizedTensor(data, scale, *ctx.xq_meta), ctx.x_dtype)
+            grad_w = quantized_gemm(grad_y, x_saved, recipe.wgrad, recipe.check_finite,
+                                    transpose_a=True, transpose_b=True)
+            if ctx.hadamard:
+                grad_w = block_hadamard(grad_w.float(), ctx.hadamard)
+            grad_w = grad_w[:, :in_features].to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_b = grad_y.float().sum(0).to(grad_y.dtype)
+        return grad_x, None, None, grad_w, grad_b, None, None, None
+
+
+def dataflow_linear(x: torch.Tensor | Int8Operand, weight: torch.Tensor, bias: torch.Tensor | None,
+                    recipe: Recipe | str | dict, *, int8_output: bool = False):
+    """`x · weightᵀ + bias` under an INT8 `recipe` (one `data_flow_format` accepts), saving only the
+    INT8 operand of `x` for backward.
+
+    `x` is an `Int8Operand` in the recipe's operand format (a LayerNorm or GELU producer's output:
+    no quantize pass here) or a plain tensor (quantized here, once). Returns a tensor in the
+    activation dtype, or with `int8_output` an unrotated `Int8Operand` of INT8 (1, 128) blocks
+    written by the GEMM's epilogue (fc1 feeding the GELU)."""
+    recipe = get_recipe(recipe)
+    hadamard, block = data_flow_format(recipe)
+    if isinstance(x, Int8Operand):
+        expected = (1, x.q.shape[1]) if block == (1, -1) else block
+        if x.hadamard != hadamard or x.q.block != expected or x.q.bits != 8:
+            raise ValueError(f"dataflow_linear: the input operand (hadamard={x.hadamard}, block="
+                             f"{x.q.block}, bits={x.q.bits}) is not recipe {recipe.name!r}'s forward "
+                             f"operand (hadamard={hadamard}, block={expected}, bits=8)")
+        value, xq = x.carrier, x.q
+    else:
+        value, xq = x, None
+    if value.shape[-1] != weight.shape[1]:
+        raise ValueError(f"dataflow_linear: input features {value.shape[-1]} != weight in_features "
+                         f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
+    box: list = []
+    y = _DataFlowLinear.apply(value, xq, hadamard, weight, bias, recipe, bool(int8_output), box)
+    return Int8Operand(y, box[0], 0) if int8_output else y

@@ -1,0 +1,307 @@
+"""The end-to-end evidence tooling: train.compile, the torchao float8 peer (quant.peer), a separate
+validation set (data.valid_path, for the English accuracy run), and tools/bench_e2e.py's parsing,
+table and failure handling."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO_ROOT, tiny_config
+from distributed_utils import run_distributed
+from megaq.training.config import ConfigError, config_from_dict, load_config
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_e2e", REPO_ROOT / "tools" / "bench_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.compile
+
+def _pretrain_and_read_parameter_names(rank, world_size, cfg_dicts):
+    from torch._dynamo.utils import counters
+
+    from megaq.training.trainer import pretrain
+
+    out = []
+    for cfg in cfg_dicts:
+        graphs_before = counters["stats"]["unique_graphs"]
+        summary = pretrain(config_from_dict(cfg))
+        states = next(Path(summary["last_checkpoint"]).rglob("*model_states.pt"))
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        out.append((summary["losses"], sorted(module), counters["stats"]["unique_graphs"] - graphs_before))
+    return out
+
+
+def test_compiled_blocks_train_like_eager_and_keep_parameter_names(demo_cache, tmp_path):
+    """train.compile=true: the same losses as eager (BF16 recipe: FP32 on CPU; INT8: its quantized
+    GEMMs run as graph breaks) and checkpoints with the same parameter names (no `_orig_mod.`)."""
+    cases = [("bf16", False), ("bf16", True), ("int8", False), ("int8", True)]
+    cfgs = [tiny_config(demo_cache, quant={"recipe": recipe}, train={"train_steps": 3, "compile": compiled},
+                        checkpoint={"dir": str(tmp_path / f"{recipe}_{compiled}")})
+            for recipe, compiled in cases]
+    results = run_distributed(_pretrain_and_read_parameter_names, 1, cfgs, timeout=600)[0]
+    assert [graphs > 0 for _, _, graphs in results] == [compiled for _, compiled in cases]
+    (bf16_eager, names, _), (bf16_compiled, names_compiled, _), (int8_eager, _, _), (int8_compiled, _, _) = results
+    assert names == names_compiled and not any("_orig_mod" in n for n in names_compiled)
+    torch.testing.assert_close(torch.tensor(bf16_compiled), torch.tensor(bf16_eager), rtol=1e-5, atol=1e-6)
+    # Compiled code may round differently before the quantizers: close, not bit-equal.
+    torch.testing.assert_close(torch.tensor(int8_compiled), torch.tensor(int8_eager), rtol=2e-3, atol=1e-3)
+
+
+def test_quantized_linears_stay_eager_inside_compiled_blocks():
+    """Under INT8 the blocks compile but their quantized linears are left to run eagerly; under
+    BF16 nothing is excluded."""
+    from megaq.models import GPT, GPTConfig
+    from megaq.nn import ColumnParallelLinear, RowParallelLinear
+    from megaq.training.engine import compile_blocks
+
+    def excluded(recipe: str) -> list[bool]:
+        model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, n_embd=32, recipe=recipe), init_seed=0)
+        compile_blocks(model)
+        assert all(block._compiled_call_impl is not None for block in model.blocks)
+        return [getattr(m.forward, "_torchdynamo_disable", False) for m in model.modules()
+                if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+
+    assert excluded("int8") == [True] * 8
+    assert excluded("bf16") == [False] * 8
+
+
+def test_compile_failure_names_the_option_and_the_recipe(tiny_cfg):
+    from torch._dynamo.exc import Unsupported
+
+    from megaq.training.engine import compile_failures_explained
+
+    compiled = config_from_dict(tiny_cfg(quant={"recipe": "int4"}, train={"compile": True}))
+    with pytest.raises(RuntimeError, match=r"train.compile=true: torch.compile failed for quant.recipe=int4"):
+        with compile_failures_explained(compiled):
+            raise Unsupported("a made-up dynamo failure")
+    eager = config_from_dict(tiny_cfg())
+    with pytest.raises(Unsupported):  # without compile, nothing is reworded
+        with compile_failures_explained(eager):
+            raise Unsupported("a made-up dynamo failure")
+
+
+def test_compile_option_is_validated(tiny_cfg):
+    assert config_from_dict(tiny_cfg()).train.compile is False
+    with pytest.raises(ConfigError, match="train.compile"):
+        config_from_dict(tiny_cfg(train={"compile": "sometimes"}))
+    with pytest.raises(ConfigError, match=r"train.compile=true does not support quant.data_flow='int8'"):
+        config_from_dict(tiny_cfg(quant={"recipe": "int8", "data_flow": "int8"}, train={"compile": True}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# quant.peer: torchao float8
+
+@pytest.mark.parametrize("sections, key", [
+    ({"quant": {"recipe": "int8", "peer": "torchao_float8_rowwise"}}, "quant.recipe"),
+    ({"quant": {"lm_head_recipe": "int4", "peer": "torchao_float8_rowwise"}}, "quant.lm_head_recipe"),
+    ({"quant": {"peer": "torchao_float8_tensorwise"}, "parallel": {"tensor_parallel": 2}},
+     "parallel.tensor_parallel=1"),
+    ({"quant": {"peer": "torchao_float8_blockwise"}}, "torchao_float8_rowwise"),
+])
+def test_peer_config_is_refused_where_it_would_not_be_the_bf16_model(tiny_cfg, sections, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_from_dict(tiny_cfg(**sections))
+
+
+def test_peer_config_accepted_with_bf16_at_tp1(tiny_cfg):
+    cfg = config_from_dict(tiny_cfg(quant={"peer": "torchao_float8_rowwise"}))
+    assert cfg.quant.peer == "torchao_float8_rowwise"
+
+
+def test_peer_without_torchao_says_so(monkeypatch):
+    from megaq.models import GPT, GPTConfig
+    from megaq.training.peers import apply_peer
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # makes `import torchao...` raise ImportError
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, n_embd=32), init_seed=0)
+    with pytest.raises(ConfigError, match="quant.peer='torchao_float8_rowwise' needs torchao"):
+        apply_peer(model, "torchao_float8_rowwise", "cuda")
+
+
+def test_peer_needs_a_gpu():
+    from megaq.training.peers import check_float8_device
+
+    with pytest.raises(ConfigError, match="need a CUDA GPU"):
+        check_float8_device("torchao_float8_tensorwise", "cpu")
+
+
+def test_swapped_linears_share_the_parameters_and_compute_the_same():
+    """The peer's first step (before torchao converts anything): nn.Linear modules that hold the
+    TP-size-1 BF16 layers' own Parameters give the same loss and gradients under the same names."""
+    from megaq.models import GPT, GPTConfig
+    from megaq.training.peers import swap_parallel_linears
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, n_embd=32), init_seed=0)
+    ids, labels = torch.randint(0, 64, (3, 16)), torch.randint(0, 64, (3, 16))
+    before = model(ids, labels)
+    before.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    parameters = dict(model.named_parameters())
+    model.zero_grad()
+
+    swapped = swap_parallel_linears(model)
+    assert len(swapped) == 4 * 2 and "blocks.1.mlp.fc2" in swapped
+    assert all(type(model.get_submodule(name)) is nn.Linear for name in swapped)
+    assert {n: id(p) for n, p in model.named_parameters()} == {n: id(p) for n, p in parameters.items()}
+    after = model(ids, labels)
+    after.backward()
+    torch.testing.assert_close(after, before)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], msg=name)
+
+
+def test_a_quantized_layer_is_not_swapped():
+    from megaq.nn import ColumnParallelLinear
+    from megaq.training.peers import as_plain_linear
+
+    with pytest.raises(ValueError, match="quantized recipe"):
+        as_plain_linear(ColumnParallelLinear(32, 32, recipe="int8"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("peer", ["torchao_float8_tensorwise", "torchao_float8_rowwise"])
+def test_float8_peer_trains_close_to_bf16(peer):
+    pytest.importorskip("torchao.float8")
+    from megaq.models import GPT, GPTConfig
+    from megaq.training.peers import apply_peer
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no float8 tensor cores on this GPU")
+    cfg = GPTConfig(vocab_size=512, seq_len=128, n_layer=2, n_head=4, n_embd=256)
+    reference = GPT(cfg, init_seed=0).cuda().bfloat16()
+    peer_model = GPT(cfg, init_seed=0).cuda().bfloat16()
+    apply_peer(peer_model, peer, "cuda")
+    ids = torch.randint(0, 512, (8, 128), device="cuda")
+    labels = torch.randint(0, 512, (8, 128), device="cuda")
+    ref_loss, peer_loss = reference(ids, labels), peer_model(ids, labels)
+    peer_loss.backward()
+    assert abs(peer_loss.item() - ref_loss.item()) < 0.02 * ref_loss.item()
+    assert all(torch.isfinite(p.grad).all() for p in peer_model.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# data.valid_path
+
+def _byte_dataset(path: Path, documents: list[str]) -> str:
+    from megaq.data.preprocess import preprocess
+
+    text = path.with_suffix(".txt")
+    text.write_text("\n\n".join(documents) + "\n")
+    preprocess(text, path, {"type": "byte", "model": None}, progress=False)
+    return str(path)
+
+
+def test_valid_path_validates_on_all_of_it_and_trains_on_all_of_path(tmp_path):
+    from megaq.data import IndexedDataset
+    from megaq.training.data import prepare_data
+
+    train = _byte_dataset(tmp_path / "train", [f"training document {i} " * 20 for i in range(30)])
+    valid = _byte_dataset(tmp_path / "valid", [f"held-out text {i} " * 20 for i in range(7)])
+    raw = tiny_config(tmp_path, data={"path": train, "valid_path": valid, "demo": False, "valid_fraction": 0.0})
+    del raw["data"]["valid_fraction"]  # left at its default: not used with valid_path
+    data = prepare_data(config_from_dict(raw), 0, 0, lambda: None)
+    assert data.train.num_documents == len(IndexedDataset(train)) == 30
+    assert data.valid.num_documents == len(IndexedDataset(valid)) == 7
+    assert bytes(data.valid[0]["input_ids"][:13].tolist()) == b"held-out text"
+
+
+def test_valid_path_errors_name_the_key(tmp_path):
+    train = _byte_dataset(tmp_path / "train", ["some text " * 50] * 3)
+    with pytest.raises(ConfigError, match=r"data\.valid_path='nowhere': missing nowhere\.bin"):
+        config_from_dict(tiny_config(tmp_path, data={"path": train, "valid_path": "nowhere"}))
+    with pytest.raises(ConfigError, match=r"data\.valid_path and data\.valid_fraction=0\.05 are both set"):
+        config_from_dict(tiny_config(tmp_path, data={"path": train, "valid_path": train}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# tools/bench_e2e.py
+
+def test_micro_batches_per_model():
+    assert bench.parse_micro_batches("8", ["gpt2", "gpt2-xl"]) == {"gpt2": 8, "gpt2-xl": 8}
+    assert bench.parse_micro_batches("gpt2:16,gpt2-xl:4", ["gpt2-xl"]) == {"gpt2": 16, "gpt2-xl": 4}
+    with pytest.raises(ValueError, match=r"no micro batch for \['gpt-1.3b'\]"):
+        bench.parse_micro_batches("gpt2:16", ["gpt2", "gpt-1.3b"])
+    with pytest.raises(ValueError, match="'gpt2=16' is not MODEL:N"):
+        bench.parse_micro_batches("gpt2=16", ["gpt2"])
+
+
+def test_recipes_with_peers_and_compile_choices():
+    assert bench.parse_recipes("bf16,int8@compile,fp8_rowwise", compile_default=False) == [
+        ("bf16", False), ("int8", True), ("fp8_rowwise", True)]
+    assert bench.parse_recipes("bf16,fp8_tensorwise@eager", compile_default=True) == [
+        ("bf16", True), ("fp8_tensorwise", False)]
+    with pytest.raises(ValueError, match="'int9' is neither a megaq recipe nor a peer"):
+        bench.parse_recipes("bf16,int9", compile_default=False)
+    with pytest.raises(ValueError, match="@compile or @eager"):
+        bench.parse_recipes("bf16@fast", compile_default=False)
+
+
+def test_case_overrides_are_a_valid_config():
+    """Every case's overrides load on the bench's default config (the peer as quant.peer over bf16)."""
+    for recipe, compiled in (("fp8_rowwise", True), ("int8", False)):
+        case = bench.Case("gpt2-xl", 2048, recipe, compiled, 4)
+        cfg = load_config(REPO_ROOT / "configs" / "gpt2_bf16.json", case.overrides())
+        assert (cfg.model.n_layer, cfg.model.seq_len, cfg.train.micro_batch_size) == (48, 2048, 4)
+        assert cfg.train.compile is compiled
+    assert cfg.quant.peer is None and cfg.quant.recipe == "int8"
+    peer = load_config(REPO_ROOT / "configs" / "gpt2_bf16.json", bench.Case("gpt2", 1024, "fp8_rowwise", True, 16).overrides())
+    assert (peer.quant.recipe, peer.quant.peer) == ("bf16", "torchao_float8_rowwise")
+
+
+def test_table_has_ratios_to_the_fastest_bf16_and_failed_rows():
+    def row(recipe, compiled, tps, mem, **extra):
+        return {"model": "gpt2", "seq_len": 1024, "recipe": recipe, "compiled": compiled, "micro_batch": 16,
+                "tokens_per_s": tps, "mfu": 0.2, "peak_memory_gib": mem, "final_loss": 5.0, **extra}
+
+    rows = [row("bf16", False, 100.0, 40.0), row("bf16", True, 200.0, 30.0), row("int8", True, 300.0, 21.0),
+            {"model": "gpt2", "seq_len": 1024, "recipe": "int4", "compiled": True, "micro_batch": 16,
+             "error": "out of memory"}]
+    bench.add_ratios(rows)
+    assert rows[2]["speed_vs_bf16"] == pytest.approx(1.5) and rows[2]["memory_vs_bf16"] == pytest.approx(0.7)
+    table = bench.format_table(rows)
+    assert "| gpt2 | 1024 | 16 | int8 | yes | 300 | 1.50x | 20.0% | 21.0 | 0.70x | 5.000 |" in table
+    assert "| int4 | yes | failed: out of memory |" in table
+
+
+def test_failure_reasons():
+    assert bench.summarize_failure(None, "") == "timed out"
+    assert bench.summarize_failure(1, "x\ntorch.OutOfMemoryError: CUDA out of memory. Tried") == "out of memory"
+    assert bench.summarize_failure(2, "log\nmegaq: configuration error: model.preset: bad\n") == \
+        "megaq: configuration error: model.preset: bad"
+    assert bench.summarize_failure(1, "nothing useful") == "exit code 1"
+
+
+def test_bench_runs_cases_and_reports_a_failing_one_as_a_row(demo_cache, tmp_path, monkeypatch, capsys):
+    """A real (tiny, CPU) case and one whose model does not exist: one table, the failure a row."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "e2e.json"
+    code = bench.main(["--models", "tiny,no-such-model", "--seq", "64", "--recipes", "bf16", "--steps", "3",
+                       "--warmup", "1", "--micro-batch", "2", "--vocab-size", "384",
+                       "--config", str(REPO_ROOT / "configs" / "tiny_cpu.json"),
+                       "--override", f"data.cache_dir={demo_cache}", "--override", "data.demo_max_bytes=400000",
+                       "--override", "data.num_workers=0", "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    assert code == 1
+    report = json.loads(out.read_text())
+    ok, failed = report["results"]
+    assert ok["tokens_per_s"] > 0 and ok["steps_measured"] == 2 and ok["speed_vs_bf16"] == 1.0
+    assert "model.preset" in failed["error"]
+    assert report["environment"]["command"]
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| no-such-model | 64 | 2 | bf16 | no | failed")

@@ -1,0 +1,204 @@
+"""One GPT transformer block, forward + backward: BF16 vs INT8 (data flow off / on) vs INT4.
+
+    python tools/bench_block.py --json bench_block.json
+    python tools/bench_block.py --widths 1600,4096 --variants bf16,int8_df --iters 30
+
+For each width (GPT-2 124M 768, GPT-2 XL 1600, 1.3B 2048, a 7B-class 4096; head dim 64, 64, 128, 128)
+and variant, on `[seq, batch, width]` BF16 activations and BF16 parameters:
+- time: median of CUDA-event timings of forward + backward (gradients reset between steps);
+- peak memory: `torch.cuda.max_memory_allocated` during one step, minus what was allocated before
+  it (parameters, input, output gradient);
+- saved activations: bytes of the distinct storages autograd keeps for backward (parameters excluded);
+- per-operator breakdown: the GPU kernels of a few profiled steps (torch.profiler) grouped by name
+  into GEMM, LayerNorm, GELU, quantize, attention and other, in ms per step.
+
+Variants: `bf16` (the reference), `int8` (recipe int8, data flow off: every linear quantizes its
+BF16 input), `int8_df` (recipe int8 with `data_flow: int8`), `int4` (recipe int4). Recipes run with
+`check_finite` off, as the trainer runs them. Writes JSON; prints a markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megaq.models.gpt import GPTConfig  # noqa: E402
+from megaq.models.transformer import TransformerBlock  # noqa: E402
+
+HEADS = {768: 12, 1600: 25, 2048: 16, 4096: 32}
+VARIANTS = {"bf16": ("bf16", "bf16"), "int8": ("int8", "bf16"), "int8_df": ("int8", "int8"),
+            "int4": ("int4", "bf16")}
+# kernel name -> operator group; first match wins (our INT8 LayerNorm/GELU kernels contain "quant")
+GROUPS = [
+    ("layernorm", re.compile(r"layer_?norm|GammaBeta", re.I)),
+    ("gelu", re.compile(r"gelu", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|_scaled_mm|matmul|_int_mm|wgmma", re.I)),
+    ("quantize", re.compile(r"quant|amax|hadamard|_dequant", re.I)),
+]
+
+
+def build(width: int, seq: int, variant: str) -> TransformerBlock:
+    recipe, data_flow = VARIANTS[variant]
+    cfg = GPTConfig(vocab_size=256, seq_len=seq, n_layer=1, n_head=HEADS.get(width, width // 64),
+                    n_embd=width, recipe={"preset": recipe, "check_finite": False}, data_flow=data_flow)
+    torch.manual_seed(0)
+    blk = TransformerBlock(cfg)
+    with torch.no_grad():
+        for name, p in blk.named_parameters():
+            if name.startswith("ln_"):
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return blk.to(device="cuda", dtype=torch.bfloat16)
+
+
+def step(blk, x, g):
+    for p in blk.parameters():
+        p.grad = None
+    x.grad = None
+    blk(x).backward(g)
+
+
+def time_steps(blk, x, g, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        step(blk, x, g)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(blk, x, g)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def peak_memory(blk, x, g) -> int:
+    for p in blk.parameters():
+        p.grad = None
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    blk(x).backward(g)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def saved_bytes(blk, x) -> int:
+    params = {p.untyped_storage().data_ptr() for p in blk.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = blk(x)
+    del y
+    return sum(storages.values())
+
+
+def breakdown(blk, x, g, steps: int = 3) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(blk, x, g)
+        torch.cuda.synchronize()
+    groups = {name: 0.0 for name, _ in GROUPS} | {"other": 0.0}
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "self_device_time_total", None)
+        if device_us is None:
+            device_us = evt.self_cuda_time_total
+        if not device_us:
+            continue
+        group = next((name for name, pattern in GROUPS if pattern.search(evt.key)), "other")
+        groups[group] += device_us / 1000.0 / steps
+    return groups
+
+
+def run(width: int, seq: int, batch: int, variant: str, warmup: int, iters: int, profile: bool) -> dict:
+    blk = build(width, seq, variant)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(seq, batch, width, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+    g = torch.randn(seq, batch, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+    if variant == "int4":          # its backward is the megaq.quant reference: slow, few steps
+        warmup, iters = 1, max(3, iters // 5)
+    times = time_steps(blk, x, g, warmup, iters)
+    out = {"width": width, "heads": HEADS.get(width, width // 64), "seq": seq, "batch": batch,
+           "variant": variant, "ms": statistics.median(times), "ms_all": times,
+           "peak_bytes": peak_memory(blk, x, g), "saved_bytes": saved_bytes(blk, x)}
+    if profile:
+        out["breakdown_ms"] = breakdown(blk, x, g)
+    del blk, x, g
+    torch.cuda.empty_cache()
+    return out
+
+
+def table(results: list[dict]) -> str:
+    base = {(r["width"]): r for r in results if r["variant"] == "bf16"}
+    cols = [name for name, _ in GROUPS] + ["other"]
+    lines = ["| width | tokens | variant | ms | vs BF16 | peak MiB | vs BF16 | saved MiB | vs BF16 | "
+             + " | ".join(f"{c} ms" for c in cols) + " |",
+             "|" + " --- |" * (9 + len(cols))]
+    for r in results:
+        b = base.get(r["width"])
+        ratio = lambda key, inverse=False: (f"{(b[key] / r[key] if inverse else r[key] / b[key]):.2f}×"
+                                            if b else "—")
+        parts = [str(r["width"]), str(r["seq"] * r["batch"]), r["variant"], f"{r['ms']:.2f}",
+                 ratio("ms", inverse=True), f"{r['peak_bytes'] / 2**20:.0f}", ratio("peak_bytes"),
+                 f"{r['saved_bytes'] / 2**20:.0f}", ratio("saved_bytes")]
+        bd = r.get("breakdown_ms", {})
+        parts += [f"{bd[c]:.2f}" if c in bd else "—" for c in cols]
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines) + "\n(vs BF16: speed-up for time, fraction for memory)"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--widths", default="768,1600,2048,4096")
+    ap.add_argument("--variants", default="bf16,int8,int8_df,int4")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch = tokens / seq)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-operator breakdown")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_block needs a CUDA GPU", file=sys.stderr)
+        return 2
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    batch = max(1, args.tokens // args.seq)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "seq": args.seq, "tokens": batch * args.seq}
+    results = []
+    for width in (int(w) for w in args.widths.split(",")):
+        for variant in variants:
+            r = run(width, args.seq, batch, variant, args.warmup, args.iters, not args.no_profile)
+            results.append(r)
+            print(f"width {width} {variant}: {r['ms']:.2f} ms, peak {r['peak_bytes'] / 2**20:.0f} MiB, "
+                  f"saved {r['saved_bytes'] / 2**20:.0f} MiB", flush=True)
+            if args.json:       # after every run: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
