@@ -68,6 +68,20 @@ def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
         1.0 + 3.0 * _GELU_C * x * x)
 
 
+def layernorm_forward_math(x2d: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim of `x2d [R, C]` in FP32: `(y, mean [R], rstd [R])`."""
+    xf = x2d.float()
+    var, mean = torch.var_mean(xf, dim=1, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    y = (xf - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y, mean, rstd
+
+
 def layernorm_backward_math(x_in: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                             weight: torch.Tensor | None, grad: torch.Tensor):
     """LayerNorm gradients from an input `x_in [R, C]` and its per-row `mean`, `rstd` `[R]`, for the
@@ -138,14 +152,7 @@ def layernorm_quantize(x2d: torch.Tensor, weight: torch.Tensor | None, bias: tor
     xs = x_sum if x_sum is not None else x2d
     if check:
         check_finite(xs, "LayerNorm input")
-    xf = xs.float()
-    var, mean = torch.var_mean(xf, dim=1, unbiased=False)
-    rstd = torch.rsqrt(var + eps)
-    y = (xf - mean[:, None]) * rstd[:, None]
-    if weight is not None:
-        y = y * weight.float()
-    if bias is not None:
-        y = y + bias.float()
+    y, mean, rstd = layernorm_forward_math(xs, weight, bias, eps)
     y_q = quantize_operand_reference(y, hadamard, block)
     x_q = quantize_blockwise(xs, SAVE_BLOCK, 8, "nearest", check=False)
     return LayerNormQuantized(x_sum, y_q, x_q, mean, rstd)
@@ -282,5 +289,5 @@ def _launch_gelu_backward(h_q, grad2d):
 
 
 __all__ = ["LayerNormQuantized", "SAVE_BLOCK", "layernorm_quantize", "layernorm_backward",
-           "gelu_quantize", "gelu_backward", "gelu_tanh", "gelu_tanh_grad", "layernorm_backward_math",
-           "quantize_operand_reference"]
+           "gelu_quantize", "gelu_backward", "gelu_tanh", "gelu_tanh_grad", "layernorm_forward_math",
+           "layernorm_backward_math", "quantize_operand_reference"]

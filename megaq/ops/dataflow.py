@@ -35,6 +35,7 @@ from .. import kernels
 from ..kernels import dataflow as dataflow_kernels
 from ..kernels.dataflow import gelu_tanh, gelu_tanh_grad
 from ..kernels.dataflow import layernorm_backward_math as layernorm_backward
+from ..kernels.dataflow import layernorm_forward_math
 from ..quant import QuantizedTensor, check_finite
 
 
@@ -74,14 +75,7 @@ class _Int8LayerNorm(torch.autograd.Function):
         x2d = x.reshape(-1, C)
         if check:
             check_finite(x2d, "int8_layernorm input")
-        xf = x2d.float()
-        var, mean = torch.var_mean(xf, dim=1, unbiased=False)
-        rstd = torch.rsqrt(var + eps)
-        y = (xf - mean[:, None]) * rstd[:, None]
-        if weight is not None:
-            y = y * weight.float()
-        if bias is not None:
-            y = y + bias.float()
+        y, mean, rstd = layernorm_forward_math(x2d, weight, bias, eps)
         qy = _quantize(y, block, "nearest", None, check)
         # Saved for backward: the INT8 copy of the input (not the BF16/FP32 input) + per-row stats.
         xq = _quantize(x2d.contiguous(), block, "nearest", None, False)
