@@ -4,7 +4,7 @@
 # recipes side by side on one GPU; then the loss curves (OUT/english_curves.png) and the validation table.
 #   bash tools/english_accuracy.sh wikitext2-valid.txt wikitext2-test.txt [recipes] [extra overrides...]
 # Environment: OUT (default runs/english), STEPS (default: the config's 400), TIME_LIMIT (seconds per run,
-# 0 = none), VOCAB (default 8000).
+# 0 = none), VOCAB (default 8000), PORT_BASE (default 29650).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 train_text=${1:?usage: english_accuracy.sh TRAIN.txt VALID.txt [recipes] [overrides...]}
@@ -21,7 +21,7 @@ for split in train valid; do
     python tools/preprocess_data.py --input "$text" --tokenizer-type sentencepiece --workers 1 --no-progress \
         --tokenizer-model "$out/data/spm.model" --output-prefix "$out/data/$split" || exit 1
 done
-port=29650
+port=${PORT_BASE:-29650}  # one port per run: PORT_BASE+1, +2, ...; move it when a port is taken
 pids=()
 for recipe in ${recipes//,/ }; do
     port=$((port + 1))
