@@ -61,6 +61,14 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return gather_from_tp_region(y) if gather_output else y
 
 
+def _init_shards(layer: nn.Module, init_method: InitFn, generator: torch.Generator | None) -> None:
+    """Initialize a parallel linear's shards of a full weight drawn from ``generator`` (the default
+    generator when None, which must then be in the same state on all TP ranks); the bias to zero."""
+    initialize_from_full_(layer.weight, init_method, generator)
+    if layer.bias is not None:
+        initialize_from_full_(layer.bias, zeros_init, generator)
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x W^T + b`` with W split along its output dimension: rank r holds ``[out/tp, in]``.
 
@@ -108,11 +116,7 @@ class ColumnParallelLinear(nn.Module):
 
     def reset_parameters(self, init_method: InitFn = normal_init(0.02),
                          generator: torch.Generator | None = None) -> None:
-        """Initialize this rank's shard of a full weight drawn from ``generator`` (the default
-        generator when None, which must then be in the same state on all TP ranks)."""
-        initialize_from_full_(self.weight, init_method, generator)
-        if self.bias is not None:
-            initialize_from_full_(self.bias, zeros_init, generator)
+        _init_shards(self, init_method, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return column_parallel_linear(x, self.weight, self.bias, self.recipe,
@@ -168,9 +172,7 @@ class RowParallelLinear(nn.Module):
 
     def reset_parameters(self, init_method: InitFn = normal_init(0.02),
                          generator: torch.Generator | None = None) -> None:
-        initialize_from_full_(self.weight, init_method, generator)
-        if self.bias is not None:
-            initialize_from_full_(self.bias, zeros_init, generator)
+        _init_shards(self, init_method, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
