@@ -244,41 +244,41 @@ def test_micro_batches_per_model():
 
 
 def test_recipes_with_peers_and_compile_choices():
-    assert bench.parse_recipes("bf16,int8@compile,fp8_rowwise", compile_default=False) == [
-        ("bf16", False), ("int8", True), ("fp8_rowwise", True)]
+    assert bench.parse_recipes("bf16,int8@compile,fp8_rowwise,int8@graphs", compile_default=False) == [
+        ("bf16", "eager"), ("int8", "compile"), ("fp8_rowwise", "compile"), ("int8", "graphs")]
     assert bench.parse_recipes("bf16,fp8_tensorwise@eager", compile_default=True) == [
-        ("bf16", True), ("fp8_tensorwise", False)]
+        ("bf16", "compile"), ("fp8_tensorwise", "eager")]
     with pytest.raises(ValueError, match="'int9' is neither a megaq recipe nor a peer"):
         bench.parse_recipes("bf16,int9", compile_default=False)
-    with pytest.raises(ValueError, match="@compile or @eager"):
+    with pytest.raises(ValueError, match="@eager, @compile, @graphs"):
         bench.parse_recipes("bf16@fast", compile_default=False)
 
 
 def test_case_overrides_are_a_valid_config():
     """Every case's overrides load on the bench's default config (the peer as quant.peer over bf16)."""
-    for recipe, compiled in (("fp8_rowwise", True), ("int8", False)):
-        case = bench.Case("gpt2-xl", 2048, recipe, compiled, 4)
+    for recipe, mode in (("fp8_rowwise", "compile"), ("int8", "graphs")):
+        case = bench.Case("gpt2-xl", 2048, recipe, mode, 4)
         cfg = load_config(REPO_ROOT / "configs" / "gpt2_bf16.json", case.overrides())
         assert (cfg.model.n_layer, cfg.model.seq_len, cfg.train.micro_batch_size) == (48, 2048, 4)
-        assert cfg.train.compile is compiled
+        assert (cfg.train.compile, cfg.train.cuda_graphs) == (mode == "compile", mode == "graphs")
     assert cfg.quant.peer is None and cfg.quant.recipe == "int8"
-    peer = load_config(REPO_ROOT / "configs" / "gpt2_bf16.json", bench.Case("gpt2", 1024, "fp8_rowwise", True, 16).overrides())
+    peer = load_config(REPO_ROOT / "configs" / "gpt2_bf16.json", bench.Case("gpt2", 1024, "fp8_rowwise", "compile", 16).overrides())
     assert (peer.quant.recipe, peer.quant.peer) == ("bf16", "torchao_float8_rowwise")
 
 
 def test_table_has_ratios_to_the_fastest_bf16_and_failed_rows():
-    def row(recipe, compiled, tps, mem, **extra):
-        return {"model": "gpt2", "seq_len": 1024, "recipe": recipe, "compiled": compiled, "micro_batch": 16,
+    def row(recipe, mode, tps, mem, **extra):
+        return {"model": "gpt2", "seq_len": 1024, "recipe": recipe, "mode": mode, "micro_batch": 16,
                 "tokens_per_s": tps, "mfu": 0.2, "peak_memory_gib": mem, "final_loss": 5.0, **extra}
 
-    rows = [row("bf16", False, 100.0, 40.0), row("bf16", True, 200.0, 30.0), row("int8", True, 300.0, 21.0),
-            {"model": "gpt2", "seq_len": 1024, "recipe": "int4", "compiled": True, "micro_batch": 16,
+    rows = [row("bf16", "eager", 100.0, 40.0), row("bf16", "compile", 200.0, 30.0), row("int8", "graphs", 300.0, 21.0),
+            {"model": "gpt2", "seq_len": 1024, "recipe": "int4", "mode": "compile", "micro_batch": 16,
              "error": "out of memory"}]
     bench.add_ratios(rows)
     assert rows[2]["speed_vs_bf16"] == pytest.approx(1.5) and rows[2]["memory_vs_bf16"] == pytest.approx(0.7)
     table = bench.format_table(rows)
-    assert "| gpt2 | 1024 | 16 | int8 | yes | 300 | 1.50x | 20.0% | 21.0 | 0.70x | 5.000 |" in table
-    assert "| int4 | yes | failed: out of memory |" in table
+    assert "| gpt2 | 1024 | 16 × 1 | int8 | graphs | 300 | 1.50x | 20.0% | 21.0 | 0.70x | 5.000 |" in table
+    assert "| int4 | compile | failed: out of memory |" in table
 
 
 def test_failure_reasons():
@@ -294,7 +294,7 @@ def test_bench_runs_cases_and_reports_a_failing_one_as_a_row(demo_cache, tmp_pat
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "e2e.json"
     code = bench.main(["--models", "tiny,no-such-model", "--seq", "64", "--recipes", "bf16", "--steps", "3",
-                       "--warmup", "1", "--micro-batch", "2", "--vocab-size", "384",
+                       "--grad-accum", "2", "--warmup", "1", "--micro-batch", "2", "--vocab-size", "384",
                        "--config", str(REPO_ROOT / "configs" / "tiny_cpu.json"),
                        "--override", f"data.cache_dir={demo_cache}", "--override", "data.demo_max_bytes=400000",
                        "--override", "data.num_workers=0", "--workdir", str(tmp_path / "work"), "--json", str(out)])
@@ -304,4 +304,4 @@ def test_bench_runs_cases_and_reports_a_failing_one_as_a_row(demo_cache, tmp_pat
     assert ok["tokens_per_s"] > 0 and ok["steps_measured"] == 2 and ok["speed_vs_bf16"] == 1.0
     assert "model.preset" in failed["error"]
     assert report["environment"]["command"]
-    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| no-such-model | 64 | 2 | bf16 | no | failed")
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| no-such-model | 64 | 2 × 2 | bf16 | eager | failed")

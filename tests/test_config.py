@@ -228,3 +228,16 @@ def test_every_schema_field_has_a_description():
 
     for section, model in SECTIONS:
         walk(model, f"{section}.")
+
+
+def test_cuda_graphs_refuse_what_cannot_be_captured_naming_each_key():
+    assert config_from_dict(with_(train={"cuda_graphs": True})).train.cuda_graphs
+    message = error_of(with_(train={"cuda_graphs": True, "compile": True},
+                             model={"preset": "tiny", "dropout": 0.1},
+                             quant={"recipe": "int4", "check_finite": True},
+                             zero_optimization={"stage": 3}))
+    for key in ("model.dropout=0.1", "quant.check_finite=true", "quant.recipe='int4'", "train.compile=true",
+                "zero_optimization.stage=3"):
+        assert key in message, (key, message)
+    assert "parallel.tensor_parallel=2" in error_of(with_(train={"cuda_graphs": True},
+                                                          parallel={"tensor_parallel": 2}))

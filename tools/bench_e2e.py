@@ -13,8 +13,9 @@ Recipes: megaq recipe names (bf16, int8, int4, ...), and the peers `fp8_tensorwi
 the same model, data and optimizer with the blocks' linear layers trained by torchao's float8
 (`quant.peer`; needs torchao). `--compile` compiles the megaq recipes' blocks (`train.compile`); the
 peers are always compiled (torchao's float8 casts are meant to be fused by it). A recipe may carry
-`@compile` or `@eager` to choose for itself, e.g. `bf16@eager,bf16@compile,int8@eager`. When several
-BF16 rows share a model and sequence length, the ratios use the fastest (the strongest baseline).
+`@compile`, `@eager` or `@graphs` (the blocks replayed from CUDA graphs, `train.cuda_graphs`) to choose
+for itself, e.g. `bf16@eager,bf16@graphs,int8@graphs`. When several BF16 rows share a model and sequence
+length, the ratios use the fastest (the strongest baseline).
 
 The vocabulary is GPT-2's (`--vocab-size 50304`) even though the demo corpus's tokens are bytes, so
 that the output layer and loss cost what they cost in a real GPT-2-sized run.
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bench recipe name -> quant.peer
 PEERS = {"fp8_tensorwise": "torchao_float8_tensorwise", "fp8_rowwise": "torchao_float8_rowwise"}
+MODES = ("eager", "compile", "graphs")
 # Micro batches that fit an 80 GB H100 at sequence 2048 without activation checkpointing.
 DEFAULT_MICRO_BATCH = "gpt2:16,gpt2-xl:4,gpt-1.3b:4"
 
@@ -51,19 +53,22 @@ class Case:
     model: str
     seq_len: int
     recipe: str      # a megaq recipe name or a key of PEERS
-    compiled: bool
+    mode: str        # one of MODES
     micro_batch: int
+    grad_accum: int = 1  # micro batches per optimizer step
 
     @property
     def name(self) -> str:
-        return f"{self.model}_{self.seq_len}_{self.recipe}_{'compiled' if self.compiled else 'eager'}"
+        return f"{self.model}_{self.seq_len}_{self.recipe}_{self.mode}"
 
     def overrides(self) -> list[str]:
         peer = PEERS.get(self.recipe)
         recipe = "bf16" if peer else self.recipe
         return [f"model.preset={self.model}", f"model.seq_len={self.seq_len}", f"quant.recipe={recipe}",
-                f"quant.peer={json.dumps(peer)}", f"train.compile={json.dumps(self.compiled)}",
-                f"train.micro_batch_size={self.micro_batch}", f"train.global_batch_size={self.micro_batch}"]
+                f"quant.peer={json.dumps(peer)}", f"train.compile={json.dumps(self.mode == 'compile')}",
+                f"train.cuda_graphs={json.dumps(self.mode == 'graphs')}",
+                f"train.micro_batch_size={self.micro_batch}",
+                f"train.global_batch_size={self.micro_batch * self.grad_accum}"]
 
 
 def parse_micro_batches(text: str, models: list[str]) -> dict[str, int]:
@@ -84,32 +89,33 @@ def parse_micro_batches(text: str, models: list[str]) -> dict[str, int]:
     return table
 
 
-def parse_recipes(text: str, compile_default: bool) -> list[tuple[str, bool]]:
-    """'bf16,int8@eager,fp8_rowwise' -> [(recipe, compiled)]. Peers are compiled unless '@eager'."""
+def parse_recipes(text: str, compile_default: bool) -> list[tuple[str, str]]:
+    """'bf16,int8@graphs,fp8_rowwise' -> [(recipe, mode)]. Peers are compiled unless given a mode."""
     from megaq.ops import RecipeError, get_recipe
 
     out = []
     for token in (t.strip() for t in text.split(",") if t.strip()):
         recipe, _, mode = token.partition("@")
-        if mode not in ("", "compile", "eager"):
-            raise ValueError(f"--recipes: {token!r}: the suffix must be @compile or @eager")
+        if mode not in ("", *MODES):
+            raise ValueError(f"--recipes: {token!r}: the suffix must be one of "
+                             f"{', '.join('@' + m for m in MODES)}")
         if recipe not in PEERS:
             try:
                 get_recipe(recipe)
             except RecipeError as e:
                 raise ValueError(f"--recipes: {recipe!r} is neither a megaq recipe nor a peer "
                                  f"{sorted(PEERS)}: {e}") from None
-        default = True if recipe in PEERS else compile_default
-        out.append((recipe, default if not mode else mode == "compile"))
+        default = "compile" if recipe in PEERS or compile_default else "eager"
+        out.append((recipe, mode or default))
     if not out:
         raise ValueError("--recipes is empty")
     return out
 
 
-def build_cases(models: list[str], seqs: list[int], recipes: list[tuple[str, bool]],
-                micro: dict[str, int]) -> list[Case]:
-    return [Case(model, seq, recipe, compiled, micro[model])
-            for model in models for seq in seqs for recipe, compiled in recipes]
+def build_cases(models: list[str], seqs: list[int], recipes: list[tuple[str, str]],
+                micro: dict[str, int], grad_accum: int = 1) -> list[Case]:
+    return [Case(model, seq, recipe, mode, micro[model], grad_accum)
+            for model in models for seq in seqs for recipe, mode in recipes]
 
 
 def summarize_failure(returncode: int | None, output: str) -> str:
@@ -150,8 +156,8 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path, port: int) -> 
     for o in overrides:
         cmd += ["--override", o]
     env = dict(os.environ, MASTER_PORT=str(port), MEGAQ_IGNORE_SLURM="1")
-    row = {"model": case.model, "seq_len": case.seq_len, "recipe": case.recipe, "compiled": case.compiled,
-           "micro_batch": case.micro_batch, "steps": args.steps}
+    row = {"model": case.model, "seq_len": case.seq_len, "recipe": case.recipe, "mode": case.mode,
+           "micro_batch": case.micro_batch, "grad_accum": case.grad_accum, "steps": args.steps}
     try:
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=args.case_timeout)
@@ -187,10 +193,10 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | seq | micro | recipe | compiled | tokens/s | vs bf16 | MFU | peak GiB | mem vs bf16 | loss |",
+    lines = ["| model | seq | micro × accum | recipe | mode | tokens/s | vs bf16 | MFU | peak GiB | mem vs bf16 | loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = f"| {r['model']} | {r['seq_len']} | {r['micro_batch']} | {r['recipe']} | {'yes' if r['compiled'] else 'no'} |"
+        head = f"| {r['model']} | {r['seq_len']} | {r['micro_batch']} × {r.get('grad_accum', 1)} | {r['recipe']} | {r['mode']} |"
         if "error" in r:
             lines.append(f"{head} failed: {r['error'][:120].replace('|', '/')} | | | | | |")
             continue
@@ -220,9 +226,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--models", default="gpt2", help="comma-separated model presets")
     ap.add_argument("--seq", default="1024", help="comma-separated sequence lengths")
     ap.add_argument("--recipes", default="bf16,int8,int4", help="megaq recipes and peers (fp8_tensorwise, "
-                    "fp8_rowwise), each optionally @compile / @eager")
+                    "fp8_rowwise), each optionally @eager / @compile / @graphs")
     ap.add_argument("--compile", action="store_true", help="compile the megaq recipes' blocks (train.compile)")
     ap.add_argument("--micro-batch", default=DEFAULT_MICRO_BATCH, help="N for every model, or MODEL:N,...")
+    ap.add_argument("--grad-accum", type=int, default=8,
+                    help="micro batches per optimizer step (global batch = micro x this). As in real pretraining "
+                    "(GPT-2's 512-sequence batches), the optimizer step is amortized over many micro batches; with "
+                    "1, DeepSpeed's step (~125 ms for GPT-2 XL on an H100) would dominate every recipe's time")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=8, help="steps left out of the medians (start-up, compilation)")
     ap.add_argument("--vocab-size", type=int, default=50304, help="model.vocab_size (GPT-2's, padded)")
@@ -234,6 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be positive and --warmup non-negative")
+    if args.grad_accum < 1:
+        ap.error("--grad-accum must be positive")
     try:
         args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
         args.seq_list = [int(s) for s in args.seq.split(",")]
@@ -246,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cases = build_cases(args.model_list, args.seq_list, args.recipe_list, args.micro_table)
+    cases = build_cases(args.model_list, args.seq_list, args.recipe_list, args.micro_table, args.grad_accum)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp).resolve()

@@ -32,6 +32,7 @@ class TrainingEngine:
     model_config: GPTConfig
     flops_per_token: int
     num_parameters: int
+    block_graphs: Any = None     # megaq.training.cuda_graphs.BlockGraphs with train.cuda_graphs
 
 
 def gpt_config(cfg: MegaqConfig, tokenizer_vocab_size: int) -> GPTConfig:
@@ -197,5 +198,13 @@ def build_training_engine(cfg: MegaqConfig, layout: Layout, ds_config: dict, tok
         from megaq.parallel.grad_compression import GradCompressionState, attach_to_deepspeed
         attach_to_deepspeed(engine, GradCompressionState(group=get_data_parallel_group(),
                                                          block=cfg.parallel.comm_block))
+    block_graphs = None
+    if cfg.train.cuda_graphs:
+        if device_type != "cuda":
+            raise ConfigError("train.cuda_graphs=true needs a CUDA GPU; this run is on the CPU")
+        # after deepspeed.initialize: from here on ZeRO-1/2 keep every parameter's storage in place
+        from megaq.training.cuda_graphs import install_block_graphs
+        block_graphs = install_block_graphs(engine.module)
     return TrainingEngine(engine=engine, optimizer=ds_optimizer, scheduler=ds_scheduler,
-                          model_config=model_cfg, flops_per_token=flops_per_token, num_parameters=num_parameters)
+                          model_config=model_cfg, flops_per_token=flops_per_token, num_parameters=num_parameters,
+                          block_graphs=block_graphs)

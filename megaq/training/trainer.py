@@ -63,6 +63,13 @@ def _dp_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+@contextlib.contextmanager
+def _probing(probe: QuantErrorProbe, block_graphs):
+    """The quantization-error probe's forward hooks need real module calls: no graph replays then."""
+    with probe.measuring(), (block_graphs.suspended() if block_graphs is not None else contextlib.nullcontext()):
+        yield
+
+
 def _grad_norm(engine) -> Optional[float]:
     norm = engine.get_global_grad_norm()
     if norm is None:
@@ -126,7 +133,8 @@ def _train(cfg: MegaqConfig, env) -> dict:
                 f"vocab {mc.vocab_size}: {run.num_parameters / 1e6:.2f}M parameters | recipe "
                 f"{get_recipe(mc.recipe).name}, lm_head {get_recipe(mc.lm_head_recipe).name}"
                 + (f" | blocks' linears: peer {cfg.quant.peer}" if cfg.quant.peer else "")
-                + (" | torch.compile per block" if cfg.train.compile else ""))
+                + (" | torch.compile per block" if cfg.train.compile else "")
+                + (" | CUDA graphs per block" if cfg.train.cuda_graphs else ""))
     logger.info(f"parallel: world {layout.world_size} = TP {layout.tensor_parallel} x DP {layout.data_parallel} | "
                 f"ZeRO stage {zero_stage} | {precision} on {device_type} | TP collectives "
                 f"{cfg.parallel.comm_dtype}, DP gradients {cfg.parallel.grad_compression}")
@@ -202,7 +210,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
     try:
         with StopRequest() as stop, compile_failures_explained(cfg):
             while step < layout.train_steps:
-                measuring = probe.measuring() if probe.due(step + 1) else contextlib.nullcontext()
+                measuring = _probing(probe, run.block_graphs) if probe.due(step + 1) else contextlib.nullcontext()
                 loss_sum = torch.zeros((), device=device)
                 lr = engine.get_lr()[0]  # the rate this step's update uses
                 with measuring:

@@ -1,0 +1,230 @@
+"""train.cuda_graphs: the transformer blocks' forward and backward replayed from CUDA graphs.
+
+Why: a quantized linear launches ~25 small kernels per training step (quantizers, GEMMs, seeds), and
+on an H100 their host-side cost (~2.4 ms per linear, docs/PERFORMANCE.md) exceeds the GPU work of
+every GPT-2-to-1.3B layer. Replaying a captured graph costs one launch per block and direction.
+
+How, and why not `torch.cuda.make_graphed_callables`: that function captures the backward with the
+module's own parameters as the leaves it differentiates. Under DeepSpeed those leaves' AccumulateGrad
+nodes already exist (the engine holds them to hook its gradient reduction), created on the legacy
+default stream, and capture then fails with cudaErrorStreamCaptureImplicit. Here each block is
+captured through *aliases* of its parameters (``p.detach()``: same storage, fresh leaves), so the graph
+reads the live weights; the replay runs inside an autograd Function whose inputs are the real
+parameters, so the gradients it returns reach DeepSpeed's hooks eagerly, as with an eager block.
+
+Capture happens on the first training forward of block 0 with that input's shape: all blocks are
+warmed up and captured together, forwards in order and backwards in reverse, into one memory pool
+(the order in which they run, so the pool can reuse memory exactly as an eager step would).
+A block runs eagerly instead when: grad is disabled or the model is in eval mode (evaluation), the
+input's shape/dtype differs from the captured one, the previous replay of that block still awaits
+its backward (its saved activations live in the graph's memory), graphs are suspended (the
+quantization-error probe's forward hooks must see real module calls), or a parameter's storage moved.
+
+Requirements (checked by the config, see MegaqConfig): a CUDA device, tensor parallel size 1 (the
+TP collectives count their bytes from Python), ZeRO stage ≤ 2 (stage 3 gathers parameters into new
+storage every step), no dropout (the TP-aware RNG fork is not capture safe), no quantizer NaN check
+(a host sync), no INT4 backward (leverage score sampling keeps a data-dependent number of rows), no
+torch.compile, no torchao peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+WARMUP_ITERS = 3  # eager iterations on a side stream before capture: Triton compiles, cuBLAS picks
+
+
+class _BlockGraph:
+    """One block's captured forward and backward, with the static tensors they read and write."""
+
+    def __init__(self, index: int, params: list[nn.Parameter]):
+        self.index = index
+        self.params = params                       # the real parameters, in the aliases' order
+        self.param_ptrs = [p.data_ptr() for p in params]
+        self.trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        self.forward_graph = torch.cuda.CUDAGraph()
+        self.backward_graph = torch.cuda.CUDAGraph()
+        self.static_input: torch.Tensor | None = None
+        self.static_output: torch.Tensor | None = None
+        self.static_grad_output: torch.Tensor | None = None
+        self.static_grads: tuple | None = None     # (grad input, grads of the trainable params), each or None
+        self.awaiting_backward = False
+
+    def storage_unchanged(self) -> bool:
+        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.param_ptrs))
+
+
+class _ReplayBlock(torch.autograd.Function):
+    """Forward: copy the input into the graph's static input, replay. Backward: copy the incoming
+    gradient, replay, hand out the static gradients (autograd's AccumulateGrad clones them, as this
+    object keeps a reference)."""
+
+    @staticmethod
+    def forward(ctx, graph: _BlockGraph, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        graph.static_input.copy_(x)
+        graph.forward_graph.replay()
+        graph.awaiting_backward = True
+        ctx.graph = graph
+        return graph.static_output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        graph: _BlockGraph = ctx.graph
+        graph.static_grad_output.copy_(grad_output)
+        graph.backward_graph.replay()
+        graph.awaiting_backward = False
+        grad_input, *grad_trainable = graph.static_grads
+        grads: list[torch.Tensor | None] = [None] * len(graph.params)
+        for i, g in zip(graph.trainable, grad_trainable):
+            grads[i] = g
+        return (None, grad_input, *grads)
+
+
+class BlockGraphs:
+    """Install on `blocks` (an ordered sequence of modules `x -> block(x)` of one shape): their
+    forwards become graph replays once captured. `suspended()` runs them eagerly for a while."""
+
+    def __init__(self, blocks: Sequence[nn.Module], warmup_iters: int = WARMUP_ITERS):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.cuda_graphs=true needs a CUDA GPU")
+        self.blocks = list(blocks)
+        _check_capturable(self.blocks)
+        self.warmup_iters = warmup_iters
+        self.graphs: list[_BlockGraph] | None = None
+        self.input_key: tuple | None = None
+        self._eager_forwards = [block.forward for block in self.blocks]
+        self._eager_depth = 0      # > 0: every block call runs its eager forward
+        self._warned: set[str] = set()
+        for index, block in enumerate(self.blocks):
+            block.forward = self._make_forward(index)
+
+    # -- public --
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Blocks run their eager forwards inside (e.g. while forward hooks must fire)."""
+        self._eager_depth += 1
+        try:
+            yield
+        finally:
+            self._eager_depth -= 1
+
+    @property
+    def captured(self) -> bool:
+        return self.graphs is not None
+
+    # -- dispatch --
+
+    def _make_forward(self, index: int):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return self._forward(index, x)
+        return forward
+
+    def _forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        block = self.blocks[index]
+        eager = self._eager_forwards[index]
+        if self._eager_depth or not (torch.is_grad_enabled() and block.training and x.is_cuda):
+            return eager(x)
+        key = (tuple(x.shape), x.dtype, x.device)
+        if self.graphs is None:
+            if index != 0:
+                return eager(x)
+            self._capture(x)
+        if key != self.input_key:
+            self._once("shape", f"CUDA graphs: input {key[:2]} differs from the captured {self.input_key[:2]}; "
+                                "those calls run eagerly")
+            return eager(x)
+        graph = self.graphs[index]
+        if graph.awaiting_backward:
+            self._once("pending", "CUDA graphs: a block was called again before the backward of its previous "
+                                  "call; such calls run eagerly (the graph's saved activations are in use)")
+            return eager(x)
+        if not graph.storage_unchanged():
+            # DeepSpeed re-pointed a parameter (e.g. a re-initialised optimizer): the captured
+            # kernels would read stale memory. Capture again at the next pass from block 0.
+            logger.warning("CUDA graphs: a block parameter's storage moved; recapturing at the next step")
+            self.graphs = None
+            return eager(x)
+        return _ReplayBlock.apply(graph, x, *graph.params)
+
+    def _once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    # -- capture --
+
+    def _capture(self, sample: torch.Tensor) -> None:
+        """Warm up and capture every block, starting from `sample` (block 0's first real input)."""
+        names = [[name for name, _ in block.named_parameters()] for block in self.blocks]
+        params = [[p for _, p in block.named_parameters()] for block in self.blocks]
+        aliases = [[p.detach().requires_grad_(p.requires_grad) for p in ps] for ps in params]
+        graphs = [_BlockGraph(i, ps) for i, ps in enumerate(params)]
+
+        def run(i: int, x: torch.Tensor) -> torch.Tensor:
+            with self.suspended():
+                return torch.func.functional_call(self.blocks[i], dict(zip(names[i], aliases[i])), (x,))
+
+        def differentiate(i: int, out: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> tuple:
+            inputs = [x] + [aliases[i][j] for j in graphs[i].trainable]
+            return torch.autograd.grad(out, inputs, grad_outputs=grad_out, allow_unused=True)
+
+        # static inputs: block 0's sample, then each block's warm-up output (realistic values)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            x = sample.detach()
+            for g in graphs:
+                g.static_input = x.clone().requires_grad_(True)
+                x = run(g.index, g.static_input).detach()
+            for _ in range(self.warmup_iters):
+                for g in graphs:
+                    out = run(g.index, g.static_input)
+                    differentiate(g.index, out, g.static_input, torch.ones_like(out))
+            del out
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+
+        pool = torch.cuda.graph_pool_handle()
+        for g in graphs:
+            with torch.cuda.graph(g.forward_graph, pool=pool):
+                g.static_output = run(g.index, g.static_input)
+        for g in graphs:
+            g.static_grad_output = torch.empty_like(g.static_output)
+        for g in reversed(graphs):
+            with torch.cuda.graph(g.backward_graph, pool=pool):
+                grads = differentiate(g.index, g.static_output, g.static_input, g.static_grad_output)
+            g.static_grads = grads   # None where a parameter takes no part (its gradient stays None)
+        self.graphs = graphs
+        self.input_key = (tuple(sample.shape), sample.dtype, sample.device)
+        logger.info(f"CUDA graphs: captured {len(graphs)} blocks' forward and backward for input "
+                    f"{tuple(sample.shape)} {sample.dtype}")
+
+
+def _check_capturable(blocks: Sequence[nn.Module]) -> None:
+    """Refuse layers whose recipe synchronises with the host or sizes tensors by their data (what
+    MegaqConfig refuses for train.cuda_graphs, for models built without a MegaqConfig)."""
+    for b, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            recipe = getattr(module, "recipe", None)
+            if recipe is None or not getattr(recipe, "is_quantized", False):
+                continue
+            where = f"block {b} {name or 'itself'} (recipe {recipe.name!r})"
+            if recipe.check_finite:
+                raise ValueError(f"CUDA graphs: {where} checks its quantizer inputs for NaN/Inf, a host "
+                                 f"synchronization that cannot be captured; build it with check_finite=False")
+            if recipe.int4_backward is not None:
+                raise ValueError(f"CUDA graphs: {where} uses the INT4 backward, whose leverage score "
+                                 f"sampling keeps a data-dependent number of rows; it cannot be captured")
+
+
+def install_block_graphs(model: nn.Module) -> BlockGraphs:
+    """Graph `model.blocks` (a GPT's transformer blocks); call after `deepspeed.initialize`."""
+    return BlockGraphs(model.blocks)

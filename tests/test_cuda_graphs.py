@@ -1,0 +1,152 @@
+"""train.cuda_graphs (megaq.training.cuda_graphs): graphed blocks compute what eager blocks compute,
+see weights updated in place, fall back to eager where a replay would be wrong, and run inside the
+DeepSpeed trainer. GPU only (CUDA graphs); the config's refusals are tested in test_config.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_config
+
+gpu = pytest.mark.gpu
+
+
+# int8 with nearest rounding everywhere: deterministic kernels, so graphed and eager must agree closely
+INT8_NEAREST = {"preset": "int8", "check_finite": False, "dgrad": {"a": {"rounding": "nearest"}},
+                "wgrad": {"a": {"rounding": "nearest"}}}
+
+
+def _models(recipe, data_flow: str = "bf16", copies: int = 1):
+    from megaq.models import GPT, GPTConfig
+    from megaq.training.cuda_graphs import BlockGraphs
+
+    if isinstance(recipe, str):
+        recipe = {"preset": recipe, "check_finite": False}
+    cfg = GPTConfig(vocab_size=512, seq_len=128, n_layer=3, n_head=6, n_embd=384, recipe=recipe,
+                    data_flow=data_flow)
+    eager = GPT(cfg, init_seed=0).cuda().bfloat16()
+    graphed = copy.deepcopy(eager)
+    graphs = BlockGraphs(graphed.blocks)
+    return eager, graphed, graphs, [copy.deepcopy(eager) for _ in range(copies - 1)]
+
+
+def _batch(seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.randint(0, 512, (4, 128), device="cuda", generator=g)
+    return ids, torch.roll(ids, -1, 1)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def _loss_and_grads(model, ids, labels):
+    for p in model.parameters():
+        p.grad = None
+    loss = model(ids, labels)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@gpu
+@pytest.mark.parametrize("recipe", ["bf16", "int8_nearest"])
+def test_graphed_blocks_train_like_eager_blocks(recipe):
+    """Four optimizer steps with deterministic kernels: the graphed model's losses and gradients
+    equal the eager model's (so the replays read the weights the optimizer updates in place)."""
+    eager, graphed, graphs, _ = _models(INT8_NEAREST if recipe == "int8_nearest" else recipe)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (eager, graphed)]
+    for step in range(4):
+        ids, labels = _batch(step)
+        (loss_e, grads_e), (loss_g, grads_g) = (_loss_and_grads(m, ids, labels) for m in (eager, graphed))
+        assert graphs.captured
+        assert abs(loss_e - loss_g) < 1e-3 * loss_e, (step, loss_e, loss_g)
+        for name, g in grads_g.items():
+            assert torch.isfinite(g).all(), name
+            assert _rel(g, grads_e[name]) < 1e-2, (step, name, _rel(g, grads_e[name]))
+        for opt in opts:
+            opt.step()
+
+
+@gpu
+@pytest.mark.parametrize("data_flow", ["bf16", "int8"])
+def test_graphed_stochastic_int8_is_as_close_to_eager_as_two_eager_runs(data_flow):
+    """The int8 recipe rounds gradients stochastically (and the data flow's backward too), so two
+    eager runs already differ: the graphed gradients must sit within that noise of the eager ones."""
+    eager, graphed, graphs, (eager_again,) = _models("int8", data_flow, copies=2)
+    ids, labels = _batch(0)
+    loss_e, grads_e = _loss_and_grads(eager, ids, labels)
+    _, grads_again = _loss_and_grads(eager_again, ids, labels)
+    loss_g, grads_g = _loss_and_grads(graphed, ids, labels)
+    loss_g, grads_g = _loss_and_grads(graphed, ids, labels)   # a replay, not the capture
+    assert abs(loss_e - loss_g) < 1e-3 * loss_e
+    for name, g in grads_g.items():
+        noise = _rel(grads_again[name], grads_e[name])
+        assert torch.isfinite(g).all(), name
+        assert _rel(g, grads_e[name]) < 2 * noise + 1e-3, (name, _rel(g, grads_e[name]), noise)
+
+
+@gpu
+def test_evaluation_and_repeated_forwards_run_eagerly_and_correctly():
+    """No-grad / eval calls never replay; a second forward before the first one's backward runs the
+    block eagerly instead of overwriting the saved activations; both backwards are then correct."""
+    eager, graphed, graphs, _ = _models(INT8_NEAREST)
+    ids, labels = _batch(0)
+    graphed(ids, labels).backward()      # captures
+    replays = {"n": 0}
+    original = graphs.graphs[0].forward_graph.replay
+
+    def counting_replay():
+        replays["n"] += 1
+        original()
+    graphs.graphs[0].forward_graph.replay = counting_replay
+    graphed.eval()
+    eager.eval()
+    with torch.no_grad():
+        assert torch.allclose(graphed(ids, labels), eager(ids, labels), rtol=1e-3)
+    graphed.train()
+    eager.train()
+    assert replays["n"] == 0
+    for p in graphed.parameters():
+        p.grad = None
+    first = graphed(ids, labels)
+    second = graphed(ids, labels)    # block 0's graph still awaits `first`'s backward: eager
+    assert replays["n"] == 1
+    (first + second).backward()
+    eager_loss = eager(ids, labels) * 2
+    eager_loss.backward()
+    for (name, pe), pg in zip(eager.named_parameters(), graphed.parameters()):
+        assert _rel(pg.grad, pe.grad) < 1e-2, name
+
+
+@gpu
+def test_recipes_that_cannot_be_captured_are_refused():
+    from megaq.models import GPT, GPTConfig
+    from megaq.training.cuda_graphs import BlockGraphs
+
+    for recipe, why in (("int8", "check_finite=False"), ({"preset": "int4", "check_finite": False}, "INT4 backward")):
+        model = GPT(GPTConfig(vocab_size=512, seq_len=64, n_layer=1, n_head=2, n_embd=64, recipe=recipe),
+                    init_seed=0).cuda()
+        with pytest.raises(ValueError, match=why):
+            BlockGraphs(model.blocks)
+
+
+@gpu
+def test_trainer_with_cuda_graphs_trains_like_eager(demo_cache):
+    """The DeepSpeed trainer (ZeRO-1, bf16) with train.cuda_graphs: its loss curve follows the eager
+    run's within the stochastic rounding noise."""
+    pytest.importorskip("deepspeed")
+    from megaq.training.config import config_from_dict
+    from megaq.training.trainer import pretrain
+
+    runs = {}
+    for graphs in (False, True):
+        raw = tiny_config(demo_cache, quant={"recipe": "int8"},
+                          train={"train_steps": 12, "cuda_graphs": graphs, "eval_interval": 6, "eval_iters": 2})
+        runs[graphs] = pretrain(config_from_dict(raw))
+    eager, graphed = runs[False]["losses"], runs[True]["losses"]
+    assert len(graphed) == 12 and all(map(torch.isfinite, torch.tensor(graphed)))
+    assert max(abs(a - b) for a, b in zip(eager, graphed)) < 0.05 * max(eager), (eager, graphed)
+    assert runs[True]["val_losses"], "evaluation (no grad, eager blocks) ran"
