@@ -150,3 +150,36 @@ def test_trainer_with_cuda_graphs_trains_like_eager(demo_cache):
     assert len(graphed) == 12 and all(map(torch.isfinite, torch.tensor(graphed)))
     assert max(abs(a - b) for a, b in zip(eager, graphed)) < 0.05 * max(eager), (eager, graphed)
     assert runs[True]["val_losses"], "evaluation (no grad, eager blocks) ran"
+
+
+@gpu
+def test_capture_uses_the_single_quantizers_and_eager_the_dual_one(monkeypatch):
+    """The dual quantizer saves host time but costs GPU time: eager calls use it, captured ones not."""
+    from megaq import kernels
+    from megaq.ops import quantized_linear
+
+    calls = {"n": 0}
+    dual = kernels.hadamard_quantize_dual
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return dual(*args, **kwargs)
+    monkeypatch.setattr(kernels, "hadamard_quantize_dual", counting)
+    recipe = {"preset": "int8", "check_finite": False}
+    x = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(512, 384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    quantized_linear(x, w, None, recipe).sum().backward()          # compiles the kernels too
+    assert calls["n"] == 2                                          # X in the forward, ∇Y in the backward
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        quantized_linear(x, w, None, recipe)                        # warm the single-call kernels
+    torch.cuda.current_stream().wait_stream(side)
+    before = calls["n"]
+    x_static = x.detach().clone()
+    with torch.cuda.graph(graph):
+        y = quantized_linear(x_static, w.detach(), None, recipe)
+    graph.replay()
+    assert calls["n"] == before
+    assert _rel(y, x.detach().float() @ w.detach().float().t()) < 0.02

@@ -17,6 +17,10 @@ Bounds (all on random, never all-zero inputs; NaN never passes: every comparison
   * quantize, stochastic: q in {floor(v), floor(v)+1}, |q| <= 127, unbiased (mean of q - v over
     draws within 6 sigma of 0, per element and overall), fresh numbers per call and per tile,
     reproducible under torch.manual_seed.
+  * hadamard_quantize_dual (x and x.T at once): nearest bit for bit the two single calls run with
+    the same tile shape, and within the fused-rotation bounds above of the reference; stochastic:
+    the nearest scales, values within one step of the nearest ones, unbiased (6 sigma), and the two
+    orientations' rounding decisions uncorrelated (|z| <= 6; a shared stream gives z ~ 30 here).
   * scaled_mm: relative Frobenius error <= 1e-5 against the dequantized FP32 matmul (FP32 partial
     sums in a different order); bf16 output <= 4e-3; INT8 output: scales relative error <= 1e-5,
     payload |diff| <= 1 on <= 1% of elements (near-ties after a differently ordered FP32 sum).
@@ -75,14 +79,109 @@ def check_quantize_dual(x, block, block_t):
         assert torch.equal(q.scale.cpu(), r.scale) and torch.equal(q.data.cpu(), r.data)
 
 
-def check_hadamard_quantize(x, had, transpose=False):
-    q = kernels.hadamard_quantize(x, had, transpose=transpose)
+def _rotated(x, had, transpose=False):
+    """The reference's rotated rows of x (of x.T when `transpose`), zero padded, FP32 on the CPU."""
     v = (x.t() if transpose else x).float().cpu()
-    ref = quantize_blockwise(block_hadamard(pad_to_multiple(v, had), had), (1, -1))
+    return block_hadamard(pad_to_multiple(v, had), had)
+
+
+def check_hadamard_reference(q, x, had, transpose=False):
+    ref = quantize_blockwise(_rotated(x, had, transpose), (1, -1))
     assert q.shape == ref.shape and q.block == ref.block
     assert _rel(q.scale.cpu(), ref.scale) <= 1e-6
     diff = (q.data.cpu().int() - ref.data.int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3
+
+
+def check_hadamard_quantize(x, had, transpose=False):
+    check_hadamard_reference(kernels.hadamard_quantize(x, had, transpose=transpose), x, had, transpose)
+
+
+def _assert_same(q, r):
+    assert q.block == r.block and q.shape == r.shape and q.bits == r.bits
+    assert q.data.dtype == r.data.dtype and q.scale.shape == r.scale.shape
+    assert torch.equal(q.scale.cpu(), r.scale.cpu()), int((q.scale != r.scale).sum())
+    assert torch.equal(q.data.cpu(), r.data.cpu()), int((q.data != r.data).sum())
+
+
+def check_hadamard_dual(x, had):
+    """Nearest rounding: both outputs within the fused-rotation bounds of the reference, and bit for
+    bit the two single calls. For the latter the single calls run with the dual's tile shape and
+    warps: the rotation's FP32 sums then have the same order (the interpreter's numpy matmul orders
+    them by matrix shape; the result may differ in the last bit otherwise)."""
+    rows, cols = kernels.hadamard_quantize_dual(x, had)
+    check_hadamard_reference(rows, x, had)
+    check_hadamard_reference(cols, x, had, transpose=True)
+    with kernels.config_override(QUANT_ROWS=had, QUANT_COLS=had, QUANT_WARPS=8):
+        rows, cols = kernels.hadamard_quantize_dual(x, had)
+        _assert_same(rows, kernels.hadamard_quantize(x, had))
+        _assert_same(cols, kernels.hadamard_quantize(x, had, transpose=True))
+
+
+def check_hadamard_dual_stochastic(x, had, draws):
+    """Stochastic rounding of both orientations: scales those of nearest rounding, each value within one
+    step of the nearest one, unbiased (the mean of the draws tends to the rotated x), fresh numbers
+    per call, and the two orientations not rounded with the same random numbers."""
+    near = kernels.hadamard_quantize_dual(x, had)
+    refs = (_rotated(x, had).double(), _rotated(x, had, transpose=True).double())
+    # E[q - nearest] = v - nearest: the excess of the exact rotated value over the nearest integer
+    excess = [r / n.scale.cpu().double() - n.data.cpu().double() for r, n in zip(refs, near)]
+    frac = [e - torch.floor(e) for e in excess]
+    sums = [torch.zeros_like(e) for e in excess]
+    previous = None
+    for i in range(draws):
+        out = kernels.hadamard_quantize_dual(x, had, rounding="stochastic")
+        steps = []
+        for q, n, total in zip(out, near, sums):
+            assert torch.equal(q.scale.cpu(), n.scale.cpu())
+            d = q.data.cpu().double() - n.data.cpu().double()
+            assert int(d.abs().max()) <= 1
+            total += d
+            steps.append(d)
+        if i == 0:
+            # shared random numbers: both orientations at tile position (i, j) would round up together
+            # whenever u(i, j) is below both fractions; with independent streams the centred rounding
+            # decisions are uncorrelated (z ~ N(0, 1); a shared stream gives z ~ 0.5 sqrt(elements))
+            R, C = x.shape            # tile positions present in both outputs
+            r, fr, er = (t[:R, :C] for t in (steps[0], frac[0], excess[0]))
+            c, fc, ec = (t.t()[:R, :C] for t in (steps[1], frac[1], excess[1]))
+            cov = (r - er) * (c - ec)
+            var = fr * (1 - fr) * fc * (1 - fc)
+            z = float(cov.sum() / var.sum().sqrt())
+            assert abs(z) <= 6, f"the two orientations share random numbers (z = {z:.1f})"
+            assert bool(r.any()) and bool(c.any()), "stochastic rounding never left the nearest value"
+            previous = [q.data.cpu() for q in out]
+        elif i == 1:
+            for q, p in zip(out, previous):
+                assert not torch.equal(q.data.cpu(), p), "two calls drew the same random numbers"
+    for total, e, f, ref, n in zip(sums, excess, frac, refs, near):
+        # overall and per decile of the fraction: times rounded up match P(up) = frac (6 sigma)
+        ups = total - draws * (e - f)     # d = floor(e) + [up]
+        for lo_f in [k / 10 for k in range(10)] + [None]:
+            sel = (f > 0) if lo_f is None else (f >= lo_f) & (f < lo_f + 0.1)
+            if int(sel.sum()) == 0:
+                continue
+            fs = f[sel]
+            z = float((ups[sel].sum() - draws * fs.sum()) / torch.sqrt(draws * (fs * (1 - fs)).sum()))
+            assert abs(z) <= 6, (lo_f, z)
+        # the mean of the dequantized draws tends to the rotated x: its error against the nearest
+        # result's is about sqrt(E[f(1-f)] / draws / E[(v - rint v)^2]) = sqrt(2 / draws)
+        scale = n.scale.cpu().double()
+        mean = (n.data.cpu().double() + total / draws) * scale
+        nearest_err = _rel(n.data.cpu().double() * scale, ref)
+        assert _rel(mean, ref) <= 1.5 * (2 / draws) ** 0.5 * nearest_err
+
+
+def check_hadamard_dual_nonfinite(device):
+    for bad in (float("nan"), float("inf")):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = _rand((70, 200), device, dtype, seed=3)
+            x[65, 133] = bad
+            with pytest.raises(NonFiniteError):
+                kernels.hadamard_quantize_dual(x, 32)
+            with pytest.raises(NonFiniteError):
+                kernels.hadamard_quantize_dual(x, 128, rounding="stochastic")
+            kernels.hadamard_quantize_dual(x, 32, check=False)  # the hot path may switch the check off
 
 
 def check_stochastic(x, block, draws, transpose=False):
@@ -199,6 +298,24 @@ def test_cpu_dispatch_is_the_reference(monkeypatch):
 
 
 @pytest.mark.skipif(IN_CHILD, reason="parent-process test")
+def test_cpu_hadamard_quantize_dual_is_the_two_reference_calls(monkeypatch):
+    monkeypatch.setenv("MEGAQ_KERNELS", "auto")
+    x = _rand((37, 300), "cpu", outliers=True)
+    rows, cols = kernels.hadamard_quantize_dual(x, 128)
+    _assert_same(rows, kernels.hadamard_quantize(x, 128))
+    _assert_same(cols, kernels.hadamard_quantize(x, 128, transpose=True))
+    g = torch.Generator().manual_seed(5)
+    rows, cols = kernels.hadamard_quantize_dual(x, 32, rounding="stochastic", generator=g)
+    g.manual_seed(5)
+    _assert_same(rows, kernels.hadamard_quantize(x, 32, rounding="stochastic", generator=g))
+    _assert_same(cols, kernels.hadamard_quantize(x, 32, rounding="stochastic", generator=g, transpose=True))
+    with pytest.raises(ValueError, match="Hadamard block"):
+        kernels.hadamard_quantize_dual(x, 48)
+    with pytest.raises(ValueError, match="2-D"):
+        kernels.hadamard_quantize_dual(x[None], 128)
+
+
+@pytest.mark.skipif(IN_CHILD, reason="parent-process test")
 def test_kernel_mode_env(monkeypatch):
     monkeypatch.setenv("MEGAQ_KERNELS", "nonsense")
     with pytest.raises(ValueError, match="MEGAQ_KERNELS"):
@@ -281,6 +398,34 @@ def test_interp_hadamard_stochastic():
 
 
 @interp_only
+def test_interp_hadamard_quantize_dual():
+    # tails in both dimensions, every input dtype, Hadamard 16..128, a strided view
+    for shape, had, dtype in [((200, 384), 128, torch.float32), ((130, 1600), 128, torch.bfloat16),
+                              ((37, 300), 32, torch.float16), ((50, 70), 16, torch.bfloat16)]:
+        check_hadamard_dual(_rand(shape, "cpu", dtype, seed=shape[1], outliers=True), had)
+    check_hadamard_dual(_rand((90, 400), "cpu", seed=2)[:, 37:337], 64)
+    x = _rand((37, 300), "cpu", seed=4)
+    with kernels.config_override(QUANT_ROWS=32, QUANT_COLS=32):   # INT4 payloads, packed alike
+        for q, r in zip(kernels.hadamard_quantize_dual(x, 32, bits=4),
+                        (kernels.hadamard_quantize(x, 32, bits=4),
+                         kernels.hadamard_quantize(x, 32, bits=4, transpose=True))):
+            _assert_same(q, r)
+    # Hadamard blocks below 16: the two single calls
+    for q, r in zip(kernels.hadamard_quantize_dual(x, 8),
+                    (kernels.hadamard_quantize(x, 8), kernels.hadamard_quantize(x, 8, transpose=True))):
+        _assert_same(q, r)
+    with pytest.raises(ValueError, match="rounding"):
+        kernels.hadamard_quantize_dual(x, 32, rounding="up")
+
+
+@interp_only
+def test_interp_hadamard_dual_stochastic_and_nonfinite():
+    check_hadamard_dual_stochastic(_rand((40, 90), "cpu", seed=6, outliers=True), 32, draws=16)
+    check_hadamard_dual_stochastic(_rand((64, 130), "cpu", torch.bfloat16, seed=7), 128, draws=8)
+    check_hadamard_dual_nonfinite("cpu")
+
+
+@interp_only
 def test_interp_stochastic_rounding():
     with kernels.config_override(**TINY):
         x = _rand((32, 200), "cpu", seed=9)
@@ -353,6 +498,25 @@ def test_gpu_quantize_dual_hadamard_dequantize():
         check_hadamard_quantize(x.float(), 128)
         q = kernels.quantize(x, (1, 128))
         assert torch.equal(kernels.dequantize(q).cpu(), q.dequantize().cpu())
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_gpu_hadamard_quantize_dual(dtype):
+    for shape in [(4100, 1600), (2048, 384), (1000, 4096)]:
+        check_hadamard_dual(_rand(shape, "cuda", dtype, seed=shape[0], outliers=True), 128)
+    check_hadamard_dual(_rand((1000, 384), "cuda", dtype, seed=1, outliers=True), 32)
+    check_hadamard_dual(_rand((333, 1000), "cuda", dtype, seed=2), 16)
+    check_hadamard_dual(_rand((1000, 4096), "cuda", dtype, seed=3)[:, 100:3700], 64)
+
+
+@gpu
+@needs_cuda
+def test_gpu_hadamard_dual_stochastic_and_nonfinite():
+    check_hadamard_dual_stochastic(_rand((2048, 384), "cuda", torch.bfloat16, outliers=True), 128, draws=32)
+    check_hadamard_dual_stochastic(_rand((1000, 1600), "cuda", torch.float32, seed=1), 128, draws=16)
+    check_hadamard_dual_nonfinite("cuda")
 
 
 @gpu

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import megaq.ops.linear as linear_module
+from megaq import kernels
 from megaq.ops import RECIPE_PRESETS, RecipeError, get_recipe, quantized_linear
 from megaq.quant import NonFiniteError, block_hadamard, hq_quantize
 
@@ -159,6 +161,59 @@ def test_int8_linear_saves_its_int8_wgrad_operand_not_the_input(recipe):
     y.backward(gy.bfloat16())
     g64, x64, w64 = gy.double(), x.detach().double(), w.detach().double()
     assert _rel(x.grad, g64 @ w64) < 0.05 and _rel(w.grad, g64.t() @ x64) < 0.05
+
+
+NEAREST_GRADIENTS = {"preset": "int8", "dgrad": {"a": {"rounding": "nearest"}},
+                     "wgrad": {"a": {"rounding": "nearest"}}}
+
+
+def _count_dual_calls(monkeypatch):
+    calls = []
+    real = kernels.hadamard_quantize_dual
+
+    def counting(x2d, *args, **kwargs):
+        calls.append(tuple(x2d.shape))
+        return real(x2d, *args, **kwargs)
+    monkeypatch.setattr(kernels, "hadamard_quantize_dual", counting)
+    return calls
+
+
+@pytest.mark.parametrize("recipe", ["int8", NEAREST_GRADIENTS])
+def test_int8_linear_is_the_same_with_the_dual_quantizer(recipe, monkeypatch):
+    # one quantizer call for X (forward + wgrad) and one for ∇Y (dgrad + wgrad) instead of two each:
+    # the same operands, so the same outputs and gradients. With nearest rounding everywhere that holds
+    # for any implementation; for the int8 preset's stochastic ∇Y here too, because the CPU reference
+    # draws the random numbers of ∇Y's two orientations in the same order either way.
+    x, w, b, gy = _problem(77, 1600, 384, outliers=True)   # tokens and features not multiples of 128
+    calls = _count_dual_calls(monkeypatch)
+    results = {}
+    for dual in (True, False):
+        monkeypatch.setattr(linear_module, "DUAL_QUANTIZE", dual)
+        torch.manual_seed(3)
+        results[dual] = _run(recipe, x, w, b, gy)
+        # X [tokens, in] in the forward, ∇Y [tokens, out] in the backward; none with the switch off
+        assert calls == [(77, 1600), (77, 384)]
+    names = ("output", "grad_input", "grad_weight", "grad_bias")
+    for name, on, off in zip(names, results[True], results[False]):
+        assert torch.equal(on, off), name
+
+
+@pytest.mark.parametrize("recipe,grad_x,expected", [
+    ("int8", True, [(40, 256), (40, 128)]),
+    ("int8", False, [(40, 256)]),                          # no dgrad: ∇Y is quantized for wgrad only
+    ({"preset": "int8", "wgrad": {"b": {"rounding": "stochastic"}}}, True, [(40, 128)]),
+    ({"preset": "int8", "wgrad": {"hadamard": 64}}, True, []),
+    ({"preset": "int8", "forward": {"a": {"block": [1, 128]}}}, True, [(40, 128)]),
+    ("int8_block128", True, []),
+])
+def test_dual_quantizer_only_where_both_operands_share_the_spec(recipe, grad_x, expected, monkeypatch):
+    x, w, b, gy = _problem(40, 256, 128)
+    calls = _count_dual_calls(monkeypatch)
+    x = x.clone().requires_grad_(grad_x)
+    w = w.clone().requires_grad_(True)
+    quantized_linear(x, w, b, recipe).backward(gy)
+    assert calls == expected
+    assert w.grad is not None and (x.grad is not None) == grad_x
 
 
 def test_recipe_presets_and_overrides():

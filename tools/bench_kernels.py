@@ -12,7 +12,8 @@ Sections
      blk32    1×32 · 32×32;  jet32  32×32 · 32×32 (Jetfire)
    TOPS = 2MNK / median time; ratio to BF16 on the same shape in the same run.
    --sweep times a list of tile configurations per variant on two shapes first and uses the best.
-2. Quantize kernels: bandwidth (bytes read + written / median time) on 16384×4096 BF16.
+2. Quantize kernels: bandwidth (bytes read + written / median time) on 16384×4096 BF16; the dual
+   Hadamard quantizer (x and xᵀ at once) against two single calls at 8192×4096 and 16384×1600.
 3. Forward GEMM including the quantization of both operands (x and W requantized every step).
 4. Quantized linear forward + backward (megaq.ops.quantized_linear) against BF16 F.linear.
 5. Kernel time per category of one linear step (torch.profiler): where the time goes.
@@ -250,7 +251,73 @@ def quant_section(args, results):
             os.environ.pop("MEGAQ_KERNELS", None)
             out.append(dict(name=name, error=repr(e)[:300]))
         print("quant", json.dumps(out[-1]), flush=True)
+    out.extend(hadamard_dual_rows(args))
     results["quant"] = out
+
+
+def _dual_matches_single(dual, single, stochastic):
+    """The self-check of a dual benchmark row: the dual's outputs against the two single calls' (the
+    bounds of tests/test_kernels_int8.py; stochastic: the same scales, values within one step)."""
+    problems = []
+    for orient, q, r in zip(("rows", "cols"), dual, single):
+        if q.shape != r.shape or q.block != r.block:
+            problems.append(f"{orient}: shape/block {q.shape}/{q.block} vs {r.shape}/{r.block}")
+            continue
+        scale_err = float(((q.scale - r.scale).abs() / r.scale).max())
+        diff = (q.data.int() - r.data.int()).abs()
+        limit, share = (1, 1.0) if stochastic else (1, 1e-3)
+        if scale_err > 1e-6 or int(diff.max()) > limit or float((diff > 0).float().mean()) > share:
+            problems.append(f"{orient}: scale rel err {scale_err:.2e}, payload max diff {int(diff.max())} on "
+                            f"{float((diff > 0).float().mean()):.2e} of the elements")
+    return problems
+
+
+DUAL_SHAPES = ((8192, 4096), (16384, 1600))   # X of the d=4096 and the GPT-2 XL (d=1600) linears
+
+
+def hadamard_dual_rows(args):
+    """Hadamard-128 per-row quantization of x and of xᵀ (the int8 recipe's X / ∇Y operands): the dual
+    call (two kernels, one read of x each) against the two single calls (two kernels each). Bytes:
+    the BF16 input read once + both INT8 payloads written (padded to whole Hadamard blocks)."""
+    rows = []
+    had = 128
+    for (R, C) in DUAL_SHAPES:
+        x = rand((R, C), seed=5, outliers=True)
+        nbytes = 2 * R * C + R * (-(-C // had) * had) + C * (-(-R // had) * had)
+        near = (kernels.hadamard_quantize(x, had, check=False),
+                kernels.hadamard_quantize(x, had, check=False, transpose=True))
+        for rounding in ("nearest", "stochastic"):
+            def single():
+                return (kernels.hadamard_quantize(x, had, rounding=rounding, check=False),
+                        kernels.hadamard_quantize(x, had, rounding=rounding, check=False, transpose=True))
+
+            def dual():
+                return kernels.hadamard_quantize_dual(x, had, rounding=rounding, check=False)
+            single_ms = None
+            # the dual's default (8 warps per 128×128 tile) and 16 warps (fewer registers per thread)
+            for name, fn, cfg in (("two single calls", single, {}), ("dual", dual, {}),
+                                  ("dual 16 warps", dual, dict(QUANT_WARPS=16))):
+                label = f"hadamard128 x + xᵀ {R}x{C} {rounding}: {name}"
+                try:
+                    row = dict(name=label)
+                    with kernels.config_override(**cfg):
+                        if fn is dual:
+                            problems = _dual_matches_single(dual(), near, rounding == "stochastic")
+                            row["matches_single"] = not problems
+                            if problems:
+                                row["mismatch"] = problems
+                        fn()
+                        t = bench_ms(fn, args.quick)
+                    row.update(ms=t, GBps=nbytes / t / 1e6)
+                    if fn is single:
+                        single_ms = t
+                    elif single_ms:
+                        row["speedup_vs_single"] = single_ms / t
+                except Exception as e:
+                    row = dict(name=label, error=repr(e)[:300])
+                rows.append(row)
+                print("quant", json.dumps(row), flush=True)
+    return rows
 
 
 def fwd_section(args, results):
@@ -426,6 +493,7 @@ def host_section(args, results):
     """Host (CPU) time per call of the kernel entry points and of a whole linear step on a tiny
     problem (256×256, GPU time negligible): what the Python dispatch and the Triton launch cost. A
     step is host-bound whenever this exceeds its GPU time."""
+    import megaq.ops.linear as linear_module
     from megaq.ops import quantized_linear
 
     def per_call_us(fn, n=200):
@@ -451,16 +519,24 @@ def host_section(args, results):
         "hadamard_quantize per-row": per_call_us(lambda: kernels.hadamard_quantize(x, 128, check=False)),
         "hadamard_quantize per-row of xT": per_call_us(
             lambda: kernels.hadamard_quantize(x, 128, check=False, transpose=True)),
+        "hadamard_quantize_dual (x and xT, two kernels)": per_call_us(
+            lambda: kernels.hadamard_quantize_dual(x, 128, check=False)),
+        "hadamard_quantize_dual stochastic": per_call_us(
+            lambda: kernels.hadamard_quantize_dual(x, 128, rounding="stochastic", check=False)),
         "scaled_mm rowcol -> bf16": per_call_us(lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16)),
     }
     xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     gy = rand((256, 256), seed=3)
-    for recipe in ("bf16", "int8", "int8_block128", "int4"):
-        spec = {"preset": recipe, "check_finite": False}
+    for recipe in ("bf16", "int8", "int8 dual off", "int8_block128", "int4"):
+        spec = {"preset": recipe.split()[0], "check_finite": False}
 
         def step():
             quantized_linear(xs, ws, None, spec).backward(gy)
-        rows[f"linear fwd+bwd {recipe}"] = per_call_us(step, 50)
+        linear_module.DUAL_QUANTIZE = recipe != "int8 dual off"   # one call per GEMM operand instead
+        try:
+            rows[f"linear fwd+bwd {recipe}"] = per_call_us(step, 50)
+        finally:
+            linear_module.DUAL_QUANTIZE = True
     results["host"] = rows
     print("host", json.dumps(rows), flush=True)
 
@@ -644,7 +720,9 @@ def print_table(results):
         print("\n## quantize kernels, 16384×4096 bf16")
         for q in results["quant"]:
             print(f"| {q['name']} | " + (f"{q['ms'] * 1e3:.0f} µs | {q['GBps']:.0f} GB/s |" if "ms" in q
-                                         else q.get("error", "")))
+                                         else q.get("error", ""))
+                  + (f" {q['speedup_vs_single']:.2f}× |" if "speedup_vs_single" in q else "")
+                  + (f" MISMATCH {q['mismatch']}" if q.get("matches_single") is False else ""))
     if results.get("outlier_error"):
         print("\n## error vs fp64 on outlier inputs:", json.dumps(results["outlier_error"]))
 

@@ -4,7 +4,8 @@
 # recipes side by side on one GPU; then the loss curves (OUT/english_curves.png) and the validation table.
 #   bash tools/english_accuracy.sh wikitext2-valid.txt wikitext2-test.txt [recipes] [extra overrides...]
 # Environment: OUT (default runs/english), STEPS (default: the config's 400), TIME_LIMIT (seconds per run,
-# 0 = none), VOCAB (default 8000), PORT_BASE (default 29650).
+# 0 = none), VOCAB (default 8000), PORT_BASE (default 29650), REUSE_DATA=1 (keep OUT/data's tokenizer and
+# datasets when they exist, e.g. prepared on another machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 train_text=${1:?usage: english_accuracy.sh TRAIN.txt VALID.txt [recipes] [overrides...]}
@@ -14,6 +15,10 @@ shift $(( $# >= 3 ? 3 : 2 ))
 out=${OUT:-runs/english}
 steps=${STEPS:-400}
 mkdir -p "$out/data"
+prepared() { [ -s "$out/data/spm.model" ] && ls "$out"/data/train*.bin "$out"/data/valid*.bin > /dev/null 2>&1; }
+if [ "${REUSE_DATA:-0}" = 1 ] && prepared; then
+    echo "english_accuracy: reusing the tokenizer and datasets in $out/data"
+else
 python tools/train_tokenizer.py --input "$train_text" --output-prefix "$out/data/spm" --model-type bpe \
     --vocab-size "${VOCAB:-8000}" || exit 1
 for split in train valid; do
@@ -21,6 +26,7 @@ for split in train valid; do
     python tools/preprocess_data.py --input "$text" --tokenizer-type sentencepiece --workers 1 --no-progress \
         --tokenizer-model "$out/data/spm.model" --output-prefix "$out/data/$split" || exit 1
 done
+fi
 port=${PORT_BASE:-29650}  # one port per run: PORT_BASE+1, +2, ...; move it when a port is taken
 pids=()
 for recipe in ${recipes//,/ }; do

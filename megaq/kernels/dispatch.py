@@ -8,6 +8,7 @@ Public functions (re-exported by `megaq.kernels`):
     quantize(x2d, block, bits=8, rounding="nearest", generator=None, check=True, transpose=False)
     quantize_dual(x2d, block, block_t, ...) -> (q of x, q of x.T)      both orientations
     hadamard_quantize(x2d, hadamard, block=(1, -1), ..., transpose=False)
+    hadamard_quantize_dual(x2d, hadamard, bits=8, ...) -> (rotated x per row, rotated x.T per row)
     dequantize(qt, dtype=torch.float32)
     scaled_mm(a, b, out_dtype=torch.float32, bias=None, out_block=(1, 128), out_rounding="nearest")
 """
@@ -436,6 +437,61 @@ def hadamard_quantize(x2d: torch.Tensor, hadamard: int, block: tuple[int, int] =
         q.check_finite(view, "hadamard_quantize input")
     rotated = q.block_hadamard(q.pad_to_multiple(view.float(), hadamard), hadamard)
     return quantize(rotated, block, bits, rounding, generator, check=False)
+
+
+def hadamard_quantize_dual(x2d: torch.Tensor, hadamard: int, bits: int = 8, rounding: str = "nearest",
+                           generator: torch.Generator | None = None, check: bool = True):
+    """Both per-row Hadamard quantizations of `x2d` at once:
+    `(hadamard_quantize(x2d, hadamard, ...), hadamard_quantize(x2d, hadamard, ..., transpose=True))`,
+    i.e. the rows of x rotated along x's columns (the forward / dgrad operand) and the rows of x.T
+    rotated along x's rows (the wgrad operand), each zero padded to whole Hadamard blocks, one FP32
+    scale per row. On the Triton path (Hadamard 16..128) two kernels in all, each reading every
+    Hadamard-sized tile of x once, instead of two per orientation; with stochastic rounding the two
+    orientations draw independent random numbers. Otherwise the two single calls."""
+    if x2d.dim() != 2:
+        raise ValueError(f"hadamard_quantize_dual input must be 2-D; got shape {tuple(x2d.shape)}")
+    # tiles are hadamard × hadamard: at 256 the tile and the matrix (128 KB each in BF16) no longer fit
+    # an SM's shared memory together; below 16 tl.dot has no instruction shape
+    if 16 <= hadamard <= 128 and _pow2(hadamard) and _use_triton(x2d) and _triton_quantizable(x2d):
+        _check_args(x2d, bits, rounding)
+        return _launch_dual_hadamard(x2d, hadamard, bits, rounding, generator, check)
+    return (hadamard_quantize(x2d, hadamard, bits=bits, rounding=rounding, generator=generator, check=check),
+            hadamard_quantize(x2d, hadamard, bits=bits, rounding=rounding, generator=generator, check=check,
+                              transpose=True))
+
+
+def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check):
+    """The two kernels of `hadamard_quantize_dual` over a grid of [hadamard, hadamard] tiles of x. One
+    zero-filled int32 buffer holds both abs-max vectors (rows of x, then columns) and the NaN flag."""
+    q = _quant()
+    R, C = x.shape
+    dev = x.device
+    Rp = _cdiv(R, hadamard) * hadamard
+    Cp = _cdiv(C, hadamard) * hadamard
+    amax = torch.zeros(R + C + int(check), dtype=torch.int32, device=dev)
+    data = torch.empty((R, Cp), dtype=torch.int8, device=dev)
+    scale = torch.empty((R, 1), dtype=torch.float32, device=dev)
+    data_t = torch.empty((C, Rp), dtype=torch.int8, device=dev)
+    scale_t = torch.empty((C, 1), dtype=torch.float32, device=dev)
+    stochastic = rounding == "stochastic"
+    seed = _seed_tensor(dev, generator) if stochastic else _placeholder(dev, torch.int8)
+    interp = _interpreting()
+    h = _hadamard_pm1(hadamard, torch.float32 if interp else
+                      (torch.bfloat16 if x.dtype == torch.float32 else x.dtype), str(dev))
+    inv = 1.0 / math.sqrt(hadamard)
+    grid = (Cp // hadamard, Rp // hadamard)
+    nw = (_CONFIG_OVERRIDE or {}).get("QUANT_WARPS", 8 if hadamard >= 128 else 4)
+    _kernel("triton_quant", "_dual_amax_kernel")[grid](
+        x, R, C, x.stride(0), x.stride(1), amax, h, inv,
+        HAD=hadamard, UPCAST=interp, CHECK=check, num_warps=nw)
+    _kernel("triton_quant", "_dual_quant_kernel")[grid](
+        x, R, C, Rp, Cp, x.stride(0), x.stride(1), amax, data, scale, data_t, scale_t, h, inv, seed,
+        HAD=hadamard, UPCAST=interp, STOCHASTIC=stochastic, QMAX=_qmax(bits), RINT_LIBDEVICE=not interp,
+        num_warps=nw)
+    if check:   # after both launches: one host sync, the GPU never waits for the host in between
+        _check_flag(amax[R + C:], x, "hadamard_quantize input")
+    return (q.QuantizedTensor(_pack(data, bits), scale, (1, Cp), bits, (R, Cp)),
+            q.QuantizedTensor(_pack(data_t, bits), scale_t, (1, Rp), bits, (C, Rp)))
 
 
 def dequantize(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:

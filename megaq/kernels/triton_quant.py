@@ -16,6 +16,10 @@ Kernels
   or of x.T written transposed, AXIS=0) split over a full 2-D grid: tile abs-maxes folded with
   atomics, then a second read quantizes. Used for transposed per-row operands (wgrad) and for the
   fused Hadamard + per-row quantize (the rotated recipe).
+- `_dual_amax_kernel` + `_dual_quant_kernel`: both orientations of the rotated recipe's operand at
+  once (x · H per row for the forward/dgrad GEMM, x.T · H per row for wgrad): each Hadamard-sized
+  tile is read once per pass and rotated along both axes; the two abs-max vectors share one atomic
+  buffer, the second pass writes both payloads.
 - `_dequant_kernel`: payload * scale.
 
 Random numbers: Philox (`tl.rand4x`) keyed by a seed drawn from torch's generator on every call,
@@ -181,13 +185,17 @@ def _quant_tile_kernel(x_ptr, R, C, stride_xr, stride_xc,
 
 
 @triton.jit
-def _load_rotated(x_ptr, rows, cols, R, C, stride_xr, stride_xc, h, inv_sqrt,
-                  HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPCAST: tl.constexpr):
-    """Load a [BR, BC] chunk (zeros beyond R x C: the zero padding of the reference) and rotate
-    it by the Hadamard block when HAD > 0 (BC == HAD)."""
+def _load_tile(x_ptr, rows, cols, R, C, stride_xr, stride_xc):
+    """The [BR, BC] chunk of x at (rows, cols), zeros beyond R x C (the zero padding of the reference)."""
     mask = (rows < R)[:, None] & (cols < C)[None, :]
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
-                mask=mask, other=0.0)
+    return tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
+                   mask=mask, other=0.0)
+
+
+@triton.jit
+def _rotate_cols(x, h, inv_sqrt, HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPCAST: tl.constexpr):
+    """x · H in FP32: each row of the [BR, BC] chunk rotated by the Hadamard block when HAD > 0
+    (BC == HAD; h the ±1 Sylvester matrix, inv_sqrt = 1/sqrt(HAD)); x itself in FP32 otherwise."""
     if HAD > 0:
         if UPCAST:  # the interpreter's bf16/fp16 dot is wrong (triton 3.9): compute in fp32
             y = tl.dot(x.to(tl.float32), h.to(tl.float32), out_dtype=tl.float32)
@@ -209,6 +217,14 @@ def _load_rotated(x_ptr, rows, cols, R, C, stride_xr, stride_xc, h, inv_sqrt,
 
 
 @triton.jit
+def _load_rotated(x_ptr, rows, cols, R, C, stride_xr, stride_xc, h, inv_sqrt,
+                  HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPCAST: tl.constexpr):
+    """Load a [BR, BC] chunk (zeros beyond R x C) and rotate its rows (`_rotate_cols`)."""
+    x = _load_tile(x_ptr, rows, cols, R, C, stride_xr, stride_xc)
+    return _rotate_cols(x, h, inv_sqrt, HAD, F32_INPUT, UPCAST)
+
+
+@triton.jit
 def _quant_strip_kernel(x_ptr, R, C, C_in, stride_xr, stride_xc,
                         q_ptr, s_ptr, h_ptr, inv_sqrt,
                         seed_ptr, flag_ptr,
@@ -224,10 +240,7 @@ def _quant_strip_kernel(x_ptr, R, C, C_in, stride_xr, stride_xc,
     pid = tl.program_id(0)
     rows = pid * BR + tl.arange(0, BR)
     rmask = rows < R
-    h = 0.0
-    if HAD > 0:
-        hi = tl.arange(0, HAD)
-        h = tl.load(h_ptr + hi[:, None] * HAD + hi[None, :])
+    h = _load_hadamard(h_ptr, HAD)
     seed = 0
     if STOCHASTIC:
         seed = tl.load(seed_ptr)
@@ -278,12 +291,9 @@ def _quant_strip_kernel(x_ptr, R, C, C_in, stride_xr, stride_xc,
 
 
 @triton.jit
-def _load_rotated_t(x_ptr, rows, cols, R, C, stride_xr, stride_xc, h, inv_sqrt,
-                    HAD: tl.constexpr, UPCAST: tl.constexpr):
-    """[BR, BC] chunk, rotated along axis 0 (the rows) by the Hadamard block when HAD > 0."""
-    mask = (rows < R)[:, None] & (cols < C)[None, :]
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
-                mask=mask, other=0.0)
+def _rotate_rows(x, h, inv_sqrt, HAD: tl.constexpr, UPCAST: tl.constexpr):
+    """H · x in FP32: each column of the [BR, BC] chunk rotated by the Hadamard block when HAD > 0
+    (BR == HAD), i.e. the rows of x.T rotated; x itself in FP32 otherwise."""
     if HAD > 0:
         if UPCAST:
             y = tl.dot(h.to(tl.float32), x.to(tl.float32), out_dtype=tl.float32)
@@ -304,35 +314,37 @@ def _load_rotated_t(x_ptr, rows, cols, R, C, stride_xr, stride_xc, h, inv_sqrt,
 
 
 @triton.jit
-def _load_axis(x_ptr, rows, cols, R, C, stride_xr, stride_xc, h, inv_sqrt, AXIS: tl.constexpr,
-               HAD: tl.constexpr, UPCAST: tl.constexpr):
+def _rotate_axis(x, h, inv_sqrt, AXIS: tl.constexpr, HAD: tl.constexpr, UPCAST: tl.constexpr):
+    """The chunk rotated along the axis a per-row (AXIS=1: x · H) or per-column (AXIS=0: H · x,
+    the rows of x.T) quantization reduces."""
     if AXIS == 0:
-        y = _load_rotated_t(x_ptr, rows, cols, R, C, stride_xr, stride_xc, h, inv_sqrt, HAD, UPCAST)
+        y = _rotate_rows(x, h, inv_sqrt, HAD, UPCAST)
     else:
-        y = _load_rotated(x_ptr, rows, cols, R, C, stride_xr, stride_xc, h, inv_sqrt, HAD,
-                          x_ptr.dtype.element_ty == tl.float32, UPCAST)
+        y = _rotate_cols(x, h, inv_sqrt, HAD, x.dtype == tl.float32, UPCAST)
     return y
 
 
 @triton.jit
-def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt, flag_ptr,
-                         BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
-                         UPCAST: tl.constexpr, CHECK: tl.constexpr):
-    """Pass 1 of a per-row (AXIS=1) or per-column (AXIS=0) quantization split over a full 2-D grid:
-    each [BR, BC] tile (rotated along the reduced axis by the Hadamard block when HAD > 0) folds its
-    abs-max into amax (fp32 bits in int32: for values >= 0 the integer order is the float order)."""
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
+def _load_axis(x_ptr, rows, cols, R, C, stride_xr, stride_xc, h, inv_sqrt, AXIS: tl.constexpr,
+               HAD: tl.constexpr, UPCAST: tl.constexpr):
+    x = _load_tile(x_ptr, rows, cols, R, C, stride_xr, stride_xc)
+    return _rotate_axis(x, h, inv_sqrt, AXIS, HAD, UPCAST)
+
+
+@triton.jit
+def _load_hadamard(h_ptr, HAD: tl.constexpr):
+    """The ±1 Sylvester matrix of size HAD (0.0 when HAD == 0: no rotation)."""
     h = 0.0
     if HAD > 0:
         hi = tl.arange(0, HAD)
         h = tl.load(h_ptr + hi[:, None] * HAD + hi[None, :])
-    ay = tl.abs(_load_axis(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc, h, inv_sqrt, AXIS, HAD,
-                           UPCAST))
-    if CHECK:
-        _raise_flag(_nonfinite(ay), flag_ptr)
+    return h
+
+
+@triton.jit
+def _fold_amax(ay, rows, cols, R_in, C_in, amax_ptr, AXIS: tl.constexpr):
+    """Fold a tile's per-row (AXIS=1) or per-column (AXIS=0) abs-max into amax with atomics (fp32 bits
+    in int32: for values >= 0 the integer order is the float order)."""
     if AXIS == 0:
         m = tl.max(ay, axis=0).to(tl.int32, bitcast=True)
         tl.atomic_max(amax_ptr + cols, m, mask=cols < C_in)
@@ -342,22 +354,32 @@ def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_pt
 
 
 @triton.jit
-def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax_ptr, q_ptr, s_ptr,
-                             h_ptr, inv_sqrt, seed_ptr,
-                             BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
-                             UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr,
-                             RINT_LIBDEVICE: tl.constexpr):
-    """Pass 2: quantize each tile with the finished abs-max. AXIS=0: q [C, R] (x.T per row, written
-    transposed), s [C, 1]; AXIS=1: q [R, C], s [R, 1]. R, C: padded extents (Hadamard blocks)."""
+def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt, flag_ptr,
+                         BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
+                         UPCAST: tl.constexpr, CHECK: tl.constexpr):
+    """Pass 1 of a per-row (AXIS=1) or per-column (AXIS=0) quantization split over a full 2-D grid:
+    each [BR, BC] tile (rotated along the reduced axis by the Hadamard block when HAD > 0) folds its
+    abs-max into amax (`_fold_amax`)."""
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
     cols = pid_c * BC + tl.arange(0, BC)
-    h = 0.0
-    if HAD > 0:
-        hi = tl.arange(0, HAD)
-        h = tl.load(h_ptr + hi[:, None] * HAD + hi[None, :])
-    y = _load_axis(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc, h, inv_sqrt, AXIS, HAD, UPCAST)
+    h = _load_hadamard(h_ptr, HAD)
+    ay = tl.abs(_load_axis(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc, h, inv_sqrt, AXIS, HAD,
+                           UPCAST))
+    if CHECK:
+        _raise_flag(_nonfinite(ay), flag_ptr)
+    _fold_amax(ay, rows, cols, R_in, C_in, amax_ptr, AXIS)
+
+
+@triton.jit
+def _quant_from_amax(y, rows, cols, pid_r, pid_c, R, C, amax_ptr, q_ptr, s_ptr, seed_ptr,
+                     BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, STOCHASTIC: tl.constexpr,
+                     QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
+    """Quantize a rotated [BR, BC] tile y with the finished abs-max (pass 2). AXIS=0: q [C, R] (x.T per
+    row, written transposed), s [C, 1]; AXIS=1: q [R, C], s [R, 1]. R, C: padded extents (Hadamard
+    blocks). The first tile of each row (AXIS=1) or column (AXIS=0) of tiles writes the scales.
+    Stochastic rounding: Philox keyed by the seed at seed_ptr, counter = the element's index in x."""
     if AXIS == 0:
         am = tl.load(amax_ptr + cols, mask=cols < C, other=0).to(tl.float32, bitcast=True)
         s = _scale_from_amax(am, QMAX)
@@ -383,6 +405,66 @@ def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax
         tl.store(q_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
     else:
         tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q, mask=mask)
+
+
+@triton.jit
+def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax_ptr, q_ptr, s_ptr,
+                             h_ptr, inv_sqrt, seed_ptr,
+                             BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
+                             UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr,
+                             RINT_LIBDEVICE: tl.constexpr):
+    """Pass 2: quantize each tile with the finished abs-max (`_quant_from_amax`)."""
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    cols = pid_c * BC + tl.arange(0, BC)
+    h = _load_hadamard(h_ptr, HAD)
+    y = _load_axis(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc, h, inv_sqrt, AXIS, HAD, UPCAST)
+    _quant_from_amax(y, rows, cols, pid_r, pid_c, R, C, amax_ptr, q_ptr, s_ptr, seed_ptr,
+                     BR, BC, AXIS, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+
+
+@triton.jit
+def _dual_amax_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt,
+                      HAD: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr):
+    """Pass 1 of the dual Hadamard quantization (both orientations of x from one read): each
+    [HAD, HAD] tile, rotated along its columns (x · H: rows of x) and along its rows (H · x: rows of
+    x.T), folds its per-row abs-max into amax[0:R_in] and its per-column abs-max into
+    amax[R_in:R_in+C_in]; amax[R_in+C_in] is the NaN/Inf flag (read only when CHECK)."""
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rows = pid_r * HAD + tl.arange(0, HAD)
+    cols = pid_c * HAD + tl.arange(0, HAD)
+    h = _load_hadamard(h_ptr, HAD)
+    x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
+    a_rows = tl.abs(_rotate_axis(x, h, inv_sqrt, 1, HAD, UPCAST))
+    a_cols = tl.abs(_rotate_axis(x, h, inv_sqrt, 0, HAD, UPCAST))
+    if CHECK:
+        _raise_flag(_nonfinite(a_rows) | _nonfinite(a_cols), amax_ptr + R_in + C_in)
+    _fold_amax(a_rows, rows, cols, R_in, C_in, amax_ptr, 1)
+    _fold_amax(a_cols, rows, cols, R_in, C_in, amax_ptr + R_in, 0)
+
+
+@triton.jit
+def _dual_quant_kernel(x_ptr, R_in, C_in, Rp, Cp, stride_xr, stride_xc, amax_ptr,
+                       q_ptr, s_ptr, qt_ptr, st_ptr, h_ptr, inv_sqrt, seed_ptr,
+                       HAD: tl.constexpr, UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr,
+                       QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
+    """Pass 2 of the dual Hadamard quantization: re-read each tile once and write both outputs,
+    q [R_in, Cp] with s [R_in, 1] (rows of x · H) and qt [C_in, Rp] with st [C_in, 1] (rows of
+    x.T · H), Rp / Cp the extents padded to whole Hadamard blocks. Stochastic rounding draws the two
+    orientations from independent Philox streams (seeds seed_ptr[0] and seed_ptr[1])."""
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rows = pid_r * HAD + tl.arange(0, HAD)
+    cols = pid_c * HAD + tl.arange(0, HAD)
+    h = _load_hadamard(h_ptr, HAD)
+    x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
+    _quant_from_amax(_rotate_axis(x, h, inv_sqrt, 1, HAD, UPCAST), rows, cols, pid_r, pid_c, R_in, Cp,
+                     amax_ptr, q_ptr, s_ptr, seed_ptr, HAD, HAD, 1, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+    _quant_from_amax(_rotate_axis(x, h, inv_sqrt, 0, HAD, UPCAST), rows, cols, pid_r, pid_c, Rp, C_in,
+                     amax_ptr + R_in, qt_ptr, st_ptr, seed_ptr + 1, HAD, HAD, 0, STOCHASTIC, QMAX,
+                     RINT_LIBDEVICE)
 
 
 @triton.jit

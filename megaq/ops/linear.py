@@ -63,17 +63,45 @@ def quantized_gemm(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | Quantize
     return kernels.scaled_mm(qa, qb, out_dtype=out_dtype, bias=bias)
 
 
+# Quantize a tensor once for both GEMMs that read it (X: forward and wgrad; ∇Y: dgrad and wgrad)
+# when both operand specs allow it (`_dual_hadamard`): one fused two-kernel call instead of two
+# calls of two kernels. Measured on an H100 (docs/PERFORMANCE.md, session 3): the eager int8 linear
+# step's host time falls from 2.46 to 1.52 ms, but the dual kernels' GPU time is 3-20% above the two
+# single passes' (pass 2 spills registers). So it is used where host time is what costs, and not
+# while a CUDA graph is being captured (train.cuda_graphs), where only GPU time remains.
+# False: never (one quantizer call per GEMM operand, for benchmarking the difference).
+DUAL_QUANTIZE = True
+
+
+def _dual_hadamard(x: torch.Tensor, gemm: GemmSpec, side: str, gemm_t: GemmSpec, side_t: str) -> int:
+    """The Hadamard block size when operand `side` of `gemm` (rows of a tensor) and operand `side_t`
+    of `gemm_t` (rows of its transpose) can come from one `kernels.hadamard_quantize_dual` call: the
+    same INT8 per-row max-scaled spec and rounding, the same reduction-axis rotation. Else 0."""
+    spec = getattr(gemm, side)
+    if (DUAL_QUANTIZE and not (x.is_cuda and torch.cuda.is_current_stream_capturing()) and gemm.hadamard and gemm.hadamard == gemm_t.hadamard and spec.fmt == "int8"
+            and spec.block == (1, -1) and spec.scale == "max" and spec == getattr(gemm_t, side_t)):
+        return gemm.hadamard
+    return 0
+
+
 class _PerGemmQuantizedLinear(torch.autograd.Function):
     """INT8-style recipes: every GEMM quantizes its operands from the high-precision tensors.
 
     The input is needed again only as the wgrad GEMM's B operand (`Xᵀ`, reduced over tokens), so
     the forward quantizes it for that GEMM right away and keeps only the INT8 copy: the activation
     memory of a quantized linear is its INT8 operand, not the BF16 input (and the backward has one
-    quantize pass less)."""
+    quantize pass less). Where two GEMMs read the same tensor (X, or ∇Y) under the same per-row
+    Hadamard spec, one dual quantizer call writes both orientations (`DUAL_QUANTIZE`)."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, recipe: Recipe):
-        y = quantized_gemm(x2d, weight, recipe.forward, recipe.check_finite, out_dtype=x2d.dtype,
+        x_operand, qx = x2d, None
+        had = _dual_hadamard(x2d, recipe.forward, "a", recipe.wgrad, "b") if ctx.needs_input_grad[1] else 0
+        if had:  # X for the forward GEMM and Xᵀ for wgrad from one quantizer pass over X
+            spec = recipe.forward.a
+            x_operand, qx = kernels.hadamard_quantize_dual(x2d, had, bits=spec.bits,
+                                                           rounding=spec.rounding, check=recipe.check_finite)
+        y = quantized_gemm(x_operand, weight, recipe.forward, recipe.check_finite, out_dtype=x2d.dtype,
                            bias=bias)
         ctx.recipe = recipe
         ctx.has_bias = bias is not None
@@ -82,7 +110,8 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if recipe.wgrad.is_quantized:
                 # wgrad: ∇W = ∇Yᵀ · X, operand Xᵀ [in, tokens]
-                qx = quantize_gemm_operand(x2d, recipe.wgrad, "b", recipe.check_finite, transpose=True)
+                if qx is None:
+                    qx = quantize_gemm_operand(x2d, recipe.wgrad, "b", recipe.check_finite, transpose=True)
                 ctx.qx_meta = (qx.block, qx.bits, qx.shape)
                 saved_x = (qx.data, qx.scale)
             else:
@@ -97,14 +126,21 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
         recipe: Recipe = ctx.recipe
         grad_y = grad_y.contiguous()
         grad_x = grad_w = grad_b = None
+        gy_rows = gy_cols = grad_y
+        both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1]
+        had = _dual_hadamard(grad_y, recipe.dgrad, "a", recipe.wgrad, "a") if both else 0
+        if had:  # ∇Y for dgrad and ∇Yᵀ for wgrad from one quantizer pass over ∇Y
+            spec = recipe.dgrad.a
+            gy_rows, gy_cols = kernels.hadamard_quantize_dual(
+                grad_y, had, bits=spec.bits, rounding=spec.rounding, check=recipe.check_finite)
         if ctx.needs_input_grad[0]:
             # dgrad: ∇X = ∇Y · W, operands ∇Y [tokens, out] and Wᵀ [in, out]
-            grad_x = quantized_gemm(grad_y, weight, recipe.dgrad, recipe.check_finite,
+            grad_x = quantized_gemm(gy_rows, weight, recipe.dgrad, recipe.check_finite,
                                     transpose_b=True, out_dtype=ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             # wgrad: ∇W = ∇Yᵀ · X, operands ∇Yᵀ [out, tokens] and Xᵀ [in, tokens]
             x_operand = QuantizedTensor(*saved_x, *ctx.qx_meta) if len(saved_x) == 2 else saved_x[0]
-            grad_w = quantized_gemm(grad_y, x_operand, recipe.wgrad, recipe.check_finite,
+            grad_w = quantized_gemm(gy_cols, x_operand, recipe.wgrad, recipe.check_finite,
                                     transpose_a=True, transpose_b=True,
                                     out_dtype=weight.dtype).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
