@@ -52,22 +52,27 @@ def _loss_and_grads(model, ids, labels):
 
 
 @gpu
-@pytest.mark.parametrize("recipe", ["bf16", "int8_nearest"])
-def test_graphed_blocks_train_like_eager_blocks(recipe):
+@pytest.mark.parametrize("recipe,cached", [("bf16", False), ("int8_nearest", False), ("int8_nearest", True)])
+def test_graphed_blocks_train_like_eager_blocks(recipe, cached):
     """Four optimizer steps with deterministic kernels: the graphed model's losses and gradients
-    equal the eager model's (so the replays read the weights the optimizer updates in place)."""
+    equal the eager model's (so the replays read the weights the optimizer updates in place, and,
+    with the weight cache, the quantized weights refreshed after each step)."""
+    from megaq.ops import weight_cache
+
     eager, graphed, graphs, _ = _models(INT8_NEAREST if recipe == "int8_nearest" else recipe)
     opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (eager, graphed)]
-    for step in range(4):
-        ids, labels = _batch(step)
-        (loss_e, grads_e), (loss_g, grads_g) = (_loss_and_grads(m, ids, labels) for m in (eager, graphed))
-        assert graphs.captured
-        assert abs(loss_e - loss_g) < 1e-3 * loss_e, (step, loss_e, loss_g)
-        for name, g in grads_g.items():
-            assert torch.isfinite(g).all(), name
-            assert _rel(g, grads_e[name]) < 1e-2, (step, name, _rel(g, grads_e[name]))
-        for opt in opts:
-            opt.step()
+    with weight_cache.caching(cached):
+        for step in range(4):
+            ids, labels = _batch(step)
+            (loss_e, grads_e), (loss_g, grads_g) = (_loss_and_grads(m, ids, labels) for m in (eager, graphed))
+            assert graphs.captured
+            assert abs(loss_e - loss_g) < 1e-3 * loss_e, (step, loss_e, loss_g)
+            for name, g in grads_g.items():
+                assert torch.isfinite(g).all(), name
+                assert _rel(g, grads_e[name]) < 1e-2, (step, name, _rel(g, grads_e[name]))
+            for opt in opts:
+                opt.step()
+            weight_cache.weights_updated()
 
 
 @gpu

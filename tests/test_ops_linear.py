@@ -244,3 +244,61 @@ def test_nan_in_input_is_reported():
 def test_shape_mismatch_is_reported():
     with pytest.raises(ValueError, match="in_features"):
         quantized_linear(torch.randn(4, 10), torch.randn(3, 12), None, "int8")
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int8_block128"])
+def test_weight_cache_quantizes_once_per_step_and_follows_updates(recipe, monkeypatch):
+    """With the cache on, three micro batches quantize W and Wᵀ once (not three times each) and compute
+    bit for bit what the uncached linear computes; after the weight changes and `weights_updated()`, the
+    cached operands are requantized in place (same buffers) and match the new weight again. (Stochastic
+    rounding draws the same random numbers either way: weights are quantized to nearest.)"""
+    from megaq.ops import weight_cache
+
+    x, w, b, gy = _problem(77, 384, 200)
+    weight_calls = []
+    quantize = linear_module.quantize_gemm_operand
+
+    def counting(t, spec, side, check, transpose=False):
+        if side == "b" and t.shape == w.shape:
+            weight_calls.append(transpose)
+        return quantize(t, spec, side, check, transpose)
+    monkeypatch.setattr(linear_module, "quantize_gemm_operand", counting)
+
+    def micro_batches(weight, cached):
+        with weight_cache.caching(cached):
+            torch.manual_seed(5)
+            return [_run(recipe, x * (i + 1), weight, b, gy) for i in range(3)]
+
+    uncached = micro_batches(w, False)
+    assert len(weight_calls) == 6
+    weight_calls.clear()
+    with weight_cache.caching():
+        torch.manual_seed(5)
+        w_leaf = w.clone().requires_grad_(True)
+        cached = [_run_with(recipe, x * (i + 1), w_leaf, b, gy) for i in range(3)]
+        assert sorted(weight_calls) == [False, True]               # W for the forward, Wᵀ for dgrad
+        entries = w_leaf.__dict__["_megaq_quantized_weight"]
+        buffers = {key: e.operand.data.data_ptr() for key, e in entries.items()}
+        with torch.no_grad():
+            w_leaf.mul_(-0.5)                                      # an optimizer step, in place
+        weight_cache.weights_updated()
+        torch.manual_seed(5)
+        after = _run_with(recipe, x, w_leaf, b, gy)
+        assert {key: e.operand.data.data_ptr() for key, e in entries.items()} == buffers
+    for results_cached, results_plain in zip(cached, uncached):
+        for name, c, p in zip(("output", "grad_input", "grad_weight", "grad_bias"), results_cached, results_plain):
+            assert torch.equal(c, p), name
+    torch.manual_seed(5)
+    fresh = _run(recipe, x, w * -0.5, b, gy)
+    for name, c, p in zip(("output", "grad_input", "grad_weight", "grad_bias"), after, fresh):
+        assert torch.equal(c, p), name
+    assert not weight_cache.enabled() and "_megaq_quantized_weight" not in w_leaf.__dict__
+
+
+def _run_with(recipe, x, w_leaf, b, gy):
+    """`_run` with a persistent weight leaf (the cache lives on the weight tensor)."""
+    x, b = (t.clone().requires_grad_(True) for t in (x, b))
+    w_leaf.grad = None
+    y = quantized_linear(x, w_leaf, b, recipe)
+    y.backward(gy)
+    return y.detach(), x.grad, w_leaf.grad.clone(), b.grad

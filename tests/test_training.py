@@ -366,3 +366,17 @@ def test_text_files_are_tokenized_once_and_reused(tmp_path):
     assert (tmp_path / "cache" / f"{prefix.split('/')[-1]}.bin").stat().st_mtime_ns == mtime  # reused
     text.write_text("changed " * 1000)
     assert build_text_files_dataset([str(text)], tmp_path / "cache", spec) != prefix  # rebuilt
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cached quantized weights across micro batches
+
+def test_cached_weights_train_exactly_like_requantized_ones(demo_cache):
+    """Gradient accumulation over 2 micro batches, int8: with quant.cache_weights the weights are
+    quantized once per optimizer step instead of per micro batch; the losses are the same to the bit
+    (the cache must be invalidated by every optimizer step, or they would drift from step 2 on)."""
+    cfgs = [tiny_config(demo_cache, quant={"recipe": "int8", "cache_weights": cached}, train={"train_steps": 4})
+            for cached in (True, False)]
+    cached, plain = run_distributed(_pretrain_all, 1, cfgs, timeout=300)[0]
+    assert cached["layout"]["gradient_accumulation_steps"] == 2
+    assert cached["losses"] == plain["losses"] and len(cached["losses"]) == 4

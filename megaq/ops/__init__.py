@@ -4,6 +4,7 @@ linear under a recipe, and the INT8 data-flow LayerNorm and GELU."""
 from .dataflow import (Int8Activation, Int8Operand, gelu_operand, int8_gelu, int8_layernorm,
                        layernorm_operand)
 from .dataflow_linear import data_flow_format, dataflow_linear
+from . import weight_cache
 from .linear import quantized_gemm, quantized_linear, quantize_operand
 from .recipe import (RECIPE_PRESETS, GemmSpec, Int4Backward, OperandSpec, Recipe, RecipeError,
                      get_recipe)
@@ -11,4 +12,5 @@ from .recipe import (RECIPE_PRESETS, GemmSpec, Int4Backward, OperandSpec, Recipe
 __all__ = ["quantized_linear", "quantized_gemm", "quantize_operand", "Recipe", "GemmSpec",
            "OperandSpec", "Int4Backward", "RecipeError", "RECIPE_PRESETS", "get_recipe",
            "Int8Activation", "int8_layernorm", "int8_gelu",
-           "Int8Operand", "layernorm_operand", "gelu_operand", "dataflow_linear", "data_flow_format"]
+           "Int8Operand", "layernorm_operand", "gelu_operand", "dataflow_linear", "data_flow_format",
+           "weight_cache"]

@@ -47,7 +47,7 @@ import torch
 from .. import kernels
 from ..quant import QuantizedTensor, block_hadamard
 from .dataflow import Int8Operand, carrier_like
-from .linear import quantize_operand, quantized_gemm
+from .linear import quantize_operand, quantized_gemm, weight_operand
 from .recipe import Recipe, get_recipe
 
 INT8_OUTPUT_BLOCK = (1, 128)
@@ -85,7 +85,7 @@ class _DataFlowLinear(torch.autograd.Function):
             # a BF16 input (the attention output): quantized once, and only the INT8 copy is kept
             xq = quantize_operand(x.reshape(-1, in_features), spec.a, recipe.check_finite,
                                   hadamard=spec.hadamard)
-        wq = quantize_operand(weight, spec.b, recipe.check_finite, hadamard=spec.hadamard)
+        wq = weight_operand(weight, spec, recipe.check_finite)
         out_shape = (*x.shape[:-1], weight.shape[0])
         if int8_output:
             box.append(kernels.scaled_mm(xq, wq, out_dtype=torch.int8, bias=bias,
@@ -108,7 +108,8 @@ class _DataFlowLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # dgrad: ∇X = ∇Y · W, operands ∇Y [tokens, out] and Wᵀ [in, out]
-            grad_x = quantized_gemm(grad_y, weight, recipe.dgrad, recipe.check_finite,
+            w_operand = weight_operand(weight, recipe.dgrad, recipe.check_finite, transpose=True)
+            grad_x = quantized_gemm(grad_y, w_operand, recipe.dgrad, recipe.check_finite,
                                     transpose_b=True).to(ctx.x_dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             # wgrad from the saved operand: ∇Yᵀ · X̃ over tokens, then H back on the [out, C'] result

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..quant import QuantizedTensor, block_hadamard, check_finite, lsq_quantize, pad_to_multiple
+from . import weight_cache
 from .int4_linear import Int4QuantizedLinear
 from .recipe import GemmSpec, OperandSpec, Recipe, get_recipe
 
@@ -42,6 +43,26 @@ def quantize_gemm_operand(x: torch.Tensor, spec: GemmSpec, side: str, check: boo
     (zero padded to whole Hadamard blocks, which leaves the product unchanged because both operands
     are padded alike; fused with the quantizer)."""
     return quantize_operand(x, getattr(spec, side), check, transpose, hadamard=spec.hadamard)
+
+
+def weight_operand(weight: torch.Tensor, spec: GemmSpec, check: bool,
+                   transpose: bool = False) -> torch.Tensor | QuantizedTensor:
+    """Operand B of `spec` made from a weight (`weight.T` when `transpose`): the quantized operand,
+    from the cache of `megaq.ops.weight_cache` when that is on (a repeat within one optimizer step),
+    or the weight itself for an unquantized GEMM."""
+    if not spec.is_quantized:
+        return weight
+
+    def quantize() -> QuantizedTensor:
+        return quantize_gemm_operand(weight, spec, "b", check, transpose)
+    cached = weight_cache.cached_weight(weight, spec.b, spec.hadamard, transpose, quantize)
+    return cached if cached is not None else quantize()
+
+
+def refresh_cached_weights() -> int:
+    """Bring every stale cached weight operand up to date in place (before a CUDA graph replay)."""
+    return weight_cache.refresh_stale(
+        lambda weight, spec, hadamard, transpose: quantize_operand(weight, spec, False, transpose, hadamard))
 
 
 def quantized_gemm(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | QuantizedTensor, spec: GemmSpec,
@@ -101,8 +122,8 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
             spec = recipe.forward.a
             x_operand, qx = kernels.hadamard_quantize_dual(x2d, had, bits=spec.bits,
                                                            rounding=spec.rounding, check=recipe.check_finite)
-        y = quantized_gemm(x_operand, weight, recipe.forward, recipe.check_finite, out_dtype=x2d.dtype,
-                           bias=bias)
+        y = quantized_gemm(x_operand, weight_operand(weight, recipe.forward, recipe.check_finite),
+                           recipe.forward, recipe.check_finite, out_dtype=x2d.dtype, bias=bias)
         ctx.recipe = recipe
         ctx.has_bias = bias is not None
         ctx.x_dtype = x2d.dtype
@@ -135,7 +156,8 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
                 grad_y, had, bits=spec.bits, rounding=spec.rounding, check=recipe.check_finite)
         if ctx.needs_input_grad[0]:
             # dgrad: ∇X = ∇Y · W, operands ∇Y [tokens, out] and Wᵀ [in, out]
-            grad_x = quantized_gemm(gy_rows, weight, recipe.dgrad, recipe.check_finite,
+            w_operand = weight_operand(weight, recipe.dgrad, recipe.check_finite, transpose=True)
+            grad_x = quantized_gemm(gy_rows, w_operand, recipe.dgrad, recipe.check_finite,
                                     transpose_b=True, out_dtype=ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             # wgrad: ∇W = ∇Yᵀ · X, operands ∇Yᵀ [out, tokens] and Xᵀ [in, tokens]

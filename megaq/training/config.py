@@ -270,6 +270,11 @@ class QuantConfig(_Section):
         "with torchao's float8 training (tensorwise or rowwise scaling) instead, for end-to-end "
         "comparisons (tools/bench_e2e.py). Needs torchao, a GPU with float8 tensor cores, "
         "quant.recipe=bf16 and parallel.tensor_parallel=1; use with train.compile=true.")
+    cache_weights: bool = Field(
+        True, description="Keep each weight's quantized operands (W, and Wᵀ for dgrad) across the micro batches "
+        "of one optimizer step instead of requantizing them in every micro batch (megaq.ops.weight_cache; "
+        "bit for bit the same numerics). Costs one INT8 copy of the weights per orientation. Not used under "
+        "ZeRO-3, whose gathered weights are transient.")
     check_finite: bool = Field(
         False, description="Check every quantizer input for NaN/Inf and raise naming the tensor. Costs a "
         "host synchronization per operand on GPUs; off by default because the training loop stops on a "

@@ -36,6 +36,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from megaq.ops.linear import refresh_cached_weights
+
 logger = logging.getLogger(__name__)
 
 WARMUP_ITERS = 3  # eager iterations on a side stream before capture: Triton compiles, cuBLAS picks
@@ -152,6 +154,10 @@ class BlockGraphs:
             logger.warning("CUDA graphs: a block parameter's storage moved; recapturing at the next step")
             self.graphs = None
             return eager(x)
+        if index == 0:
+            # the replays read the cached quantized weights (megaq.ops.weight_cache) without running
+            # Python: requantize those an optimizer step made stale, in place, before the first block
+            refresh_cached_weights()
         return _ReplayBlock.apply(graph, x, *graph.params)
 
     def _once(self, key: str, message: str) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megaq.data import DataIterator, ResumableSampler, collate_samples
-from megaq.ops import get_recipe
+from megaq.ops import get_recipe, weight_cache
 from megaq.parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
                             get_data_parallel_world_size, initialize_model_parallel, model_parallel_seed)
 from megaq.training.checkpoint import CheckpointError, CheckpointManager, resolve_checkpoint
@@ -159,6 +159,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
             raise CheckpointError(f"checkpoint.load={cfg.checkpoint.load!r}: {e}") from None
     if checkpoint is not None:
         state = manager.load(engine, checkpoint)
+        weight_cache.weights_updated()
         step, consumed_samples = int(state["step"]), int(state["consumed_samples"])
         for change in apply_config_to_optimizer(cfg, run.scheduler, layout.train_steps):
             logger.info(f"the config changes the checkpoint's optimizer setting: {change}")
@@ -207,6 +208,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
         last_saved_step = at_step
         throughput.exclude(time.perf_counter() - t0)
 
+    weight_cache.set_enabled(cfg.quant.cache_weights and zero_stage < 3)
     try:
         with StopRequest() as stop, compile_failures_explained(cfg):
             while step < layout.train_steps:
@@ -221,6 +223,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
                         engine.backward(loss)
                         engine.step()
                         loss_sum += loss.detach().float()
+                weight_cache.weights_updated()  # the optimizer stepped: cached quantized weights are stale
                 step += 1
                 step_loss = _dp_mean(loss_sum / layout.gradient_accumulation_steps)
                 step_losses.append(step_loss)
@@ -264,6 +267,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
                     break
     finally:
         reporter.close()
+        weight_cache.set_enabled(False)
         summary["final_step"] = step
         summary["losses"] = [float(t.item()) for t in step_losses]
     logger.info(f"done: step {step}/{layout.train_steps}"

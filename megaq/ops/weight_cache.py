@@ -1,0 +1,129 @@
+"""Quantized weights kept across the micro batches of one optimizer step.
+
+A weight changes only when the optimizer steps, yet every micro batch quantizes it twice (W for the
+forward GEMM, Wᵀ for dgrad): with gradient accumulation over n micro batches, n - 1 of those passes
+repeat work (the same idea as Transformer Engine's FP8 weight caching across micro batches).
+
+When enabled, each weight keeps its quantized operands (one per GEMM spec and orientation), stamped with
+the *weight epoch* they were made in. Whoever updates the weights calls `weights_updated()` afterwards
+(the trainer: after every optimizer step and after loading a checkpoint); that makes every entry stale,
+and a stale entry is requantized on its next use **into the same buffers**, whose addresses never change
+— what a CUDA graph replay reads (`refresh_stale()` does it for all entries before a replay). Numerics
+are unchanged: the weight quantizers round to nearest, so a cached operand is bit for bit what a fresh
+quantization would give.
+
+Off by default (`enabled()` is False): code that changes weights without calling `weights_updated()`
+would otherwise compute with stale operands. The trainer turns it on with `quant.cache_weights`.
+Memory: one INT8 copy of the weight per cached orientation (two for the int8 recipe: 2 bytes per
+parameter) plus FP32 scales.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..quant import QuantizedTensor
+from .recipe import OperandSpec
+
+_ATTRIBUTE = "_megaq_quantized_weight"
+
+
+@dataclass
+class _Entry:
+    operand: QuantizedTensor
+    epoch: int
+
+
+class _State:
+    enabled = False
+    epoch = 0
+    refreshed_epoch = 0               # refresh_stale() brought every entry to this epoch
+    weights: list[weakref.ref] = []   # every weight that holds entries, for refresh_stale()
+
+
+def enabled() -> bool:
+    return _State.enabled
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the cache on or off (off also drops every entry, freeing their memory)."""
+    _State.enabled = bool(on)
+    if not on:
+        clear()
+
+
+@contextlib.contextmanager
+def caching(on: bool = True):
+    """`with caching():` — the cache on inside (tests, benchmarks)."""
+    before = _State.enabled
+    set_enabled(on)
+    try:
+        yield
+    finally:
+        set_enabled(before)
+
+
+def weights_updated() -> None:
+    """Call after the weights changed (an optimizer step, a checkpoint load): every entry is stale."""
+    _State.epoch += 1
+
+
+def clear() -> None:
+    for ref in _State.weights:
+        weight = ref()
+        if weight is not None:
+            weight.__dict__.pop(_ATTRIBUTE, None)
+    _State.weights = []
+
+
+def cached_weight(weight: torch.Tensor, spec: OperandSpec, hadamard: int, transpose: bool,
+                  quantize) -> QuantizedTensor | None:
+    """The quantized operand of `weight` for (`spec`, `hadamard`, `transpose`), or None when the cache
+    is off or the spec rounds stochastically (each use must then draw afresh). `quantize()` makes a
+    fresh operand; an existing stale entry is overwritten in place with it."""
+    if not _State.enabled or spec.rounding != "nearest":
+        return None
+    entries = weight.__dict__.get(_ATTRIBUTE)
+    if entries is None:
+        entries = weight.__dict__[_ATTRIBUTE] = {}
+        _State.weights.append(weakref.ref(weight))
+    key = (spec, hadamard, transpose, tuple(weight.shape), weight.dtype)
+    entry = entries.get(key)
+    if entry is None:
+        entries[key] = entry = _Entry(quantize(), _State.epoch)
+    elif entry.epoch != _State.epoch:
+        _refresh(entry, quantize)
+    return entry.operand
+
+
+def _refresh(entry: _Entry, quantize) -> None:
+    fresh = quantize()
+    entry.operand.data.copy_(fresh.data)
+    entry.operand.scale.copy_(fresh.scale)
+    entry.epoch = _State.epoch
+
+
+def refresh_stale(requantize) -> int:
+    """Requantize every stale entry in place; `requantize(weight, spec, hadamard, transpose)` makes
+    a fresh operand. Returns how many were refreshed. (A CUDA graph replay runs no Python, so the
+    entries it reads must be brought up to date before it.)"""
+    if not _State.enabled or _State.refreshed_epoch == _State.epoch:
+        return 0
+    refreshed = 0
+    alive = []
+    for ref in _State.weights:
+        weight = ref()
+        if weight is None:
+            continue
+        alive.append(ref)
+        for (spec, hadamard, transpose, _, _), entry in weight.__dict__.get(_ATTRIBUTE, {}).items():
+            if entry.epoch != _State.epoch:
+                _refresh(entry, lambda: requantize(weight, spec, hadamard, transpose))
+                refreshed += 1
+    _State.weights = alive
+    _State.refreshed_epoch = _State.epoch
+    return refreshed
