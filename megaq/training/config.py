@@ -367,7 +367,7 @@ class TrainConfig(_Section):
         "recipes' many small kernel launches. Needs a GPU, parallel.tensor_parallel=1, ZeRO stage <= 2, "
         "model.dropout=0, quant.check_finite=false, no INT4 backward, no train.compile or quant.peer. "
         "Costs the capture (a few warm-up steps' time) once and keeps the blocks' activations in the "
-        "graphs' memory pool.")
+        "graphs' memory pool. On a machine without a GPU it is ignored (with a warning).")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

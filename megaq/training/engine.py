@@ -199,9 +199,10 @@ def build_training_engine(cfg: MegaqConfig, layout: Layout, ds_config: dict, tok
         attach_to_deepspeed(engine, GradCompressionState(group=get_data_parallel_group(),
                                                          block=cfg.parallel.comm_block))
     block_graphs = None
-    if cfg.train.cuda_graphs:
-        if device_type != "cuda":
-            raise ConfigError("train.cuda_graphs=true needs a CUDA GPU; this run is on the CPU")
+    if cfg.train.cuda_graphs and device_type != "cuda":
+        # a config written for GPUs still runs on a CPU machine (slowly, as everything else there)
+        logger.warning("train.cuda_graphs=true: no GPU, the blocks run eagerly")
+    elif cfg.train.cuda_graphs:
         # after deepspeed.initialize: from here on ZeRO-1/2 keep every parameter's storage in place
         from megaq.training.cuda_graphs import install_block_graphs
         block_graphs = install_block_graphs(engine.module)

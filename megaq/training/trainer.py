@@ -134,7 +134,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
                 f"{get_recipe(mc.recipe).name}, lm_head {get_recipe(mc.lm_head_recipe).name}"
                 + (f" | blocks' linears: peer {cfg.quant.peer}" if cfg.quant.peer else "")
                 + (" | torch.compile per block" if cfg.train.compile else "")
-                + (" | CUDA graphs per block" if cfg.train.cuda_graphs else ""))
+                + (" | CUDA graphs per block" if run.block_graphs is not None else ""))
     logger.info(f"parallel: world {layout.world_size} = TP {layout.tensor_parallel} x DP {layout.data_parallel} | "
                 f"ZeRO stage {zero_stage} | {precision} on {device_type} | TP collectives "
                 f"{cfg.parallel.comm_dtype}, DP gradients {cfg.parallel.grad_compression}")
