@@ -104,6 +104,19 @@ def _assert_same(q, r):
     assert torch.equal(q.data.cpu(), r.data.cpu()), int((q.data != r.data).sum())
 
 
+def assert_rounds_up_with_probability_frac(ups, frac, draws):
+    """Stochastic rounding's P(up) = frac: `ups` counts, per element, how many of `draws` draws rounded
+    up a value whose fractional part is `frac`. Checked per decile of frac (thousands of draws each, so
+    the normal approximation of the binomial holds) and overall, within 6 sigma."""
+    for lo_f in [i / 10 for i in range(10)] + [None]:
+        sel = (frac > 0) if lo_f is None else (frac >= lo_f) & (frac < lo_f + 0.1)
+        if int(sel.sum()) == 0:
+            continue
+        f = frac[sel]
+        z = float((ups[sel].sum() - draws * f.sum()) / torch.sqrt(draws * (f * (1 - f)).sum()))
+        assert abs(z) <= 6, (lo_f, z)
+
+
 def check_hadamard_dual(x, had):
     """Nearest rounding: both outputs within the fused-rotation bounds of the reference, and bit for
     bit the two single calls. For the latter the single calls run with the dual's tile shape and
@@ -157,13 +170,7 @@ def check_hadamard_dual_stochastic(x, had, draws):
     for total, e, f, ref, n in zip(sums, excess, frac, refs, near):
         # overall and per decile of the fraction: times rounded up match P(up) = frac (6 sigma)
         ups = total - draws * (e - f)     # d = floor(e) + [up]
-        for lo_f in [k / 10 for k in range(10)] + [None]:
-            sel = (f > 0) if lo_f is None else (f >= lo_f) & (f < lo_f + 0.1)
-            if int(sel.sum()) == 0:
-                continue
-            fs = f[sel]
-            z = float((ups[sel].sum() - draws * fs.sum()) / torch.sqrt(draws * (fs * (1 - fs)).sum()))
-            assert abs(z) <= 6, (lo_f, z)
+        assert_rounds_up_with_probability_frac(ups, f, draws)
         # the mean of the dequantized draws tends to the rotated x: its error against the nearest
         # result's is about sqrt(E[f(1-f)] / draws / E[(v - rint v)^2]) = sqrt(2 / draws)
         scale = n.scale.cpu().double()
@@ -206,15 +213,7 @@ def check_stochastic(x, block, draws, transpose=False):
     ups = total - lo.double() * draws                      # times each element rounded up
     frac = v.double() - lo.double()
     assert bool((ups[frac == 0] == 0).all()), "an integer value was rounded away"
-    # P(up) = frac: checked per decile of frac (thousands of draws each, so the normal
-    # approximation of the binomial holds) and overall, within 6 sigma
-    for lo_f in [i / 10 for i in range(10)] + [None]:
-        sel = (frac > 0) if lo_f is None else (frac >= lo_f) & (frac < lo_f + 0.1)
-        if int(sel.sum()) == 0:
-            continue
-        f = frac[sel]
-        z = float((ups[sel].sum() - draws * f.sum()) / torch.sqrt(draws * (f * (1 - f)).sum()))
-        assert abs(z) <= 6, (lo_f, z)
+    assert_rounds_up_with_probability_frac(ups, frac, draws)
     torch.manual_seed(1234)
     a = kernels.quantize(x, block, rounding="stochastic", transpose=transpose).data.cpu()
     torch.manual_seed(1234)
