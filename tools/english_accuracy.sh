@@ -27,33 +27,13 @@ for split in train valid; do
         --tokenizer-model "$out/data/spm.model" --output-prefix "$out/data/$split" || exit 1
 done
 fi
-port=${PORT_BASE:-29650}  # one port per run: PORT_BASE+1, +2, ...; move it when a port is taken
-pids=()
-for recipe in ${recipes//,/ }; do
-    port=$((port + 1))
-    rm -f "$out/english_$recipe.jsonl"  # a fresh curve per run
-    MASTER_PORT=$port MEGAQ_IGNORE_SLURM=1 timeout "${TIME_LIMIT:-0}" python launch/pretrain_gpt.py \
-        --config configs/wikitext_gpt2.json \
-        --override quant.recipe="$recipe" --override data.path="$out/data/train" \
-        --override data.valid_path="$out/data/valid" --override data.tokenizer.model="$out/data/spm.model" \
-        --override train.train_steps="$steps" --override train.decay_steps="$steps" \
-        --override checkpoint.dir="$out/$recipe/checkpoints" \
-        --override logging.tensorboard_dir="$out/$recipe/tensorboard" \
-        --override logging.metrics_file="$out/english_$recipe.jsonl" "$@" \
-        > "$out/english_$recipe.log" 2>&1 &
-    pids+=($!)
-done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-metrics=()
-for recipe in ${recipes//,/ }; do
-    if [ -s "$out/english_$recipe.jsonl" ]; then
-        metrics+=("$out/english_$recipe.jsonl")
-    else
-        echo "english_accuracy: $recipe wrote no metrics; see $out/english_$recipe.log" >&2
-        status=1
-    fi
-done
-[ ${#metrics[@]} -gt 0 ] && { python tools/plot_curves.py "${metrics[@]}" --out "$out/english_curves.png" \
-    --title "GPT-2 124M shape, WikiText-2, 8k BPE, context 512" || status=1; }
+source tools/lib/side_by_side.sh
+# one port per run: PORT_BASE+1, +2, ...; move it when a port is taken
+run_side_by_side english configs/wikitext_gpt2.json "${PORT_BASE:-29650}" "$recipes" \
+    --override data.path="$out/data/train" --override data.valid_path="$out/data/valid" \
+    --override data.tokenizer.model="$out/data/spm.model" \
+    --override train.train_steps="$steps" --override train.decay_steps="$steps" "$@"
+status=$side_by_side_status
+[ ${#side_by_side_metrics[@]} -gt 0 ] && { python tools/plot_curves.py "${side_by_side_metrics[@]}" \
+    --out "$out/english_curves.png" --title "GPT-2 124M shape, WikiText-2, 8k BPE, context 512" || status=1; }
 exit $status
