@@ -241,3 +241,16 @@ def test_cuda_graphs_refuse_what_cannot_be_captured_naming_each_key():
         assert key in message, (key, message)
     assert "parallel.tensor_parallel=2" in error_of(with_(train={"cuda_graphs": True},
                                                           parallel={"tensor_parallel": 2}))
+
+
+def test_cuda_graphs_auto_accepts_any_run_and_names_why_it_stays_eager():
+    from megaq.training.config import cuda_graph_conflicts
+
+    auto = config_from_dict(with_(train={"cuda_graphs": "auto"}, parallel={"tensor_parallel": 2},
+                                  quant={"recipe": "int4"}))
+    assert auto.train.cuda_graphs == "auto"
+    conflicts = cuda_graph_conflicts(auto, "cpu")
+    assert any("cpu run" in c for c in conflicts) and any("tensor_parallel=2" in c for c in conflicts)
+    assert any("quant.recipe='int4'" in c for c in conflicts)
+    assert cuda_graph_conflicts(config_from_dict(with_(train={"cuda_graphs": "auto"})), "cuda") == []
+    assert "train.cuda_graphs" in error_of(with_(train={"cuda_graphs": "sometimes"}))

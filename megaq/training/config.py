@@ -361,13 +361,14 @@ class TrainConfig(_Section):
         "names, and so checkpoints, stay the same) before DeepSpeed wraps the model. Linear layers under "
         "a quantized recipe (INT8/INT4) run eagerly between the compiled pieces; not with "
         "quant.data_flow='int8'. The first step is slow while it compiles.")
-    cuda_graphs: bool = Field(
+    cuda_graphs: Union[bool, Literal["auto"]] = Field(
         False, description="Replay each transformer block's forward and backward from CUDA graphs, captured "
         "at the first training step (megaq.training.cuda_graphs): removes the host time of the quantized "
         "recipes' many small kernel launches. Needs a GPU, parallel.tensor_parallel=1, ZeRO stage <= 2, "
         "model.dropout=0, quant.check_finite=false, no INT4 backward, no train.compile or quant.peer. "
         "Costs the capture (a few warm-up steps' time) once and keeps the blocks' activations in the "
-        "graphs' memory pool. On a machine without a GPU it is ignored (with a warning).")
+        "graphs' memory pool. true: required (a run that cannot use them is refused, naming why); "
+        "'auto': used where possible, else the blocks run eagerly and the log says why; false: never.")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -440,32 +441,13 @@ class MegaqConfig(BaseModel):
         if self.quant.peer is not None and tp != 1:
             raise ValueError(f"quant.peer={self.quant.peer!r} swaps the linear layers for torchao's, which are "
                              f"not tensor parallel: it needs parallel.tensor_parallel=1 (got {tp})")
-        if self.train.cuda_graphs:
-            self._check_cuda_graphs()
+        if self.train.cuda_graphs is True:
+            conflicts = cuda_graph_conflicts(self)
+            if conflicts:
+                raise ValueError("train.cuda_graphs=true does not support " + "; ".join(conflicts))
         from megaq.models.gpt import check_data_flow
         check_data_flow(self.quant.data_flow, self.quant.recipe, self.parallel.sequence_parallel, "quant.")
         return self
-
-    def _check_cuda_graphs(self) -> None:
-        from megaq.ops import get_recipe
-
-        zero = self.deepspeed.get("zero_optimization") or {}
-        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
-        conflicts = [
-            (self.parallel.tensor_parallel != 1, f"parallel.tensor_parallel={self.parallel.tensor_parallel} (the TP "
-             "collectives count their bytes from Python; graphs need 1)"),
-            (self.model.dropout > 0, f"model.dropout={self.model.dropout} (the TP-aware dropout RNG is not "
-             "capture safe; graphs need 0)"),
-            (self.quant.check_finite, "quant.check_finite=true (a host synchronization per operand)"),
-            (get_recipe(self.quant.recipe).int4_backward is not None, f"quant.recipe={self.quant.recipe!r} "
-             "(the INT4 backward's leverage score sampling keeps a data-dependent number of rows)"),
-            (self.train.compile, "train.compile=true (use one or the other)"),
-            (self.quant.peer is not None, f"quant.peer={self.quant.peer!r}"),
-            (str(stage) == "3", "zero_optimization.stage=3 (it gathers parameters into new storage every step)"),
-        ]
-        found = [why for bad, why in conflicts if bad]
-        if found:
-            raise ValueError("train.cuda_graphs=true does not support " + "; ".join(found))
 
     def to_dict(self) -> dict:
         """The configuration as a file would hold it (DeepSpeed keys back at the top level)."""
@@ -726,6 +708,29 @@ def resolve_precision(cfg: MegaqConfig, device_type: str) -> str:
         import torch
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def cuda_graph_conflicts(cfg: MegaqConfig, device_type: str | None = None) -> list[str]:
+    """Why train.cuda_graphs cannot be used with `cfg` (empty if it can), each naming the key; with
+    `device_type`, also the device."""
+    from megaq.ops import get_recipe
+
+    zero = cfg.deepspeed.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    conflicts = [
+        (device_type is not None and device_type != "cuda", f"a {device_type} run (graphs need a CUDA GPU)"),
+        (cfg.parallel.tensor_parallel != 1, f"parallel.tensor_parallel={cfg.parallel.tensor_parallel} (the TP "
+         "collectives count their bytes from Python; graphs need 1)"),
+        (cfg.model.dropout > 0, f"model.dropout={cfg.model.dropout} (the TP-aware dropout RNG is not "
+         "capture safe; graphs need 0)"),
+        (cfg.quant.check_finite, "quant.check_finite=true (a host synchronization per operand)"),
+        (get_recipe(cfg.quant.recipe).int4_backward is not None, f"quant.recipe={cfg.quant.recipe!r} "
+         "(the INT4 backward's leverage score sampling keeps a data-dependent number of rows)"),
+        (cfg.train.compile, "train.compile=true (use one or the other)"),
+        (cfg.quant.peer is not None, f"quant.peer={cfg.quant.peer!r}"),
+        (str(stage) == "3", "zero_optimization.stage=3 (it gathers parameters into new storage every step)"),
+    ]
+    return [why for bad, why in conflicts if bad]
 
 
 def validate_communication(cfg: MegaqConfig, layout: Layout, ds_config: dict, device_type: str) -> None:

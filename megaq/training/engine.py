@@ -18,7 +18,7 @@ import torch
 from megaq.models import GPT, GPTConfig, configure_optimizer_groups
 from megaq.nn import ColumnParallelLinear, RowParallelLinear
 from megaq.parallel import DeepSpeedMPU
-from megaq.training.config import ConfigError, Layout, MegaqConfig
+from megaq.training.config import ConfigError, Layout, MegaqConfig, cuda_graph_conflicts
 from megaq.training.schedule import WarmupDecaySchedule
 
 logger = logging.getLogger(__name__)
@@ -199,13 +199,16 @@ def build_training_engine(cfg: MegaqConfig, layout: Layout, ds_config: dict, tok
         attach_to_deepspeed(engine, GradCompressionState(group=get_data_parallel_group(),
                                                          block=cfg.parallel.comm_block))
     block_graphs = None
-    if cfg.train.cuda_graphs and device_type != "cuda":
-        # a config written for GPUs still runs on a CPU machine (slowly, as everything else there)
-        logger.warning("train.cuda_graphs=true: no GPU, the blocks run eagerly")
-    elif cfg.train.cuda_graphs:
-        # after deepspeed.initialize: from here on ZeRO-1/2 keep every parameter's storage in place
-        from megaq.training.cuda_graphs import install_block_graphs
-        block_graphs = install_block_graphs(engine.module)
+    if cfg.train.cuda_graphs:
+        conflicts = cuda_graph_conflicts(cfg, device_type)
+        if conflicts and cfg.train.cuda_graphs is True:   # only the device is left to refuse here
+            raise ConfigError("train.cuda_graphs=true does not support " + "; ".join(conflicts))
+        if conflicts:
+            logger.info("train.cuda_graphs=auto: the blocks run eagerly, because of " + "; ".join(conflicts))
+        else:
+            # after deepspeed.initialize: from here on ZeRO-1/2 keep every parameter's storage in place
+            from megaq.training.cuda_graphs import install_block_graphs
+            block_graphs = install_block_graphs(engine.module)
     return TrainingEngine(engine=engine, optimizer=ds_optimizer, scheduler=ds_scheduler,
                           model_config=model_cfg, flops_per_token=flops_per_token, num_parameters=num_parameters,
                           block_graphs=block_graphs)
