@@ -20,6 +20,11 @@ input's shape/dtype differs from the captured one, the previous replay of that b
 its backward (its saved activations live in the graph's memory), graphs are suspended (the
 quantization-error probe's forward hooks must see real module calls), or a parameter's storage moved.
 
+Random numbers: a replay draws from torch's CUDA generator like an eager step (the graph advances its
+offset), but the warm-up before capture draws too, and capture happens again in a resumed run. So a
+resumed run with graphs continues with another (equally distributed) stream of stochastic-rounding
+draws than the uninterrupted run would have used: bit-exact resume holds for eager runs only.
+
 Requirements (checked by the config, see MegaqConfig): a CUDA device, tensor parallel size 1 (the
 TP collectives count their bytes from Python), ZeRO stage ≤ 2 (stage 3 gathers parameters into new
 storage every step), no dropout (the TP-aware RNG fork is not capture safe), no quantizer NaN check
