@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from interpreter_utils import run_interpreter_child
+from tensor_utils import rel_error
 
 from megaq.kernels import dataflow as kd
 from megaq.quant import NonFiniteError, quantize_blockwise
@@ -33,9 +34,7 @@ interp_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter s
 FORMATS = [(128, (1, -1)), (0, (1, 128))]      # default recipe's operand; int8_block128's
 
 
-def _rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).norm() / b.norm())
+_rel = rel_error
 
 
 def _data(shape, device, dtype, seed, scale=2.0, shift=0.5):

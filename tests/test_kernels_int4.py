@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from interpreter_utils import run_interpreter_child
+from tensor_utils import random_input, rel_error
 
 from megaq import kernels
 from megaq.kernels.int4 import sampled_gradients_reference
@@ -47,17 +48,11 @@ interp_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter s
 TINY = dict(BM=32, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=1, QUANT_ROWS=16, QUANT_COLS=32)
 
 
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
+_rel = rel_error
 
 
 def _rand(shape, device, dtype=torch.float32, seed=0, outliers=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 2.0
-    if outliers:
-        x[:, ::37] *= 30
-    return x.to(device=device, dtype=dtype)
+    return random_input(shape, device, dtype, seed, outliers=30 if outliers else 0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from interpreter_utils import run_interpreter_child
+from tensor_utils import random_input, rel_error
 
 from megaq import kernels
 from megaq.quant import (NonFiniteError, block_hadamard, pad_to_multiple, quantize_blockwise)
@@ -45,17 +46,11 @@ interp_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter s
 TINY = dict(BM=32, BN=32, num_warps=4, num_stages=1, QUANT_ROWS=16)
 
 
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
+_rel = rel_error
 
 
 def _rand(shape, device, dtype=torch.float32, seed=0, outliers=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 2.0
-    if outliers:
-        x[:, ::37] *= 50
-    return x.to(device=device, dtype=dtype)
+    return random_input(shape, device, dtype, seed, outliers=50 if outliers else 0)
 
 
 # --------------------------------------------------------------------------------------------------
