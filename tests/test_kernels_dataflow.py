@@ -14,7 +14,18 @@ Bounds (random inputs, never all zero; every comparison fails on NaN):
     GPU's rotation splits FP32 into two BF16 parts, error <= 2^-17 relative).
   * GELU forward: same output bounds. Backward kernels: FP32 results within 1e-5 relative
     (Frobenius); BF16 results within one BF16 ulp per element (2^-7 relative) — rounding of nearly
-    equal FP32 values can fall either way; weight/bias gradients (FP32) within 1e-5 relative.
+    equal FP32 values can fall either way; weight/bias gradients (FP32) within 1e-5 relative. The
+    same bounds hold for the LayerNorm backward reading an INT8 (1, 128) incoming gradient (both
+    sides read the same INT8 values).
+  * The dgrad GEMM's INT8 stochastically rounded output (what that LayerNorm backward reads): scales
+    as nearest rounding's (1e-5 relative), every payload within 1 (+1e-3 for FP32 sum order) of
+    accumulator / scale, rounded differently from nearest on >= 10% of the elements (expected ~25%),
+    and the mean of 16 draws within 0.4x the error of one draw (unbiased: ~1/4 expected).
+  * The LayerNorm backward from an SR-quantized gradient against the exact FP32 backward from the
+    same saved input (reference path, 64 x 384, gradient with a x10 outlier channel every 97): one
+    draw's relative error in [1e-3, 0.05] (measured dx 0.026, dw 0.0038, db 0.029), the mean of 100
+    draws within 0.15x of it (measured 0.097-0.102: 1/sqrt(100) for an unbiased rounding; a bias of
+    the order of the noise keeps the ratio near 1).
 """
 
 import os
@@ -25,6 +36,7 @@ import torch
 from interpreter_utils import run_interpreter_child
 from tensor_utils import rel_error
 
+from megaq import kernels
 from megaq.kernels import dataflow as kd
 from megaq.quant import NonFiniteError, quantize_blockwise
 
@@ -120,6 +132,58 @@ def check_gelu(R, N, dtype, hadamard, block, device):
     _assert_grad_close(kd.gelu_backward(h, g), _reference(kd.gelu_backward, h, g), "GELU dh")
 
 
+def _sr_quantized(g2d, seed):
+    """An incoming gradient as the dgrad epilogue writes it: INT8 (1, 128), stochastic rounding."""
+    q = quantize_blockwise(g2d.float().cpu(), kd.SAVE_BLOCK, 8, "stochastic",
+                           generator=torch.Generator().manual_seed(seed))
+    return type(q)(q.data.to(g2d.device), q.scale.to(g2d.device), q.block, q.bits, q.shape)
+
+
+def check_layernorm_int8_grad(R, C, dtype, residual, device, weight=True):
+    """The LayerNorm backward kernel reading an INT8 incoming gradient, against the reference."""
+    x = _data((R, C), device, dtype, seed=R + 3 * C)
+    gen = torch.Generator().manual_seed(2)
+    w = (1 + 0.1 * torch.randn(C, generator=gen)).to(device) if weight else None
+    _, mean, rstd = kd.layernorm_forward_math(x, w, None, 1e-5)
+    x_q = quantize_blockwise(x.float().cpu(), kd.SAVE_BLOCK)
+    x_q = type(x_q)(x_q.data.to(device), x_q.scale.to(device), x_q.block, x_q.bits, x_q.shape)
+    g_q = _sr_quantized(_data((R, C), device, torch.float32, seed=9, scale=1.0, shift=0.0), seed=R)
+    gres = _data((R, C), device, dtype, seed=8, scale=1.0, shift=0.0) if residual else None
+    dx, dw, db = kd.layernorm_backward(x_q, mean, rstd, w, g_q, gres, out_dtype=dtype)
+    rdx, rdw, rdb = _reference(kd.layernorm_backward, x_q, mean, rstd, w, g_q, gres, out_dtype=dtype)
+    assert dx.dtype == dtype and bool(torch.isfinite(dx).all())
+    _assert_grad_close(dx, rdx, "LayerNorm dx from an INT8 gradient")
+    assert _rel(db, rdb) <= 1e-5
+    assert (dw is None) == (rdw is None) == (w is None)
+    if w is not None:
+        assert _rel(dw, rdw) <= 1e-5
+
+
+def check_dgrad_int8_stochastic(M, N, K, ablock, bblock, device, draws=16):
+    """`scaled_mm(..., out_dtype=int8, out_rounding="stochastic")` — the dgrad GEMM writing the INT8
+    gradient the LayerNorm backward reads — rounds stochastically (see the module doc's bounds)."""
+    qa = kernels.quantize(_data((M, K), device, torch.float32, seed=M, scale=1.0, shift=0.0), ablock)
+    qb = kernels.quantize(_data((N, K), device, torch.float32, seed=N, scale=1.0, shift=0.0), bblock)
+    exact = (qa.dequantize().double() @ qb.dequantize().double().t()).cpu()
+    nearest = quantize_blockwise(exact.float(), kd.SAVE_BLOCK)
+    gen = torch.Generator(device=device).manual_seed(0)
+    v = exact / nearest.scale.double().repeat_interleave(128, dim=1)[:, :N]   # accumulator / scale
+    total, single = torch.zeros_like(exact), None
+    for _ in range(draws):
+        q = kernels.scaled_mm(qa, qb, out_dtype=torch.int8, out_block=kd.SAVE_BLOCK,
+                              out_rounding="stochastic", generator=gen)
+        assert q.block == kd.SAVE_BLOCK and q.shape == (M, N) and q.data.dtype == torch.int8
+        assert _rel(q.scale, nearest.scale) <= 1e-5
+        assert float((q.data.cpu().double() - v).abs().max()) <= 1 + 1e-3
+        value = q.dequantize(torch.float32).cpu().double()
+        total += value
+        if single is None:
+            single = value
+            assert float((q.data.cpu() != nearest.data).float().mean()) >= 0.1   # SR is active
+    assert _rel(total / draws, exact) <= 0.4 * _rel(single, exact), (_rel(total / draws, exact),
+                                                                     _rel(single, exact))
+
+
 def check_nonfinite(device):
     x = _data((19, 200), device, torch.float32, seed=0)
     x[3, 5] = float("nan")
@@ -162,8 +226,54 @@ def test_interp_gelu(R, N, dtype, hadamard, block):
 
 
 @interp_only
+@pytest.mark.parametrize("R,C,dtype,residual,weight", [(37, 384, torch.bfloat16, True, True),
+                                                        (19, 200, torch.float32, False, True),
+                                                        (21, 256, torch.float32, True, False)])
+def test_interp_layernorm_backward_int8_gradient(R, C, dtype, residual, weight):
+    check_layernorm_int8_grad(R, C, dtype, residual, "cpu", weight)
+
+
+@interp_only
+@pytest.mark.parametrize("ablock,bblock", [((1, -1), (1, -1)), ((1, 128), (128, 128))])
+def test_interp_dgrad_int8_output_rounds_stochastically(ablock, bblock):
+    check_dgrad_int8_stochastic(37, 200, 256, ablock, bblock, "cpu")
+
+
+@interp_only
 def test_interp_nonfinite_input_raises():
     check_nonfinite("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU reference: the INT8 incoming gradient
+@pytest.mark.skipif(IN_CHILD, reason="parent-process test")
+def test_reference_dgrad_int8_output_rounds_stochastically(monkeypatch):
+    monkeypatch.setenv("MEGAQ_KERNELS", "reference")
+    check_dgrad_int8_stochastic(37, 200, 256, (1, -1), (1, -1), "cpu")
+
+
+@pytest.mark.skipif(IN_CHILD, reason="parent-process test")
+def test_layernorm_backward_from_sr_int8_gradient_is_unbiased(monkeypatch):
+    """The reference LayerNorm backward reading SR-quantized INT8 gradients, against the exact FP32
+    backward from the same saved input: noisy per draw, unbiased over draws (bounds: module doc)."""
+    monkeypatch.setenv("MEGAQ_KERNELS", "reference")
+    R, C, draws = 64, 384, 100
+    x = _data((R, C), "cpu", torch.float32, seed=4)
+    g = _data((R, C), "cpu", torch.float32, seed=5, scale=1.0, shift=0.0)
+    w = 1 + 0.1 * torch.randn(C, generator=torch.Generator().manual_seed(6))
+    _, mean, rstd = kd.layernorm_forward_math(x, w, None, 1e-5)
+    x_q = quantize_blockwise(x, kd.SAVE_BLOCK)
+    exact = kd.layernorm_backward_math(x_q.dequantize().double(), mean.double(), rstd.double(),
+                                       w.double(), g.double())
+    totals, singles = [0.0, 0.0, 0.0], None
+    for seed in range(draws):
+        got = kd.layernorm_backward(x_q, mean, rstd, w, _sr_quantized(g, seed), out_dtype=torch.float32)
+        totals = [t + v.double() for t, v in zip(totals, got)]
+        singles = singles or [v.double() for v in got]
+    for name, total, single, ref in zip(("dx", "dw", "db"), totals, singles, exact):
+        e_single, e_mean = _rel(single, ref), _rel(total / draws, ref)
+        assert 1e-3 < e_single < 0.05, (name, e_single)
+        assert e_mean < 0.15 * e_single, (name, e_mean, e_single)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,6 +292,19 @@ def test_gpu_layernorm(R, C, dtype, residual, hadamard, block):
 @pytest.mark.parametrize("R,N,dtype", [(4099, 6400, torch.bfloat16), (300, 1536, torch.float32)])
 def test_gpu_gelu(R, N, dtype, hadamard, block):
     check_gelu(R, N, dtype, hadamard, block, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("R,C,residual", [(8192, 1600, True), (4096, 2048, False), (4099, 1600, True)])
+def test_gpu_layernorm_backward_int8_gradient(R, C, residual):
+    check_layernorm_int8_grad(R, C, torch.bfloat16, residual, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("ablock,bblock", [((1, -1), (1, -1)), ((1, 128), (128, 128))])
+def test_gpu_dgrad_int8_output_rounds_stochastically(ablock, bblock):
+    # the dgrad of fc1 at GPT-2 XL width: ∇X [tokens, 1600] from ∇Y [tokens, 6400] (Hadamard-padded)
+    check_dgrad_int8_stochastic(4099, 1600, 6400, ablock, bblock, "cuda")
 
 
 @gpu

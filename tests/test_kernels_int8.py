@@ -35,6 +35,8 @@ from interpreter_utils import run_interpreter_child
 from tensor_utils import random_input, rel_error
 
 from megaq import kernels
+from megaq.kernels import dispatch
+from megaq.kernels.dispatch import ROW_KERNELS
 from megaq.quant import (NonFiniteError, block_hadamard, pad_to_multiple, quantize_blockwise)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -99,6 +101,16 @@ def _assert_same(q, r):
     assert torch.equal(q.data.cpu(), r.data.cpu()), int((q.data != r.data).sum())
 
 
+def _assert_near_ties(q, r):
+    """Two quantizations of the same rotated values whose FP32 rotation sums may differ in order
+    (numpy orders a matmul's sums by its shape): scales within 1e-6, payloads equal but for ±1 on
+    at most 0.1% of the elements."""
+    assert q.block == r.block and q.shape == r.shape and q.bits == r.bits
+    assert _rel(q.scale.cpu(), r.scale.cpu()) <= 1e-6
+    diff = (q.data.cpu().int() - r.data.cpu().int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3
+
+
 def assert_rounds_up_with_probability_frac(ups, frac, draws):
     """Stochastic rounding's P(up) = frac: `ups` counts, per element, how many of `draws` draws rounded
     up a value whose fractional part is `frac`. Checked per decile of frac (thousands of draws each, so
@@ -114,13 +126,13 @@ def assert_rounds_up_with_probability_frac(ups, frac, draws):
 
 def check_hadamard_dual(x, had):
     """Nearest rounding: both outputs within the fused-rotation bounds of the reference, and bit for
-    bit the two single calls. For the latter the single calls run with the dual's tile shape and
-    warps: the rotation's FP32 sums then have the same order (the interpreter's numpy matmul orders
-    them by matrix shape; the result may differ in the last bit otherwise)."""
+    bit the two single calls. For the latter the single calls run the two-pass kernels with the
+    dual's tile shape and warps: the rotation's FP32 sums then have the same order (the interpreter's
+    numpy matmul orders them by matrix shape; the result may differ in the last bit otherwise)."""
     rows, cols = kernels.hadamard_quantize_dual(x, had)
     check_hadamard_reference(rows, x, had)
     check_hadamard_reference(cols, x, had, transpose=True)
-    with kernels.config_override(QUANT_ROWS=had, QUANT_COLS=had, QUANT_WARPS=8):
+    with kernels.config_override(QUANT_ROWS=had, QUANT_COLS=had, QUANT_WARPS=8, ROW_KERNEL="twopass"):
         rows, cols = kernels.hadamard_quantize_dual(x, had)
         _assert_same(rows, kernels.hadamard_quantize(x, had))
         _assert_same(cols, kernels.hadamard_quantize(x, had, transpose=True))
@@ -362,9 +374,45 @@ def test_interp_hadamard_quantize():
             x = _rand((37, 300), "cpu", dtype, outliers=True)
             check_hadamard_quantize(x, 128)
             check_hadamard_quantize(x, 32, transpose=True)
-    for twopass in (False, True):
-        with kernels.config_override(**TINY, ROW_TWOPASS=twopass):
+    for kernel in ROW_KERNELS:
+        with kernels.config_override(**TINY, ROW_KERNEL=kernel):
             check_hadamard_quantize(_rand((37, 300), "cpu", outliers=True), 128)
+    with pytest.raises(ValueError, match="ROW_KERNEL"), kernels.config_override(ROW_KERNEL="fast"):
+        kernels.hadamard_quantize(_rand((4, 128), "cpu"), 128)
+
+
+@interp_only
+def test_interp_hadamard_rows_resident(monkeypatch):
+    """The one-read kernel: within the reference bounds, and the two-pass kernels' outputs up to
+    near-ties (same Philox counters: stochastic rounding matches too) on row tails,
+    padded Hadamard blocks, block counts that are not powers of two, fp16 / bf16 / fp32, a strided
+    view, INT4 payloads; its NaN check; rows too long for registers take the two-pass kernels."""
+    cases = [((37, 300), 128, torch.float32), ((19, 1600), 128, torch.bfloat16),
+             ((21, 384), 32, torch.float16), ((5, 2000), 128, torch.float32)]
+    for shape, had, dtype in cases:
+        x = _rand(shape, "cpu", dtype, seed=shape[1], outliers=True)
+        with kernels.config_override(**TINY, ROW_KERNEL="resident"):
+            check_hadamard_quantize(x, had)
+        for bits, rounding in ((8, "nearest"), (8, "stochastic"), (4, "nearest")):
+            out = []
+            for kernel, tile in (("resident", dict(RESIDENT_TILE=16)), ("twopass", {})):
+                with kernels.config_override(**TINY, **tile, ROW_KERNEL=kernel):
+                    torch.manual_seed(7)
+                    out.append(kernels.hadamard_quantize(x, had, bits=bits, rounding=rounding))
+            _assert_near_ties(*out)
+    strided = _rand((40, 500), "cpu", seed=3)[:, 37:337]
+    with kernels.config_override(**TINY, ROW_KERNEL="resident"):
+        check_hadamard_quantize(strided, 64)
+        bad = _rand((9, 300), "cpu", seed=1)
+        bad[4, 250] = float("nan")
+        with pytest.raises(NonFiniteError):
+            kernels.hadamard_quantize(bad, 128)
+    twopass_calls = []
+    launch = dispatch._launch_twopass
+    monkeypatch.setattr(dispatch, "_launch_twopass", lambda *a, **k: twopass_calls.append(1) or launch(*a, **k))
+    with kernels.config_override(**TINY, ROW_KERNEL="resident"):
+        check_hadamard_quantize(_rand((3, dispatch._RESIDENT_MAX_ROW + 1), "cpu", seed=2), 128)
+    assert twopass_calls == [1]
 
 
 @interp_only
@@ -376,8 +424,8 @@ def test_interp_hadamard_stochastic():
         rot = block_hadamard(v, 128 if not transpose else 32)
         ref = quantize_blockwise(rot, (1, -1))
         vv = rot / ref.expanded_scale()
-        for twopass in (False, True):
-            with kernels.config_override(**TINY, ROW_TWOPASS=twopass):
+        for kernel in ROW_KERNELS:
+            with kernels.config_override(**TINY, ROW_KERNEL=kernel):
                 draws, ups = 16, torch.zeros_like(vv, dtype=torch.float64)
                 for _ in range(draws):
                     q = kernels.hadamard_quantize(x, 128 if not transpose else 32,
@@ -399,7 +447,7 @@ def test_interp_hadamard_quantize_dual():
         check_hadamard_dual(_rand(shape, "cpu", dtype, seed=shape[1], outliers=True), had)
     check_hadamard_dual(_rand((90, 400), "cpu", seed=2)[:, 37:337], 64)
     x = _rand((37, 300), "cpu", seed=4)
-    with kernels.config_override(QUANT_ROWS=32, QUANT_COLS=32):   # INT4 payloads, packed alike
+    with kernels.config_override(QUANT_ROWS=32, QUANT_COLS=32, ROW_KERNEL="twopass"):   # INT4 payloads, packed alike
         for q, r in zip(kernels.hadamard_quantize_dual(x, 32, bits=4),
                         (kernels.hadamard_quantize(x, 32, bits=4),
                          kernels.hadamard_quantize(x, 32, bits=4, transpose=True))):
@@ -487,8 +535,9 @@ def test_gpu_quantize_dual_hadamard_dequantize():
         for had in (128, 32):
             check_hadamard_quantize(x, had)
             check_hadamard_quantize(x, had, transpose=True)
-        with kernels.config_override(ROW_TWOPASS=True):
-            check_hadamard_quantize(x, 128)
+        for kernel in ROW_KERNELS:
+            with kernels.config_override(ROW_KERNEL=kernel):
+                check_hadamard_quantize(x, 128)
         check_hadamard_quantize(x.float(), 128)
         q = kernels.quantize(x, (1, 128))
         assert torch.equal(kernels.dequantize(q).cpu(), q.dequantize().cpu())

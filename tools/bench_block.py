@@ -13,7 +13,9 @@ and variant, on `[seq, batch, width]` BF16 activations and BF16 parameters:
   into GEMM, LayerNorm, GELU, quantize, attention and other, in ms per step.
 
 Variants: `bf16` (the reference), `int8` (recipe int8, data flow off: every linear quantizes its
-BF16 input), `int8_df` (recipe int8 with `data_flow: int8`), `int4` (recipe int4). Recipes run with
+BF16 input), `int8_df` (recipe int8 with `data_flow: int8`; the LayerNorm backward reads the INT8
+gradient the next linear's dgrad wrote), `int8_df_bf16grad` (the same with a BF16 gradient into the
+LayerNorm backward), `int4` (recipe int4). Recipes run with
 `check_finite` off, as the trainer runs them. Writes JSON; prints a markdown table last.
 """
 
@@ -32,10 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megaq.models.gpt import GPTConfig  # noqa: E402
 from megaq.models.transformer import TransformerBlock  # noqa: E402
+from megaq.ops import dataflow as dataflow_ops  # noqa: E402
 
 HEADS = {768: 12, 1600: 25, 2048: 16, 4096: 32}
-VARIANTS = {"bf16": ("bf16", "bf16"), "int8": ("int8", "bf16"), "int8_df": ("int8", "int8"),
-            "int4": ("int4", "bf16")}
+# variant -> (recipe, data flow, LayerNorm backward reads an INT8 incoming gradient)
+VARIANTS = {"bf16": ("bf16", "bf16", False), "int8": ("int8", "bf16", False), "int8_df": ("int8", "int8", True),
+            "int8_df_bf16grad": ("int8", "int8", False), "int4": ("int4", "bf16", False)}
 # kernel name -> operator group; first match wins (our INT8 LayerNorm/GELU kernels contain "quant")
 GROUPS = [
     ("layernorm", re.compile(r"layer_?norm|GammaBeta", re.I)),
@@ -47,7 +51,8 @@ GROUPS = [
 
 
 def build(width: int, seq: int, variant: str) -> TransformerBlock:
-    recipe, data_flow = VARIANTS[variant]
+    recipe, data_flow, int8_ln_grad = VARIANTS[variant]
+    dataflow_ops.INT8_LAYERNORM_GRAD = int8_ln_grad     # read by each LayerNorm forward
     cfg = GPTConfig(vocab_size=256, seq_len=seq, n_layer=1, n_head=HEADS.get(width, width // 64),
                     n_embd=width, recipe={"preset": recipe, "check_finite": False}, data_flow=data_flow)
     torch.manual_seed(0)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megaq import kernels  # noqa: E402
 from megaq.kernels import dispatch  # noqa: E402
+from megaq.kernels.dispatch import ROW_KERNELS  # noqa: E402
 from megaq.quant import quantize_blockwise  # noqa: E402
 
 SHAPES = [(8192, 4096, 4096), (8192, 16384, 4096), (8192, 4096, 16384), (16384, 6400, 1600),
@@ -214,13 +215,15 @@ def quant_section(args, results):
         ("(1,-1)", lambda: kernels.quantize(x, (1, -1), check=False), 3, {}),
         ("(1,-1)ᵀ", lambda: kernels.quantize(x, (1, -1), transpose=True, check=False), 3, {}),
         ("hadamard128 (1,-1)", lambda: kernels.hadamard_quantize(x, 128, check=False), 3, {}),
-        ("hadamard128 (1,-1) w4", lambda: kernels.hadamard_quantize(x, 128, check=False), 3,
-         dict(QUANT_WARPS=4)),
-        ("hadamard128 (1,-1) two-kernel grid", lambda: kernels.hadamard_quantize(x, 128, check=False), 3,
-         dict(ROW_TWOPASS=True)),
-        ("hadamard128 SR two-kernel grid",
-         lambda: kernels.hadamard_quantize(x, 128, rounding="stochastic", check=False), 3,
-         dict(ROW_TWOPASS=True)),
+        *[(f"hadamard128 (1,-1) {kernel}", lambda: kernels.hadamard_quantize(x, 128, check=False), 3,
+           dict(ROW_KERNEL=kernel)) for kernel in ROW_KERNELS],
+        *[(f"hadamard128 SR {kernel}",
+           lambda: kernels.hadamard_quantize(x, 128, rounding="stochastic", check=False), 3,
+           dict(ROW_KERNEL=kernel)) for kernel in ROW_KERNELS],
+        *[(f"hadamard128 (1,-1) resident tile{tile} w{warps}",
+           lambda: kernels.hadamard_quantize(x, 128, check=False), 3,
+           dict(ROW_KERNEL="resident", RESIDENT_TILE=tile, QUANT_WARPS=warps))
+          for tile in (32, 64, 128) for warps in (4, 8)],
         ("hadamard128 (1,-1)ᵀ SR",
          lambda: kernels.hadamard_quantize(x, 128, rounding="stochastic", transpose=True, check=False), 3, {}),
         ("(1,128)ᵀ SR", lambda: kernels.quantize(x, (1, 128), rounding="stochastic", transpose=True,
@@ -251,6 +254,7 @@ def quant_section(args, results):
             os.environ.pop("MEGAQ_KERNELS", None)
             out.append(dict(name=name, error=repr(e)[:300]))
         print("quant", json.dumps(out[-1]), flush=True)
+    out.extend(hadamard_row_kernels(args))
     out.extend(hadamard_dual_rows(args))
     results["quant"] = out
 
@@ -270,6 +274,49 @@ def _dual_matches_single(dual, single, stochastic):
             problems.append(f"{orient}: scale rel err {scale_err:.2e}, payload max diff {int(diff.max())} on "
                             f"{float((diff > 0).float().mean()):.2e} of the elements")
     return problems
+
+
+# X / ∇Y of the linears of GPT-2 124M, XL, 1.3B (fc2's input 4·d), d=4096 and its fc2
+ROW_QUANT_SHAPES = ((16384, 768), (16384, 1600), (16384, 2048), (16384, 6400), (8192, 4096), (8192, 16384))
+
+
+def hadamard_row_kernels(args):
+    """Hadamard-128 per-row quantization of x (the forward's X, the dgrad's ∇Y) by kernel: the one-read
+    resident kernel against the two-pass grid and the strip kernel, nearest and stochastic, beside a
+    BF16 copy of x (the bandwidth bound). Bytes: the BF16 input read once + the INT8 payload written.
+    Each row says whether its output matches the two-pass kernel's (scales, payload up to near-ties)."""
+    rows = []
+    had = 128
+    for (R, C) in ROW_QUANT_SHAPES:
+        x = rand((R, C), seed=6, outliers=True)
+        nbytes = 2 * R * C + R * (-(-C // had) * had)
+        t_copy = bench_ms(lambda: x.clone(), args.quick)
+        rows.append(dict(name=f"copy {R}x{C} (read+write bf16)", ms=t_copy, GBps=4 * R * C / t_copy / 1e6))
+        for rounding in ("nearest", "stochastic"):
+            base = base_ms = None
+            for kernel in ("twopass", "resident", "strip", "auto"):
+                label = f"hadamard128 rows {R}x{C} {rounding}: {kernel}"
+                try:
+                    def fn():
+                        return kernels.hadamard_quantize(x, had, rounding=rounding, check=False)
+                    with kernels.config_override(ROW_KERNEL=kernel):
+                        torch.manual_seed(0)
+                        out = fn()
+                        t = bench_ms(fn, args.quick)
+                    row = dict(name=label, ms=t, GBps=nbytes / t / 1e6, of_copy_bw=t_copy / t * nbytes / (4 * R * C))
+                    if base is None:
+                        base, base_ms = out, t
+                    else:
+                        diff = (out.data.int() - base.data.int()).abs()
+                        row["matches_twopass"] = bool(
+                            float(((out.scale - base.scale).abs() / base.scale).max()) <= 1e-6
+                            and int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-3)
+                        row["speedup_vs_twopass"] = base_ms / t
+                except Exception as e:
+                    row = dict(name=label, error=repr(e)[:300])
+                rows.append(row)
+                print("quant", json.dumps(row), flush=True)
+    return rows
 
 
 DUAL_SHAPES = ((8192, 4096), (16384, 1600))   # X of the d=4096 and the GPT-2 XL (d=1600) linears

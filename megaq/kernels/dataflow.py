@@ -11,7 +11,8 @@ plain `block` tiles (`(0, (1, 128))` for `int8_block128`).
 
     layernorm_quantize(x2d, weight, bias, eps, hadamard, block, residual=None)
         -> LayerNormQuantized(x_sum, y_q, x_q, mean, rstd)
-    layernorm_backward(x_q, mean, rstd, weight, grad2d, grad_residual=None) -> (dx, dweight, dbias)
+    layernorm_backward(x_q, mean, rstd, weight, grad2d, grad_residual=None, out_dtype=None)
+        -> (dx, dweight, dbias)             grad2d: a BF16/FP32 tensor or an INT8 QuantizedTensor
     gelu_quantize(h_q, hadamard, block) -> y_q
     gelu_backward(h_q, grad2d) -> dh
 
@@ -21,8 +22,14 @@ Numerics (the reference defines them; the kernels match it up to FP32 summation 
   `x_q` = INT8 copy of `x_sum` per `SAVE_BLOCK` (nearest) — the only copy of the input kept for
   backward — and per-row FP32 `mean`, `rstd`.
 - LayerNorm backward from the dequantized `x_q` and the saved statistics, FP32 inside; the incoming
-  gradient is read as given (BF16) and `grad_residual` (the residual stream's gradient) is added to
-  `dx`, so the add of the residual's backward costs no pass of its own. Weight and bias gradients FP32.
+  gradient is read as given: a BF16/FP32 tensor, or INT8 per (1, 128) block with FP32 scales (the
+  consuming linear's dgrad epilogue output, stochastically rounded there), dequantized on load.
+  `grad_residual` (the residual stream's gradient) is added to `dx`, so the add of the residual's
+  backward costs no pass of its own. Weight and bias gradients FP32. `dx` is written in high
+  precision (the residual stream's dtype) also when the incoming gradient is INT8: it is the
+  residual stream's gradient, and issue 5 keeps "the residual kept in BF16/FP32" — Jetfire keeps a
+  high-precision residual beside its INT8 copies (ALGORITHMS.md §1); quantizing it would add SR noise
+  to every block's gradient on its way down the stream, to save one pass that is summed anyway.
 - GELU (tanh approximation, as GPT-2) of an INT8 `(1, 128)`-block input (fc1's INT8 GEMM epilogue),
   FP32 inside, output in the operand format (fc2's A operand). Backward: GELU'(dequantized input) ·
   incoming gradient, in the gradient's dtype.
@@ -159,21 +166,34 @@ def layernorm_quantize(x2d: torch.Tensor, weight: torch.Tensor | None, bias: tor
 
 
 def layernorm_backward(x_q: QuantizedTensor, mean: torch.Tensor, rstd: torch.Tensor,
-                       weight: torch.Tensor | None, grad2d: torch.Tensor,
-                       grad_residual: torch.Tensor | None = None):
-    """`(dx, dweight, dbias)` of the LayerNorm whose input was saved as `x_q`; `dx` in `grad2d`'s
-    dtype with `grad_residual` added, `dweight` (None without weight) and `dbias` FP32 `[C]`."""
+                       weight: torch.Tensor | None, grad2d: torch.Tensor | QuantizedTensor,
+                       grad_residual: torch.Tensor | None = None, *,
+                       out_dtype: torch.dtype | None = None):
+    """`(dx, dweight, dbias)` of the LayerNorm whose input was saved as `x_q`, for the incoming
+    gradient `grad2d` `[R, C]`: a tensor, or an INT8 `QuantizedTensor` (the kernel reads (1, 128)
+    blocks; other blocks take the reference). `dx` has `grad_residual` added and is written in
+    `out_dtype` — by default `grad2d`'s dtype; an INT8 gradient needs it given (the residual stream's
+    dtype). `dweight` (None without weight) and `dbias` FP32 `[C]`."""
+    int8_grad = isinstance(grad2d, QuantizedTensor)
     if grad2d.shape != tuple(x_q.shape):
         raise ValueError(f"layernorm_backward: gradient shape {tuple(grad2d.shape)} != saved input "
                          f"shape {tuple(x_q.shape)}")
-    tensors = [t for t in (x_q.data, grad2d, grad_residual, weight) if t is not None]
-    if _use_triton(*tensors) and x_q.block == SAVE_BLOCK and x_q.bits == 8:
-        return _launch_layernorm_backward(x_q, mean, rstd, weight, grad2d, grad_residual)
+    if int8_grad and (grad2d.bits != 8 or out_dtype is None):
+        raise ValueError("layernorm_backward: a quantized incoming gradient must be INT8 and needs "
+                         f"out_dtype (the residual stream's dtype); got bits={grad2d.bits}, "
+                         f"out_dtype={out_dtype}")
+    out_dtype = out_dtype or grad2d.dtype
+    g_data = grad2d.data if int8_grad else grad2d
+    tensors = [t for t in (x_q.data, g_data, grad_residual, weight) if t is not None]
+    if _use_triton(*tensors) and x_q.block == SAVE_BLOCK and x_q.bits == 8 \
+            and (not int8_grad or grad2d.block == SAVE_BLOCK):
+        return _launch_layernorm_backward(x_q, mean, rstd, weight, grad2d, grad_residual, out_dtype)
+    g = grad2d.dequantize(torch.float32) if int8_grad else grad2d.float()
     dx, dw, db = layernorm_backward_math(x_q.dequantize(torch.float32), mean, rstd,
-                                         weight.float() if weight is not None else None, grad2d.float())
+                                         weight.float() if weight is not None else None, g)
     if grad_residual is not None:
         dx = dx + grad_residual.float()
-    return dx.to(grad2d.dtype), dw, db
+    return dx.to(out_dtype), dw, db
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,22 +263,25 @@ def _launch_layernorm(x2d, weight, bias, eps, hadamard, residual, check):
                               QuantizedTensor(x_data, x_scale, SAVE_BLOCK, 8, (R, C)), mean, rstd)
 
 
-def _launch_layernorm_backward(x_q, mean, rstd, weight, grad2d, grad_residual):
+def _launch_layernorm_backward(x_q, mean, rstd, weight, grad, grad_residual, out_dtype):
     R, C = x_q.shape
-    dev = grad2d.device
+    dev = x_q.data.device
     n_prog = math.ceil(R / ROWS)
-    dx = torch.empty((R, C), dtype=grad2d.dtype, device=dev)
+    dx = torch.empty((R, C), dtype=out_dtype, device=dev)
     # per-program partial sums of the weight and bias gradients, folded by one torch reduction
     dw_part = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
     db_part = torch.empty((n_prog, C), dtype=torch.float32, device=dev)
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    int8_grad = isinstance(grad, QuantizedTensor)
+    g_scale = grad.scale.contiguous() if int8_grad else dummy
     _triton()._layernorm_backward_kernel[(n_prog,)](
         x_q.data, x_q.scale, x_q.scale.shape[1], mean, rstd,
-        weight if weight is not None else dummy, grad2d.contiguous(),
+        weight if weight is not None else dummy,
+        (grad.data if int8_grad else grad).contiguous(), g_scale, g_scale.shape[-1],
         grad_residual.contiguous() if grad_residual is not None else dummy,
         dx, dw_part, db_part, R, C,
         BR=ROWS, BC=_CHUNK, HAS_W=weight is not None, HAS_RES=grad_residual is not None,
-        num_warps=4)
+        G_INT8=int8_grad, num_warps=4)
     return dx, dw_part.sum(0) if weight is not None else None, db_part.sum(0)
 
 

@@ -82,7 +82,7 @@ def _has_tma(device: torch.device) -> bool:
 def config_override(**cfg):
     """Force kernel tile configurations (tests use tiny tiles under the interpreter; the benchmark
     sweeps). GEMM keys: BM, BN, BK, J, CVT, GROUP_M, num_warps, num_stages, USE_TMA, WS. Quantizer
-    keys: QUANT_ROWS, QUANT_COLS, QUANT_WARPS, QUANT_STAGES, DUAL_FUSED, ROW_TWOPASS."""
+    keys: QUANT_ROWS, QUANT_COLS, QUANT_WARPS, QUANT_STAGES, DUAL_FUSED, ROW_KERNEL, RESIDENT_TILE."""
     global _CONFIG_OVERRIDE
     old = _CONFIG_OVERRIDE
     _CONFIG_OVERRIDE = dict(cfg)
@@ -287,6 +287,35 @@ def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, blo
     return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, (R, C))
 
 
+def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int, block):
+    """Per-row Hadamard quantization of `view` [R, C_in] (any strides), zero padded to whole
+    Hadamard blocks, with whole rows held in registers (`_quant_rows_resident_kernel`): one read."""
+    q = _quant()
+    R, C_in = view.shape
+    dev = view.device
+    Cp = _cdiv(C_in, hadamard) * hadamard
+    data = torch.empty((R, Cp), dtype=torch.int8, device=dev)
+    scale = torch.empty((R, 1), dtype=torch.float32, device=dev)
+    dummy = _placeholder(dev, torch.int8)
+    stochastic = rounding == "stochastic"
+    seed = _seed_tensor(dev, generator) if stochastic else dummy
+    flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
+    f32 = view.dtype == torch.float32
+    h = _hadamard_pm1(hadamard, torch.float32 if _interpreting() else
+                      (torch.bfloat16 if f32 else view.dtype), str(dev))
+    ov = _CONFIG_OVERRIDE or {}
+    nch = _next_pow2(Cp // hadamard)
+    BR = max(1, ov.get("RESIDENT_TILE", _RESIDENT_TILE) // nch)
+    nw = ov.get("QUANT_WARPS", 8 if BR * nch * hadamard >= 8192 else 4)
+    _kernel("triton_quant", "_quant_rows_resident_kernel")[(_cdiv(R, BR),)](
+        view, R, C_in, Cp, view.stride(0), view.stride(1), data, scale, h, 1.0 / math.sqrt(hadamard),
+        seed, flag if check else dummy,
+        BR=BR, NCH=nch, HAD=hadamard, F32_INPUT=f32, UPCAST=_interpreting(), STOCHASTIC=stochastic,
+        CHECK=check, QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(), num_warps=nw)
+    _check_flag(flag, view, "hadamard_quantize input")
+    return q.QuantizedTensor(_pack(data, bits), scale, block, bits, (R, Cp))
+
+
 def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0, block=None):
     """Per-row (axis=1) or per-column-written-transposed (axis=0) quantization over a full 2-D grid:
     pass 1 folds tile abs-maxes into a per-row/column buffer with atomics, pass 2 re-reads the
@@ -375,10 +404,36 @@ def quantize(x2d: torch.Tensor, block: tuple[int, int], bits: int = 8, rounding:
 # One read for both orientations measured slower than two passes on an H200 (324 µs against
 # 81 + 103 µs for 16384×4096 bf16, 1×128 blocks): two passes until the fused tile kernel is faster.
 DUAL_FUSED = False
-# Per-row Hadamard + quantize: the two-kernel grid version (atomics for the row abs-max, then a
-# second read to quantize) measured faster on an H100 than the strip kernel (one program per row
-# block walking its rows twice): 185 vs 196 µs nearest, 279 vs 383 µs stochastic (16384×4096 bf16).
-ROW_TWOPASS = True
+# Per-row Hadamard + quantize of x (not x.T), by kernel:
+#   "resident": whole rows in registers, one read (`_quant_rows_resident_kernel`), where a padded row
+#               fits (`_RESIDENT_MAX_ROW`; the two-kernel grid otherwise);
+#   "twopass":  the two-kernel grid (atomics for the row abs-max, then a second read to quantize);
+#   "strip":    one program per block of rows walking them twice (`_quant_strip_kernel`);
+#   "auto":     by the padded row width and the rounding (`_auto_row_kernel`), from H100 timings.
+ROW_KERNEL = "auto"
+ROW_KERNELS = ("auto", "resident", "twopass", "strip")
+# A resident program holds BR rows × NCH Hadamard blocks (NCH a power of two) as one [BR·NCH, HAD]
+# FP32 tile: rows up to 16384 elements keep it within 64 registers per thread at 8 warps.
+_RESIDENT_MAX_ROW = 16384
+_RESIDENT_TILE = 64         # BR·NCH target (rows of the [BR·NCH, HAD] tile); config key RESIDENT_TILE
+
+
+def _auto_row_kernel(padded_cols: int, hadamard: int, stochastic: bool) -> str:
+    """The fastest per-row Hadamard quantizer measured on an H100 (bf16 input, Hadamard 128, speed-up
+    over "twopass", docs/PERFORMANCE.md session 4): rows of <= 1024 → "strip" (768 wide: 1.14×
+    nearest, 1.67× stochastic); a power-of-two number of Hadamard blocks → "resident" (2048 and 4096
+    wide: 1.56-1.58× nearest, 1.26-1.28× stochastic; 16384 wide: 1.15× nearest, but 0.89×
+    stochastic); a padded block count (1600 → 13 blocks of 16 in registers, 6400 → 50 of 64) wastes
+    the resident kernel's registers: "strip" for nearest rounding up to 16 blocks (1600: 1.40×),
+    else "twopass" (1600 stochastic: resident 0.95×; 6400: resident 0.61-0.69×, strip 0.73-0.94×)."""
+    blocks = padded_cols // hadamard
+    if padded_cols <= 1024:
+        return "strip"
+    if _pow2(blocks) and (blocks <= 32 or not stochastic):
+        return "resident"
+    if not stochastic and blocks <= 16:
+        return "strip"
+    return "twopass"
 
 
 def quantize_dual(x2d: torch.Tensor, block: tuple[int, int], block_t: tuple[int, int], bits: int = 8,
@@ -429,10 +484,17 @@ def hadamard_quantize(x2d: torch.Tensor, hadamard: int, block: tuple[int, int] =
         if transpose:
             return _launch_twopass(x2d, 0, bits, rounding, generator, check, hadamard=hadamard,
                                    block=(br, bc))
-        if (_CONFIG_OVERRIDE or {}).get("ROW_TWOPASS", ROW_TWOPASS):
-            return _launch_twopass(x2d, 1, bits, rounding, generator, check, hadamard=hadamard,
-                                   block=(br, bc))
-        return _launch_strip(view, bits, rounding, generator, check, hadamard=hadamard, block=(br, bc))
+        kernel = (_CONFIG_OVERRIDE or {}).get("ROW_KERNEL", ROW_KERNEL)
+        if kernel not in ROW_KERNELS:
+            raise ValueError(f"ROW_KERNEL must be one of {ROW_KERNELS}; got {kernel!r}")
+        if kernel == "auto":
+            kernel = _auto_row_kernel(Cp, hadamard, rounding == "stochastic")
+        if kernel == "resident" and _next_pow2(Cp // hadamard) * hadamard <= _RESIDENT_MAX_ROW:
+            return _launch_rows_resident(view, bits, rounding, generator, check, hadamard, block=(br, bc))
+        if kernel == "strip":
+            return _launch_strip(view, bits, rounding, generator, check, hadamard=hadamard, block=(br, bc))
+        return _launch_twopass(x2d, 1, bits, rounding, generator, check, hadamard=hadamard,
+                               block=(br, bc))
     if check:
         q.check_finite(view, "hadamard_quantize input")
     rotated = q.block_hadamard(q.pad_to_multiple(view.float(), hadamard), hadamard)

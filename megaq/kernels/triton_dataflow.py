@@ -13,7 +13,8 @@ anything is written, so the producers read their rows more than once (later read
   abs-max; then again -> quantize. The input is INT8, so the second read is cheap.
 - `_layernorm_backward_kernel`: pass 1 — the row sums Σ g·w·x̂ and Σ g·w from the dequantized saved
   INT8 input; pass 2 — dx (+ the residual stream's gradient), and this program's partial column sums
-  of the weight and bias gradients.
+  of the weight and bias gradients. The incoming gradient g is read as BF16/FP32, or (G_INT8) as
+  INT8 (1, BC) blocks + FP32 scales dequantized on load; dx is written in the residual's dtype.
 - `_gelu_backward_kernel`: elementwise GELU'(dequantized input) · gradient.
 
 The rotation is a `tl.dot` with the ±1 Sylvester matrix (BF16, exact) times 1/√128: an FP32 value is
@@ -24,7 +25,7 @@ step), except under the interpreter, whose BF16 dot is wrong, where the dot runs
 import triton
 import triton.language as tl
 
-from .triton_quant import _nonfinite, _scale_from_amax, _to_int
+from .triton_quant import _load_hadamard, _nonfinite, _scale_from_amax, _to_int
 
 
 
@@ -144,8 +145,7 @@ def _layernorm_quant_kernel(x_ptr, r_ptr, xs_ptr, w_ptr, b_ptr, R, C, Cp, eps,
     tl.store(mean_ptr + rows, mean, mask=rmask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
     if HAD > 0:
-        hi = tl.arange(0, HAD)
-        h = tl.load(h_ptr + hi[:, None] * HAD + hi[None, :])
+        h = _load_hadamard(h_ptr, HAD)
         # pass 2: abs-max of the rotated row
         amax = tl.zeros([BR], tl.float32)
         for c0 in range(0, Cp, BC):
@@ -194,8 +194,7 @@ def _gelu_quant_kernel(hq_ptr, hs_ptr, n_hblk, R, N, Np, yq_ptr, ys_ptr, h_ptr, 
     rmask = rows < R
     QMAX: tl.constexpr = 127
     if HAD > 0:
-        hi = tl.arange(0, HAD)
-        h = tl.load(h_ptr + hi[:, None] * HAD + hi[None, :])
+        h = _load_hadamard(h_ptr, HAD)
         amax = tl.zeros([BR], tl.float32)
         for c0 in range(0, Np, BC):
             y = _gelu(_load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC))
@@ -219,11 +218,23 @@ def _gelu_quant_kernel(hq_ptr, hs_ptr, n_hblk, R, N, Np, yq_ptr, ys_ptr, h_ptr, 
 
 
 @triton.jit
-def _layernorm_backward_kernel(xq_ptr, xqs_ptr, n_save, mean_ptr, rstd_ptr, w_ptr, g_ptr, gr_ptr,
-                               dx_ptr, dwp_ptr, dbp_ptr, R, C,
+def _load_grad_chunk(g_ptr, gs_ptr, n_gblk, rows, c0, R, C, BC: tl.constexpr, G_INT8: tl.constexpr):
+    """A [BR, BC] chunk of the incoming gradient as FP32 (zeros outside R x C): a BF16/FP32 tensor, or
+    INT8 with (1, BC) block scales gs [R, n_gblk]."""
+    if G_INT8:
+        return _load_int8_chunk(g_ptr, gs_ptr, n_gblk, rows, c0, R, C, BC)
+    cols = c0 + tl.arange(0, BC)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    return tl.load(g_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _layernorm_backward_kernel(xq_ptr, xqs_ptr, n_save, mean_ptr, rstd_ptr, w_ptr, g_ptr, gs_ptr, n_gblk,
+                               gr_ptr, dx_ptr, dwp_ptr, dbp_ptr, R, C,
                                BR: tl.constexpr, BC: tl.constexpr, HAS_W: tl.constexpr,
-                               HAS_RES: tl.constexpr):
-    """dx [R, C] (+ gr), and partial column sums dwp/dbp [programs, C] of g·x̂ and g."""
+                               HAS_RES: tl.constexpr, G_INT8: tl.constexpr):
+    """dx [R, C] (+ gr), and partial column sums dwp/dbp [programs, C] of g·x̂ and g. g: BF16/FP32
+    [R, C], or INT8 [R, C] with (1, BC) scales gs [R, n_gblk] (G_INT8)."""
     pid = tl.program_id(0)
     rows = pid * BR + tl.arange(0, BR)
     rmask = rows < R
@@ -236,7 +247,7 @@ def _layernorm_backward_kernel(xq_ptr, xqs_ptr, n_save, mean_ptr, rstd_ptr, w_pt
         mask = rmask[:, None] & (cols < C)[None, :]
         xhat = (_load_int8_chunk(xq_ptr, xqs_ptr, n_save, rows, c0, R, C, BC) - mean[:, None]) * rstd[:, None]
         xhat = tl.where(mask, xhat, 0.0)
-        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = _load_grad_chunk(g_ptr, gs_ptr, n_gblk, rows, c0, R, C, BC, G_INT8)
         if HAS_W:
             g = g * tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
         c1 += tl.sum(g * xhat, axis=1)
@@ -250,7 +261,7 @@ def _layernorm_backward_kernel(xq_ptr, xqs_ptr, n_save, mean_ptr, rstd_ptr, w_pt
         offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
         xhat = (_load_int8_chunk(xq_ptr, xqs_ptr, n_save, rows, c0, R, C, BC) - mean[:, None]) * rstd[:, None]
         xhat = tl.where(mask, xhat, 0.0)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = _load_grad_chunk(g_ptr, gs_ptr, n_gblk, rows, c0, R, C, BC, G_INT8)
         gw = g
         if HAS_W:
             gw = g * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]

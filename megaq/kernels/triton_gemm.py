@@ -61,6 +61,50 @@ def _load_ab(a_ptr, a_desc, b_ptr, b_desc, offs_am, offs_bn, k0, K, stride_am, s
 
 
 @triton.jit
+def _program_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's [BM, BN] output tile, in grouped order: GROUP_M row tiles walk the column tiles
+    together, so the A rows and B tiles they share are reused from L2. Returns the tile's column index
+    pid_n, its first row and column, its row and column indices, and those indices wrapped modulo
+    M / N for the loads (always in bounds; rows >= M and columns >= N are never stored)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % num_in_group) % group_m)
+    pid_n = (pid % num_in_group) // group_m
+    off_m = pid_m * BM
+    off_n = pid_n * BN
+    offs_m = off_m + tl.arange(0, BM)
+    offs_n = off_n + tl.arange(0, BN)
+    return pid_n, off_m, off_n, offs_m, offs_n, offs_m % M, offs_n % N
+
+
+@triton.jit
+def _int8_dot_k_loop(a_ptr, a_desc, b_ptr, b_desc, offs_am, offs_bn, off_m, off_n, K, stride_am, stride_bn,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_TMA: tl.constexpr,
+                     EVEN_K: tl.constexpr, WS: tl.constexpr):
+    """Σ_{k < K} a[m, k] · b[n, k] of the tile, accumulated in INT32 on the tensor cores (`_load_ab`
+    reads the operands). The K loop lives here as one plain loop: Triton inlines this function
+    into the kernel, so the loop is software-pipelined (num_stages) as if written there.
+    WS: Triton's automatic warp specialization of the loop (an experiment, documented for Blackwell)."""
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    if WS:
+        for k0 in tl.range(0, K, BK, warp_specialize=True):
+            a, b = _load_ab(a_ptr, a_desc, b_ptr, b_desc, offs_am, offs_bn, k0, K, stride_am, stride_bn,
+                            BM, BN, BK, USE_TMA, EVEN_K, off_m, off_n)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    else:
+        for k0 in range(0, K, BK):
+            a, b = _load_ab(a_ptr, a_desc, b_ptr, b_desc, offs_am, offs_bn, k0, K, stride_am, stride_bn,
+                            BM, BN, BK, USE_TMA, EVEN_K, off_m, off_n)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
 def _partial_f32(a, b, BM: tl.constexpr, BN: tl.constexpr, CVT: tl.constexpr):
     if CVT == 1:
         p = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
@@ -107,21 +151,7 @@ def _scaled_mm_kernel(
         HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr, OUT_QB: tl.constexpr,
         OUT_STOCHASTIC: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
         RINT_LIBDEVICE: tl.constexpr, WS: tl.constexpr = False):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % num_in_group) % group_m)
-    pid_n = (pid % num_in_group) // group_m
-    off_m = pid_m * BM
-    off_n = pid_n * BN
-    offs_m = off_m + tl.arange(0, BM)
-    offs_n = off_n + tl.arange(0, BN)
-    offs_am = offs_m % M          # wrapped: always in bounds, rows >= M are never stored
-    offs_bn = offs_n % N
+    pid_n, off_m, off_n, offs_m, offs_n, offs_am, offs_bn = _program_tile(M, N, BM, BN, GROUP_M)
 
     # scale pointers (row part), hoisted out of the K loop
     if SA_SCALAR:
@@ -134,17 +164,8 @@ def _scaled_mm_kernel(
         sb_cols = (offs_bn // RB) * stride_sbn
 
     if MODE == 0:
-        acc_i = tl.zeros([BM, BN], dtype=tl.int32)
-        if WS:  # experiment: Triton's automatic warp specialization (documented for Blackwell)
-            for k0 in tl.range(0, K, BK, warp_specialize=True):
-                a, b = _load_ab(a_ptr, a_desc, b_ptr, b_desc, offs_am, offs_bn, k0, K, stride_am,
-                                stride_bn, BM, BN, BK, USE_TMA, EVEN_K, off_m, off_n)
-                acc_i = tl.dot(a, tl.trans(b), acc_i, out_dtype=tl.int32)
-        else:
-            for k0 in range(0, K, BK):
-                a, b = _load_ab(a_ptr, a_desc, b_ptr, b_desc, offs_am, offs_bn, k0, K, stride_am,
-                                stride_bn, BM, BN, BK, USE_TMA, EVEN_K, off_m, off_n)
-                acc_i = tl.dot(a, tl.trans(b), acc_i, out_dtype=tl.int32)
+        acc_i = _int8_dot_k_loop(a_ptr, a_desc, b_ptr, b_desc, offs_am, offs_bn, off_m, off_n, K, stride_am,
+                                 stride_bn, BM, BN, BK, USE_TMA, EVEN_K, WS)
         if SA_SCALAR:
             sa = tl.load(sa_ptr + sa_rows)
         else:

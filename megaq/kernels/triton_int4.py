@@ -29,8 +29,9 @@ index in its source tensor (so a value's random number does not depend on the ti
 import triton
 import triton.language as tl
 
-from .triton_gemm import _load_ab
-from .triton_quant import _nonfinite, _raise_flag, _scale_from_amax, _to_int, _uniform_tile
+from .triton_gemm import _int8_dot_k_loop, _program_tile
+from .triton_quant import (_load_hadamard, _load_tile, _nonfinite, _raise_flag, _rotate_cols,
+                           _scale_from_amax, _to_int, _uniform_tile)
 
 
 @triton.jit
@@ -49,25 +50,13 @@ def _pack_nibbles(lo, hi):
 
 
 @triton.jit
-def _rotate_rows(y, h, R: tl.constexpr, C: tl.constexpr, HAD: tl.constexpr, SPLIT3: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """Multiply every consecutive group of HAD elements of each row of y [R, C] by the ±1 Sylvester
-    matrix h [HAD, HAD] (the caller scales by 1/sqrt(HAD)). SPLIT3: y is FP32 and is multiplied as
-    three BF16 slices (24 significant bits) against the exact ±1 BF16 matrix; UPCAST (interpreter):
-    one FP32 dot. Otherwise y is BF16/FP16 and h has its dtype (exact products, FP32 sums)."""
-    y2 = tl.reshape(y, [R * C // HAD, HAD])
-    if UPCAST:
-        z = tl.dot(y2.to(tl.float32), h.to(tl.float32), out_dtype=tl.float32)
-    elif SPLIT3:
-        hi = y2.to(tl.bfloat16)
-        r = y2 - hi.to(tl.float32)
-        mid = r.to(tl.bfloat16)
-        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
-        z = tl.dot(hi, h, out_dtype=tl.float32)
-        z = tl.dot(mid, h, z, out_dtype=tl.float32)
-        z = tl.dot(lo, h, z, out_dtype=tl.float32)
-    else:
-        z = tl.dot(y2, h, out_dtype=tl.float32)
+def _rotate_row_groups(y, h, inv_sqrt, R: tl.constexpr, C: tl.constexpr, HAD: tl.constexpr,
+                       SPLIT3: tl.constexpr, UPCAST: tl.constexpr):
+    """Every consecutive group of HAD elements of each row of y [R, C] times the orthonormal Hadamard
+    block (h the ±1 Sylvester matrix, inv_sqrt = 1/sqrt(HAD)): the groups are the rows of an
+    [R·C/HAD, HAD] tile for `_rotate_cols`. SPLIT3: y is FP32 (three BF16 slices against the exact
+    ±1 BF16 matrix); UPCAST (interpreter): one FP32 dot; otherwise y is BF16/FP16, h of its dtype."""
+    z = _rotate_cols(tl.reshape(y, [R * C // HAD, HAD]), h, inv_sqrt, HAD, SPLIT3, UPCAST)
     return tl.reshape(z, [R, C])
 
 
@@ -84,11 +73,8 @@ def _hq_int4_kernel(x_ptr, R, C_in, C, stride_xr, stride_xc, h_ptr, inv_sqrt, st
     rows = pid * BR + tl.arange(0, BR)
     cols = tl.arange(0, CP)
     rmask = rows < R
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :] * stride_xc,
-                mask=rmask[:, None] & (cols < C_in)[None, :], other=0.0)
-    hi = tl.arange(0, HAD)
-    h = tl.load(h_ptr + hi[:, None] * HAD + hi[None, :])
-    y = _rotate_rows(x, h, BR, CP, HAD, SPLIT3, UPCAST) * inv_sqrt
+    x = _load_tile(x_ptr, rows, cols, R, C_in, stride_xr, stride_xc)
+    y = _rotate_row_groups(x, _load_hadamard(h_ptr, HAD), inv_sqrt, BR, CP, HAD, SPLIT3, UPCAST)
     ay = tl.abs(y)
     if CHECK:
         _raise_flag(_nonfinite(ay), flag_ptr)
@@ -140,8 +126,7 @@ def _bit_split_kernel(g_ptr, R, C, stride_gr, stride_gc, pair_ptr, shi_ptr, slo_
     if SINGLE:
         cols = tl.arange(0, BC)
         m = rmask[:, None] & (cols < C)[None, :]
-        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gr + cols[None, :] * stride_gc, mask=m,
-                    other=0.0).to(tl.float32)
+        g = _load_tile(g_ptr, rows, cols, R, C, stride_gr, stride_gc).to(tl.float32)
         ag = tl.abs(g)
         if CHECK:
             _raise_flag(_nonfinite(ag), flag_ptr)
@@ -159,10 +144,7 @@ def _bit_split_kernel(g_ptr, R, C, stride_gr, stride_gc, pair_ptr, shi_ptr, slo_
     else:
         amax = tl.zeros([BR], tl.float32)
         for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            m = rmask[:, None] & (cols < C)[None, :]
-            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gr + cols[None, :] * stride_gc,
-                        mask=m, other=0.0).to(tl.float32)
+            g = _load_tile(g_ptr, rows, c0 + tl.arange(0, BC), R, C, stride_gr, stride_gc).to(tl.float32)
             ag = tl.abs(g)
             if CHECK:
                 _raise_flag(_nonfinite(ag), flag_ptr)
@@ -170,10 +152,7 @@ def _bit_split_kernel(g_ptr, R, C, stride_gr, stride_gc, pair_ptr, shi_ptr, slo_
         s_hi = _scale_from_amax(amax, 7)
         ramax = tl.zeros([BR], tl.float32)
         for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            m = rmask[:, None] & (cols < C)[None, :]
-            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gr + cols[None, :] * stride_gc,
-                        mask=m, other=0.0).to(tl.float32)
+            g = _load_tile(g_ptr, rows, c0 + tl.arange(0, BC), R, C, stride_gr, stride_gc).to(tl.float32)
             q_hi = _to_int(tl.math.div_rn(g, s_hi[:, None] + zero_u), 0.0, False, 7, RINT_LIBDEVICE)
             ramax = tl.maximum(ramax, tl.max(tl.abs(g - q_hi.to(tl.float32) * s_hi[:, None]), axis=1))
         s_lo = _scale_from_amax(ramax, 7)
@@ -182,8 +161,7 @@ def _bit_split_kernel(g_ptr, R, C, stride_gr, stride_gc, pair_ptr, shi_ptr, slo_
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
             m = rmask[:, None] & (cols < C)[None, :]
-            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gr + cols[None, :] * stride_gc,
-                        mask=m, other=0.0).to(tl.float32)
+            g = _load_tile(g_ptr, rows, cols, R, C, stride_gr, stride_gc).to(tl.float32)
             u = _uniform_tile(seed, rows, c0 // 4 + tl.arange(0, BC // 4), n_qcols, BR, BC)
             q_hi, q_lo = _split_chunk(g, s_hi, s_lo, u, RINT_LIBDEVICE)
             tl.store(pair_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], _pack_nibbles(q_hi, q_lo),
@@ -319,36 +297,17 @@ def _sampled_mm_kernel(a_ptr, a_desc, b_ptr, b_desc, sa_ptr, c_ptr, h_ptr, inv_s
     K' = *k_ptr (DYN_K: the reduction length lives on the device) or K. A, B int8 K-major; INT32
     accumulation on the tensor cores; the row scale and the inverse Hadamard run once in the epilogue
     (HAD = 0: none). Rows of A/B beyond M/N are read wrapped (never stored)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % num_in_group) % group_m)
-    pid_n = (pid % num_in_group) // group_m
-    off_m = pid_m * BM
-    off_n = pid_n * BN
-    offs_m = off_m + tl.arange(0, BM)
-    offs_n = off_n + tl.arange(0, BN)
-    offs_am = offs_m % M
-    offs_bn = offs_n % N
+    _, off_m, off_n, offs_m, offs_n, offs_am, offs_bn = _program_tile(M, N, BM, BN, GROUP_M)
     if DYN_K:
         k_run = tl.load(k_ptr)
     else:
         k_run = K
-    acc = tl.zeros([BM, BN], dtype=tl.int32)
-    for k0 in range(0, k_run, BK):
-        a, b = _load_ab(a_ptr, a_desc, b_ptr, b_desc, offs_am, offs_bn, k0, k_run, stride_am, stride_bn,
-                        BM, BN, BK, USE_TMA, EVEN_K, off_m, off_n)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    acc = _int8_dot_k_loop(a_ptr, a_desc, b_ptr, b_desc, offs_am, offs_bn, off_m, off_n, k_run, stride_am,
+                           stride_bn, BM, BN, BK, USE_TMA, EVEN_K, False)
     sa = tl.load(sa_ptr + offs_am)
     y = acc.to(tl.float32) * sa[:, None]
     if HAD > 0:
-        hi = tl.arange(0, HAD)
-        h = tl.load(h_ptr + hi[:, None] * HAD + hi[None, :])
-        y = _rotate_rows(y, h, BM, BN, HAD, True, UPCAST) * inv_sqrt
+        y = _rotate_row_groups(y, _load_hadamard(h_ptr, HAD), inv_sqrt, BM, BN, HAD, True, UPCAST)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N_OUT)[None, :])
 

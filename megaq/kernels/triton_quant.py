@@ -12,6 +12,8 @@ Kernels
 - `_quant_strip_kernel`: one scale per row over the whole row ((1, -1)), optionally after a block
   Hadamard rotation of the row; one program per block of rows (single read when the row fits a
   tile, otherwise two passes over its rows).
+- `_quant_rows_resident_kernel`: per-row Hadamard quantization (the rotated recipe's X and ∇Y) with
+  whole rows held in registers: one read of the input.
 - `_amax_partial_kernel` + `_quant_given_amax_kernel`: the same per-row quantization (of x, AXIS=1,
   or of x.T written transposed, AXIS=0) split over a full 2-D grid: tile abs-maxes folded with
   atomics, then a second read quantizes. Used for transposed per-row operands (wgrad) and for the
@@ -68,7 +70,12 @@ def _to_int(v, u, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr, RINT_LIBDEVICE: 
 def _uniform_tile(seed, rows, qcols, n_qcols_total, BR: tl.constexpr, BC: tl.constexpr):
     """U[0,1) for a [BR, BC] tile: one Philox call per 4 elements. rows: [BR] global row index,
     qcols: [BC//4] global quarter-column index; n_qcols_total: quarter-columns per row."""
-    offs = rows.to(tl.int64)[:, None] * n_qcols_total + qcols.to(tl.int64)[None, :]
+    return _uniform_at(seed, rows.to(tl.int64)[:, None] * n_qcols_total + qcols.to(tl.int64)[None, :], BR, BC)
+
+
+@triton.jit
+def _uniform_at(seed, offs, BR: tl.constexpr, BC: tl.constexpr):
+    """U[0,1) for a [BR, BC] tile from Philox counters `offs` [BR, BC//4] (4 numbers per counter)."""
     u0, u1, u2, u3 = tl.rand4x(seed, offs)
     u = tl.join(tl.join(u0, u1), tl.join(u2, u3))
     return tl.reshape(u, [BR, BC])
@@ -288,6 +295,49 @@ def _quant_strip_kernel(x_ptr, R, C, C_in, stride_xr, stride_xc,
             q = _to_int(v, u, STOCHASTIC, QMAX, RINT_LIBDEVICE)
             tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q,
                      mask=rmask[:, None] & (cols < C)[None, :])
+
+
+@triton.jit
+def _quant_rows_resident_kernel(x_ptr, R, C_in, Cp, stride_xr, stride_xc, q_ptr, s_ptr, h_ptr, inv_sqrt,
+                                seed_ptr, flag_ptr,
+                                BR: tl.constexpr, NCH: tl.constexpr, HAD: tl.constexpr,
+                                F32_INPUT: tl.constexpr, UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr,
+                                CHECK: tl.constexpr, QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
+    """Per-row Hadamard quantization reading x once: each program holds BR whole rows in registers,
+    laid out as a [BR * NCH, HAD] tile whose row t is Hadamard block t % NCH of row t // NCH (NCH: the
+    row's Cp / HAD blocks rounded up to a power of two; the blocks past Cp are masked off). One
+    tensor-core product rotates every block, the row abs-max is a max over the row's blocks, and
+    the rotated values are quantized straight from registers — 2 bytes read and 1 written per element
+    where the two-pass kernels read 4. Same outputs as `_amax_partial_kernel` +
+    `_quant_given_amax_kernel` (AXIS=1), including the stochastic-rounding counters."""
+    T: tl.constexpr = BR * NCH
+    pid = tl.program_id(0)
+    t = tl.arange(0, T)
+    rows = pid * BR + t // NCH                         # [T]
+    chunk = t % NCH
+    n_chunks = Cp // HAD
+    cols = chunk[:, None] * HAD + tl.arange(0, HAD)[None, :]
+    live = (rows < R) & (chunk < n_chunks)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols * stride_xc,
+                mask=live[:, None] & (cols < C_in), other=0.0)
+    y = _rotate_cols(x, _load_hadamard(h_ptr, HAD), inv_sqrt, HAD, F32_INPUT, UPCAST)
+    ay = tl.abs(y)
+    if CHECK:
+        _raise_flag(_nonfinite(ay), flag_ptr)
+    row_amax = tl.max(tl.reshape(tl.max(ay, axis=1), [BR, NCH]), axis=1)     # [BR]
+    s_row = _scale_from_amax(row_amax, QMAX)
+    out_rows = pid * BR + tl.arange(0, BR)
+    tl.store(s_ptr + out_rows, s_row, mask=out_rows < R)
+    s = tl.reshape(tl.broadcast_to(s_row[:, None], [BR, NCH]), [T])
+    v = tl.math.div_rn(y, tl.broadcast_to(s[:, None], [T, HAD]))
+    if STOCHASTIC:
+        # the counters of the two-pass kernels: (row, quarter column) over Cp / 4 per row
+        qcols = chunk.to(tl.int64)[:, None] * (HAD // 4) + tl.arange(0, HAD // 4)[None, :]
+        u = _uniform_at(tl.load(seed_ptr), rows.to(tl.int64)[:, None] * (Cp // 4) + qcols, T, HAD)
+    else:
+        u = 0.0
+    q = _to_int(v, u, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * Cp + cols, q, mask=live[:, None])
 
 
 @triton.jit

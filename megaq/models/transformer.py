@@ -129,8 +129,11 @@ class TransformerBlock(nn.Module):
 
 def _column_parallel(linear: ColumnParallelLinear, x: Int8Operand, int8_output: bool = False):
     """`linear` on an INT8 operand (no sequence parallelism: the config refuses it with the data
-    flow): the replicated input enters the TP region through its autograd handle."""
-    x = x._replace(carrier=linear.comm.copy_to_tp_region(x.carrier))
+    flow): the replicated input enters the TP region through its autograd handle. Under TP the
+    LayerNorm's gradient is the all-reduced sum of the ranks' ∇X, not one rank's INT8 ∇X: no
+    `grad_slot` then (the LayerNorm would detect the mismatch, but the INT8 copy would be wasted)."""
+    x = x._replace(carrier=linear.comm.copy_to_tp_region(x.carrier),
+                   grad_slot=x.grad_slot if get_tensor_parallel_world_size() == 1 else None)
     return dataflow_linear(x, linear.weight, linear.bias, linear.recipe, int8_output=int8_output)
 
 

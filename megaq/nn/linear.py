@@ -61,15 +61,37 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return gather_from_tp_region(y) if gather_output else y
 
 
-def _init_shards(layer: nn.Module, init_method: InitFn, generator: torch.Generator | None) -> None:
-    """Initialize a parallel linear's shards of a full weight drawn from ``generator`` (the default
-    generator when None, which must then be in the same state on all TP ranks); the bias to zero."""
-    initialize_from_full_(layer.weight, init_method, generator)
-    if layer.bias is not None:
-        initialize_from_full_(layer.bias, zeros_init, generator)
+class _ParallelLinear(nn.Module):
+    """What Column- and RowParallelLinear share: the recipe, the TP collectives (``comm``) and the
+    parameter shards, left uninitialized here. The subclass gives the shards' shapes, marks how
+    they split the full parameters, then initializes them (``reset_parameters`` reads the marks)."""
+
+    def __init__(self, in_features: int, out_features: int, weight_shape: tuple[int, int],
+                 bias_size: int | None, *, recipe: "str | dict | Recipe", sequence_parallel: bool,
+                 comm_dtype: str, comm_config: "QuantizedCommConfig | dict | None"):
+        super().__init__()
+        self.comm_dtype = comm_dtype
+        self.comm = tp_mappings(comm_dtype, comm_config)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.sequence_parallel = sequence_parallel
+        self.recipe = get_recipe(recipe)
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        if bias_size is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(torch.empty(bias_size))
+
+    def reset_parameters(self, init_method: InitFn = normal_init(0.02),
+                         generator: torch.Generator | None = None) -> None:
+        """Initialize this rank's shards of a full weight drawn from ``generator`` (the default
+        generator when None, which must then be in the same state on all TP ranks); the bias to zero."""
+        initialize_from_full_(self.weight, init_method, generator)
+        if self.bias is not None:
+            initialize_from_full_(self.bias, zeros_init, generator)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_ParallelLinear):
     """``y = x W^T + b`` with W split along its output dimension: rank r holds ``[out/tp, in]``.
 
     Args:
@@ -89,9 +111,6 @@ class ColumnParallelLinear(nn.Module):
                  sequence_parallel: bool = False, partition_stride: int = 1,
                  init_method: InitFn = normal_init(0.02), skip_init: bool = False,
                  comm_dtype: str = "bf16", comm_config: "QuantizedCommConfig | dict | None" = None):
-        super().__init__()
-        self.comm_dtype = comm_dtype
-        self.comm = tp_mappings(comm_dtype, comm_config)
         tp = get_tensor_parallel_world_size()
         if out_features % (partition_stride * tp) != 0:
             raise ValueError(f"out_features ({out_features}) must be divisible by partition_stride "
@@ -99,24 +118,15 @@ class ColumnParallelLinear(nn.Module):
         if gather_output and partition_stride != 1:
             # The gathered output would be [q0 k0 v0 q1 k1 v1], not the layout of the full layer.
             raise ValueError("gather_output is not supported with partition_stride > 1")
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, (out_features // tp, in_features),
+                         out_features // tp if bias else None, recipe=recipe,
+                         sequence_parallel=sequence_parallel, comm_dtype=comm_dtype, comm_config=comm_config)
         self.gather_output = gather_output
-        self.sequence_parallel = sequence_parallel
-        self.recipe = get_recipe(recipe)
-        self.weight = nn.Parameter(torch.empty(out_features // tp, in_features))
         mark_tensor_parallel(self.weight, partition_dim=0, partition_stride=partition_stride)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features // tp))
+        if self.bias is not None:
             mark_tensor_parallel(self.bias, partition_dim=0, partition_stride=partition_stride)
-        else:
-            self.register_parameter("bias", None)
         if not skip_init:
             self.reset_parameters(init_method)
-
-    def reset_parameters(self, init_method: InitFn = normal_init(0.02),
-                         generator: torch.Generator | None = None) -> None:
-        _init_shards(self, init_method, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return column_parallel_linear(x, self.weight, self.bias, self.recipe,
@@ -130,7 +140,7 @@ class ColumnParallelLinear(nn.Module):
                 f"comm_dtype={self.comm_dtype}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """``y = x W^T + b`` with W split along its input dimension: rank r holds ``[out, in/tp]``.
 
     Each rank computes a partial product over its slice of ``in``; the partial outputs are summed
@@ -147,32 +157,18 @@ class RowParallelLinear(nn.Module):
                  sequence_parallel: bool = False, init_method: InitFn = normal_init(0.02),
                  skip_init: bool = False, comm_dtype: str = "bf16",
                  comm_config: "QuantizedCommConfig | dict | None" = None):
-        super().__init__()
-        self.comm_dtype = comm_dtype
-        self.comm = tp_mappings(comm_dtype, comm_config)
-        tp = get_tensor_parallel_world_size()
         if sequence_parallel and not input_is_parallel:
             raise ValueError("sequence_parallel requires input_is_parallel=True")
-        self.in_features = in_features
-        self.out_features = out_features
+        tp = get_tensor_parallel_world_size()
+        super().__init__(in_features, out_features, (out_features, _divide(in_features, tp, "in_features")),
+                         out_features if bias else None, recipe=recipe, sequence_parallel=sequence_parallel,
+                         comm_dtype=comm_dtype, comm_config=comm_config)
         self.input_is_parallel = input_is_parallel
-        self.sequence_parallel = sequence_parallel
-        self.recipe = get_recipe(recipe)
-        self.weight = nn.Parameter(torch.empty(out_features,
-                                               _divide(in_features, tp, "in_features")))
         mark_tensor_parallel(self.weight, partition_dim=1)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features))
-            if sequence_parallel:
-                mark_sequence_parallel(self.bias)
-        else:
-            self.register_parameter("bias", None)
+        if self.bias is not None and sequence_parallel:
+            mark_sequence_parallel(self.bias)
         if not skip_init:
             self.reset_parameters(init_method)
-
-    def reset_parameters(self, init_method: InitFn = normal_init(0.02),
-                         generator: torch.Generator | None = None) -> None:
-        _init_shards(self, init_method, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:

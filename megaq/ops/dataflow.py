@@ -176,6 +176,50 @@ def int8_gelu(x: Int8Activation | torch.Tensor, block: tuple[int, int] = (1, 128
 
 # --------------------------------------------------------------------------------------------------
 # Producers of GEMM operands (the model's data flow; design in megaq/ops/dataflow_linear.py)
+
+# True: the LayerNorm backward reads the INT8 gradient that the consuming linear's dgrad GEMM wrote
+# from its epilogue (issue 5: "LayerNorm backward reading the INT8 saved input and INT8 incoming
+# gradient"). False (default): the BF16-gradient path (the dgrad GEMM writes BF16, the LayerNorm
+# reads it). Off by default because it measured slower and larger on an H100 (tools/bench_block.py,
+# one block fwd+bwd, 16384 tokens): 16.8 vs 14.4 ms and peak memory 1.37× vs 1.24× BF16 at width
+# 1600, 47.9 vs 42.2 ms at 4096 — autograd still needs the dense ∇X, so the INT8 copy is extra
+# traffic (megaq/ops/dataflow_linear.py). Read when the LayerNorm's forward runs.
+INT8_LAYERNORM_GRAD = False
+
+
+class Int8GradSlot:
+    """Hands one INT8 gradient from a data-flow linear's backward to the backward of the LayerNorm
+    whose operand that linear consumed — autograd edges carry dense tensors only.
+
+    One slot per LayerNorm forward call, referenced by that call's autograd node and by the
+    `Int8Operand` it returns (so a slot never outlives or crosses micro batches or blocks). The linear
+    `put`s its ∇X twice over: INT8 (1, 128) blocks + FP32 scales, stochastically rounded in the dgrad
+    GEMM's epilogue, and the same values dequantized — the dense gradient it hands to autograd, correct
+    for any consumer. The LayerNorm's backward `take`s the INT8 copy only when the gradient autograd
+    gives it *is* that dense tensor, unchanged (same storage, shape, strides and version counter):
+    anything that added to it or replaced it on the way (another consumer of the operand, a TP
+    all-reduce) sends the LayerNorm down the dense path, which reads the correct sum. `take` empties
+    the slot either way."""
+
+    __slots__ = ("_q", "_dense", "_version")
+
+    def __init__(self):
+        self._q = self._dense = self._version = None
+
+    def put(self, q: QuantizedTensor, dense: torch.Tensor) -> None:
+        self._q, self._dense, self._version = q, dense, dense._version
+
+    def take(self, grad: torch.Tensor) -> QuantizedTensor | None:
+        q, dense, version = self._q, self._dense, self._version
+        self._q = self._dense = self._version = None
+        if q is None:
+            return None
+        same = (grad.data_ptr() == dense.data_ptr() and grad.shape == dense.shape
+                and grad.stride() == dense.stride() and grad.dtype == dense.dtype
+                and grad._version == version)
+        return q if same else None
+
+
 class Int8Operand(NamedTuple):
     """An activation that exists only as INT8, in the layout its consuming GEMM reads.
 
@@ -187,11 +231,15 @@ class Int8Operand(NamedTuple):
     `carrier` has the activation's logical shape and dtype and is attached to autograd: consumers
     take it as an input so that the activation's gradient flows back to the producer. It holds no
     data (one NaN broadcast over the shape, so any accidental use as a value is loud, never silently
-    wrong); `dequantize()` gives the values."""
+    wrong); `dequantize()` gives the values.
+
+    `grad_slot`: set by a LayerNorm producer (with `INT8_LAYERNORM_GRAD`) — where the consuming
+    data-flow linear leaves its INT8 ∇X for the LayerNorm's backward (`Int8GradSlot`)."""
 
     carrier: torch.Tensor
     q: QuantizedTensor
     hadamard: int
+    grad_slot: Int8GradSlot | None = None
 
     @property
     def features(self) -> int:
@@ -217,7 +265,7 @@ def _qt_meta(q: QuantizedTensor):
 
 class _LayerNormOperand(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, hadamard, block, check, box):
+    def forward(ctx, x, residual, weight, bias, eps, hadamard, block, check, box, grad_slot):
         C = x.shape[-1]
         out = dataflow_kernels.layernorm_quantize(
             x.reshape(-1, C), weight, bias, eps, hadamard, block,
@@ -226,7 +274,9 @@ class _LayerNormOperand(torch.autograd.Function):
         ctx.save_for_backward(out.x_q.data, out.x_q.scale, out.mean, out.rstd, w)
         ctx.x_meta = _qt_meta(out.x_q)
         ctx.has_residual, ctx.has_weight, ctx.has_bias = residual is not None, weight is not None, bias is not None
-        ctx.shape, ctx.b_dtype = x.shape, bias.dtype if bias is not None else None
+        ctx.shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.b_dtype = bias.dtype if bias is not None else None
+        ctx.grad_slot = grad_slot
         box.append(out.y_q)
         carrier = carrier_like(x.shape, x.dtype, x.device)
         if residual is None:
@@ -239,13 +289,14 @@ class _LayerNormOperand(torch.autograd.Function):
         x_q = QuantizedTensor(data, scale, *ctx.x_meta)
         C = ctx.shape[-1]
         grad_sum = grads[0].reshape(-1, C) if ctx.has_residual else None
-        grad_y = grads[-1].reshape(-1, C)
+        grad_q = ctx.grad_slot.take(grads[-1]) if ctx.grad_slot is not None else None
+        grad_y = grad_q if grad_q is not None else grads[-1].reshape(-1, C)
         dx, dw, db = dataflow_kernels.layernorm_backward(x_q, mean, rstd, w if ctx.has_weight else None,
-                                                         grad_y, grad_sum)
+                                                         grad_y, grad_sum, out_dtype=ctx.x_dtype)
         dx = dx.view(ctx.shape)
         grad_w = dw.to(w.dtype) if ctx.has_weight and ctx.needs_input_grad[2] else None
         grad_b = db.to(ctx.b_dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return dx, dx if ctx.has_residual else None, grad_w, grad_b, None, None, None, None, None
+        return dx, dx if ctx.has_residual else None, grad_w, grad_b, None, None, None, None, None, None
 
 
 def layernorm_operand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -257,14 +308,17 @@ def layernorm_operand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     Returns the `Int8Operand`, or `(x + residual, Int8Operand)` with a residual. Saved for backward:
     the INT8 (1, 128) copy of the LayerNorm input and per-row FP32 mean/rstd only. Backward: the
     LayerNorm gradient from the dequantized saved input (FP32 inside), with the residual stream's
-    gradient added in the same pass; it is returned to both `x` and `residual`."""
+    gradient added in the same pass; it is returned to both `x` and `residual`, in `x`'s dtype.
+    The incoming gradient is read as INT8 + scales when the consuming data-flow linear left it in
+    the operand's `grad_slot` (`INT8_LAYERNORM_GRAD`), else as the dense gradient autograd brings."""
     box: list = []
+    slot = Int8GradSlot() if INT8_LAYERNORM_GRAD else None
     out = _LayerNormOperand.apply(x, residual, weight, bias, float(eps), int(hadamard), tuple(block),
-                                  bool(check), box)
+                                  bool(check), box, slot)
     if residual is None:
-        return Int8Operand(out, box[0], int(hadamard))
+        return Int8Operand(out, box[0], int(hadamard), slot)
     x_sum, carrier = out
-    return x_sum, Int8Operand(carrier, box[0], int(hadamard))
+    return x_sum, Int8Operand(carrier, box[0], int(hadamard), slot)
 
 
 class _GeluOperand(torch.autograd.Function):

@@ -19,13 +19,28 @@ The scales that cross an operator boundary, forward:
   copy + mean/rstd, the GELU's INT8 input. No BF16 activation is saved by the block except SDPA's
   own q, k, v, output (attention stays BF16).
 
-Backward: the gradients between autograd functions are BF16 tensors (an autograd edge carries a
-dense gradient of the output's shape). Each linear quantizes its ∇Y as the recipe's dgrad and wgrad
-specs say (stochastic rounding), exactly as `megaq.ops.linear`. The LayerNorm and GELU backward
-kernels read their INT8 saved inputs and the BF16 incoming gradient and write a BF16 gradient: the
-LayerNorm's is summed into the high-precision residual gradient (a quantized residual gradient would
-only add noise where the block keeps full precision on purpose), the GELU's is requantized by fc1's
-backward in its own (rotated) layouts anyway.
+Backward: an autograd edge carries a dense gradient of the output's shape. Each linear quantizes its
+∇Y as the recipe's dgrad and wgrad specs say (stochastic rounding), exactly as `megaq.ops.linear`.
+The LayerNorm and GELU backward kernels read their INT8 saved inputs; they write a BF16 gradient:
+the LayerNorm's is summed into the high-precision residual gradient (issue 5: "the residual kept in
+BF16/FP32"; a quantized residual gradient would only add noise where the block keeps full precision
+on purpose), the GELU's is requantized by fc1's backward in its own (rotated) layouts anyway.
+
+With `megaq.ops.dataflow.INT8_LAYERNORM_GRAD` (off by default: measured slower, see there) the
+LayerNorm's incoming gradient is INT8:
+the linear that consumed the LayerNorm's operand (QKV after ln_1, fc1 after ln_2) has its dgrad
+GEMM write ∇X as INT8 per (1, 128) block with FP32 scales, stochastically rounded (unbiased) in the
+epilogue, and leaves it in the operand's `grad_slot`; the LayerNorm kernel reads INT8 + scales
+instead of BF16. Autograd still receives a correct dense ∇X — the same INT8 values dequantized — so
+a consumer outside the data flow, or a sum with another gradient (the slot then stays unread: the
+LayerNorm checks that what autograd hands it is that very tensor), sees the right values.
+What it costs, in bytes per element of ∇X: the dgrad epilogue writes 1 instead of 2 and the
+LayerNorm reads 1 instead of 2, but the dense copy for autograd is a dequantize pass (1 read + 2
+written): 5 against the BF16 path's 4 — measured 15-17% slower per block on an H100. The traffic win
+needs that copy gone (a consumer-exclusive hand-over with a placeholder gradient, or the LN→linear
+backward outside autograd); until then this is the issue's numerics (an INT8, SR-rounded gradient
+into the LayerNorm), not a speed-up.
+The GELU's incoming gradient (fc2's dgrad) stays BF16.
 
 wgrad from the saved operand. `∇W = ∇Yᵀ X` reduces over tokens, but X̃ holds X·H (rotated along
 `in`, padded to C' columns). Since H is symmetric, orthonormal and block diagonal,
@@ -36,8 +51,8 @@ back once and cut to `in` columns. Straight-through estimator through every quan
 
 Alternatives weighed: per-(1, 128) producers (Jetfire-like) would make the default GEMM a
 per-K-block one, measured at 0.69× the per-row × per-column GEMM on the H100 (docs/PERFORMANCE.md);
-handing INT8 gradients between operators would need the whole LN→fc1→GELU→fc2 chain in one
-autograd function — a further step, the kernels' formats already allow it.
+handing INT8 gradients between operators without any dense copy would need the whole
+LN→fc1→GELU→fc2 chain in one autograd function — a further step, the kernels' formats allow it.
 """
 
 from __future__ import annotations
@@ -46,8 +61,8 @@ import torch
 
 from .. import kernels
 from ..quant import QuantizedTensor, block_hadamard
-from .dataflow import Int8Operand, carrier_like
-from .linear import quantize_operand, quantized_gemm, weight_operand
+from .dataflow import Int8GradSlot, Int8Operand, carrier_like
+from .linear import quantize_gemm_operand, quantize_operand, quantized_gemm, weight_operand
 from .recipe import Recipe, get_recipe
 
 INT8_OUTPUT_BLOCK = (1, 128)
@@ -78,7 +93,8 @@ def data_flow_format(recipe: Recipe | str | dict) -> tuple[int, tuple[int, int]]
 
 class _DataFlowLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, xq, hadamard, weight, bias, recipe: Recipe, int8_output, box):
+    def forward(ctx, x, xq, hadamard, weight, bias, recipe: Recipe, int8_output, box,
+                grad_slot: Int8GradSlot | None):
         in_features = weight.shape[1]
         spec = recipe.forward
         if xq is None:
@@ -97,6 +113,8 @@ class _DataFlowLinear(torch.autograd.Function):
         ctx.xq_meta = (xq.block, xq.bits, xq.shape)
         ctx.recipe, ctx.hadamard, ctx.has_bias = recipe, hadamard, bias is not None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        # INT8 ∇X only where the dgrad GEMM is an integer one
+        ctx.grad_slot = grad_slot if recipe.dgrad.is_quantized else None
         return y
 
     @staticmethod
@@ -109,8 +127,16 @@ class _DataFlowLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dgrad: ∇X = ∇Y · W, operands ∇Y [tokens, out] and Wᵀ [in, out]
             w_operand = weight_operand(weight, recipe.dgrad, recipe.check_finite, transpose=True)
-            grad_x = quantized_gemm(grad_y, w_operand, recipe.dgrad, recipe.check_finite,
-                                    transpose_b=True).to(ctx.x_dtype).view(ctx.x_shape)
+            if ctx.grad_slot is None:
+                grad_x = quantized_gemm(grad_y, w_operand, recipe.dgrad, recipe.check_finite,
+                                        transpose_b=True).to(ctx.x_dtype).view(ctx.x_shape)
+            else:
+                # INT8 ∇X from the epilogue for the producer's backward; autograd gets its values
+                g_operand = quantize_gemm_operand(grad_y, recipe.dgrad, "a", recipe.check_finite)
+                grad_q = kernels.scaled_mm(g_operand, w_operand, out_dtype=torch.int8,
+                                           out_block=INT8_OUTPUT_BLOCK, out_rounding="stochastic")
+                grad_x = kernels.dequantize(grad_q, ctx.x_dtype).view(ctx.x_shape)
+                ctx.grad_slot.put(grad_q, grad_x)
         if ctx.needs_input_grad[3]:
             # wgrad from the saved operand: ∇Yᵀ · X̃ over tokens, then H back on the [out, C'] result
             x_saved = kernels.dequantize(QuantizedTensor(data, scale, *ctx.xq_meta), ctx.x_dtype)
@@ -121,7 +147,7 @@ class _DataFlowLinear(torch.autograd.Function):
             grad_w = grad_w[:, :in_features].to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_b = grad_y.float().sum(0).to(grad_y.dtype)
-        return grad_x, None, None, grad_w, grad_b, None, None, None
+        return grad_x, None, None, grad_w, grad_b, None, None, None, None
 
 
 def dataflow_linear(x: torch.Tensor | Int8Operand, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -132,7 +158,9 @@ def dataflow_linear(x: torch.Tensor | Int8Operand, weight: torch.Tensor, bias: t
     `x` is an `Int8Operand` in the recipe's operand format (a LayerNorm or GELU producer's output:
     no quantize pass here) or a plain tensor (quantized here, once). Returns a tensor in the
     activation dtype, or with `int8_output` an unrotated `Int8Operand` of INT8 (1, 128) blocks
-    written by the GEMM's epilogue (fc1 feeding the GELU)."""
+    written by the GEMM's epilogue (fc1 feeding the GELU). When `x` carries a `grad_slot` (a
+    LayerNorm producer's), the dgrad GEMM writes ∇X as INT8 (1, 128) blocks, stochastically rounded,
+    into it as well (see the module doc)."""
     recipe = get_recipe(recipe)
     hadamard, block = data_flow_format(recipe)
     if isinstance(x, Int8Operand):
@@ -141,12 +169,13 @@ def dataflow_linear(x: torch.Tensor | Int8Operand, weight: torch.Tensor, bias: t
             raise ValueError(f"dataflow_linear: the input operand (hadamard={x.hadamard}, block="
                              f"{x.q.block}, bits={x.q.bits}) is not recipe {recipe.name!r}'s forward "
                              f"operand (hadamard={hadamard}, block={expected}, bits=8)")
-        value, xq = x.carrier, x.q
+        value, xq, grad_slot = x.carrier, x.q, x.grad_slot
     else:
-        value, xq = x, None
+        value, xq, grad_slot = x, None, None
     if value.shape[-1] != weight.shape[1]:
         raise ValueError(f"dataflow_linear: input features {value.shape[-1]} != weight in_features "
                          f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
     box: list = []
-    y = _DataFlowLinear.apply(value, xq, hadamard, weight, bias, recipe, bool(int8_output), box)
+    y = _DataFlowLinear.apply(value, xq, hadamard, weight, bias, recipe, bool(int8_output), box,
+                              grad_slot)
     return Int8Operand(y, box[0], 0) if int8_output else y

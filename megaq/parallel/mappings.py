@@ -97,46 +97,39 @@ def _reduce_scatter_along_first_dim(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _split_along_last_dim(x: torch.Tensor) -> torch.Tensor:
+    return _split_along_dim(x, x.dim() - 1)
+
+
+def _split_along_first_dim(x: torch.Tensor) -> torch.Tensor:
+    return _split_along_dim(x, 0)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _dual_pair(name: str, forward_collective, backward_collective) -> type[torch.autograd.Function]:
+    """The autograd Function ``name`` (a module-level name: dynamo finds the class through it) that
+    applies ``forward_collective`` to its input and ``backward_collective`` to the gradient."""
+    def forward(ctx, x):
+        return forward_collective(x)
+
+    def backward(ctx, grad):
+        return backward_collective(grad)
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 # ---- tensor-parallel region (last dimension) -------------------------------------------------
 
-class _CopyToTensorParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad)
-
-
-class _ReduceFromTensorParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _all_reduce(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _ScatterToTensorParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _split_along_dim(x, x.dim() - 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_along_last_dim(grad)
-
-
-class _GatherFromTensorParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _all_gather_along_last_dim(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_along_dim(grad, grad.dim() - 1)
+_CopyToTensorParallelRegion = _dual_pair("_CopyToTensorParallelRegion", _identity, _all_reduce)
+_ReduceFromTensorParallelRegion = _dual_pair("_ReduceFromTensorParallelRegion", _all_reduce, _identity)
+_ScatterToTensorParallelRegion = _dual_pair("_ScatterToTensorParallelRegion", _split_along_last_dim,
+                                            _all_gather_along_last_dim)
+_GatherFromTensorParallelRegion = _dual_pair("_GatherFromTensorParallelRegion", _all_gather_along_last_dim,
+                                             _split_along_last_dim)
 
 
 def copy_to_tp_region(x: torch.Tensor) -> torch.Tensor:
@@ -165,14 +158,10 @@ def gather_from_tp_region(x: torch.Tensor) -> torch.Tensor:
 
 # ---- sequence-parallel region (dimension 0) --------------------------------------------------
 
-class _ScatterToSequenceParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _split_along_dim(x, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_along_first_dim(grad)
+_ScatterToSequenceParallelRegion = _dual_pair("_ScatterToSequenceParallelRegion", _split_along_first_dim,
+                                              _all_gather_along_first_dim)
+_ReduceScatterToSequenceParallelRegion = _dual_pair("_ReduceScatterToSequenceParallelRegion",
+                                                    _reduce_scatter_along_first_dim, _all_gather_along_first_dim)
 
 
 class _GatherFromSequenceParallelRegion(torch.autograd.Function):
@@ -187,17 +176,7 @@ class _GatherFromSequenceParallelRegion(torch.autograd.Function):
             # The consumer is a TP region: each rank holds a partial gradient of the full
             # sequence, so sum them and keep this rank's chunk.
             return _reduce_scatter_along_first_dim(grad), None
-        return _split_along_dim(grad, 0), None
-
-
-class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _reduce_scatter_along_first_dim(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_along_first_dim(grad)
+        return _split_along_first_dim(grad), None
 
 
 def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:

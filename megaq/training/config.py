@@ -365,7 +365,7 @@ class TrainConfig(_Section):
         False, description="Replay each transformer block's forward and backward from CUDA graphs, captured "
         "at the first training step (megaq.training.cuda_graphs): removes the host time of the quantized "
         "recipes' many small kernel launches. Needs a GPU, parallel.tensor_parallel=1, ZeRO stage <= 2, "
-        "model.dropout=0, quant.check_finite=false, no INT4 backward, no train.compile or quant.peer. "
+        "model.dropout=0, quant.check_finite=false, no train.compile or quant.peer. "
         "Costs the capture (a few warm-up steps' time) once and keeps the blocks' activations in the "
         "graphs' memory pool. true: required (a run that cannot use them is refused, naming why); "
         "'auto': used where possible, else the blocks run eagerly and the log says why; false: never.")
@@ -713,8 +713,6 @@ def resolve_precision(cfg: MegaqConfig, device_type: str) -> str:
 def cuda_graph_conflicts(cfg: MegaqConfig, device_type: str | None = None) -> list[str]:
     """Why train.cuda_graphs cannot be used with `cfg` (empty if it can), each naming the key; with
     `device_type`, also the device."""
-    from megaq.ops import get_recipe
-
     zero = cfg.deepspeed.get("zero_optimization") or {}
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
     conflicts = [
@@ -724,8 +722,6 @@ def cuda_graph_conflicts(cfg: MegaqConfig, device_type: str | None = None) -> li
         (cfg.model.dropout > 0, f"model.dropout={cfg.model.dropout} (the TP-aware dropout RNG is not "
          "capture safe; graphs need 0)"),
         (cfg.quant.check_finite, "quant.check_finite=true (a host synchronization per operand)"),
-        (get_recipe(cfg.quant.recipe).int4_backward is not None, f"quant.recipe={cfg.quant.recipe!r} "
-         "(the INT4 backward's leverage score sampling keeps a data-dependent number of rows)"),
         (cfg.train.compile, "train.compile=true (use one or the other)"),
         (cfg.quant.peer is not None, f"quant.peer={cfg.quant.peer!r}"),
         (str(stage) == "3", "zero_optimization.stage=3 (it gathers parameters into new storage every step)"),

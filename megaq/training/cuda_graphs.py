@@ -21,15 +21,17 @@ its backward (its saved activations live in the graph's memory), graphs are susp
 quantization-error probe's forward hooks must see real module calls), or a parameter's storage moved.
 
 Random numbers: a replay draws from torch's CUDA generator like an eager step (the graph advances its
-offset), but the warm-up before capture draws too, and capture happens again in a resumed run. So a
-resumed run with graphs continues with another (equally distributed) stream of stochastic-rounding
-draws than the uninterrupted run would have used: bit-exact resume holds for eager runs only.
+offset by what the captured kernels drew, in the order an eager step draws). The warm-up and the
+capture draw too; the generator's state is saved before them and restored after, so the first
+replay draws what an eager step would have drawn, and a resumed run (which captures again) continues
+the uninterrupted run's stream: resume is exact with graphs too.
 
 Requirements (checked by the config, see MegaqConfig): a CUDA device, tensor parallel size 1 (the
 TP collectives count their bytes from Python), ZeRO stage ≤ 2 (stage 3 gathers parameters into new
 storage every step), no dropout (the TP-aware RNG fork is not capture safe), no quantizer NaN check
-(a host sync), no INT4 backward (leverage score sampling keeps a data-dependent number of rows), no
-torch.compile, no torchao peer.
+(a host sync), no torch.compile, no torchao peer. The INT4 backward is captured: its leverage score
+sampling keeps a data-dependent number of rows, but it compacts them into fixed-capacity buffers with
+a device-side count (megaq.kernels.int4), with no host synchronization.
 """
 
 from __future__ import annotations
@@ -174,6 +176,8 @@ class BlockGraphs:
 
     def _capture(self, sample: torch.Tensor) -> None:
         """Warm up and capture every block, starting from `sample` (block 0's first real input)."""
+        rng_device = sample.device
+        rng_state = torch.cuda.get_rng_state(rng_device)    # restored below: see "Random numbers"
         names = [[name for name, _ in block.named_parameters()] for block in self.blocks]
         params = [[p for _, p in block.named_parameters()] for block in self.blocks]
         aliases = [[p.detach().requires_grad_(p.requires_grad) for p in ps] for ps in params]
@@ -213,6 +217,7 @@ class BlockGraphs:
             with torch.cuda.graph(g.backward_graph, pool=pool):
                 grads = differentiate(g.index, g.static_output, g.static_input, g.static_grad_output)
             g.static_grads = grads   # None where a parameter takes no part (its gradient stays None)
+        torch.cuda.set_rng_state(rng_state, rng_device)
         self.graphs = graphs
         self.input_key = (tuple(sample.shape), sample.dtype, sample.device)
         logger.info(f"CUDA graphs: captured {len(graphs)} blocks' forward and backward for input "
@@ -220,7 +225,7 @@ class BlockGraphs:
 
 
 def _check_capturable(blocks: Sequence[nn.Module]) -> None:
-    """Refuse layers whose recipe synchronises with the host or sizes tensors by their data (what
+    """Refuse layers whose recipe synchronises with the host (what
     MegaqConfig refuses for train.cuda_graphs, for models built without a MegaqConfig)."""
     for b, block in enumerate(blocks):
         for name, module in block.named_modules():
@@ -231,9 +236,6 @@ def _check_capturable(blocks: Sequence[nn.Module]) -> None:
             if recipe.check_finite:
                 raise ValueError(f"CUDA graphs: {where} checks its quantizer inputs for NaN/Inf, a host "
                                  f"synchronization that cannot be captured; build it with check_finite=False")
-            if recipe.int4_backward is not None:
-                raise ValueError(f"CUDA graphs: {where} uses the INT4 backward, whose leverage score "
-                                 f"sampling keeps a data-dependent number of rows; it cannot be captured")
 
 
 def install_block_graphs(model: nn.Module) -> BlockGraphs:
