@@ -13,9 +13,9 @@ and variant, on `[seq, batch, width]` BF16 activations and BF16 parameters:
   into GEMM, LayerNorm, GELU, quantize, attention and other, in ms per step.
 
 Variants: `bf16` (the reference), `int8` (recipe int8, data flow off: every linear quantizes its
-BF16 input), `int8_df` (recipe int8 with `data_flow: int8`; the LayerNorm backward reads the INT8
-gradient the next linear's dgrad wrote), `int8_df_bf16grad` (the same with a BF16 gradient into the
-LayerNorm backward), `int4` (recipe int4). Recipes run with
+BF16 input), `int8_df` (recipe int8 with `data_flow: int8`), `int8_df_int8grad` (the same with the
+LayerNorm backward reading the INT8 gradient the next linear's dgrad wrote:
+`megaq.ops.dataflow.INT8_LAYERNORM_GRAD`), `int4` (recipe int4). Recipes run with
 `check_finite` off, as the trainer runs them. Writes JSON; prints a markdown table last.
 """
 
@@ -38,8 +38,8 @@ from megaq.ops import dataflow as dataflow_ops  # noqa: E402
 
 HEADS = {768: 12, 1600: 25, 2048: 16, 4096: 32}
 # variant -> (recipe, data flow, LayerNorm backward reads an INT8 incoming gradient)
-VARIANTS = {"bf16": ("bf16", "bf16", False), "int8": ("int8", "bf16", False), "int8_df": ("int8", "int8", True),
-            "int8_df_bf16grad": ("int8", "int8", False), "int4": ("int4", "bf16", False)}
+VARIANTS = {"bf16": ("bf16", "bf16", False), "int8": ("int8", "bf16", False), "int8_df": ("int8", "int8", False),
+            "int8_df_int8grad": ("int8", "int8", True), "int4": ("int4", "bf16", False)}
 # kernel name -> operator group; first match wins (our INT8 LayerNorm/GELU kernels contain "quant")
 GROUPS = [
     ("layernorm", re.compile(r"layer_?norm|GammaBeta", re.I)),
