@@ -92,3 +92,18 @@ def subprocess_env(**extra: str) -> dict:
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
+
+
+def record_layernorm_backward_grads(monkeypatch) -> list:
+    """Spy on the data-flow LayerNorm backward: the returned list collects the incoming gradient
+    (tensor, or INT8 `QuantizedTensor`) of every call."""
+    from megaq.kernels import dataflow as dataflow_kernels
+
+    seen = []
+    original = dataflow_kernels.layernorm_backward
+
+    def spy(x_q, mean, rstd, weight, grad2d, grad_residual=None, **kw):
+        seen.append(grad2d)
+        return original(x_q, mean, rstd, weight, grad2d, grad_residual, **kw)
+    monkeypatch.setattr(dataflow_kernels, "layernorm_backward", spy)
+    return seen

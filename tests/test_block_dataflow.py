@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import megaq.ops.dataflow as dataflow_ops
-from conftest import tiny_config
+from conftest import record_layernorm_backward_grads, tiny_config
 from distributed_utils import run_distributed
 from megaq.kernels import dataflow as dataflow_kernels
 from megaq.models.gpt import GPT, GPTConfig
@@ -87,13 +87,8 @@ def _run_layernorm_gradients(monkeypatch, int8_grad: bool, *args, **kwargs):
     """`_run` of `_block(*args)` with the LayerNorms reading INT8 (or BF16) incoming gradients; also
     returns the gradients the two LayerNorm backwards were given."""
     monkeypatch.setattr(dataflow_ops, "INT8_LAYERNORM_GRAD", int8_grad)
-    seen = []
     original = dataflow_kernels.layernorm_backward
-
-    def spy(x_q, mean, rstd, weight, grad2d, grad_residual=None, **kw):
-        seen.append(grad2d)
-        return original(x_q, mean, rstd, weight, grad2d, grad_residual, **kw)
-    monkeypatch.setattr(dataflow_kernels, "layernorm_backward", spy)
+    seen = record_layernorm_backward_grads(monkeypatch)
     out = _run(_block(*args, **kwargs), args[2], **kwargs)      # kwargs: T, device, dtype
     monkeypatch.setattr(dataflow_kernels, "layernorm_backward", original)
     assert len(seen) == 2 and all(isinstance(g, QuantizedTensor) == int8_grad for g in seen), seen

@@ -347,7 +347,7 @@ def test_fused_residual_layernorm_sends_the_gradient_to_both_inputs():
 # --------------------------------------------------------------------------------------------------
 # The LayerNorm backward reading the consuming linear's INT8 gradient (INT8_LAYERNORM_GRAD)
 import megaq.ops.dataflow as dataflow_ops  # noqa: E402
-from megaq.kernels import dataflow as dataflow_kernels  # noqa: E402
+from conftest import record_layernorm_backward_grads  # noqa: E402
 from megaq.quant import QuantizedTensor  # noqa: E402
 
 
@@ -360,14 +360,7 @@ def int8_ln_grad(monkeypatch):
 @pytest.fixture
 def ln_grads(monkeypatch, int8_ln_grad):
     """The incoming gradients the data-flow LayerNorm backward is given (tensor or INT8), switch on."""
-    seen = []
-    original = dataflow_kernels.layernorm_backward
-
-    def spy(x_q, mean, rstd, weight, grad2d, grad_residual=None, **kw):
-        seen.append(grad2d)
-        return original(x_q, mean, rstd, weight, grad2d, grad_residual, **kw)
-    monkeypatch.setattr(dataflow_kernels, "layernorm_backward", spy)
-    return seen
+    return record_layernorm_backward_grads(monkeypatch)
 
 
 def _ln_linear_case(rows=77, cols=384, out=640, seed=31):

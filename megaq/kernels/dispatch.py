@@ -235,6 +235,17 @@ def _hadamard_pm1(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     return h.to(dtype=dtype, device=device).contiguous()
 
 
+def _per_row_outputs(R: int, C: int, dev, rounding: str, generator, check: bool):
+    """What a per-row quantizer kernel writes and reads besides its input: the INT8 payload [R, C], the
+    scales [R, 1], a placeholder for unused pointers, the Philox seeds (stochastic rounding; else the
+    placeholder) and the NaN flag (None without the check)."""
+    dummy = _placeholder(dev, torch.int8)
+    seed = _seed_tensor(dev, generator) if rounding == "stochastic" else dummy
+    flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
+    return (torch.empty((R, C), dtype=torch.int8, device=dev), torch.empty((R, 1), dtype=torch.float32, device=dev),
+            dummy, seed, flag)
+
+
 def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, block=None):
     """Per-row quantization of `view` [R, C] (any strides), optionally after a Hadamard rotation
     of each row (zero padded to whole Hadamard blocks)."""
@@ -242,12 +253,8 @@ def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, blo
     R, C_in = view.shape
     dev = view.device
     C = C_in if not hadamard else math.ceil(C_in / hadamard) * hadamard
-    data = torch.empty((R, C), dtype=torch.int8, device=dev)
-    scale = torch.empty((R, 1), dtype=torch.float32, device=dev)
-    dummy = _placeholder(dev, torch.int8)
+    data, scale, dummy, seed, flag = _per_row_outputs(R, C, dev, rounding, generator, check)
     stochastic = rounding == "stochastic"
-    seed = _seed_tensor(dev, generator) if stochastic else dummy
-    flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
     if hadamard:
         f32 = view.dtype not in (torch.bfloat16, torch.float16)
         if f32 and view.dtype != torch.float32:
@@ -294,12 +301,8 @@ def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int,
     R, C_in = view.shape
     dev = view.device
     Cp = _cdiv(C_in, hadamard) * hadamard
-    data = torch.empty((R, Cp), dtype=torch.int8, device=dev)
-    scale = torch.empty((R, 1), dtype=torch.float32, device=dev)
-    dummy = _placeholder(dev, torch.int8)
+    data, scale, dummy, seed, flag = _per_row_outputs(R, Cp, dev, rounding, generator, check)
     stochastic = rounding == "stochastic"
-    seed = _seed_tensor(dev, generator) if stochastic else dummy
-    flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
     f32 = view.dtype == torch.float32
     h = _hadamard_pm1(hadamard, torch.float32 if _interpreting() else
                       (torch.bfloat16 if f32 else view.dtype), str(dev))

@@ -25,7 +25,7 @@ step), except under the interpreter, whose BF16 dot is wrong, where the dot runs
 import triton
 import triton.language as tl
 
-from .triton_quant import _load_hadamard, _nonfinite, _scale_from_amax, _to_int
+from .triton_quant import _grid_tile, _load_hadamard, _nonfinite, _scale_from_amax, _to_int
 
 
 
@@ -277,11 +277,7 @@ def _layernorm_backward_kernel(xq_ptr, xqs_ptr, n_save, mean_ptr, rstd_ptr, w_pt
 @triton.jit
 def _gelu_backward_kernel(hq_ptr, hs_ptr, n_hblk, g_ptr, dh_ptr, R, N,
                           BR: tl.constexpr, BC: tl.constexpr):
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
-    mask = (rows < R)[:, None] & (cols < N)[None, :]
+    pid_c, rows, cols, mask = _grid_tile(R, N, BR, BC)
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     v = _load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, pid_c * BC, R, N, BC)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)

@@ -200,6 +200,17 @@ def _load_tile(x_ptr, rows, cols, R, C, stride_xr, stride_xc):
 
 
 @triton.jit
+def _bf16_slices(x):
+    """FP32 x as three BF16 slices hi + mid + lo (24 significant bits): an FP32 input rotated by three
+    BF16 tensor-core products against the exact ±1 BF16 Hadamard matrix."""
+    x_hi = x.to(tl.bfloat16)
+    r = x - x_hi.to(tl.float32)
+    x_mid = r.to(tl.bfloat16)
+    x_lo = (r - x_mid.to(tl.float32)).to(tl.bfloat16)
+    return x_hi, x_mid, x_lo
+
+
+@triton.jit
 def _rotate_cols(x, h, inv_sqrt, HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPCAST: tl.constexpr):
     """x · H in FP32: each row of the [BR, BC] chunk rotated by the Hadamard block when HAD > 0
     (BC == HAD; h the ±1 Sylvester matrix, inv_sqrt = 1/sqrt(HAD)); x itself in FP32 otherwise."""
@@ -207,11 +218,7 @@ def _rotate_cols(x, h, inv_sqrt, HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPC
         if UPCAST:  # the interpreter's bf16/fp16 dot is wrong (triton 3.9): compute in fp32
             y = tl.dot(x.to(tl.float32), h.to(tl.float32), out_dtype=tl.float32)
         elif F32_INPUT:
-            # fp32 input: three bf16 slices (24 significant bits) against the exact ±1 bf16 matrix
-            x_hi = x.to(tl.bfloat16)
-            r = x - x_hi.to(tl.float32)
-            x_mid = r.to(tl.bfloat16)
-            x_lo = (r - x_mid.to(tl.float32)).to(tl.bfloat16)
+            x_hi, x_mid, x_lo = _bf16_slices(x)
             y = tl.dot(x_hi, h, out_dtype=tl.float32)
             y = tl.dot(x_mid, h, y, out_dtype=tl.float32)
             y = tl.dot(x_lo, h, y, out_dtype=tl.float32)
@@ -348,10 +355,7 @@ def _rotate_rows(x, h, inv_sqrt, HAD: tl.constexpr, UPCAST: tl.constexpr):
         if UPCAST:
             y = tl.dot(h.to(tl.float32), x.to(tl.float32), out_dtype=tl.float32)
         elif x.dtype == tl.float32:
-            x_hi = x.to(tl.bfloat16)
-            r = x - x_hi.to(tl.float32)
-            x_mid = r.to(tl.bfloat16)
-            x_lo = (r - x_mid.to(tl.float32)).to(tl.bfloat16)
+            x_hi, x_mid, x_lo = _bf16_slices(x)
             y = tl.dot(h, x_hi, out_dtype=tl.float32)
             y = tl.dot(h, x_mid, y, out_dtype=tl.float32)
             y = tl.dot(h, x_lo, y, out_dtype=tl.float32)
@@ -518,14 +522,20 @@ def _dual_quant_kernel(x_ptr, R_in, C_in, Rp, Cp, stride_xr, stride_xc, amax_ptr
 
 
 @triton.jit
+def _grid_tile(R, C, BR: tl.constexpr, BC: tl.constexpr):
+    """The [BR, BC] tile of an R × C tensor at this program of a (column tiles, row tiles) grid:
+    (pid_c, rows, cols, in-bounds mask)."""
+    pid_c = tl.program_id(0)
+    rows = tl.program_id(1) * BR + tl.arange(0, BR)
+    cols = pid_c * BC + tl.arange(0, BC)
+    return pid_c, rows, cols, (rows < R)[:, None] & (cols < C)[None, :]
+
+
+@triton.jit
 def _dequant_kernel(q_ptr, s_ptr, out_ptr, R, C, s_stride, GR: tl.constexpr, GC: tl.constexpr,
                     BR: tl.constexpr, BC: tl.constexpr):
     """GR/GC: block dims (powers of two, or the whole extent passed as 1 << 30 with one scale)."""
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
-    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    pid_c, rows, cols, mask = _grid_tile(R, C, BR, BC)
     q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0)
     if GC % BC == 0:   # one scale per row of the tile: load a vector, not a gather per element
         s = tl.load(s_ptr + (rows // GR) * s_stride + (pid_c * BC) // GC, mask=rows < R, other=0.0)
