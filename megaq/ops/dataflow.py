@@ -180,44 +180,56 @@ def int8_gelu(x: Int8Activation | torch.Tensor, block: tuple[int, int] = (1, 128
 # True: the LayerNorm backward reads the INT8 gradient that the consuming linear's dgrad GEMM wrote
 # from its epilogue (issue 5: "LayerNorm backward reading the INT8 saved input and INT8 incoming
 # gradient"). False (default): the BF16-gradient path (the dgrad GEMM writes BF16, the LayerNorm
-# reads it). Off by default because it measured slower and larger on an H100 (tools/bench_block.py,
-# one block fwd+bwd, 16384 tokens): 16.8 vs 14.4 ms and peak memory 1.37× vs 1.24× BF16 at width
-# 1600, 47.9 vs 42.2 ms at 4096 — autograd still needs the dense ∇X, so the INT8 copy is extra
-# traffic (megaq/ops/dataflow_linear.py). Read when the LayerNorm's forward runs.
+# reads it). Off by default: its first version (a dense dequantized copy for autograd beside the INT8
+# one) measured slower and larger on an H100 (tools/bench_block.py, one block fwd+bwd, 16384 tokens:
+# 16.8 vs 14.4 ms, peak memory 1.37× vs 1.24× BF16 at width 1600; 47.9 vs 42.2 ms at 4096); the
+# current one hands autograd a zero placeholder instead (`Int8GradSlot`) and awaits its GPU
+# measurement. Read when the LayerNorm's forward runs.
 INT8_LAYERNORM_GRAD = False
 
 
 class Int8GradSlot:
-    """Hands one INT8 gradient from a data-flow linear's backward to the backward of the LayerNorm
-    whose operand that linear consumed — autograd edges carry dense tensors only.
+    """Hands INT8 gradients from data-flow linears' backwards to the backward of the LayerNorm whose
+    operand they consumed — autograd edges carry dense tensors only.
 
     One slot per LayerNorm forward call, referenced by that call's autograd node and by the
-    `Int8Operand` it returns (so a slot never outlives or crosses micro batches or blocks). The linear
-    `put`s its ∇X twice over: INT8 (1, 128) blocks + FP32 scales, stochastically rounded in the dgrad
-    GEMM's epilogue, and the same values dequantized — the dense gradient it hands to autograd, correct
-    for any consumer. The LayerNorm's backward `take`s the INT8 copy only when the gradient autograd
-    gives it *is* that dense tensor, unchanged (same storage, shape, strides and version counter):
-    anything that added to it or replaced it on the way (another consumer of the operand, a TP
-    all-reduce) sends the LayerNorm down the dense path, which reads the correct sum. `take` empties
-    the slot either way."""
+    `Int8Operand` it returns (so a slot never outlives or crosses micro batches or blocks). A linear
+    `put`s its ∇X as INT8 (1, 128) blocks + FP32 scales (stochastically rounded in the dgrad GEMM's
+    epilogue) and hands autograd a zero placeholder instead of the dense values: a zero-stride
+    tensor, no memory, no traffic. Whatever autograd delivers to the LayerNorm is then the sum of the
+    operand's other gradients (none, usually) and zeros, so `take` returns exactly the incoming
+    gradient: the INT8 ∇X itself when what arrives *is* the one placeholder, unchanged (same storage,
+    shape, strides, version counter) — the LayerNorm kernel reads INT8; otherwise (a second consumer,
+    a hook's replacement) the arriving dense gradient plus the INT8 parts' values. The slot is
+    emptied either way. Not valid where something between the linear and the LayerNorm scales or
+    mixes gradients non-additively (a TP all-reduce of per-rank parts): the model drops the slot there
+    (`megaq.models.transformer`)."""
 
-    __slots__ = ("_q", "_dense", "_version")
+    __slots__ = ("_parts", "_placeholder", "_version")
 
     def __init__(self):
-        self._q = self._dense = self._version = None
+        self._parts: list[QuantizedTensor] = []
+        self._placeholder = self._version = None
 
-    def put(self, q: QuantizedTensor, dense: torch.Tensor) -> None:
-        self._q, self._dense, self._version = q, dense, dense._version
+    def put(self, q: QuantizedTensor, placeholder: torch.Tensor) -> None:
+        self._parts.append(q)
+        self._placeholder, self._version = placeholder, placeholder._version
 
-    def take(self, grad: torch.Tensor) -> QuantizedTensor | None:
-        q, dense, version = self._q, self._dense, self._version
-        self._q = self._dense = self._version = None
-        if q is None:
-            return None
-        same = (grad.data_ptr() == dense.data_ptr() and grad.shape == dense.shape
-                and grad.stride() == dense.stride() and grad.dtype == dense.dtype
-                and grad._version == version)
-        return q if same else None
+    def take(self, grad: torch.Tensor) -> QuantizedTensor | torch.Tensor:
+        """The LayerNorm's incoming gradient `[rows, C]`: the INT8 ∇X, or a dense FP32 tensor."""
+        parts, placeholder, version = self._parts, self._placeholder, self._version
+        self._parts, self._placeholder, self._version = [], None, None
+        if (len(parts) == 1 and grad.data_ptr() == placeholder.data_ptr() and grad.shape == placeholder.shape
+                and grad.stride() == placeholder.stride() and grad.dtype == placeholder.dtype
+                and grad._version == version):
+            return parts[0]
+        dense = grad.reshape(-1, grad.shape[-1])
+        if not parts:
+            return dense
+        dense = dense.float()
+        for q in parts:
+            dense = dense + kernels.dequantize(q, torch.float32)
+        return dense
 
 
 class Int8Operand(NamedTuple):
@@ -289,8 +301,7 @@ class _LayerNormOperand(torch.autograd.Function):
         x_q = QuantizedTensor(data, scale, *ctx.x_meta)
         C = ctx.shape[-1]
         grad_sum = grads[0].reshape(-1, C) if ctx.has_residual else None
-        grad_q = ctx.grad_slot.take(grads[-1]) if ctx.grad_slot is not None else None
-        grad_y = grad_q if grad_q is not None else grads[-1].reshape(-1, C)
+        grad_y = ctx.grad_slot.take(grads[-1]) if ctx.grad_slot is not None else grads[-1].reshape(-1, C)
         dx, dw, db = dataflow_kernels.layernorm_backward(x_q, mean, rstd, w if ctx.has_weight else None,
                                                          grad_y, grad_sum, out_dtype=ctx.x_dtype)
         dx = dx.view(ctx.shape)

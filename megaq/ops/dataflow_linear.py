@@ -26,20 +26,15 @@ the LayerNorm's is summed into the high-precision residual gradient (issue 5: "t
 BF16/FP32"; a quantized residual gradient would only add noise where the block keeps full precision
 on purpose), the GELU's is requantized by fc1's backward in its own (rotated) layouts anyway.
 
-With `megaq.ops.dataflow.INT8_LAYERNORM_GRAD` (off by default: measured slower, see there) the
-LayerNorm's incoming gradient is INT8:
-the linear that consumed the LayerNorm's operand (QKV after ln_1, fc1 after ln_2) has its dgrad
-GEMM write ∇X as INT8 per (1, 128) block with FP32 scales, stochastically rounded (unbiased) in the
-epilogue, and leaves it in the operand's `grad_slot`; the LayerNorm kernel reads INT8 + scales
-instead of BF16. Autograd still receives a correct dense ∇X — the same INT8 values dequantized — so
-a consumer outside the data flow, or a sum with another gradient (the slot then stays unread: the
-LayerNorm checks that what autograd hands it is that very tensor), sees the right values.
-What it costs, in bytes per element of ∇X: the dgrad epilogue writes 1 instead of 2 and the
-LayerNorm reads 1 instead of 2, but the dense copy for autograd is a dequantize pass (1 read + 2
-written): 5 against the BF16 path's 4 — measured 15-17% slower per block on an H100. The traffic win
-needs that copy gone (a consumer-exclusive hand-over with a placeholder gradient, or the LN→linear
-backward outside autograd); until then this is the issue's numerics (an INT8, SR-rounded gradient
-into the LayerNorm), not a speed-up.
+With `megaq.ops.dataflow.INT8_LAYERNORM_GRAD` (off by default, see there) the LayerNorm's incoming
+gradient is INT8: the linear that consumed the LayerNorm's operand (QKV after ln_1, fc1 after ln_2)
+has its dgrad GEMM write ∇X as INT8 per (1, 128) block with FP32 scales, stochastically rounded
+(unbiased) in the epilogue, and leaves it in the operand's `grad_slot`; autograd carries a zero-stride
+zero placeholder in its place, and the LayerNorm kernel reads INT8 + scales instead of BF16 (the slot
+adds the INT8 values to whatever else autograd delivers when the operand had other consumers:
+`Int8GradSlot`). Bytes per element of ∇X: 2 (the epilogue writes 1, the LayerNorm reads 1) against
+the BF16 path's 4. (The first version handed autograd a dequantized dense copy, 5 bytes: measured
+15-17% slower per block on an H100; the placeholder version is not yet measured on a GPU.)
 The GELU's incoming gradient (fc2's dgrad) stays BF16.
 
 wgrad from the saved operand. `∇W = ∇Yᵀ X` reduces over tokens, but X̃ holds X·H (rotated along
@@ -131,11 +126,12 @@ class _DataFlowLinear(torch.autograd.Function):
                 grad_x = quantized_gemm(grad_y, w_operand, recipe.dgrad, recipe.check_finite,
                                         transpose_b=True).to(ctx.x_dtype).view(ctx.x_shape)
             else:
-                # INT8 ∇X from the epilogue for the producer's backward; autograd gets its values
+                # INT8 ∇X from the epilogue, for the LayerNorm's backward through the slot; autograd
+                # carries a zero placeholder (no memory), which the slot accounts for (Int8GradSlot)
                 g_operand = quantize_gemm_operand(grad_y, recipe.dgrad, "a", recipe.check_finite)
                 grad_q = kernels.scaled_mm(g_operand, w_operand, out_dtype=torch.int8,
                                            out_block=INT8_OUTPUT_BLOCK, out_rounding="stochastic")
-                grad_x = kernels.dequantize(grad_q, ctx.x_dtype).view(ctx.x_shape)
+                grad_x = torch.zeros((), dtype=ctx.x_dtype, device=grad_y.device).expand(ctx.x_shape)
                 ctx.grad_slot.put(grad_q, grad_x)
         if ctx.needs_input_grad[3]:
             # wgrad from the saved operand: ∇Yᵀ · X̃ over tokens, then H back on the [out, C'] result
