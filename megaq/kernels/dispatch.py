@@ -421,14 +421,18 @@ _RESIDENT_MAX_ROW = 16384
 _RESIDENT_TILE = 64         # BR·NCH target (rows of the [BR·NCH, HAD] tile); config key RESIDENT_TILE
 
 
-def _auto_row_kernel(padded_cols: int, hadamard: int, stochastic: bool) -> str:
+def _auto_row_kernel(padded_cols: int, hadamard: int, stochastic: bool, dtype: torch.dtype) -> str:
     """The fastest per-row Hadamard quantizer measured on an H100 (bf16 input, Hadamard 128, speed-up
     over "twopass", docs/PERFORMANCE.md session 4): rows of <= 1024 → "strip" (768 wide: 1.14×
     nearest, 1.67× stochastic); a power-of-two number of Hadamard blocks → "resident" (2048 and 4096
     wide: 1.56-1.58× nearest, 1.26-1.28× stochastic; 16384 wide: 1.15× nearest, but 0.89×
     stochastic); a padded block count (1600 → 13 blocks of 16 in registers, 6400 → 50 of 64) wastes
     the resident kernel's registers: "strip" for nearest rounding up to 16 blocks (1600: 1.40×),
-    else "twopass" (1600 stochastic: resident 0.95×; 6400: resident 0.61-0.69×, strip 0.73-0.94×)."""
+    else "twopass" (1600 stochastic: resident 0.95×; 6400: resident 0.61-0.69×, strip 0.73-0.94×).
+    Other Hadamard sizes and FP32 inputs (three BF16 products per rotation: more registers) were not
+    measured: "twopass", the kernel used before these measurements."""
+    if hadamard != 128 or dtype not in (torch.bfloat16, torch.float16):
+        return "twopass"
     blocks = padded_cols // hadamard
     if padded_cols <= 1024:
         return "strip"
@@ -491,7 +495,7 @@ def hadamard_quantize(x2d: torch.Tensor, hadamard: int, block: tuple[int, int] =
         if kernel not in ROW_KERNELS:
             raise ValueError(f"ROW_KERNEL must be one of {ROW_KERNELS}; got {kernel!r}")
         if kernel == "auto":
-            kernel = _auto_row_kernel(Cp, hadamard, rounding == "stochastic")
+            kernel = _auto_row_kernel(Cp, hadamard, rounding == "stochastic", view.dtype)
         if kernel == "resident" and _next_pow2(Cp // hadamard) * hadamard <= _RESIDENT_MAX_ROW:
             return _launch_rows_resident(view, bits, rounding, generator, check, hadamard, block=(br, bc))
         if kernel == "strip":
