@@ -205,6 +205,25 @@ def test_tp2_dp2_with_int8_communication_tracks_exact_communication(demo_cache, 
     assert max(abs(a - b) for a, b in zip(int8, exact)) < 0.01, (int8, exact)
 
 
+def test_dp2_with_int4_gradient_compression_tracks_exact_reduction(demo_cache, tmp_path):
+    """DP=2 (ZeRO-1) on 2 processes: the INT8 and INT4 error-feedback gradient all-reduces
+    (parallel.grad_compression='int8_ef' / 'int4_ef', about 0.52x / 0.27x BF16's bytes) train like
+    DeepSpeed's exact gradient reduction."""
+    def cfg(name, **parallel):
+        return tiny_config(demo_cache, parallel=parallel, zero_optimization={"stage": 1},
+                           train={"train_steps": 12}, checkpoint={"dir": str(tmp_path / name)})
+
+    (exact, exact_kinds), (int8, _), (int4, int4_kinds) = run_distributed(
+        _pretrain_counting_collectives, 2, [cfg("exact"), cfg("int8", grad_compression="int8_ef"),
+                                            cfg("int4", grad_compression="int4_ef")], timeout=300)[0]
+    assert "grad_all_reduce[int4]" in int4_kinds and not any("grad_all_reduce" in k for k in exact_kinds)
+    assert _fell(int4), int4
+    # measured here (deterministic on CPU): largest per-step gap to the exact run over 12 steps (losses
+    # 5.52 -> 4.07) 0.020 with INT4, 0.0004 with INT8: the coarser step shows, error feedback bounds it
+    gap4, gap8 = (max(abs(a - b) for a, b in zip(run, exact)) for run in (int4, int8))
+    assert gap8 < 0.005 and gap4 < 0.03, (gap4, gap8)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Quantization error probe (in process, TP=1)
 

@@ -1,5 +1,5 @@
-"""Data-parallel gradient compression: INT8 block-scaled all-reduce with error feedback, and the
-rules for which ZeRO stage goes with which compression (docs/COMMUNICATION.md).
+"""Data-parallel gradient compression: INT8 (or INT4) block-scaled all-reduce with error feedback,
+and the rules for which ZeRO stage goes with which compression (docs/COMMUNICATION.md).
 
 The compressed all-reduce (``compressed_all_reduce_``) is two quantized steps over the
 data-parallel group, as in ZeRO++'s qgZ / 1-bit Adam's compressed all-reduce:
@@ -17,7 +17,9 @@ steps of the compressed averages stays within a bounded residual of the sum of t
 round-to-nearest has a fixed bias.
 
 Bytes on the wire per rank: (w-1)/w x N x (1 + 4/block) twice (about 0.52x BF16's ring all-reduce,
-0.26x FP32's). Memory: one FP32 residual of the gradient's size per rank (+1/w for the server part).
+0.26x FP32's); with ``bits=4`` (parallel.grad_compression='int4_ef') (w-1)/w x N x (1/2 + 4/block)
+twice (about 0.27x BF16's). Memory: one FP32 residual of the gradient's size per rank (+1/w for the
+server part).
 
 Three ways in:
   - ``compressed_all_reduce_(tensors, group, state)``: in place on a list of gradients (flattened
@@ -47,9 +49,14 @@ from megaq.parallel.quantized_comm import (_dequantize, _exchange_all_gather,
                                            _exchange_reduce_scatter, _flat_blocks, _world,
                                            quantize_propagating)
 
-GRAD_COMPRESSION_MODES = ("none", "int8_ef", "zeropp")
+GRAD_COMPRESSION_MODES = ("none", "int8_ef", "int4_ef", "zeropp")
+ERROR_FEEDBACK_BITS = {"int8_ef": 8, "int4_ef": 4}   # megaq's own compressed all-reduce, by mode
 ZEROPP_KEYS = ("zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size")
-KIND = "grad_all_reduce[int8]"
+
+
+def grad_kind(bits: int) -> str:
+    """The CommStats kind of the compressed gradient all-reduce at ``bits`` (e.g. grad_all_reduce[int8])."""
+    return f"grad_all_reduce[int{bits}]"
 
 
 class CommConfigWarning(UserWarning):
@@ -65,6 +72,9 @@ class GradCompressionState:
     group:           data-parallel group (None: the default group) for compressed_all_reduce_ and
                      the DDP hook; attach_to_deepspeed uses the group DeepSpeed passes instead.
     block:           elements per FP32 scale.
+    bits:            8 (INT8 payload) or 4 (INT4, two values per byte, as ZeRO++'s qgZ sends
+                     gradients): half the bytes again, a step 18× coarser, which error feedback
+                     carries into the following steps instead of losing.
     error_feedback:  carry quantization errors into the next reduction (worker and server side).
     rounding:        "nearest" (default; with error feedback) or "stochastic" (unbiased without it).
     bucket_numel:    elements reduced per collective pair (bounds the temporary buffers).
@@ -73,6 +83,7 @@ class GradCompressionState:
 
     group: Any = None
     block: int = 128
+    bits: int = 8
     error_feedback: bool = True
     rounding: str = "nearest"
     bucket_numel: int = 1 << 25
@@ -83,6 +94,8 @@ class GradCompressionState:
     def __post_init__(self) -> None:
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise ValueError(f"GradCompressionState.block must be a positive int, got {self.block!r}")
+        if self.bits not in (4, 8):
+            raise ValueError(f"GradCompressionState.bits must be 8 or 4, got {self.bits!r}")
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(f"GradCompressionState.rounding must be one of {ROUNDING_MODES}, "
                              f"got {self.rounding!r}")
@@ -138,24 +151,24 @@ def _compressed_all_reduce_flat(flat: torch.Tensor, group, state: GradCompressio
             g = g + worker
         # NaN/Inf (an fp16 overflow) travel as NaN, so every rank sees the overflow; the residuals
         # of such a step are dropped (the loss scaler skips it).
-        qt, bad = quantize_propagating(g.view(-1, block), (1, block), state.rounding)
+        qt, bad = quantize_propagating(g.view(-1, block), (1, block), state.rounding, bits=state.bits)
         if state.error_feedback:
             if bad:
                 worker.zero_()
             else:
                 worker.copy_(g - _dequantize(qt, torch.float32).reshape(-1))
-        shard = _exchange_reduce_scatter(qt, group, True, KIND)  # FP32 sum [rows / world, block]
+        shard = _exchange_reduce_scatter(qt, group, True, grad_kind(state.bits))  # FP32 [rows / world, block]
         if average:
             shard = shard / world
         if state.error_feedback:
             shard = shard + server.view_as(shard)
-        qs, bad = quantize_propagating(shard, (1, block), state.rounding)
+        qs, bad = quantize_propagating(shard, (1, block), state.rounding, bits=state.bits)
         if state.error_feedback:
             if bad:
                 server.zero_()
             else:
                 server.copy_((shard - _dequantize(qs, torch.float32)).reshape(-1))
-        full = _exchange_all_gather(qs, group, True, KIND)
+        full = _exchange_all_gather(qs, group, True, grad_kind(state.bits))
         if state.error_feedback and bool(torch.isnan(full.scale).any()):
             # an overflow on some rank (NaN scales reach every rank): the step will be skipped,
             # so no rank keeps a residual of it (one check over the scales, 1/block of the data)
@@ -244,8 +257,8 @@ def attach_to_deepspeed(engine, state: GradCompressionState | None = None) -> Gr
     """
     stage = int(engine.zero_optimization_stage())
     if stage >= 3:
-        raise ValueError("parallel.grad_compression='int8_ef' supports zero_optimization.stage 0, 1 "
-                         "and 2; for stage 3 use parallel.grad_compression='zeropp' (DeepSpeed ZeRO++)")
+        raise ValueError("parallel.grad_compression='int8_ef' / 'int4_ef' support zero_optimization.stage "
+                         "0, 1 and 2; for stage 3 use parallel.grad_compression='zeropp' (DeepSpeed ZeRO++)")
     if state is None:
         state = GradCompressionState()
     if getattr(engine, "_megaq_grad_compression", None) is not None:
@@ -325,7 +338,7 @@ def validate_comm_config(zero_stage: int, comm_options: Mapping[str, Any]) -> No
     """Raise ValueError (naming the keys) for a communication set-up megaq does not support.
 
     ``comm_options`` (all keys optional):
-      grad_compression:   parallel.grad_compression, "none" | "int8_ef" | "zeropp"
+      grad_compression:   parallel.grad_compression, "none" | "int8_ef" | "int4_ef" | "zeropp"
       comm_dtype:         parallel.comm_dtype, "bf16" | "int8" (tensor-parallel collectives)
       comm_block:         parallel.comm_block, elements per scale (positive int)
       comm_backward:      parallel.comm_backward, "int8" | "exact"
@@ -335,7 +348,7 @@ def validate_comm_config(zero_stage: int, comm_options: Mapping[str, Any]) -> No
       world_size, gpus_per_node: for the ZeRO++ checks
       device_type:        "cuda" | "cpu"
 
-    Supported: stage 0/1/2 x {none, int8_ef}; stage 3 x {none, zeropp}; comm_dtype int8 with any
+    Supported: stage 0/1/2 x {none, int8_ef, int4_ef}; stage 3 x {none, zeropp}; comm_dtype int8 with any
     of them. Combinations that are valid but inert (ZeRO++'s gradient quantization on one node)
     give a CommConfigWarning.
     """
@@ -411,18 +424,18 @@ def validate_comm_config(zero_stage: int, comm_options: Mapping[str, Any]) -> No
             raise ValueError(f"zero_optimization.zero_hpz_partition_size={hpz} must divide the world "
                              f"size {world}")
 
-    if mode == "int8_ef":
+    if mode in ERROR_FEEDBACK_BITS:
         if zero_stage == 3:
-            raise ValueError("parallel.grad_compression='int8_ef' supports zero_optimization.stage 0, "
+            raise ValueError(f"parallel.grad_compression={mode!r} supports zero_optimization.stage 0, "
                              "1 and 2; at stage 3 DeepSpeed reduce-scatters gradients inside ZeRO-3: use "
                              "parallel.grad_compression='zeropp'")
         if comm_options.get("communication_data_type") is not None:
-            raise ValueError("communication_data_type is set but parallel.grad_compression='int8_ef' "
+            raise ValueError(f"communication_data_type is set but parallel.grad_compression={mode!r} "
                              "replaces DeepSpeed's gradient all-reduce (which is what "
                              "communication_data_type controls); remove one of them")
         offload = zero.get("offload_optimizer")
         device = offload.get("device") if isinstance(offload, Mapping) else None
         if device not in (None, "none"):
-            raise ValueError("parallel.grad_compression='int8_ef' is not supported with "
+            raise ValueError(f"parallel.grad_compression={mode!r} is not supported with "
                              "zero_optimization.offload_optimizer (its reduction path is untested); "
                              "remove one of them")

@@ -88,18 +88,19 @@ def quantize_for_comm(x2d: torch.Tensor, block: tuple[int, int], bits: int = 8,
 
 
 def quantize_propagating(x2d: torch.Tensor, block: tuple[int, int], rounding: str = "nearest",
-                         generator: torch.Generator | None = None) -> tuple[QuantizedTensor, bool]:
-    """INT8 block quantization for gradients: NaN/Inf are not an error but travel as a NaN
-    scale of their block, so every receiver sees NaN there (as an exact collective would spread
-    the overflow; fp16 loss scaling then skips the step). Returns (tensor, had_non_finite). The
-    finite case costs nothing extra: the quantizer's own check decides."""
+                         generator: torch.Generator | None = None,
+                         bits: int = 8) -> tuple[QuantizedTensor, bool]:
+    """INT8 (or packed INT4) block quantization for gradients: NaN/Inf are not an error but travel
+    as a NaN scale of their block, so every receiver sees NaN there (as an exact collective would
+    spread the overflow; fp16 loss scaling then skips the step). Returns (tensor, had_non_finite).
+    The finite case costs nothing extra: the quantizer's own check decides."""
     from megaq.quant import NonFiniteError
     try:
-        return quantize_for_comm(x2d, block, 8, rounding, generator, True), False
+        return quantize_for_comm(x2d, block, bits, rounding, generator, True), False
     except NonFiniteError:
         pass
     bad = ~torch.isfinite(x2d)
-    qt = quantize_for_comm(torch.where(bad, torch.zeros_like(x2d), x2d), block, 8, rounding,
+    qt = quantize_for_comm(torch.where(bad, torch.zeros_like(x2d), x2d), block, bits, rounding,
                             generator, False)
     from megaq.quant import block_absmax
     bad_blocks = block_absmax(bad.float(), qt.block) > 0
@@ -334,10 +335,12 @@ def _pack_rows(scales: torch.Tensor, payload: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _unpack_rows(buf: torch.Tensor, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of ``_pack_rows``: uint8 [k, seg] -> (fp32 scales [k, m], int8 payload [k, n])."""
+def _unpack_rows(buf: torch.Tensor, m: int, n: int,
+                 payload_dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``_pack_rows``: uint8 [k, seg] -> (fp32 scales [k, m], payload [k, n] bytes as
+    ``payload_dtype``: int8, or uint8 for packed INT4)."""
     scales = buf[:, :4 * m].contiguous().view(torch.float32)
-    payload = buf[:, 4 * m:4 * m + n].contiguous().view(torch.int8)
+    payload = buf[:, 4 * m:4 * m + n].contiguous().view(payload_dtype)
     return scales, payload
 
 
@@ -374,7 +377,8 @@ def _all_to_all_equal(out: torch.Tensor, inp: torch.Tensor, group) -> int:
 # ---- quantized exchanges on QuantizedTensors (shared with grad_compression) -------------------
 
 def _exchange_all_gather(qt: QuantizedTensor, group, pack: bool, kind: str) -> QuantizedTensor:
-    """All-gather a row-blocked QuantizedTensor ``[R, C]`` -> ``[world * R, C]`` (rank-major)."""
+    """All-gather a row-blocked QuantizedTensor ``[R, C]`` -> ``[world * R, C]`` (rank-major); INT8
+    or packed INT4 (each row's bytes travel as they are)."""
     world = _world(group)
     rows, cols = qt.shape
     payload, scales = qt.data.contiguous(), qt.scale.contiguous()
@@ -382,11 +386,12 @@ def _exchange_all_gather(qt: QuantizedTensor, group, pack: bool, kind: str) -> Q
         seg = _pack_rows(scales.reshape(1, -1), payload.reshape(1, -1)).reshape(-1)
         out = torch.empty(world * seg.numel(), dtype=torch.uint8, device=seg.device)
         _all_gather_single(out, seg, group=group)
-        g_scales, g_payload = _unpack_rows(out.view(world, -1), scales.numel(), payload.numel())
+        g_scales, g_payload = _unpack_rows(out.view(world, -1), scales.numel(), payload.numel(),
+                                           payload.dtype)
         buffer_bytes, scale_bytes = _nbytes(seg), _nbytes(seg) - _nbytes(payload)
     else:
         # gloo wants the concatenated layout [world * rows, ...] (NCCL also takes [world, ...])
-        g_payload = torch.empty((world * rows, cols), dtype=payload.dtype, device=payload.device)
+        g_payload = torch.empty((world * rows, payload.size(1)), dtype=payload.dtype, device=payload.device)
         g_scales = torch.empty((world * scales.size(0), scales.size(1)), dtype=scales.dtype,
                                device=scales.device)
         _all_gather_single(g_payload, payload, group=group)
@@ -394,24 +399,24 @@ def _exchange_all_gather(qt: QuantizedTensor, group, pack: bool, kind: str) -> Q
         buffer_bytes, scale_bytes = _nbytes(payload) + _nbytes(scales), _nbytes(scales)
     _record(kind, buffer_bytes=buffer_bytes, wire_bytes=buffer_bytes * (world - 1),
             scale_bytes=scale_bytes, calls=1 if pack else 2)
-    return QuantizedTensor(g_payload.reshape(world * rows, cols),
+    return QuantizedTensor(g_payload.reshape(world * rows, payload.size(1)),
                            g_scales.reshape(world * scales.size(0), scales.size(1)),
-                           qt.block, 8, (world * rows, cols))
+                           qt.block, qt.bits, (world * rows, cols))
 
 
 def _exchange_reduce_scatter(qt: QuantizedTensor, group, pack: bool, kind: str) -> torch.Tensor:
     """``qt`` is ``[world * Rc, C]``: rows ``[j*Rc, (j+1)*Rc)`` are destined for rank j. Returns
-    the FP32 sum ``[Rc, C]`` over all ranks of the chunk destined for this rank."""
+    the FP32 sum ``[Rc, C]`` over all ranks of the chunk destined for this rank. INT8 or packed INT4."""
     world = _world(group)
     rows, cols = qt.shape
     rc = rows // world
     payload, scales = qt.data.contiguous(), qt.scale.contiguous()
-    nb = scales.size(1)
+    nb, row_bytes = scales.size(1), payload.size(1)
     if pack:
         send = _pack_rows(scales.reshape(world, -1), payload.reshape(world, -1))
         recv = torch.empty_like(send)
         wire = _all_to_all_equal(recv, send, group)
-        r_scales, r_payload = _unpack_rows(recv, rc * nb, rc * cols)
+        r_scales, r_payload = _unpack_rows(recv, rc * nb, rc * row_bytes, payload.dtype)
         buffer_bytes, scale_bytes = _nbytes(send), _nbytes(send) - _nbytes(payload)
     else:
         r_payload, r_scales = torch.empty_like(payload), torch.empty_like(scales)
@@ -420,8 +425,8 @@ def _exchange_reduce_scatter(qt: QuantizedTensor, group, pack: bool, kind: str) 
         buffer_bytes, scale_bytes = _nbytes(payload) + _nbytes(scales), _nbytes(scales)
     _record(kind, buffer_bytes=buffer_bytes, wire_bytes=wire, scale_bytes=scale_bytes,
             calls=1 if pack else 2)
-    received = QuantizedTensor(r_payload.reshape(rows, cols), r_scales.reshape(rows, nb),
-                               qt.block, 8, (rows, cols))
+    received = QuantizedTensor(r_payload.reshape(rows, row_bytes), r_scales.reshape(rows, nb),
+                               qt.block, qt.bits, (rows, cols))
     # FP32 sum over the sources, in rank order (deterministic).
     return _dequantize(received, torch.float32).view(world, rc, cols).sum(0)
 

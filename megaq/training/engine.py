@@ -193,11 +193,13 @@ def build_training_engine(cfg: MegaqConfig, layout: Layout, ds_config: dict, tok
             zero.setdefault(key, value)  # explicit keys in the config win
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=DeepSpeedMPU())
-    if cfg.parallel.grad_compression == "int8_ef":
+    if cfg.parallel.grad_compression in ("int8_ef", "int4_ef"):
         from megaq.parallel import get_data_parallel_group
-        from megaq.parallel.grad_compression import GradCompressionState, attach_to_deepspeed
+        from megaq.parallel.grad_compression import (ERROR_FEEDBACK_BITS, GradCompressionState,
+                                                     attach_to_deepspeed)
         attach_to_deepspeed(engine, GradCompressionState(group=get_data_parallel_group(),
-                                                         block=cfg.parallel.comm_block))
+                                                         block=cfg.parallel.comm_block,
+                                                         bits=ERROR_FEEDBACK_BITS[cfg.parallel.grad_compression]))
     block_graphs = None
     if cfg.train.cuda_graphs:
         conflicts = cuda_graph_conflicts(cfg, device_type)
