@@ -305,3 +305,37 @@ def test_bench_runs_cases_and_reports_a_failing_one_as_a_row(demo_cache, tmp_pat
     assert "model.preset" in failed["error"]
     assert report["environment"]["command"]
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| no-such-model | 64 | 2 × 2 | bf16 | eager | failed")
+
+
+# ---------------------------------------------------------------------------------------------------
+# tools/memory_breakdown.py
+
+def test_memory_breakdown_counts_what_each_recipe_keeps(tmp_path):
+    """The byte count behind the end-to-end memory comparison, on the tiny preset: BF16 saves every
+    linear's input in BF16, the int8 recipe its INT8 operand (so the linears' share shrinks and
+    nothing else changes), the INT8 data flow moves the LayerNorm/GELU/attention saves into the block
+    (INT8); the head's logits and the model state are the same for all; the weight cache holds two
+    INT8 orientations of every block linear (2 bytes per weight element + scales)."""
+    spec = importlib.util.spec_from_file_location("memory_breakdown", REPO_ROOT / "tools" / "memory_breakdown.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "mem.json"
+    assert tool.main(["--model", "tiny", "--seq", "64", "--micro-batch", "8", "--count-batch", "2",
+                      "--vocab", "512", "--recipes", "bf16,int8,int8_df", "--json", str(out)]) == 0
+    bf16, int8, df = json.loads(out.read_text())["results"]
+    linears = ("ColumnParallelLinear", "RowParallelLinear")
+    share = [sum(r["activations_by_module"].get(k, 0) for k in linears) for r in (bf16, int8)]
+    assert 0 < share[1] < 0.75 * share[0], share
+    for key in ("GPT", "CausalSelfAttention", "LayerNorm", "MLP"):
+        assert int8["activations_by_module"].get(key) == bf16["activations_by_module"].get(key), key
+    assert df["activations"] < int8["activations"] < bf16["activations"]
+    assert bf16["model_state"] == int8["model_state"] == 16 * bf16["parameters"]
+    # W [out, in] and Wᵀ [in, out], each padded to whole Hadamard-128 blocks along its last dim, INT8,
+    # with an FP32 scale per row; 2 layers of qkv, proj, fc1, fc2 at width 64
+    def padded(n):
+        return -(-n // 128) * 128
+    shapes = [(3 * 64, 64), (64, 64), (4 * 64, 64), (64, 4 * 64)]
+    cache = 2 * sum(o * padded(i) + 4 * o + i * padded(o) + 4 * i for o, i in shapes)
+    assert bf16["weight_cache"] == 0 and int8["weight_cache"] == cache
+    with pytest.raises(ValueError, match="unknown variant"):
+        tool.build("tiny", 64, "int3", 512)

@@ -15,7 +15,11 @@ quantization would give.
 Off by default (`enabled()` is False): code that changes weights without calling `weights_updated()`
 would otherwise compute with stale operands. The trainer turns it on with `quant.cache_weights`.
 Memory: one INT8 copy of the weight per cached orientation (two for the int8 recipe: 2 bytes per
-parameter) plus FP32 scales.
+parameter) plus FP32 scales (`cached_bytes()`).
+
+Entries live on the weight's own tensor object. Under `torch.autograd.graph.saved_tensors_hooks`
+the backward receives new tensor objects for the saved weights, so the dgrad's Wᵀ is then quantized
+afresh on every use (correct, not cached).
 """
 
 from __future__ import annotations
@@ -78,6 +82,16 @@ def clear() -> None:
         if weight is not None:
             weight.__dict__.pop(_ATTRIBUTE, None)
     _State.weights = []
+
+
+def cached_bytes() -> int:
+    """Bytes the entries hold (INT8 payloads and FP32 scales), for memory accounting."""
+    total = 0
+    for ref in _State.weights:
+        weight = ref()
+        for entry in (weight.__dict__.get(_ATTRIBUTE, {}).values() if weight is not None else ()):
+            total += sum(t.numel() * t.element_size() for t in (entry.operand.data, entry.operand.scale))
+    return total
 
 
 def cached_weight(weight: torch.Tensor, spec: OperandSpec, hadamard: int, transpose: bool,
