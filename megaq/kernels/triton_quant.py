@@ -479,18 +479,25 @@ def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax
 
 
 @triton.jit
+def _hadamard_square_tile(x_ptr, R_in, C_in, stride_xr, stride_xc, h_ptr, HAD: tl.constexpr):
+    """The dual kernels' [HAD, HAD] tile of x at this program of a (column tiles, row tiles) grid
+    (zeros beyond R_in x C_in) and the ±1 Hadamard matrix: (pid_r, pid_c, rows, cols, h, x)."""
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rows = pid_r * HAD + tl.arange(0, HAD)
+    cols = pid_c * HAD + tl.arange(0, HAD)
+    x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
+    return pid_r, pid_c, rows, cols, _load_hadamard(h_ptr, HAD), x
+
+
+@triton.jit
 def _dual_amax_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt,
                       HAD: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr):
     """Pass 1 of the dual Hadamard quantization (both orientations of x from one read): each
     [HAD, HAD] tile, rotated along its columns (x · H: rows of x) and along its rows (H · x: rows of
     x.T), folds its per-row abs-max into amax[0:R_in] and its per-column abs-max into
     amax[R_in:R_in+C_in]; amax[R_in+C_in] is the NaN/Inf flag (read only when CHECK)."""
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = pid_r * HAD + tl.arange(0, HAD)
-    cols = pid_c * HAD + tl.arange(0, HAD)
-    h = _load_hadamard(h_ptr, HAD)
-    x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
+    pid_r, pid_c, rows, cols, h, x = _hadamard_square_tile(x_ptr, R_in, C_in, stride_xr, stride_xc, h_ptr, HAD)
     a_rows = tl.abs(_rotate_axis(x, h, inv_sqrt, 1, HAD, UPCAST))
     a_cols = tl.abs(_rotate_axis(x, h, inv_sqrt, 0, HAD, UPCAST))
     if CHECK:
@@ -508,12 +515,7 @@ def _dual_quant_kernel(x_ptr, R_in, C_in, Rp, Cp, stride_xr, stride_xc, amax_ptr
     q [R_in, Cp] with s [R_in, 1] (rows of x · H) and qt [C_in, Rp] with st [C_in, 1] (rows of
     x.T · H), Rp / Cp the extents padded to whole Hadamard blocks. Stochastic rounding draws the two
     orientations from independent Philox streams (seeds seed_ptr[0] and seed_ptr[1])."""
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = pid_r * HAD + tl.arange(0, HAD)
-    cols = pid_c * HAD + tl.arange(0, HAD)
-    h = _load_hadamard(h_ptr, HAD)
-    x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
+    pid_r, pid_c, rows, cols, h, x = _hadamard_square_tile(x_ptr, R_in, C_in, stride_xr, stride_xc, h_ptr, HAD)
     _quant_from_amax(_rotate_axis(x, h, inv_sqrt, 1, HAD, UPCAST), rows, cols, pid_r, pid_c, R_in, Cp,
                      amax_ptr, q_ptr, s_ptr, seed_ptr, HAD, HAD, 1, STOCHASTIC, QMAX, RINT_LIBDEVICE)
     _quant_from_amax(_rotate_axis(x, h, inv_sqrt, 0, HAD, UPCAST), rows, cols, pid_r, pid_c, Rp, C_in,
