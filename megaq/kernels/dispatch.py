@@ -227,6 +227,17 @@ def _launch_tile(x, outs, bits, rounding, generator, check):
     return {o: q.QuantizedTensor(_pack(d, bits), s, blk, bits, shp) for o, (d, s, blk, shp) in res.items()}
 
 
+def _rotation_matrix(hadamard: int, x_dtype: torch.dtype, device) -> torch.Tensor:
+    """The ±1 Hadamard matrix in the dtype the rotation kernels multiply an `x_dtype` input with:
+    FP32 under the interpreter (its 16-bit dots are wrong), the input's own dtype for BF16/FP16, BF16
+    for FP32 inputs (rotated as three BF16 slices against the exact ±1 matrix)."""
+    if _interpreting():
+        dtype = torch.float32
+    else:
+        dtype = x_dtype if x_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return _hadamard_pm1(hadamard, dtype, str(device))
+
+
 @functools.lru_cache(maxsize=32)
 def _hadamard_pm1(n: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float32)
@@ -259,8 +270,7 @@ def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, blo
         f32 = view.dtype not in (torch.bfloat16, torch.float16)
         if f32 and view.dtype != torch.float32:
             view = view.float()
-        h = _hadamard_pm1(hadamard, torch.float32 if _interpreting() else
-                          (torch.bfloat16 if f32 else view.dtype), str(dev))
+        h = _rotation_matrix(hadamard, view.dtype, dev)
         BC = hadamard
         BR = (_CONFIG_OVERRIDE or {}).get("QUANT_ROWS", 64)
         BR = max(BR, 16)
@@ -304,8 +314,7 @@ def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int,
     data, scale, dummy, seed, flag = _per_row_outputs(R, Cp, dev, rounding, generator, check)
     stochastic = rounding == "stochastic"
     f32 = view.dtype == torch.float32
-    h = _hadamard_pm1(hadamard, torch.float32 if _interpreting() else
-                      (torch.bfloat16 if f32 else view.dtype), str(dev))
+    h = _rotation_matrix(hadamard, view.dtype, dev)
     ov = _CONFIG_OVERRIDE or {}
     nch = _next_pow2(Cp // hadamard)
     BR = max(1, ov.get("RESIDENT_TILE", _RESIDENT_TILE) // nch)
@@ -341,8 +350,7 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
     flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
     ov = _CONFIG_OVERRIDE or {}
     if hadamard:
-        h = _hadamard_pm1(hadamard, torch.float32 if _interpreting() else
-                          (torch.bfloat16 if x.dtype == torch.float32 else x.dtype), str(dev))
+        h = _rotation_matrix(hadamard, x.dtype, dev)
     else:
         h = dummy
     if axis == 0:
@@ -545,8 +553,7 @@ def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check):
     stochastic = rounding == "stochastic"
     seed = _seed_tensor(dev, generator) if stochastic else _placeholder(dev, torch.int8)
     interp = _interpreting()
-    h = _hadamard_pm1(hadamard, torch.float32 if interp else
-                      (torch.bfloat16 if x.dtype == torch.float32 else x.dtype), str(dev))
+    h = _rotation_matrix(hadamard, x.dtype, dev)
     inv = 1.0 / math.sqrt(hadamard)
     grid = (Cp // hadamard, Rp // hadamard)
     nw = (_CONFIG_OVERRIDE or {}).get("QUANT_WARPS", 8 if hadamard >= 128 else 4)

@@ -66,7 +66,8 @@ from dataclasses import dataclass
 import torch
 
 from . import dispatch
-from .dispatch import _cdiv, _check_flag, _hadamard_pm1, _interpreting, _next_pow2, _rint_libdevice, _seed_tensor
+from .dispatch import (_cdiv, _check_flag, _hadamard_pm1, _interpreting, _next_pow2, _rint_libdevice,
+                       _rotation_matrix, _seed_tensor)
 
 # The fused HQ quantizer keeps a whole (padded) row in registers: up to this many elements.
 MAX_FUSED_ROW = 16384
@@ -140,8 +141,7 @@ def hq_quantize_int4(x2d: torch.Tensor, hadamard: int, scale_mode: str = "row", 
     from .triton_int4 import _hq_int4_kernel
     dev = x2d.device
     split3 = x2d.dtype == torch.float32
-    h = _hadamard_pm1(hadamard, torch.float32 if _interpreting() else
-                      (torch.bfloat16 if split3 else x2d.dtype), str(dev))
+    h = _rotation_matrix(hadamard, x2d.dtype, dev)
     BR = max(1, min(_cfg("QUANT_ROWS", 32), 8192 // CP), 16 * hadamard // CP)
     nw = max(4, min(16, BR * CP // 1024))
     packed = torch.empty((R, C // 2), dtype=torch.uint8, device=dev)
