@@ -18,6 +18,7 @@ import torch
 from megaq.models import GPT, GPTConfig, configure_optimizer_groups
 from megaq.nn import ColumnParallelLinear, RowParallelLinear
 from megaq.parallel import DeepSpeedMPU
+from megaq.parallel.grad_compression import ERROR_FEEDBACK_BITS
 from megaq.training.config import ConfigError, Layout, MegaqConfig, cuda_graph_conflicts
 from megaq.training.schedule import WarmupDecaySchedule
 
@@ -193,10 +194,9 @@ def build_training_engine(cfg: MegaqConfig, layout: Layout, ds_config: dict, tok
             zero.setdefault(key, value)  # explicit keys in the config win
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=DeepSpeedMPU())
-    if cfg.parallel.grad_compression in ("int8_ef", "int4_ef"):
+    if cfg.parallel.grad_compression in ERROR_FEEDBACK_BITS:
         from megaq.parallel import get_data_parallel_group
-        from megaq.parallel.grad_compression import (ERROR_FEEDBACK_BITS, GradCompressionState,
-                                                     attach_to_deepspeed)
+        from megaq.parallel.grad_compression import GradCompressionState, attach_to_deepspeed
         attach_to_deepspeed(engine, GradCompressionState(group=get_data_parallel_group(),
                                                          block=cfg.parallel.comm_block,
                                                          bits=ERROR_FEEDBACK_BITS[cfg.parallel.grad_compression]))
