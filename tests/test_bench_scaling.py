@@ -128,13 +128,16 @@ def test_summary_scaling_and_byte_ratios():
                     dp_grad_bytes=grad, dp_param_bytes=param)
     cases = [case(1, 1, "-", 100.0, 0, 0, 0), case(1, 4, "bf16", 380.0, 0, 400.0, 100.0),
              case(1, 4, "int8", 390.0, 0, 206.0, 100.0), case(2, 1, "bf16", 150.0, 1000.0, 0, 0),
-             {**case(2, 1, "int8", 0, 0, 0, 0), "tokens_per_s": None, "error": "out of memory"}]
+             {**case(2, 1, "int8", 0, 0, 0, 0), "tokens_per_s": None, "error": "out of memory"},
+             case(1, 4, "int4", 370.0, 0, 110.0, 100.0)]
     bench.add_scaling(cases)
     assert cases[1]["scaling_efficiency"] == pytest.approx(0.95)
     assert cases[3]["per_gpu_vs_1gpu"] == pytest.approx(0.75) and "scaling_efficiency" not in cases[3]
-    (ratio,) = bench.byte_ratios(cases)  # 2x1 has no INT8 result
-    assert (ratio["tp"], ratio["dp"], ratio["tp_bytes"]) == (1, 4, None)
+    ratio, ratio4 = bench.byte_ratios(cases)  # 2x1 has no INT8 result
+    assert (ratio["tp"], ratio["dp"], ratio["comm"], ratio["tp_bytes"]) == (1, 4, "int8", None)
     assert ratio["dp_grad_bytes"] == pytest.approx(0.515) and ratio["dp_bytes"] == pytest.approx(306 / 500)
+    assert ratio4["comm"] == "int4" and ratio4["dp_grad_bytes"] == pytest.approx(0.275)
+    assert ratio4["tokens_per_s"] == pytest.approx(370 / 380)
 
 
 def test_loss_statistics_waves_and_budget():

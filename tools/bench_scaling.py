@@ -18,6 +18,8 @@ Communication modes:
         on GPUs, FP32 on CPU)
   int8  parallel.comm_dtype=int8, parallel.grad_compression=int8_ef: INT8 + FP32 block scales for the
         tensor-parallel collectives and the data-parallel gradient all-reduce (docs/COMMUNICATION.md)
+  int4  parallel.comm_dtype=int8, parallel.grad_compression=int4_ef: the same INT8 tensor-parallel
+        collectives, the gradient all-reduce with packed INT4 payloads (ZeRO++ qgZ's width)
 A one-process case has no communication; it runs once (comm "-").
 
 Grid (default): TP in {1,2,4} x DP in {1,2,4} with TP x DP <= --max-world (default: the GPUs of this
@@ -80,6 +82,7 @@ LAUNCH = ROOT / "launch" / "pretrain_gpt.py"
 COMM_MODES = {
     "bf16": {"parallel.comm_dtype": "bf16", "parallel.grad_compression": "none"},
     "int8": {"parallel.comm_dtype": "int8", "parallel.grad_compression": "int8_ef"},
+    "int4": {"parallel.comm_dtype": "int8", "parallel.grad_compression": "int4_ef"},
 }
 NO_COMM = "-"
 DEFAULT_MULTI = "2x2:int8,1x4:bf16"
@@ -321,24 +324,24 @@ def add_scaling(cases: list[dict]) -> None:
 
 
 def byte_ratios(cases: list[dict]) -> list[dict]:
-    """INT8 / BF16 per (TP, DP): bytes of each part, all bytes, tokens/s."""
+    """Compressed / BF16 per (TP, DP, compressed mode): bytes of each part, all bytes, tokens/s."""
     ok = {(c["tp"], c["dp"], c["comm"]): c for c in cases if c.get("tokens_per_s")}
     parts = {"tp_bytes": ("tp_bytes",), "dp_grad_bytes": ("dp_grad_bytes",),
              "dp_bytes": ("dp_grad_bytes", "dp_param_bytes"),
              "all_bytes": ("tp_bytes", "dp_grad_bytes", "dp_param_bytes"), "tokens_per_s": ("tokens_per_s",)}
     out = []
-    for (tp, dp, comm), int8 in ok.items():
+    for (tp, dp, comm), compressed in ok.items():
         bf16 = ok.get((tp, dp, "bf16"))
-        if comm != "int8" or bf16 is None:
+        if comm in ("bf16", NO_COMM) or bf16 is None:
             continue
-        row = {"tp": tp, "dp": dp}
+        row = {"tp": tp, "dp": dp, "comm": comm}
         for name, keys in parts.items():
             # no ratio for a group of one (its only traffic is DeepSpeed's scalar reductions)
             if (name == "tp_bytes" and tp == 1) or (name.startswith("dp_") and dp == 1):
                 row[name] = None
                 continue
             denominator = sum(bf16[k] for k in keys)
-            row[name] = sum(int8[k] for k in keys) / denominator if denominator else None
+            row[name] = sum(compressed[k] for k in keys) / denominator if denominator else None
         out.append(row)
     return out
 
@@ -435,7 +438,7 @@ def case_overrides(case: Case, args, global_batch: int) -> list[str]:
         out.append(f"train.warmup_steps={max(1, args.steps // 10)}")
     out.append(f"parallel.sequence_parallel={'true' if case.tp > 1 and args.sequence_parallel else 'false'}")
     for key, value in COMM_MODES.get(case.comm, COMM_MODES["bf16"]).items():
-        if case.comm == "int8" and key == "parallel.comm_dtype" and case.tp == 1:
+        if case.comm != "bf16" and key == "parallel.comm_dtype" and case.tp == 1:
             continue  # no tensor-parallel collectives to compress (the config would warn)
         out.append(f"{key}={value}")
     return out + args.override
@@ -558,10 +561,11 @@ def grid_tables(result: dict) -> str:
                      f"{c['tp_bytes'] / 1e6:.1f} | {c['dp_grad_bytes'] / 1e6:.1f} | {c['dp_param_bytes'] / 1e6:.1f} | "
                      f"{_fmt(c['peak_memory_gib'], '.1f')} | {_fmt(c['final_loss'], '.3f')} |")
     if result.get("byte_ratios"):
-        lines += ["", "| TP x DP | TP bytes INT8/BF16 | DP grad bytes | DP bytes (grad + params) | all bytes "
-                  "| tokens/s INT8/BF16 |", "|---|---|---|---|---|---|"]
+        lines += ["", "| TP x DP | comm | TP bytes vs BF16 | DP grad bytes | DP bytes (grad + params) | all bytes "
+                  "| tokens/s vs BF16 |", "|---|---|---|---|---|---|---|"]
         for r in result["byte_ratios"]:
-            lines.append(f"| {r['tp']} x {r['dp']} | {_fmt(r['tp_bytes'], '.3f')} | {_fmt(r['dp_grad_bytes'], '.3f')}"
+            lines.append(f"| {r['tp']} x {r['dp']} | {r['comm']} | {_fmt(r['tp_bytes'], '.3f')} | "
+                         f"{_fmt(r['dp_grad_bytes'], '.3f')}"
                          f" | {_fmt(r['dp_bytes'], '.3f')} | {_fmt(r['all_bytes'], '.3f')} | "
                          f"{r['tokens_per_s']:.3f} |")
     lines += _warnings(result["cases"])

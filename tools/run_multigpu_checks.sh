@@ -7,7 +7,8 @@
 # Time: the stages run in this order; the grid, last, starts only the cases that fit in what is left
 # of TOTAL_BUDGET_S (default 510 s) and names the ones it skipped (run them with GRID_CASES).
 # Knobs (environment): OUT (./multigpu_results), STAGES ("comm loss grid"), TOTAL_BUDGET_S,
-# LOSS_BUDGET_S (150), GRID_CASES (e.g. "1x2,2x1"), GRID_ZERO (1), COMM_PRESET (gpt2-xl),
+# LOSS_BUDGET_S (150), LOSS_MULTI (the loss match's multi-GPU runs, e.g. "1x2:int4"),
+# GRID_CASES (e.g. "1x2,2x1"), GRID_ZERO (1), COMM_PRESET (gpt2-xl),
 # COMM_ITERS (10), GRID_ARGS / LOSS_ARGS (more tools/bench_scaling.py flags), PYTHON (python3).
 # CPU dry run of the script itself (2 gloo processes, tiny model):
 #   ALLOW_CPU=1 COMM_PRESET=tiny COMM_ITERS=2 GRID_CASES=1x2:int8,2x1:int8 \
@@ -78,6 +79,7 @@ fi
 
 if [[ " $stages " == *" loss "* ]]; then
     if [ "$nproc" -ge 4 ]; then multi="2x2:int8,1x4:bf16"; else multi="2x1:int8,1x2:bf16"; fi
+    multi=${LOSS_MULTI:-$multi}
     budget=${LOSS_BUDGET_S:-150}
     [ "$(left)" -lt "$budget" ] && budget=$(left)
     stage loss_match "$py" tools/bench_scaling.py --loss-match --multi "$multi" --noise-seeds $((nproc - 1)) \
