@@ -238,6 +238,26 @@ def check_tiles_have_own_streams(device):
     assert same == 0
 
 
+def check_dither_positions_independent(device):
+    """The dither gives 8 elements 16 bits each of one Philox call: at frac(v) = 1/2 every one of
+    the 8 positions rounds up half the time, and elements 1, 4 and 8 apart decide independently
+    (a reused word would correlate them fully)."""
+    x = torch.full((64, 264), 0.5, device=device)
+    x[:, 0] = 127.0  # the row scale is 1: every other element is v = 1/2, rounded to 0 or 1
+    for transpose in (False, True):
+        q = kernels.quantize(x.t().contiguous() if transpose else x, (1, -1), rounding="stochastic",
+                             transpose=transpose).data.cpu().double()
+        up = q[:, 8:]                                            # [64, 256] of 0/1
+        assert bool(((up == 0) | (up == 1)).all())
+        rate = up.reshape(64, 32, 8).mean(dim=(0, 1))            # per position in the group of 8
+        assert float((rate - 0.5).abs().max()) < 0.06, rate      # 4.5 sigma at 2048 draws each
+        centred = up - up.mean()
+        for shift in (1, 4, 8):
+            a, b = centred[:, :-shift].reshape(-1), centred[:, shift:].reshape(-1)
+            corr = float((a * b).mean() / (a.std() * b.std()))
+            assert abs(corr) < 0.05, (shift, corr)               # ~6 sigma at 16k pairs
+
+
 def check_nonfinite(device):
     for bad in (float("nan"), float("inf")):
         x = _rand((37, 300), device, seed=3)
@@ -475,6 +495,7 @@ def test_interp_stochastic_rounding():
         check_stochastic(x, (1, -1), draws=8)
         check_stochastic(x, (1, -1), draws=8, transpose=True)
         check_tiles_have_own_streams("cpu")
+        check_dither_positions_independent("cpu")
 
 
 @interp_only
@@ -570,6 +591,7 @@ def test_gpu_stochastic_and_nonfinite():
     check_stochastic(_rand((1000, 384), "cuda", torch.bfloat16), (1, -1), draws=32, transpose=True)
     check_stochastic(_rand((1000, 384), "cuda", torch.bfloat16), (1, 128), draws=32, transpose=True)
     check_tiles_have_own_streams("cuda")
+    check_dither_positions_independent("cuda")
     check_nonfinite("cuda")
 
 

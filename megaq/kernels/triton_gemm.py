@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .triton_quant import _uniform_tile
+
 MODE_ROWCOL = 0
 MODE_BLOCKED = 1
 MAGIC_I = 0x4B400000
@@ -214,7 +216,9 @@ def _scaled_mm_kernel(
         v = tl.math.div_rn(acc, sfull)
         if OUT_STOCHASTIC:
             seed = tl.load(seed_ptr)
-            u = tl.rand(seed, offs_m.to(tl.int64)[:, None] * N + offs_n[None, :])
+            # the quantizers' counters (element index // 4 over a row of cdiv(N, BN)·BN columns)
+            u = _uniform_tile(seed, offs_m, pid_n * (BN // 4) + tl.arange(0, BN // 4),
+                              tl.cdiv(N, BN) * (BN // 4), BM, BN)
             fl = tl.floor(v)
             r = fl + tl.where(u < v - fl, 1.0, 0.0)
         else:
