@@ -16,6 +16,13 @@ steps of the compressed averages stays within a bounded residual of the sum of t
 (a constant gradient converges to the exact mean, tests/test_quantized_comm.py); without it,
 round-to-nearest has a fixed bias.
 
+Where it runs: on GPUs (megaq.kernels' dispatch rule; blocks a power of two in 32..1024) each bucket
+is four fused passes, ``megaq.kernels.grad_comm``, around the two exchanges: worker quantize (+ e)
+straight into the packed all-to-all buffer, server sum / world + E and requantize into the packed
+all-gather segment, dequantize into the output, and a device-side drop of the residuals after an
+overflow — no host synchronization. Elsewhere (CPU, other blocks) the same steps run as torch ops
+(``_reduce_piece_torch``). Both give the same bits for round-to-nearest and the same wire bytes.
+
 Bytes on the wire per rank: (w-1)/w x N x (1 + 4/block) twice (about 0.52x BF16's ring all-reduce,
 0.26x FP32's); with ``bits=4`` (parallel.grad_compression='int4_ef') (w-1)/w x N x (1/2 + 4/block)
 twice (about 0.27x BF16's). Memory: one FP32 residual of the gradient's size per rank (+1/w for the
@@ -44,12 +51,17 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.distributed as dist
 
+from megaq.kernels import grad_comm
 from megaq.quant.rounding import ROUNDING_MODES
-from megaq.parallel.quantized_comm import (_dequantize, _exchange_all_gather,
-                                           _exchange_reduce_scatter, _flat_blocks, _world,
+from megaq.parallel.quantized_comm import (_all_gather_packed, _all_to_all_packed, _dequantize,
+                                           _exchange_all_gather, _exchange_reduce_scatter,
+                                           _flat_blocks, _padded_numel, _world,
                                            quantize_propagating)
 
 GRAD_COMPRESSION_MODES = ("none", "int8_ef", "int4_ef", "zeropp")
+# False: every bucket through the torch path even where the fused kernels run (tools/bench_comm.py
+# times and compares both)
+FUSED_KERNELS = True
 ERROR_FEEDBACK_BITS = {"int8_ef": 8, "int4_ef": 4}   # megaq's own compressed all-reduce, by mode
 ZEROPP_KEYS = ("zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size")
 
@@ -133,9 +145,69 @@ class GradCompressionState:
 
 # ---- the compressed all-reduce ---------------------------------------------------------------
 
+def _quantize_with_feedback(v: torch.Tensor, residual: torch.Tensor | None, state: GradCompressionState):
+    """Q(v) of the FP32 blocks ``v`` [rows, block] (NaN/Inf travel as NaN scales); residual <- v - Q(v),
+    or 0 when v held NaN/Inf (the step will be skipped). The torch path's quantizer step."""
+    qt, bad = quantize_propagating(v, (1, state.block), state.rounding, bits=state.bits)
+    if residual is not None:
+        if bad:
+            residual.zero_()
+        else:
+            residual.copy_((v - _dequantize(qt, torch.float32)).reshape(-1))
+    return qt
+
+
+def _reduce_piece_torch(piece: torch.Tensor, out: torch.Tensor, group, world: int,
+                        state: GradCompressionState, residuals, average: bool) -> None:
+    """One bucket through torch ops and megaq.kernels' quantizer (CPU; blocks or dtypes the fused
+    kernels do not take): out <- the compressed average (sum) of ``piece`` over ``group``."""
+    worker, server = residuals if residuals is not None else (None, None)
+    blocks, n = _flat_blocks(piece, world, state.block)  # FP32 [rows, block], rows % world == 0
+    v = blocks + worker.view_as(blocks) if worker is not None else blocks
+    qt = _quantize_with_feedback(v, worker, state)
+    shard = _exchange_reduce_scatter(qt, group, True, grad_kind(state.bits))  # FP32 [rows / world, block]
+    if average:
+        shard = shard / world
+    if server is not None:
+        shard = shard + server.view_as(shard)
+    qs = _quantize_with_feedback(shard, server, state)
+    full = _exchange_all_gather(qs, group, True, grad_kind(state.bits))
+    if residuals is not None and bool(torch.isnan(full.scale).any()):
+        # an overflow on some rank (NaN scales reach every rank): the step will be skipped,
+        # so no rank keeps a residual of it (one check over the scales, 1/block of the data)
+        worker.zero_()
+        server.zero_()
+    out.copy_(_dequantize(full, torch.float32).reshape(-1)[:n])
+
+
+def _reduce_piece_fused(piece: torch.Tensor, out: torch.Tensor, group, world: int,
+                        state: GradCompressionState, residuals, average: bool) -> None:
+    """``_reduce_piece_torch`` with megaq.kernels.grad_comm's fused passes, bit for bit the same
+    for round-to-nearest, no host synchronization: the kernels read and write the packed exchange
+    buffers in place, and an overflow zeroes the residuals on the device."""
+    block, bits, kind = state.block, state.bits, grad_kind(state.bits)
+    rc = _padded_numel(piece.numel(), world, block) // block // world
+    worker, server = residuals if residuals is not None else (None, None)
+    send = grad_comm.exchange_buffer(world, rc, block, bits, piece.device)
+    grad_comm.worker_quantize(piece, worker, send, rc, block, bits, state.rounding,
+                              rank=dist.get_rank(group))
+    payload = rc * grad_comm.row_bytes(block, bits)
+    recv = _all_to_all_packed(send, group, kind, world * payload)
+    seg = grad_comm.exchange_buffer(1, rc, block, bits, piece.device)
+    grad_comm.server_quantize(recv, server, seg, rc, block, bits, state.rounding, average)
+    gathered = _all_gather_packed(seg, group, kind, payload)
+    overflow = grad_comm.dequantize_gathered(gathered, out, rc, block, bits)
+    if residuals is not None:
+        grad_comm.zero_residuals_if_flag(overflow, worker, server)
+
+
 def _compressed_all_reduce_flat(flat: torch.Tensor, group, state: GradCompressionState, key,
                                 average: bool) -> torch.Tensor:
-    """FP32 average (or sum) over ``group`` of the 1-D ``flat``, compressed; a new FP32 tensor."""
+    """FP32 average (or sum) over ``group`` of the 1-D ``flat``, compressed; a new FP32 tensor.
+
+    Buckets of ``state.bucket_numel`` (whole ``world x block`` units) run one after the other, each
+    through the fused kernels where ``megaq.kernels.grad_comm.fused_supported`` (CUDA; the Triton
+    interpreter under MEGAQ_KERNELS=triton), else through torch ops; same results, same bytes."""
     world = _world(group)
     if world == 1:
         return flat.float().clone()
@@ -144,37 +216,13 @@ def _compressed_all_reduce_flat(flat: torch.Tensor, group, state: GradCompressio
     step = max(world * block, state.bucket_numel // (world * block) * (world * block))
     for part, start in enumerate(range(0, flat.numel(), step)):
         piece = flat[start:start + step]
-        blocks, n = _flat_blocks(piece, world, block)  # FP32 [rows, block], rows % world == 0
-        g = blocks.reshape(-1)
+        residuals = None
         if state.error_feedback:
-            worker, server = state._residual((key, part), g.numel(), world, g.device)
-            g = g + worker
-        # NaN/Inf (an fp16 overflow) travel as NaN, so every rank sees the overflow; the residuals
-        # of such a step are dropped (the loss scaler skips it).
-        qt, bad = quantize_propagating(g.view(-1, block), (1, block), state.rounding, bits=state.bits)
-        if state.error_feedback:
-            if bad:
-                worker.zero_()
-            else:
-                worker.copy_(g - _dequantize(qt, torch.float32).reshape(-1))
-        shard = _exchange_reduce_scatter(qt, group, True, grad_kind(state.bits))  # FP32 [rows / world, block]
-        if average:
-            shard = shard / world
-        if state.error_feedback:
-            shard = shard + server.view_as(shard)
-        qs, bad = quantize_propagating(shard, (1, block), state.rounding, bits=state.bits)
-        if state.error_feedback:
-            if bad:
-                server.zero_()
-            else:
-                server.copy_((shard - _dequantize(qs, torch.float32)).reshape(-1))
-        full = _exchange_all_gather(qs, group, True, grad_kind(state.bits))
-        if state.error_feedback and bool(torch.isnan(full.scale).any()):
-            # an overflow on some rank (NaN scales reach every rank): the step will be skipped,
-            # so no rank keeps a residual of it (one check over the scales, 1/block of the data)
-            worker.zero_()
-            server.zero_()
-        out[start:start + n] = _dequantize(full, torch.float32).reshape(-1)[:n]
+            residuals = state._residual((key, part), _padded_numel(piece.numel(), world, block), world,
+                                        piece.device)
+        fused = FUSED_KERNELS and grad_comm.fused_supported(piece, block, state.bits)
+        reduce_piece = _reduce_piece_fused if fused else _reduce_piece_torch
+        reduce_piece(piece, out[start:start + piece.numel()], group, world, state, residuals, average)
     return out
 
 

@@ -376,6 +376,28 @@ def _all_to_all_equal(out: torch.Tensor, inp: torch.Tensor, group) -> int:
 
 # ---- quantized exchanges on QuantizedTensors (shared with grad_compression) -------------------
 
+def _all_to_all_packed(send: torch.Tensor, group, kind: str, payload_bytes: int) -> torch.Tensor:
+    """All-to-all of packed segments: uint8 ``[world, seg]``, row j for rank j -> the received
+    ``[world, seg]``, row j from rank j. Recorded under ``kind`` as one call whose ``payload_bytes``
+    of the send buffer are payload (the rest: scales and pad)."""
+    recv = torch.empty_like(send)
+    wire = _all_to_all_equal(recv, send, group)
+    _record(kind, buffer_bytes=_nbytes(send), wire_bytes=wire, scale_bytes=_nbytes(send) - payload_bytes)
+    return recv
+
+
+def _all_gather_packed(seg: torch.Tensor, group, kind: str, payload_bytes: int) -> torch.Tensor:
+    """All-gather of one packed segment (uint8, ``seg`` bytes in all) -> ``[world, seg]`` in rank
+    order; recorded as ``_all_to_all_packed`` does."""
+    world = _world(group)
+    flat = seg.reshape(-1)
+    out = torch.empty((world, flat.numel()), dtype=torch.uint8, device=flat.device)
+    _all_gather_single(out.view(-1), flat, group=group)
+    _record(kind, buffer_bytes=_nbytes(flat), wire_bytes=_nbytes(flat) * (world - 1),
+            scale_bytes=_nbytes(flat) - payload_bytes)
+    return out
+
+
 def _exchange_all_gather(qt: QuantizedTensor, group, pack: bool, kind: str) -> QuantizedTensor:
     """All-gather a row-blocked QuantizedTensor ``[R, C]`` -> ``[world * R, C]`` (rank-major); INT8
     or packed INT4 (each row's bytes travel as they are)."""
@@ -383,12 +405,9 @@ def _exchange_all_gather(qt: QuantizedTensor, group, pack: bool, kind: str) -> Q
     rows, cols = qt.shape
     payload, scales = qt.data.contiguous(), qt.scale.contiguous()
     if pack:
-        seg = _pack_rows(scales.reshape(1, -1), payload.reshape(1, -1)).reshape(-1)
-        out = torch.empty(world * seg.numel(), dtype=torch.uint8, device=seg.device)
-        _all_gather_single(out, seg, group=group)
-        g_scales, g_payload = _unpack_rows(out.view(world, -1), scales.numel(), payload.numel(),
-                                           payload.dtype)
-        buffer_bytes, scale_bytes = _nbytes(seg), _nbytes(seg) - _nbytes(payload)
+        seg = _pack_rows(scales.reshape(1, -1), payload.reshape(1, -1))
+        out = _all_gather_packed(seg, group, kind, _nbytes(payload))
+        g_scales, g_payload = _unpack_rows(out, scales.numel(), payload.numel(), payload.dtype)
     else:
         # gloo wants the concatenated layout [world * rows, ...] (NCCL also takes [world, ...])
         g_payload = torch.empty((world * rows, payload.size(1)), dtype=payload.dtype, device=payload.device)
@@ -396,9 +415,9 @@ def _exchange_all_gather(qt: QuantizedTensor, group, pack: bool, kind: str) -> Q
                                device=scales.device)
         _all_gather_single(g_payload, payload, group=group)
         _all_gather_single(g_scales, scales, group=group)
-        buffer_bytes, scale_bytes = _nbytes(payload) + _nbytes(scales), _nbytes(scales)
-    _record(kind, buffer_bytes=buffer_bytes, wire_bytes=buffer_bytes * (world - 1),
-            scale_bytes=scale_bytes, calls=1 if pack else 2)
+        buffer_bytes = _nbytes(payload) + _nbytes(scales)
+        _record(kind, buffer_bytes=buffer_bytes, wire_bytes=buffer_bytes * (world - 1),
+                scale_bytes=_nbytes(scales), calls=2)
     return QuantizedTensor(g_payload.reshape(world * rows, payload.size(1)),
                            g_scales.reshape(world * scales.size(0), scales.size(1)),
                            qt.block, qt.bits, (world * rows, cols))
@@ -414,21 +433,24 @@ def _exchange_reduce_scatter(qt: QuantizedTensor, group, pack: bool, kind: str) 
     nb, row_bytes = scales.size(1), payload.size(1)
     if pack:
         send = _pack_rows(scales.reshape(world, -1), payload.reshape(world, -1))
-        recv = torch.empty_like(send)
-        wire = _all_to_all_equal(recv, send, group)
+        recv = _all_to_all_packed(send, group, kind, _nbytes(payload))
         r_scales, r_payload = _unpack_rows(recv, rc * nb, rc * row_bytes, payload.dtype)
-        buffer_bytes, scale_bytes = _nbytes(send), _nbytes(send) - _nbytes(payload)
     else:
         r_payload, r_scales = torch.empty_like(payload), torch.empty_like(scales)
         wire = _all_to_all_equal(r_payload, payload, group)
         wire += _all_to_all_equal(r_scales, scales, group)
-        buffer_bytes, scale_bytes = _nbytes(payload) + _nbytes(scales), _nbytes(scales)
-    _record(kind, buffer_bytes=buffer_bytes, wire_bytes=wire, scale_bytes=scale_bytes,
-            calls=1 if pack else 2)
+        _record(kind, buffer_bytes=_nbytes(payload) + _nbytes(scales), wire_bytes=wire,
+                scale_bytes=_nbytes(scales), calls=2)
     received = QuantizedTensor(r_payload.reshape(rows, row_bytes), r_scales.reshape(rows, nb),
                                qt.block, qt.bits, (rows, cols))
-    # FP32 sum over the sources, in rank order (deterministic).
-    return _dequantize(received, torch.float32).view(world, rc, cols).sum(0)
+    return _sum_received(received, world)
+
+
+def _sum_received(received: QuantizedTensor, world: int) -> torch.Tensor:
+    """FP32 sum ``[Rc, C]`` of the ``world`` chunks (rank-major rows) of a received
+    ``[world * Rc, C]`` QuantizedTensor, dequantized, in rank order (deterministic)."""
+    rows, cols = received.shape
+    return _dequantize(received, torch.float32).view(world, rows // world, cols).sum(0)
 
 
 # ---- public quantized collectives ------------------------------------------------------------
@@ -520,11 +542,16 @@ def quantized_reduce_scatter(x: torch.Tensor, dim: int = 0, group=None, block: i
     return summed.view(chunk_shape).to(out_dtype or x.dtype)
 
 
+def _padded_numel(n: int, world: int, block: int) -> int:
+    """n rounded up to whole ``world x block`` units (at least one)."""
+    unit = world * block
+    return max(unit, -(-n // unit) * unit)
+
+
 def _flat_blocks(x: torch.Tensor, world: int, block: int) -> tuple[torch.Tensor, int]:
     """x flattened, zero-padded to whole ``world x block`` units, as FP32 ``[rows, block]``."""
     n = x.numel()
-    unit = world * block
-    padded = max(unit, -(-n // unit) * unit)
+    padded = _padded_numel(n, world, block)
     flat = x.reshape(-1).float()
     if padded != n:
         flat = torch.nn.functional.pad(flat, (0, padded - n))
