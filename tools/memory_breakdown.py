@@ -2,13 +2,17 @@
 device), to explain the peak memory that tools/bench_e2e.py measures on a GPU.
 
     python tools/memory_breakdown.py --model gpt2 --seq 1024 --micro-batch 16 --recipes bf16,int8,int8_df
+    python tools/memory_breakdown.py --model gpt2 --seq 1024 --micro-batch 16 --no-fused-ce
 
 For one micro batch of a GPT preset in BF16 (the trainer's dtype on GPUs):
 - saved activations: the bytes of the distinct storages autograd holds for backward at the end of the
   forward (`torch.autograd.graph.saved_tensors_hooks`), grouped by the innermost module that saved
   them (the quantized linears' operands, LayerNorms, attention with SDPA, the block itself for the
-  INT8 data flow's functional operators, the model for the logits and the cross entropy). Counted at
-  `--count-batch` sequences and scaled to `--micro-batch` (saved bytes are linear in tokens);
+  INT8 data flow's functional operators, the model for the head and the cross entropy: with the fused
+  head + loss (`model.fused_cross_entropy`, the default) the head input's and weight's gradients it
+  computed in the forward, with `--no-fused-ce` the FP32 softmax and the head's input). Counted at
+  `--count-batch` and twice as many sequences and extrapolated linearly to `--micro-batch` (saved bytes
+  are a fixed part, the fused head's weight gradient, plus a part proportional to the tokens);
 - model state: parameters in BF16 and the AdamW mixed-precision state at 16 bytes per parameter (BF16
   weight and gradient, FP32 master weight, exp_avg, exp_avg_sq), what DeepSpeed's BF16 optimizer
   keeps on one GPU, before its own buffers;
@@ -16,7 +20,8 @@ For one micro batch of a GPT preset in BF16 (the trainer's dtype on GPUs):
   for every block linear (padded to whole Hadamard blocks), counted from the cache's entries after a
   forward and backward.
 
-What is not counted: transient buffers (the largest is the logits' gradient in the backward), the
+What is not counted: transient buffers (unfused: the logits' gradient in the backward; fused: one
+chunk's logits and their gradient in the forward, <= 256 MiB FP32 + its BF16 copy), the
 caching allocator's slack and, with CUDA graphs, the graph pool (which holds the activations counted
 here). Writes JSON with `--json`; prints a markdown table last.
 """
@@ -43,7 +48,7 @@ VARIANTS = {"bf16": ("bf16", "bf16"), "int8": ("int8", "bf16"), "int8_df": ("int
             "int4": ("int4", "bf16")}
 
 
-def build(model: str, seq: int, variant: str, vocab: int) -> GPT:
+def build(model: str, seq: int, variant: str, vocab: int, fused_cross_entropy: bool = True) -> GPT:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     if model not in MODEL_PRESETS:
@@ -52,7 +57,7 @@ def build(model: str, seq: int, variant: str, vocab: int) -> GPT:
     preset = MODEL_PRESETS[model]
     cfg = GPTConfig(vocab_size=vocab, seq_len=seq, n_layer=preset["n_layer"], n_head=preset["n_head"],
                     n_embd=preset["n_embd"], recipe={"preset": recipe, "check_finite": False},
-                    data_flow=data_flow)
+                    data_flow=data_flow, fused_cross_entropy=fused_cross_entropy)
     return GPT(cfg, init_seed=0).bfloat16()
 
 
@@ -93,23 +98,26 @@ def saved_activation_bytes(model: GPT, ids: torch.Tensor) -> dict[str, int]:
 
 
 def breakdown(model_name: str, seq: int, micro_batch: int, count_batch: int, variant: str,
-              vocab: int) -> dict:
+              vocab: int, fused_cross_entropy: bool = True) -> dict:
     torch.manual_seed(0)
-    model = build(model_name, seq, variant, vocab)
-    ids = torch.randint(0, vocab, (count_batch, seq))
+    model = build(model_name, seq, variant, vocab, fused_cross_entropy)
+    ids = torch.randint(0, vocab, (2 * count_batch, seq))
     weight_cache.clear()
     with weight_cache.caching(variant != "bf16"):
-        saved = saved_activation_bytes(model, ids)
+        once = saved_activation_bytes(model, ids[:count_batch])
+        twice = saved_activation_bytes(model, ids)
         # the saved-tensor hooks hand backward new tensor objects, which the cache (entries on the
         # weight's own object) does not recognise: fill it with one step as the trainer runs it
         model(ids, torch.roll(ids, -1, 1)).backward()
         cache = weight_cache.cached_bytes()
     weight_cache.clear()
-    scale = micro_batch / count_batch
     n_params = sum(p.numel() for p in model.parameters())
-    acts = {k: v * scale for k, v in saved.items()}
+    acts = {}
+    for owner in once.keys() | twice.keys():  # bytes = fixed + per_batch x sequences
+        per_batch = (twice.get(owner, 0) - once.get(owner, 0)) / count_batch
+        acts[owner] = once.get(owner, 0) + per_batch * (micro_batch - count_batch)
     out = {"model": model_name, "seq": seq, "micro_batch": micro_batch, "variant": variant,
-           "parameters": n_params, "activations_by_module": acts,
+           "fused_cross_entropy": fused_cross_entropy, "parameters": n_params, "activations_by_module": acts,
            "activations": sum(acts.values()), "model_state": n_params * OPTIMIZER_BYTES_PER_PARAM,
            "weight_cache": cache}
     out["total"] = out["activations"] + out["model_state"] + out["weight_cache"]
@@ -141,17 +149,22 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="gpt2", help=f"one of {sorted(MODEL_PRESETS)}")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=16)
-    ap.add_argument("--count-batch", type=int, default=1, help="sequences actually run (scaled up)")
+    ap.add_argument("--count-batch", type=int, default=1,
+                    help="sequences actually run (and twice as many; extrapolated to --micro-batch)")
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--recipes", default="bf16,int8,int8_df", help=f"from {sorted(VARIANTS)}")
+    ap.add_argument("--no-fused-ce", action="store_true",
+                    help="the unfused lm_head + cross entropy (model.fused_cross_entropy=false)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    rows = [breakdown(args.model, args.seq, args.micro_batch, args.count_batch, v, args.vocab)
+    rows = [breakdown(args.model, args.seq, args.micro_batch, args.count_batch, v, args.vocab,
+                      fused_cross_entropy=not args.no_fused_ce)
             for v in args.recipes.split(",")]
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
-    print(f"\n{args.model}, seq {args.seq}, micro batch {args.micro_batch} (GiB; counted on the CPU, "
-          f"see the module doc for what is not counted)\n")
+    head = "unfused head + cross entropy" if args.no_fused_ce else "fused head + cross entropy"
+    print(f"\n{args.model}, seq {args.seq}, micro batch {args.micro_batch}, {head} (GiB; counted on the "
+          f"CPU, see the module doc for what is not counted)\n")
     print(table(rows))
     return 0
 

@@ -5,6 +5,10 @@
                -> final LayerNorm -> lm_head (vocab-parallel; tied to the token embedding)
                -> logits [B, T, padded_vocab/tp]  or  loss (vocab-parallel cross-entropy)
 
+With labels and an unquantized lm_head, the head and the loss run fused and chunked over the tokens
+(``cfg.fused_cross_entropy``, megaq.nn.fused_cross_entropy): the [tokens, vocab] logits and softmax
+are never kept whole. The unfused path (switch off, or a quantized head) is the reference.
+
 The recipe (``cfg.recipe``) applies to QKV, out-projection, fc1 and fc2; the lm_head has its own
 (``cfg.lm_head_recipe``, BF16 by default, as the embeddings, attention and loss stay in high
 precision). The vocabulary is padded (Megatron-style) so that it splits evenly over the TP ranks and
@@ -25,8 +29,9 @@ from torch import nn
 
 from megaq.models.transformer import TransformerBlock
 from megaq.nn import (ColumnParallelLinear, LayerNorm, ParallelDropout, RowParallelLinear,
-                      VocabParallelEmbedding, column_parallel_linear, normal_init,
-                      vocab_parallel_cross_entropy, zeros_init)
+                      VocabParallelEmbedding, column_parallel_input, column_parallel_linear,
+                      fused_linear_cross_entropy, normal_init, vocab_parallel_cross_entropy,
+                      zeros_init)
 from megaq.ops import data_flow_format, get_recipe
 from megaq.parallel.quantized_comm import tp_mappings
 from megaq.parallel import (gather_from_tp_region, get_model_parallel_seed,
@@ -55,6 +60,8 @@ class GPTConfig:
     comm_dtype: str = "bf16"        # tensor-parallel collectives of the blocks: "bf16" exact | "int8"
     comm_config: dict | None = None  # megaq.parallel.quantized_comm.QuantizedCommConfig fields
     data_flow: str = "bf16"         # activations between the blocks' operators: "bf16" | "int8"
+    fused_cross_entropy: bool = True  # lm_head + loss chunked, in one pass (unquantized head only)
+    cross_entropy_chunk_tokens: int | None = None  # tokens per chunk of it; None: FP32 logits <= 256 MiB
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,6 +79,10 @@ class GPTConfig:
                              f"GPTConfig.n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        chunk = self.cross_entropy_chunk_tokens
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"GPTConfig.cross_entropy_chunk_tokens must be a positive integer or None, "
+                             f"got {chunk!r}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         for key in ("recipe", "lm_head_recipe"):
@@ -253,11 +264,31 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
+        if labels is not None and self.fuses_cross_entropy:
+            return self._fused_head_and_loss(x, labels.t())
         logits = self._vocab_parallel_logits(x)  # [T, B, padded_vocab/tp]
 
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         return vocab_parallel_cross_entropy(logits, labels.t(), ignore_index=IGNORE_INDEX)
+
+    @property
+    def fuses_cross_entropy(self) -> bool:
+        """Whether a forward with labels runs the head and the loss fused (the head's GEMM is the
+        plain one, the switch is on)."""
+        return self.cfg.fused_cross_entropy and not self.lm_head_recipe.is_quantized
+
+    def _fused_head_and_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The head's input goes through the TP mapping of a column-parallel input, as in
+        _vocab_parallel_logits, so its backward sums the ranks' partial gradients."""
+        if self.cfg.tie_embeddings:
+            weight, comm = self.token_embedding.weight, None
+        else:
+            weight, comm = self.lm_head.weight, self.lm_head.comm
+        x = column_parallel_input(x, sequence_parallel=self.cfg.sequence_parallel, comm=comm)
+        return fused_linear_cross_entropy(x, weight, target, ignore_index=IGNORE_INDEX,
+                                          chunk_tokens=self.cfg.cross_entropy_chunk_tokens,
+                                          vocab_size=self.cfg.vocab_size)
 
     def _vocab_parallel_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.tie_embeddings:

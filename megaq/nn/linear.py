@@ -46,17 +46,24 @@ def _divide(n: int, parts: int, what: str) -> int:
     return n // parts
 
 
+def column_parallel_input(x: torch.Tensor, *, sequence_parallel: bool = False,
+                          comm: TPMappings | None = None) -> torch.Tensor:
+    """The input of a column-parallel GEMM: ``x`` as every rank must see it (all-gathered along the
+    sequence under sequence parallelism), with the backward that sums the ranks' partial gradients.
+    Also the fused LM head + cross entropy's input (``megaq.nn.fused_cross_entropy``)."""
+    comm = comm or tp_mappings("bf16")
+    if sequence_parallel:
+        return comm.gather_from_sequence_parallel_region(x)  # backward: reduce-scatter of the partial grads
+    return comm.copy_to_tp_region(x)  # backward: all-reduce of the partial grads
+
+
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            recipe: Recipe, *, sequence_parallel: bool = False,
                            gather_output: bool = False, comm: TPMappings | None = None) -> torch.Tensor:
     """``x W^T + b`` with ``weight`` this rank's rows ``[out/tp, in]``; also the vocab-parallel
     lm_head, whose weight is the (tied) embedding shard. ``comm`` picks exact (default) or INT8
     collectives (``megaq.parallel.quantized_comm.tp_mappings``)."""
-    comm = comm or tp_mappings("bf16")
-    if sequence_parallel:
-        x = comm.gather_from_sequence_parallel_region(x)  # backward: reduce-scatter of the partial grads
-    else:
-        x = comm.copy_to_tp_region(x)  # backward: all-reduce of the partial grads
+    x = column_parallel_input(x, sequence_parallel=sequence_parallel, comm=comm)
     y = quantized_linear(x, weight, bias, recipe)
     return gather_from_tp_region(y) if gather_output else y
 

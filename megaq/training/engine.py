@@ -45,6 +45,8 @@ def gpt_config(cfg: MegaqConfig, tokenizer_vocab_size: int) -> GPTConfig:
     p = cfg.parallel
     return GPTConfig(vocab_size=vocab, seq_len=m.seq_len, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
                      dropout=m.dropout, bias=m.bias, tie_embeddings=m.tie_embeddings,
+                     fused_cross_entropy=m.fused_cross_entropy,
+                     cross_entropy_chunk_tokens=m.cross_entropy_chunk_tokens,
                      sequence_parallel=p.sequence_parallel,
                      recipe=_with_finite_check(cfg.quant.recipe, cfg.quant.check_finite),
                      lm_head_recipe=_with_finite_check(cfg.quant.lm_head_recipe, cfg.quant.check_finite),
