@@ -4,6 +4,10 @@ reference (the same module's PyTorch path on megaq.quant).
 Run like tests/test_kernels_int8.py: `test_triton_dataflow_kernels_under_interpreter` re-runs the
 `test_interp_` tests in a subprocess with TRITON_INTERPRET=1 and MEGAQ_KERNELS=triton (small shapes:
 hidden 384 and 200 — a Hadamard tail —, odd row counts); the `gpu` tests check the same on real shapes.
+Both kernel families are checked: the row-resident kernels (the automatic choice at these widths;
+also with a persistent grid of fewer programs than tiles, at 1600 wide: 13 chunks in a 16-chunk row,
+and a row tail) and the chunked kernels (`config_override(KERNEL="chunked")`, the fallback for rows
+too long to hold).
 
 Bounds (random inputs, never all zero; every comparison fails on NaN):
   * LayerNorm forward: the residual sum equals x + r rounded to the dtype (the interpreter converts
@@ -12,6 +16,8 @@ Bounds (random inputs, never all zero; every comparison fails on NaN):
     1e-5 relative (FP32 sums in another order), the output scales within 1e-5 relative and the INT8
     output within ±1 on <= 0.5% of the elements (near-ties after differently ordered FP32 sums; the
     GPU's rotation splits FP32 into two BF16 parts, error <= 2^-17 relative).
+  * NaN: a NaN LayerNorm input (check off) or a NaN GELU input scale leaves NaN output scales on
+    its row (never a finite row); a NaN incoming gradient gives NaN in the backward's output.
   * GELU forward: same output bounds. Backward kernels: FP32 results within 1e-5 relative
     (Frobenius); BF16 results within one BF16 ulp per element (2^-7 relative) — rounding of nearly
     equal FP32 values can fall either way; weight/bias gradients (FP32) within 1e-5 relative. The
@@ -96,7 +102,12 @@ def _assert_grad_close(out, ref, what):
 
 # --------------------------------------------------------------------------------------------------
 # checks shared by the interpreter and the GPU tests
-def check_layernorm(R, C, dtype, residual, hadamard, block, device, bias=True):
+def check_layernorm(R, C, dtype, residual, hadamard, block, device, bias=True, plan=None):
+    with kd.config_override(**(plan or {})):
+        _check_layernorm(R, C, dtype, residual, hadamard, block, device, bias)
+
+
+def _check_layernorm(R, C, dtype, residual, hadamard, block, device, bias):
     x = _data((R, C), device, dtype, seed=R + C)
     r = _data((R, C), device, dtype, seed=R * C, scale=1.0, shift=0.0) if residual else None
     g = torch.Generator().manual_seed(1)
@@ -123,7 +134,12 @@ def check_layernorm(R, C, dtype, residual, hadamard, block, device, bias=True):
     assert _rel(dw, rdw) <= 1e-5 and _rel(db, rdb) <= 1e-5
 
 
-def check_gelu(R, N, dtype, hadamard, block, device):
+def check_gelu(R, N, dtype, hadamard, block, device, plan=None):
+    with kd.config_override(**(plan or {})):
+        _check_gelu(R, N, dtype, hadamard, block, device)
+
+
+def _check_gelu(R, N, dtype, hadamard, block, device):
     h = quantize_blockwise(_data((R, N), "cpu", torch.float32, seed=N, scale=3.0, shift=-0.5), (1, 128))
     h = type(h)(h.data.to(device), h.scale.to(device), h.block, h.bits, h.shape)
     _assert_int8_close(kd.gelu_quantize(h, hadamard, block), _reference(kd.gelu_quantize, h, hadamard, block),
@@ -139,8 +155,13 @@ def _sr_quantized(g2d, seed):
     return type(q)(q.data.to(g2d.device), q.scale.to(g2d.device), q.block, q.bits, q.shape)
 
 
-def check_layernorm_int8_grad(R, C, dtype, residual, device, weight=True):
+def check_layernorm_int8_grad(R, C, dtype, residual, device, weight=True, plan=None):
     """The LayerNorm backward kernel reading an INT8 incoming gradient, against the reference."""
+    with kd.config_override(**(plan or {})):
+        _check_layernorm_int8_grad(R, C, dtype, residual, device, weight)
+
+
+def _check_layernorm_int8_grad(R, C, dtype, residual, device, weight):
     x = _data((R, C), device, dtype, seed=R + 3 * C)
     gen = torch.Generator().manual_seed(2)
     w = (1 + 0.1 * torch.randn(C, generator=gen)).to(device) if weight else None
@@ -184,7 +205,12 @@ def check_dgrad_int8_stochastic(M, N, K, ablock, bblock, device, draws=16):
                                                                      _rel(single, exact))
 
 
-def check_nonfinite(device):
+def check_nonfinite(device, plan=None):
+    with kd.config_override(**(plan or {})):
+        _check_nonfinite(device)
+
+
+def _check_nonfinite(device):
     x = _data((19, 200), device, torch.float32, seed=0)
     x[3, 5] = float("nan")
     with pytest.raises(NonFiniteError):
@@ -194,6 +220,31 @@ def check_nonfinite(device):
     r[7, 0] = float("inf")
     with pytest.raises(NonFiniteError):   # the check sees the summed input
         kd.layernorm_quantize(x, None, None, 1e-5, 128, (1, -1), residual=r)
+
+
+def check_nan_propagates(device, plan=None):
+    """NaN in -> NaN out (check off): the LayerNorm's row scales, the GELU's row scale, both backwards."""
+    R, C = 21, 384
+    with kd.config_override(**(plan or {})):
+        x = _data((R, C), device, torch.bfloat16, seed=1)
+        x[5, 7] = float("nan")
+        out = kd.layernorm_quantize(x, None, None, 1e-5, 128, (1, -1), check=False)
+        y_nan, x_nan = torch.isnan(out.y_q.scale).cpu(), torch.isnan(out.x_q.scale).cpu()
+        assert bool(y_nan[5].all()) and not bool(y_nan[torch.arange(R) != 5].any())
+        assert bool(x_nan[5, 0]) and int(x_nan.sum()) == 1          # the (1, 128) block holding it
+        g = _data((R, C), device, torch.bfloat16, seed=2, scale=1.0, shift=0.0)
+        g[3, 9] = float("nan")
+        dx, dw, db = kd.layernorm_backward(out.x_q, out.mean, out.rstd, None, g)
+        assert bool(torch.isnan(dx[3]).all()) and bool(torch.isnan(db[9])) and dw is None
+        h = quantize_blockwise(_data((R, 4 * C), "cpu", torch.float32, seed=3), (1, 128))
+        h.scale[4, 2] = float("nan")
+        h = type(h)(h.data.to(device), h.scale.to(device), h.block, h.bits, h.shape)
+        s = kd.gelu_quantize(h, 128, (1, -1)).scale.cpu()
+        assert bool(torch.isnan(s[4]).all()) and not bool(torch.isnan(s[torch.arange(R) != 4]).any())
+        gh = _data((R, 4 * C), device, torch.bfloat16, seed=4, scale=1.0, shift=0.0)
+        gh[0, 1] = float("nan")
+        dh = kd.gelu_backward(h, gh).cpu()
+        assert bool(torch.isnan(dh[0, 1])) and bool(torch.isnan(dh[4, 256:384]).all())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,6 +293,32 @@ def test_interp_dgrad_int8_output_rounds_stochastically(ablock, bblock):
 @interp_only
 def test_interp_nonfinite_input_raises():
     check_nonfinite("cpu")
+    check_nonfinite("cpu", {"KERNEL": "chunked"})
+
+
+# the row-resident kernels with a persistent grid smaller than the tile count (each program loops),
+# at GPT-2 XL's width (13 chunks held as 16) and with a row tail (9 rows, 2 per tile)
+PERSISTENT = {"PROGRAMS": 3, "TILE": 32}
+
+
+@interp_only
+def test_interp_resident_kernels_persistent_at_1600():
+    check_layernorm(9, 1600, torch.bfloat16, True, 128, (1, -1), "cpu", plan=PERSISTENT)
+    check_layernorm_int8_grad(9, 1600, torch.bfloat16, True, "cpu", plan=dict(PERSISTENT, TILE=2))
+    check_gelu(9, 1600, torch.bfloat16, 128, (1, -1), "cpu", plan=PERSISTENT)
+
+
+@interp_only
+@pytest.mark.parametrize("hadamard,block", FORMATS)
+def test_interp_chunked_kernels(hadamard, block):
+    check_layernorm(19, 200, torch.float32, True, hadamard, block, "cpu", plan={"KERNEL": "chunked"})
+    check_layernorm_int8_grad(19, 200, torch.float32, False, "cpu", plan={"KERNEL": "chunked"})
+    check_gelu(19, 384, torch.bfloat16, hadamard, block, "cpu", plan={"KERNEL": "chunked"})
+
+
+@interp_only
+def test_interp_nan_propagates():
+    check_nan_propagates("cpu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,3 +387,17 @@ def test_gpu_dgrad_int8_output_rounds_stochastically(ablock, bblock):
 @gpu
 def test_gpu_nonfinite_input_raises():
     check_nonfinite("cuda")
+
+
+@gpu
+def test_gpu_nan_propagates():
+    check_nan_propagates("cuda")
+
+
+@gpu
+@pytest.mark.parametrize("plan", [{"KERNEL": "chunked"}, {"PROGRAMS": 7}])
+def test_gpu_other_plans(plan):
+    """The chunked fallback (rows too long to hold) and a persistent grid of 7 programs."""
+    check_layernorm(4099, 1600, torch.bfloat16, True, 128, (1, -1), "cuda", plan=plan)
+    check_layernorm_int8_grad(4099, 1600, torch.bfloat16, True, "cuda", plan=plan)
+    check_gelu(4099, 6400, torch.bfloat16, 128, (1, -1), "cuda", plan=plan)
