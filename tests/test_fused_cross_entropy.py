@@ -224,12 +224,14 @@ def test_bad_input_is_named():
         fused_linear_cross_entropy(hidden, weight[0], target)
 
 
-def test_default_chunk_bounds_the_fp32_logits():
+def test_default_chunk_bounds_the_chunk_logits():
     assert default_chunk_tokens(50304) == 1280  # GPT-2's padded vocabulary: 246 MiB of FP32 logits
     assert default_chunk_tokens(25152) == 2560  # the same at TP=2
+    assert default_chunk_tokens(50304, 2) == 2560  # BF16 logits (the kernels): 246 MiB
     for vocab in (17, 50304, 256_000, 2_000_000):
-        chunk = default_chunk_tokens(vocab)
-        assert chunk >= 1 and (chunk * vocab * 4 <= 256 * 2**20 or chunk == 1)
+        for logit_bytes in (2, 4):
+            chunk = default_chunk_tokens(vocab, logit_bytes)
+            assert chunk >= 1 and (chunk * vocab * logit_bytes <= 256 * 2**20 or chunk == 1)
 
 
 # ---- TP = 2 (gloo), with and without sequence parallelism, against TP = 1 ----------------------
@@ -402,7 +404,8 @@ def test_gpu_bf16_gpt2_head_matches_unfused_and_does_not_keep_the_softmax():
 
 @pytest.mark.gpu
 def test_gpu_fused_step_has_no_host_sync_and_replays_from_a_cuda_graph():
-    hidden, weight, target, vocab = _gpu_inputs(tokens=3000)  # 3 chunks of 1280, the last partial
+    # 2 chunks of 2560 with the kernels (3 of 1280 on the torch path), the last partial
+    hidden, weight, target, vocab = _gpu_inputs(tokens=3000)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
 
     def step():

@@ -31,26 +31,74 @@ partial gradients (all-reduce, or reduce-scatter under sequence parallelism).
 Padded vocabulary (rows of global id >= ``vocab_size``): their logits are -inf, as the unfused model
 makes them, so they get zero probability and zero gradient.
 
+The per-chunk softmax and its gradient: on CUDA two Triton passes over the chunk's logits, kept in the
+weight's dtype (``megaq.kernels.cross_entropy``): ``row_stats`` (max, sum of exponentials, target
+logit per row, FP32 math) and, after the TP all-reduces, ``softmax_grad_``, which writes G over the
+logits in place. Elsewhere (CPU, or ``FUSED_KERNELS = False``) the torch path: FP32 logits and about
+ten elementwise passes; it is the reference the kernels are tested against.
+
 No host synchronization and shapes fixed per chunk (the last chunk may be shorter), so the op can be
 captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
+from megaq.kernels import cross_entropy as ce_kernels
 from megaq.nn.cross_entropy import _all_reduce_tp
-from megaq.parallel import get_tensor_parallel_rank
+from megaq.parallel import get_tensor_parallel_rank, get_tensor_parallel_world_size
 
-CHUNK_LOGITS_BYTES = 256 * 2**20  # bound on one chunk's FP32 logits when the chunk size is automatic
+CHUNK_LOGITS_BYTES = 256 * 2**20  # bound on one chunk's logits (as held) when the chunk size is automatic
+# False: the torch path even where the Triton kernels run (tools/bench_fused_ce.py times both)
+FUSED_KERNELS = True
+# True: a BF16/FP16 chunk's weight gradient is accumulated into the FP32 buffer by the GEMM itself
+# (addmm with out_dtype=float32, where this torch supports it on the device: torch 2.11 on CUDA does)
+# instead of a BF16 GEMM output added afterwards (a [vocab/tp, C] temporary, one more rounding and two
+# more passes over it). H100, 16384 tokens, chunk 2560: 8.88 vs 9.62 ms, peak 417 vs 491 MiB.
+WGRAD_INTO_FP32 = True
 
 
-def default_chunk_tokens(vocab_per_rank: int) -> int:
-    """Tokens per chunk whose FP32 logits ``[tokens, vocab_per_rank]`` fit in CHUNK_LOGITS_BYTES,
-    rounded down to a multiple of 128 (GEMM-friendly) when that leaves at least 128."""
-    tokens = max(1, CHUNK_LOGITS_BYTES // (4 * vocab_per_rank))
+def default_chunk_tokens(vocab_per_rank: int, logit_bytes: int = 4) -> int:
+    """Tokens per chunk whose logits ``[tokens, vocab_per_rank]`` of ``logit_bytes`` each (4: the torch
+    path's FP32 copy; the kernels keep the weight's dtype) fit in CHUNK_LOGITS_BYTES, rounded down to
+    a multiple of 128 (GEMM-friendly) when that leaves at least 128."""
+    tokens = max(1, CHUNK_LOGITS_BYTES // (logit_bytes * vocab_per_rank))
     return tokens // 128 * 128 if tokens >= 128 else tokens
+
+
+def _uses_kernels(weight: torch.Tensor) -> bool:
+    return FUSED_KERNELS and ce_kernels.kernels_supported(weight)
+
+
+@functools.lru_cache(maxsize=None)
+def _addmm_into_fp32_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)`` runs for a, b of
+    ``dtype`` on ``device`` (CUDA only, and only in torch versions whose check lets ``self`` be FP32).
+    Probed once on 2 x 2 tensors; no host synchronization."""
+    if device.type != "cuda":
+        return False
+    a = torch.zeros(2, 2, dtype=dtype, device=device)
+    acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def _accumulate_weight_grad(acc32: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor) -> None:
+    """acc32 += grad^T hidden (the GEMM accumulates in FP32 inside)."""
+    if grad.dtype == torch.float32:
+        acc32.addmm_(grad.t(), hidden)
+    elif WGRAD_INTO_FP32 and _addmm_into_fp32_supported(acc32.device, grad.dtype):
+        torch.addmm(acc32, grad.t(), hidden, out_dtype=torch.float32, out=acc32)
+    else:
+        # the GEMM's output is rounded to grad's dtype once per chunk before the FP32 sum
+        acc32.add_(grad.t().mm(hidden))
 
 
 class _Head:
@@ -65,11 +113,43 @@ class _Head:
         self.real_rows = self.per_rank if vocab_size is None else vocab_size - self.vocab_start
         self.target = target
         self.ignore_index = ignore_index
+        self.kernels = _uses_kernels(weight)
 
     def chunk(self, hidden: torch.Tensor, start: int, end: int, grad_scale: torch.Tensor | None):
         """The summed loss of tokens [start, end) and, when ``grad_scale`` (per-token 1/n_valid or
         0) is given, their logit gradient ``[end - start, vocab/tp]`` in the weight's dtype."""
-        logits = hidden[start:end].mm(self.weight.t()).float()
+        logits = hidden[start:end].mm(self.weight.t())
+        if self.kernels:
+            return self._chunk_kernels(logits, start, end, grad_scale)
+        logits = logits.float()  # rebound: the GEMM's output is not kept beside its FP32 copy
+        return self._chunk_torch(logits, start, end, grad_scale)
+
+    def _chunk_kernels(self, logits: torch.Tensor, start: int, end: int, grad_scale: torch.Tensor | None):
+        """``chunk`` with the Triton passes: the logits stay in the weight's dtype and become the
+        gradient in place."""
+        target = self.target[start:end]
+        valid = target != self.ignore_index
+        local_target = target - self.vocab_start
+        local_target = torch.where(valid & (local_target >= 0) & (local_target < self.per_rank),
+                                   local_target, -1)
+        stats = ce_kernels.row_stats(logits, local_target, self.real_rows)
+        row_max, sum_exp, target_logit = stats
+        if get_tensor_parallel_world_size() > 1:
+            global_max = row_max.clone()
+            _all_reduce_tp(global_max, dist.ReduceOp.MAX)
+            # this rank's sum of exponentials relative to the global max (0 for a rank of padding only)
+            sum_exp.mul_(torch.exp(row_max - global_max))
+            _all_reduce_tp(stats[1:], dist.ReduceOp.SUM)  # the sums and the target logit (0 elsewhere)
+            row_max = global_max
+        loss_sum = torch.where(valid, sum_exp.log() + row_max - target_logit, 0.0).sum()
+        if grad_scale is None:
+            return loss_sum, None
+        grad = ce_kernels.softmax_grad_(logits, local_target, self.real_rows, row_max, sum_exp,
+                                        grad_scale[start:end])
+        return loss_sum, grad
+
+    def _chunk_torch(self, logits: torch.Tensor, start: int, end: int, grad_scale: torch.Tensor | None):
+        """``chunk`` in FP32 torch operations on the FP32 logits (the reference)."""
         if self.real_rows < self.per_rank:
             logits[:, max(self.real_rows, 0):] = float("-inf")
         target = self.target[start:end]
@@ -131,11 +211,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if need_dh:
                 torch.mm(grad, weight, out=grad_hidden[start:end])
             if need_dw:
-                if grad.dtype == torch.float32:
-                    grad_weight32.addmm_(grad.t(), hidden[start:end])
-                else:
-                    # the GEMM accumulates in FP32 inside; its output is rounded once per chunk
-                    grad_weight32.add_(grad.t().mm(hidden[start:end]))
+                _accumulate_weight_grad(grad_weight32, grad, hidden[start:end])
             del grad  # the chunk's [tokens, vocab/tp] gradient goes before the next one is made
         grad_weight = grad_weight32.to(weight.dtype) if need_dw else None
         del grad_weight32
@@ -164,7 +240,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
             the TP mapping of a column-parallel input (``column_parallel_input``).
         weight: this rank's vocabulary rows ``[vocab/tp, C]``.
         target: ``hidden.shape[:-1]``, global token ids.
-        chunk_tokens: tokens per chunk; None: ``default_chunk_tokens`` (FP32 logits <= 256 MiB).
+        chunk_tokens: tokens per chunk; None: ``default_chunk_tokens`` (a chunk's logits <= 256 MiB:
+            FP32 on the torch path, the weight's dtype with the kernels).
         vocab_size: the real (unpadded) vocabulary; rows of global id >= it are padding (-inf
             logits). None: no padding.
 
@@ -186,7 +263,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     if target.dtype.is_floating_point or target.dtype.is_complex:
         raise ValueError(f"target must hold integer token ids, got {target.dtype}")
     if chunk_tokens is None:
-        chunk_tokens = default_chunk_tokens(weight.size(0))
+        chunk_tokens = default_chunk_tokens(weight.size(0),
+                                            weight.element_size() if _uses_kernels(weight) else 4)
     elif isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
