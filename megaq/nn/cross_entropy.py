@@ -32,29 +32,39 @@ def _all_reduce_tp(x: torch.Tensor, op: dist.ReduceOp) -> None:
         x.copy_(buffer)
 
 
+def shifted_exp_over_tp(logits32: torch.Tensor, target: torch.Tensor, vocab_start: int, ignore_index: int):
+    """The softmax statistics of vocab-parallel FP32 logits ``[..., vocab/tp]``, computed IN PLACE:
+    ``logits32`` becomes exp(z - m), m the max over the whole (TP-split) vocabulary. Returns
+    (exp, sum_exp, target_logit, valid, local_target, on_this_rank): the sum of exponentials and the
+    shifted target logit over every rank's range, which targets count, the target's index in this
+    rank's range (0 where it is not here) and where it is here. Three small TP all-reduces."""
+    global_max = logits32.amax(dim=-1)
+    _all_reduce_tp(global_max, dist.ReduceOp.MAX)
+    shifted = logits32.sub_(global_max.unsqueeze(-1))
+
+    valid = target != ignore_index
+    local_target = target - vocab_start
+    on_this_rank = valid & (local_target >= 0) & (local_target < logits32.size(-1))
+    local_target = torch.where(on_this_rank, local_target, 0)
+    target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+    # torch.where, not a product: target_logit may be -inf where it is not ours.
+    target_logit = torch.where(on_this_rank, target_logit, 0.0)
+    _all_reduce_tp(target_logit, dist.ReduceOp.SUM)
+
+    exp = shifted.exp_()
+    sum_exp = exp.sum(dim=-1)
+    _all_reduce_tp(sum_exp, dist.ReduceOp.SUM)
+    return exp, sum_exp, target_logit, valid, local_target, on_this_rank
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
-        vocab_per_rank = logits.size(-1)
-        vocab_start = get_tensor_parallel_rank() * vocab_per_rank
-        logits32 = logits.float()
-
-        global_max = logits32.amax(dim=-1)
-        _all_reduce_tp(global_max, dist.ReduceOp.MAX)
-        shifted = logits32 - global_max.unsqueeze(-1)
-
-        valid = target != ignore_index
-        local_target = target - vocab_start
-        on_this_rank = valid & (local_target >= 0) & (local_target < vocab_per_rank)
-        local_target = torch.where(on_this_rank, local_target, 0)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        # torch.where, not a product: target_logit may be -inf where it is not ours.
-        target_logit = torch.where(on_this_rank, target_logit, 0.0)
-        _all_reduce_tp(target_logit, dist.ReduceOp.SUM)
-
-        exp = shifted.exp_()  # shifted is a fresh tensor; reuse its memory
-        sum_exp = exp.sum(dim=-1)
-        _all_reduce_tp(sum_exp, dist.ReduceOp.SUM)
+        vocab_start = get_tensor_parallel_rank() * logits.size(-1)
+        # a fresh FP32 tensor (float() of BF16 logits) or a copy of FP32 ones: the logits stay intact
+        logits32 = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        exp, sum_exp, target_logit, valid, local_target, on_this_rank = shifted_exp_over_tp(
+            logits32, target, vocab_start, ignore_index)
 
         loss = torch.where(valid, sum_exp.log() - target_logit, 0.0)
         softmax = exp.div_(sum_exp.unsqueeze(-1))

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from megaq.kernels import cross_entropy as ce_kernels
-from megaq.nn.cross_entropy import _all_reduce_tp
+from megaq.nn.cross_entropy import _all_reduce_tp, shifted_exp_over_tp
 from megaq.parallel import get_tensor_parallel_rank, get_tensor_parallel_world_size
 
 CHUNK_LOGITS_BYTES = 256 * 2**20  # bound on one chunk's logits (as held) when the chunk size is automatic
@@ -152,24 +152,9 @@ class _Head:
         """``chunk`` in FP32 torch operations on the FP32 logits (the reference)."""
         if self.real_rows < self.per_rank:
             logits[:, max(self.real_rows, 0):] = float("-inf")
-        target = self.target[start:end]
-
-        global_max = logits.amax(dim=-1)
-        _all_reduce_tp(global_max, dist.ReduceOp.MAX)
-        logits.sub_(global_max.unsqueeze(-1))  # shifted logits from here on
-
-        valid = target != self.ignore_index
-        local_target = target - self.vocab_start
-        on_this_rank = valid & (local_target >= 0) & (local_target < self.per_rank)
-        local_target = torch.where(on_this_rank, local_target, 0).unsqueeze(-1)
-        target_logit = logits.gather(-1, local_target).squeeze(-1)
-        # torch.where, not a product: target_logit may be -inf where it is not ours.
-        target_logit = torch.where(on_this_rank, target_logit, 0.0)
-        _all_reduce_tp(target_logit, dist.ReduceOp.SUM)
-
-        exp = logits.exp_()
-        sum_exp = exp.sum(dim=-1)
-        _all_reduce_tp(sum_exp, dist.ReduceOp.SUM)
+        exp, sum_exp, target_logit, valid, local_target, on_this_rank = shifted_exp_over_tp(
+            logits, self.target[start:end], self.vocab_start, self.ignore_index)
+        local_target = local_target.unsqueeze(-1)
         loss_sum = torch.where(valid, sum_exp.log() - target_logit, 0.0).sum()
         if grad_scale is None:
             return loss_sum, None
