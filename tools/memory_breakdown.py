@@ -2,17 +2,20 @@
 device), to explain the peak memory that tools/bench_e2e.py measures on a GPU.
 
     python tools/memory_breakdown.py --model gpt2 --seq 1024 --micro-batch 16 --recipes bf16,int8,int8_df
+    python tools/memory_breakdown.py --model gpt2 --micro-batch 16 --recipes bf16,int8_df,int8_df_attn8
     python tools/memory_breakdown.py --model gpt2 --seq 1024 --micro-batch 16 --no-fused-ce
 
 For one micro batch of a GPT preset in BF16 (the trainer's dtype on GPUs):
 - saved activations: the bytes of the distinct storages autograd holds for backward at the end of the
   forward (`torch.autograd.graph.saved_tensors_hooks`), grouped by the innermost module that saved
-  them (the quantized linears' operands, LayerNorms, attention with SDPA, the block itself for the
-  INT8 data flow's functional operators, the model for the head and the cross entropy: with the fused
-  head + loss (`model.fused_cross_entropy`, the default) the head input's and weight's gradients it
-  computed in the forward, with `--no-fused-ce` the FP32 softmax and the head's input). Counted at
-  `--count-batch` and twice as many sequences and extrapolated linearly to `--micro-batch` (saved bytes
-  are a fixed part, the fused head's weight gradient, plus a part proportional to the tokens);
+  them (the quantized linears' operands, LayerNorms, attention: BF16 q, k, v and output with SDPA,
+  INT8 copies in the `*_attn8` variants (`quant.attention_saves: int8`), the block itself for the
+  INT8 data flow's functional operators and its attention, the model for the head and the cross
+  entropy: with the fused head + loss (`model.fused_cross_entropy`, the default) the head input's
+  and weight's gradients it computed in the forward, with `--no-fused-ce` the FP32 softmax and the
+  head's input). Counted at `--count-batch` and twice as many sequences and extrapolated linearly
+  to `--micro-batch` (saved bytes are a fixed part, the fused head's weight gradient, plus a part
+  proportional to the tokens);
 - model state: parameters in BF16 and the AdamW mixed-precision state at 16 bytes per parameter (BF16
   weight and gradient, FP32 master weight, exp_avg, exp_avg_sq), what DeepSpeed's BF16 optimizer
   keeps on one GPU, before its own buffers;
@@ -44,8 +47,11 @@ from megaq.training.config import MODEL_PRESETS  # noqa: E402
 
 GIB = 1024 ** 3
 OPTIMIZER_BYTES_PER_PARAM = 16      # bf16 weight + bf16 grad + fp32 master + fp32 exp_avg + fp32 exp_avg_sq
-VARIANTS = {"bf16": ("bf16", "bf16"), "int8": ("int8", "bf16"), "int8_df": ("int8", "int8"),
-            "int4": ("int4", "bf16")}
+# variant -> (recipe, data flow, attention saves); *_attn8: attention keeps INT8 q, k, v, output
+VARIANTS = {"bf16": ("bf16", "bf16", "bf16"), "int8": ("int8", "bf16", "bf16"),
+            "int8_df": ("int8", "int8", "bf16"), "int4": ("int4", "bf16", "bf16"),
+            "bf16_attn8": ("bf16", "bf16", "int8"),
+            "int8_attn8": ("int8", "bf16", "int8"), "int8_df_attn8": ("int8", "int8", "int8")}
 
 
 def build(model: str, seq: int, variant: str, vocab: int, fused_cross_entropy: bool = True) -> GPT:
@@ -53,11 +59,12 @@ def build(model: str, seq: int, variant: str, vocab: int, fused_cross_entropy: b
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     if model not in MODEL_PRESETS:
         raise ValueError(f"unknown model {model!r}; choose from {sorted(MODEL_PRESETS)}")
-    recipe, data_flow = VARIANTS[variant]
+    recipe, data_flow, attention_saves = VARIANTS[variant]
     preset = MODEL_PRESETS[model]
     cfg = GPTConfig(vocab_size=vocab, seq_len=seq, n_layer=preset["n_layer"], n_head=preset["n_head"],
                     n_embd=preset["n_embd"], recipe={"preset": recipe, "check_finite": False},
-                    data_flow=data_flow, fused_cross_entropy=fused_cross_entropy)
+                    data_flow=data_flow, fused_cross_entropy=fused_cross_entropy,
+                    attention_saves=attention_saves)
     return GPT(cfg, init_seed=0).bfloat16()
 
 

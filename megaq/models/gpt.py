@@ -32,7 +32,7 @@ from megaq.nn import (ColumnParallelLinear, LayerNorm, ParallelDropout, RowParal
                       VocabParallelEmbedding, column_parallel_input, column_parallel_linear,
                       fused_linear_cross_entropy, normal_init, vocab_parallel_cross_entropy,
                       zeros_init)
-from megaq.ops import data_flow_format, get_recipe
+from megaq.ops import ATTENTION_SAVES, data_flow_format, get_recipe
 from megaq.parallel.quantized_comm import tp_mappings
 from megaq.parallel import (gather_from_tp_region, get_model_parallel_seed,
                             get_tensor_parallel_rank, get_tensor_parallel_world_size,
@@ -60,8 +60,9 @@ class GPTConfig:
     comm_dtype: str = "bf16"        # tensor-parallel collectives of the blocks: "bf16" exact | "int8"
     comm_config: dict | None = None  # megaq.parallel.quantized_comm.QuantizedCommConfig fields
     data_flow: str = "bf16"         # activations between the blocks' operators: "bf16" | "int8"
+    attention_saves: str = "bf16"   # what attention keeps for backward: "bf16" | "int8" (q, k, v, output)
     fused_cross_entropy: bool = True  # lm_head + loss chunked, in one pass (unquantized head only)
-    cross_entropy_chunk_tokens: int | None = None  # tokens per chunk of it; None: FP32 logits <= 256 MiB
+    cross_entropy_chunk_tokens: int | None = None  # tokens per chunk of it; None: logits <= 256 MiB
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,6 +99,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be divisible by the "
                              f"tensor-parallel size ({tensor_parallel_size})")
         check_data_flow(self.data_flow, self.recipe, self.sequence_parallel, "GPTConfig.")
+        if self.attention_saves not in ATTENTION_SAVES:
+            raise ValueError(f"GPTConfig.attention_saves must be one of {list(ATTENTION_SAVES)}, "
+                             f"got {self.attention_saves!r}")
 
     @property
     def head_dim(self) -> int:

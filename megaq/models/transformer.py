@@ -10,8 +10,9 @@ transposes. Inside the attention and MLP each rank works on its own heads / hidd
 With ``cfg.data_flow == "int8"`` the block runs the INT8 data flow (``megaq.ops.dataflow_linear``
 says which scales travel where): the LayerNorms (the second fused with the attention residual add)
 and the GELU write INT8 GEMM operands, fc1 writes INT8 from its epilogue, and only INT8 activations
-are saved for backward, except what SDPA keeps. Same parameters, same module tree: a checkpoint
-loads into either path.
+are saved for backward, except what attention keeps: BF16 q, k, v and output by default, INT8
+copies with ``cfg.attention_saves == "int8"`` (megaq.ops.attention). Same parameters, same module
+tree: a checkpoint loads into either path.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaq.nn import ColumnParallelLinear, LayerNorm, ParallelDropout, RowParallelLinear
-from megaq.ops import Int8Operand, data_flow_format, dataflow_linear, gelu_operand, layernorm_operand
+from megaq.ops import (Int8Operand, causal_attention, data_flow_format, dataflow_linear, gelu_operand,
+                       layernorm_operand)
 from megaq.parallel import get_tensor_parallel_world_size, tp_rng_fork
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ class CausalSelfAttention(nn.Module):
     The fused QKV weight is column-parallel with partition stride 3, so this rank's output is
     ``[q_r, k_r, v_r]`` for its own heads. Attention runs in the activations' dtype through
     PyTorch's SDPA (flash / memory-efficient kernels on GPU); only the projections are quantized.
+    ``cfg.attention_saves`` chooses what it keeps for backward (megaq.ops.causal_attention).
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -44,6 +47,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head_local = cfg.n_head // get_tensor_parallel_world_size()
         self.head_dim = cfg.n_embd // cfg.n_head
         self.dropout = cfg.dropout
+        self.attention_saves = cfg.attention_saves
         self.qkv = ColumnParallelLinear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias, recipe=cfg.recipe,
                                         sequence_parallel=cfg.sequence_parallel,
                                         partition_stride=3, skip_init=True,
@@ -52,13 +56,16 @@ class CausalSelfAttention(nn.Module):
                                           input_is_parallel=True,
                                           sequence_parallel=cfg.sequence_parallel, skip_init=True,
                                           comm_dtype=cfg.comm_dtype, comm_config=cfg.comm_config)
+        # NaN/Inf check before attention's INT8 saves: the recipe's switch (read once: benchmark
+        # peers may swap the projections for plain nn.Linear)
+        self.check_finite = self.qkv.recipe.check_finite
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.attend(self.qkv(x)))
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """SDPA over this rank's heads: ``qkv [T, B, 3 * C/tp]`` (full T even under sequence
-        parallelism) -> ``[T, B, C/tp]``."""
+        """Causal attention over this rank's heads: ``qkv [T, B, 3 * C/tp]`` (full T even under
+        sequence parallelism) -> ``[T, B, C/tp]``."""
         seq, batch, _ = qkv.shape
         # [T, B, 3, h, d] -> [3, B, h, T, d]: SDPA's layout, batch and heads leading.
         q, k, v = qkv.view(seq, batch, 3, self.n_head_local, self.head_dim) \
@@ -66,7 +73,8 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         # The attention probabilities are this rank's heads only: draw their mask per rank.
         with tp_rng_fork() if dropout_p > 0.0 else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = causal_attention(q, k, v, dropout_p, saves=self.attention_saves,
+                                 check=self.check_finite)
         return y.permute(2, 0, 1, 3).reshape(seq, batch, self.n_head_local * self.head_dim)
 
 

@@ -1,6 +1,8 @@
 """megaq.ops — autograd operators built from the quantization numerics and kernels: the quantized
-linear under a recipe, and the INT8 data-flow LayerNorm and GELU."""
+linear under a recipe, the INT8 data-flow LayerNorm and GELU, and causal attention that can keep
+INT8 copies of its inputs and output for backward."""
 
+from .attention import ATTENTION_SAVES, causal_attention
 from .dataflow import (Int8Activation, Int8Operand, gelu_operand, int8_gelu, int8_layernorm,
                        layernorm_operand)
 from .dataflow_linear import data_flow_format, dataflow_linear
@@ -13,4 +15,4 @@ __all__ = ["quantized_linear", "quantized_gemm", "quantize_operand", "Recipe", "
            "OperandSpec", "Int4Backward", "RecipeError", "RECIPE_PRESETS", "get_recipe",
            "Int8Activation", "int8_layernorm", "int8_gelu",
            "Int8Operand", "layernorm_operand", "gelu_operand", "dataflow_linear", "data_flow_format",
-           "weight_cache"]
+           "weight_cache", "causal_attention", "ATTENTION_SAVES"]

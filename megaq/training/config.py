@@ -153,7 +153,8 @@ class ModelConfig(_Section):
         "quant.lm_head_recipe is unquantized (bf16); false: the unfused head and loss (the reference).")
     cross_entropy_chunk_tokens: Optional[int] = Field(
         None, gt=0, description="Tokens per chunk of the fused output layer + cross entropy. Default: "
-        "as many as keep one chunk's FP32 logits within 256 MiB (1280 at a 50k vocabulary).")
+        "as many as keep one chunk's logits, as held, within 256 MiB (2560 at a 50k vocabulary on "
+        "CUDA, where the Triton passes keep them in BF16; 1280 on the torch path's FP32).")
 
     @model_validator(mode="after")
     def _fill_from_preset(self) -> "ModelConfig":
@@ -270,6 +271,14 @@ class QuantConfig(_Section):
         "GEMM epilogue write INT8 GEMM operands and the blocks save INT8 activations for backward (the "
         "INT8 data flow, ALGORITHMS.md §1); needs an INT8 recipe (int8, int8_block128, ...) and no "
         "sequence parallelism. bf16: every linear quantizes its own BF16 input.")
+    attention_saves: Literal["bf16", "int8"] = Field(
+        "bf16", description="What causal attention keeps for backward. bf16: PyTorch SDPA's own q, k, v and "
+        "output in the activations' dtype. int8: INT8 copies of them with one FP32 scale per (token, head), "
+        "dequantized for the flash attention backward (megaq.ops.attention): about half of those bytes; the "
+        "forward is unchanged; the gradients' relative error grows with the attention logits (about 1.5% at "
+        "logit std 1, 4% at 4, 15% at 16 on random data; BF16's own: 0.4-2.6%). Runs PyTorch's flash "
+        "attention op (CUDA: BF16/FP16, head_dim a multiple of 8; CPU: no dropout), else falls back to "
+        "bf16 with a warning. Independent of recipe and data_flow.")
     log_error_interval: int = Field(
         0, ge=0, description="Every this many steps, log each quantized linear layer's relative forward "
         "error against the bf16 recipe to TensorBoard (quant_error/<layer>); 0 = never.")

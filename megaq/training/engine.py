@@ -53,7 +53,7 @@ def gpt_config(cfg: MegaqConfig, tokenizer_vocab_size: int) -> GPTConfig:
                      make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
                      comm_dtype=p.comm_dtype,
                      comm_config={"block": p.comm_block, "backward": p.comm_backward},
-                     data_flow=cfg.quant.data_flow)
+                     data_flow=cfg.quant.data_flow, attention_saves=cfg.quant.attention_saves)
 
 
 def _with_finite_check(recipe: "str | dict", check_finite: bool) -> dict:
