@@ -250,7 +250,10 @@ def test_recipes_with_peers_and_compile_choices():
         ("bf16", "compile"), ("fp8_tensorwise", "eager")]
     (case,) = bench.build_cases(["gpt2"], [1024], bench.parse_recipes("int8_df@graphs", False), {"gpt2": 16})
     assert {"quant.recipe=int8", "quant.data_flow=int8", "train.cuda_graphs=true"} <= set(case.overrides())
-    assert "quant.data_flow=bf16" in bench.build_cases(["gpt2"], [1024], [("int8", "eager")], {"gpt2": 4})[0].overrides()
+    plain = bench.build_cases(["gpt2"], [1024], [("int8", "eager")], {"gpt2": 4})[0].overrides()
+    assert {"quant.data_flow=bf16", "quant.attention_saves=bf16"} <= set(plain)
+    (case,) = bench.build_cases(["gpt2"], [1024], bench.parse_recipes("int8_df_attn8", False), {"gpt2": 16})
+    assert {"quant.recipe=int8", "quant.data_flow=int8", "quant.attention_saves=int8"} <= set(case.overrides())
     with pytest.raises(ValueError, match="'int9' is neither a megaq recipe nor a peer"):
         bench.parse_recipes("bf16,int9", compile_default=False)
     with pytest.raises(ValueError, match="@eager, @compile, @graphs"):

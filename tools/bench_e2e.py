@@ -10,11 +10,12 @@ becomes a row saying so; the other cases still run.
         --recipes bf16,int8,int4,fp8_tensorwise,fp8_rowwise --compile --json e2e.json
 
 Recipes: megaq recipe names (bf16, int8, int4, ...), `int8_df` (int8 with `quant.data_flow: int8`),
-and the peers `fp8_tensorwise` / `fp8_rowwise`: the same model, data and optimizer with the blocks'
-linear layers trained by torchao's float8 (`quant.peer`; needs torchao). `--compile` compiles the megaq recipes' blocks (`train.compile`); the
-peers are always compiled (torchao's float8 casts are meant to be fused by it). A recipe may carry
-`@compile`, `@eager` or `@graphs` (the blocks replayed from CUDA graphs, `train.cuda_graphs`) to choose
-for itself, e.g. `bf16@eager,bf16@graphs,int8@graphs`. When several BF16 rows share a model and sequence
+`int8_attn8` / `int8_df_attn8` (the same with `quant.attention_saves: int8`), and the peers
+`fp8_tensorwise` / `fp8_rowwise`: the same model, data and optimizer with the blocks' linear layers
+trained by torchao's float8 (`quant.peer`; needs torchao). `--compile` compiles the megaq recipes'
+blocks (`train.compile`); the peers are always compiled (torchao's float8 casts are meant to be fused
+by it). A recipe may carry `@compile`, `@eager` or `@graphs` (the blocks replayed from CUDA graphs,
+`train.cuda_graphs`) to choose for itself, e.g. `bf16@eager,bf16@graphs,int8@graphs`. When several BF16 rows share a model and sequence
 length, the ratios use the fastest (the strongest baseline).
 
 The vocabulary is GPT-2's (`--vocab-size 50304`) even though the demo corpus's tokens are bytes, so
@@ -43,8 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bench recipe name -> quant.peer
 PEERS = {"fp8_tensorwise": "torchao_float8_tensorwise", "fp8_rowwise": "torchao_float8_rowwise"}
-# Bench recipe name -> (megaq recipe, quant.data_flow): the INT8 data flow (issue 5) end to end
-DATA_FLOW_VARIANTS = {"int8_df": ("int8", "int8")}
+# Bench recipe name -> its quant settings: the INT8 data flow (issue 5) and INT8 attention saves end to end
+VARIANTS = {
+    "int8_df": {"recipe": "int8", "data_flow": "int8"},
+    "int8_attn8": {"recipe": "int8", "attention_saves": "int8"},
+    "int8_df_attn8": {"recipe": "int8", "data_flow": "int8", "attention_saves": "int8"},
+}
 MODES = ("eager", "compile", "graphs")
 # Micro batches that fit an 80 GB H100 at sequence 2048 without activation checkpointing.
 DEFAULT_MICRO_BATCH = "gpt2:16,gpt2-xl:4,gpt-1.3b:4"
@@ -65,9 +70,10 @@ class Case:
 
     def overrides(self) -> list[str]:
         peer = PEERS.get(self.recipe)
-        recipe, data_flow = DATA_FLOW_VARIANTS.get(self.recipe, ("bf16" if peer else self.recipe, "bf16"))
-        return [f"model.preset={self.model}", f"model.seq_len={self.seq_len}", f"quant.recipe={recipe}",
-                f"quant.data_flow={data_flow}",
+        quant = {"recipe": "bf16" if peer else self.recipe, "data_flow": "bf16", "attention_saves": "bf16"}
+        quant.update(VARIANTS.get(self.recipe, {}))
+        return [f"model.preset={self.model}", f"model.seq_len={self.seq_len}",
+                *(f"quant.{key}={value}" for key, value in quant.items()),
                 f"quant.peer={json.dumps(peer)}", f"train.compile={json.dumps(self.mode == 'compile')}",
                 f"train.cuda_graphs={json.dumps(self.mode == 'graphs')}",
                 f"train.micro_batch_size={self.micro_batch}",
@@ -102,7 +108,7 @@ def parse_recipes(text: str, compile_default: bool) -> list[tuple[str, str]]:
         if mode not in ("", *MODES):
             raise ValueError(f"--recipes: {token!r}: the suffix must be one of "
                              f"{', '.join('@' + m for m in MODES)}")
-        if recipe not in PEERS and recipe not in DATA_FLOW_VARIANTS:
+        if recipe not in PEERS and recipe not in VARIANTS:
             try:
                 get_recipe(recipe)
             except RecipeError as e:
