@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distributed_utils import require_contiguous_collectives, run_distributed
+from tensor_utils import gpt2_head_inputs
 from megaq.models.gpt import GPT, GPTConfig
 from megaq.nn import column_parallel_input, fused_linear_cross_entropy, vocab_parallel_cross_entropy
 from megaq.nn.fused_cross_entropy import default_chunk_tokens
@@ -367,16 +368,6 @@ def test_gpt_config_rejects_a_bad_chunk_size(value):
 
 # ---- GPU: GPT-2 124M's head shape in BF16 ----------------------------------------------------
 
-def _gpu_inputs(tokens=4096, hidden_size=768, vocab_rows=50304, vocab=50257):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(tokens, hidden_size, device="cuda", generator=g).bfloat16()
-    weight = (torch.randn(vocab_rows, hidden_size, device="cuda", generator=g) * 0.02).bfloat16()
-    weight[vocab:] = 0
-    target = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
-    target[::11] = -100
-    return hidden, weight, target, vocab
-
-
 def _gpu_step(fn, hidden, weight, target, **kwargs):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     torch.cuda.synchronize()
@@ -390,7 +381,7 @@ def _gpu_step(fn, hidden, weight, target, **kwargs):
 
 @pytest.mark.gpu
 def test_gpu_bf16_gpt2_head_matches_unfused_and_does_not_keep_the_softmax():
-    hidden, weight, target, vocab = _gpu_inputs()
+    hidden, weight, target, vocab = gpt2_head_inputs()
     loss, gh, gw, peak = _gpu_step(fused_linear_cross_entropy, hidden, weight, target, vocab_size=vocab)
     ref_loss, ref_gh, ref_gw, ref_peak = _gpu_step(unfused_loss, hidden, weight, target, vocab_size=vocab)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=0)
@@ -405,7 +396,7 @@ def test_gpu_bf16_gpt2_head_matches_unfused_and_does_not_keep_the_softmax():
 @pytest.mark.gpu
 def test_gpu_fused_step_has_no_host_sync_and_replays_from_a_cuda_graph():
     # 2 chunks of 2560 with the kernels (3 of 1280 on the torch path), the last partial
-    hidden, weight, target, vocab = _gpu_inputs(tokens=3000)
+    hidden, weight, target, vocab = gpt2_head_inputs(tokens=3000)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
 
     def step():

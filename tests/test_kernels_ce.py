@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from interpreter_utils import run_interpreter_child
+from tensor_utils import gpt2_head_inputs
 from test_fused_cross_entropy import (CASES, GRAD_TOL, LOSS_RTOL, TP_CASES, _fused_tp_runs, _tp_inputs,
                                       assert_grad_close, loss_and_grads, make_inputs, unfused_loss)
 
@@ -302,16 +303,6 @@ def test_gpu_nan_and_inf_propagate():
     check_nonfinite("cuda", torch.bfloat16)
 
 
-def _gpt2_head(tokens=4096, hidden_size=768, vocab_rows=50304, vocab=50257):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(tokens, hidden_size, device="cuda", generator=g).bfloat16()
-    weight = (torch.randn(vocab_rows, hidden_size, device="cuda", generator=g) * 0.05).bfloat16()
-    weight[vocab:] = 0
-    target = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
-    target[::11] = -100
-    return hidden, weight, target, vocab
-
-
 def _peak(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -323,7 +314,7 @@ def _peak(fn):
 
 @gpu
 def test_gpu_fused_op_kernels_match_the_torch_path_at_gpt2_head(monkeypatch):
-    hidden, weight, target, vocab = _gpt2_head()
+    hidden, weight, target, vocab = gpt2_head_inputs(weight_std=0.05)
     got, ref = fused_kernel_vs_torch_path(monkeypatch, hidden, weight, target, vocab_size=vocab,
                                           chunk_tokens=1280)  # the same chunks: the same logits GEMMs
     assert_same_results(got, ref, torch.bfloat16)
@@ -337,7 +328,7 @@ def test_gpu_fused_op_kernels_match_the_torch_path_at_gpt2_head(monkeypatch):
 
 @gpu
 def test_gpu_kernels_hold_no_fp32_copy_of_the_chunk(monkeypatch):
-    hidden, weight, target, vocab = _gpt2_head()
+    hidden, weight, target, vocab = gpt2_head_inputs(weight_std=0.05)
     chunk = 1280
 
     def step():
@@ -360,7 +351,7 @@ def test_gpu_tp_stats_merge_over_two_vocab_shards_equals_one_shard():
     """What the TP all-reduces do, with the vocabulary split in two on one GPU: per shard row_stats,
     merge (max; sums rescaled to the global max and added; target logits added), the loss and
     softmax_grad_ per shard from the merged statistics; against one shard of the whole vocabulary."""
-    hidden, weight, target, vocab = _gpt2_head(tokens=1000)
+    hidden, weight, target, vocab = gpt2_head_inputs(tokens=1000, weight_std=0.05)
     valid = target != -100
     scale = torch.where(valid, 1.0 / valid.sum(), 0.0)
 

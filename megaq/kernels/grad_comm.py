@@ -100,6 +100,12 @@ def _check_buffer(buf: torch.Tensor, world: int, rows_per_rank: int, block: int,
                          f"(GradCompressionState.bucket_numel)")
 
 
+def _check_residual(residual: torch.Tensor | None, numel: int, side: str) -> None:
+    if residual is not None and (residual.dtype != torch.float32 or residual.numel() != numel):
+        raise ValueError(f"{side} residual must be FP32 of {numel} elements; got "
+                         f"{residual.dtype} of {residual.numel()}")
+
+
 def worker_quantize(x: torch.Tensor, residual: torch.Tensor | None, send: torch.Tensor,
                     rows_per_rank: int, block: int, bits: int, rounding: str = "nearest",
                     rank: int = 0) -> None:
@@ -112,9 +118,7 @@ def worker_quantize(x: torch.Tensor, residual: torch.Tensor | None, send: torch.
     _check_buffer(send, world, rows_per_rank, block, bits, "the send buffer")
     if x.numel() > total_rows * block:
         raise ValueError(f"bucket of {x.numel()} elements does not fit {total_rows} blocks of {block}")
-    if residual is not None and (residual.dtype != torch.float32 or residual.numel() != total_rows * block):
-        raise ValueError(f"worker residual must be FP32 of {total_rows * block} elements; got "
-                         f"{residual.dtype} of {residual.numel()}")
+    _check_residual(residual, total_rows * block, "worker")
     dev = x.device
     BR, nw = _tile(block)
     seed = _seed_tensor(dev, None, 1) if stochastic else send
@@ -135,9 +139,7 @@ def server_quantize(recv: torch.Tensor, residual: torch.Tensor | None, out: torc
     world = recv.shape[0]
     _check_buffer(recv, world, rows_per_rank, block, bits, "the receive buffer")
     _check_buffer(out, 1, rows_per_rank, block, bits, "the all-gather segment")
-    if residual is not None and (residual.dtype != torch.float32 or residual.numel() != rows_per_rank * block):
-        raise ValueError(f"server residual must be FP32 of {rows_per_rank * block} elements; got "
-                         f"{residual.dtype} of {residual.numel()}")
+    _check_residual(residual, rows_per_rank * block, "server")
     dev = recv.device
     BR, nw = _tile(block)
     seed = _seed_tensor(dev, None, 1) if stochastic else recv
