@@ -13,10 +13,11 @@ Recipes: megaq recipe names (bf16, int8, int4, ...), `int8_df` (int8 with `quant
 `int8_attn8` / `int8_df_attn8` (the same with `quant.attention_saves: int8`), and the peers
 `fp8_tensorwise` / `fp8_rowwise`: the same model, data and optimizer with the blocks' linear layers
 trained by torchao's float8 (`quant.peer`; needs torchao). `--compile` compiles the megaq recipes'
-blocks (`train.compile`); the peers are always compiled (torchao's float8 casts are meant to be fused
-by it). A recipe may carry `@compile`, `@eager` or `@graphs` (the blocks replayed from CUDA graphs,
-`train.cuda_graphs`) to choose for itself, e.g. `bf16@eager,bf16@graphs,int8@graphs`. When several BF16 rows share a model and sequence
-length, the ratios use the fastest (the strongest baseline).
+blocks (`train.compile`); the peers are always compiled (torchao's float8 casts are meant to be
+fused by it). A recipe may carry `@compile`, `@eager` or `@graphs` (the blocks replayed from CUDA
+graphs, `train.cuda_graphs`) to choose for itself, e.g. `bf16@eager,bf16@graphs,int8@graphs`. When
+several BF16 rows share a model and sequence length, the ratios use the fastest (the strongest
+baseline).
 
 The vocabulary is GPT-2's (`--vocab-size 50304`) even though the demo corpus's tokens are bytes, so
 that the output layer and loss cost what they cost in a real GPT-2-sized run.

@@ -25,9 +25,9 @@ Kernels
 - `_dequant_kernel`: payload * scale.
 
 Random numbers: Philox4x32-7 (`tl.randint4x`) keyed by a seed drawn from torch's generator on every
-call, counter = the element's global index // 8, 16 bits per element (`_uniform_at`), so every element
-of every program has its own stream (the public Jetfire code shared one stream across CTAs). A device-side flag records NaN/Inf; it is read
-(one sync) only when the caller asks for the check.
+call, counter = the element's global index // 8, 16 bits per element (`_uniform_at`), so every
+element of every program has its own stream (the public Jetfire code shared one stream across CTAs).
+A device-side flag records NaN/Inf; it is read (one sync) only when the caller asks for the check.
 """
 
 
