@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .dispatch import _cdiv, _next_pow2
+from .dispatch import _cdiv, _cfg, _next_pow2
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # columns per tile, elements per program tile (rows = tile // columns), warps; config_override keys
@@ -35,9 +35,6 @@ _BLOCK = 4096
 _TILE = 4096
 _WARPS = 4
 
-
-def _cfg(key: str, default: int) -> int:
-    return (dispatch._CONFIG_OVERRIDE or {}).get(key, default)
 
 
 def _kernel(name: str):

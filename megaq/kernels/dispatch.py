@@ -92,6 +92,11 @@ def config_override(**cfg):
         _CONFIG_OVERRIDE = old
 
 
+def _cfg(key: str, default=None):
+    """A launch setting: `config_override`'s value for `key` when one is active and sets it, else `default`."""
+    return (_CONFIG_OVERRIDE or {}).get(key, default)
+
+
 def _ref():
     from . import reference
     return reference
@@ -191,7 +196,7 @@ def _launch_tile(x, outs, bits, rounding, generator, check):
     """outs: list of ("N"|"T", (gr, gc) in x coordinates). Returns dict orientation -> QuantizedTensor."""
     q = _quant()
     R, C = x.shape
-    rows_default = (_CONFIG_OVERRIDE or {}).get("QUANT_ROWS", 32)
+    rows_default = _cfg("QUANT_ROWS", 32)
     plan = _tile_plan([blk for _, blk in outs], rows_default)
     assert plan is not None
     BR, BC = plan
@@ -216,7 +221,7 @@ def _launch_tile(x, outs, bits, rounding, generator, check):
     seed = _seed_tensor(dev, generator) if stochastic else dummy
     flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
     grid = (_cdiv(C, BC), _cdiv(R, BR))
-    nw = (_CONFIG_OVERRIDE or {}).get("QUANT_WARPS", 8 if BR * BC >= 16384 else 4)
+    nw = _cfg("QUANT_WARPS", 8 if BR * BC >= 16384 else 4)
     _kernel("triton_quant", "_quant_tile_kernel")[grid](
         x, R, C, x.stride(0), x.stride(1),
         n[0], n[1], n[2], t[0], t[1], t[2], seed, flag if check else dummy,
@@ -272,11 +277,11 @@ def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, blo
             view = view.float()
         h = _rotation_matrix(hadamard, view.dtype, dev)
         BC = hadamard
-        BR = (_CONFIG_OVERRIDE or {}).get("QUANT_ROWS", 64)
+        BR = _cfg("QUANT_ROWS", 64)
         BR = max(BR, 16)
         single = C == hadamard
         inv_sqrt = 1.0 / math.sqrt(hadamard)
-        nw = (_CONFIG_OVERRIDE or {}).get("QUANT_WARPS", 8)
+        nw = _cfg("QUANT_WARPS", 8)
     else:
         f32 = True
         h = dummy
@@ -288,7 +293,7 @@ def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, blo
         else:
             BC, single = 2048, False
             BR = 4
-        ov = (_CONFIG_OVERRIDE or {}).get("QUANT_ROWS")
+        ov = _cfg("QUANT_ROWS")
         if ov:
             BR = min(BR, ov)
         nw = 8 if BR * BC >= 8192 else 4
@@ -298,7 +303,7 @@ def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, blo
         seed, flag if check else dummy,
         BR=BR, BC=BC, SINGLE=single, HAD=hadamard, F32_INPUT=f32, UPCAST=_interpreting(), STOCHASTIC=stochastic, CHECK=check,
         QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(), num_warps=nw,
-        num_stages=(_CONFIG_OVERRIDE or {}).get("QUANT_STAGES", 1 if (hadamard and f32) else 2))
+        num_stages=_cfg("QUANT_STAGES", 1 if (hadamard and f32) else 2))
     _check_flag(flag, view, "quantize input")
     blk = block if block is not None else (1, C)
     return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, (R, C))
@@ -467,7 +472,7 @@ def quantize_dual(x2d: torch.Tensor, block: tuple[int, int], block_t: tuple[int,
     br, bc = q.resolve_block(block, (R, C))
     tr, tc = q.resolve_block(block_t, (C, R))
     outs = [("N", (br, bc)), ("T", (tc, tr))]
-    fused = (_CONFIG_OVERRIDE or {}).get("DUAL_FUSED", DUAL_FUSED)
+    fused = _cfg("DUAL_FUSED", DUAL_FUSED)
     if fused and not (br == 1 and bc >= C) and not (tr == 1 and tc >= R) and \
             _tile_plan([b for _, b in outs]) is not None:
         res = _launch_tile(x2d, outs, bits, rounding, generator, check)
@@ -499,7 +504,7 @@ def hadamard_quantize(x2d: torch.Tensor, hadamard: int, block: tuple[int, int] =
         if transpose:
             return _launch_twopass(x2d, 0, bits, rounding, generator, check, hadamard=hadamard,
                                    block=(br, bc))
-        kernel = (_CONFIG_OVERRIDE or {}).get("ROW_KERNEL", ROW_KERNEL)
+        kernel = _cfg("ROW_KERNEL", ROW_KERNEL)
         if kernel not in ROW_KERNELS:
             raise ValueError(f"ROW_KERNEL must be one of {ROW_KERNELS}; got {kernel!r}")
         if kernel == "auto":
@@ -556,7 +561,7 @@ def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check):
     h = _rotation_matrix(hadamard, x.dtype, dev)
     inv = 1.0 / math.sqrt(hadamard)
     grid = (Cp // hadamard, Rp // hadamard)
-    nw = (_CONFIG_OVERRIDE or {}).get("QUANT_WARPS", 8 if hadamard >= 128 else 4)
+    nw = _cfg("QUANT_WARPS", 8 if hadamard >= 128 else 4)
     _kernel("triton_quant", "_dual_amax_kernel")[grid](
         x, R, C, x.stride(0), x.stride(1), amax, h, inv,
         HAD=hadamard, UPCAST=interp, CHECK=check, num_warps=nw)

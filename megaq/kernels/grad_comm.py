@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .dispatch import _cdiv, _qmax, _rint_libdevice, _seed_tensor
+from .dispatch import _cdiv, _cfg, _qmax, _rint_libdevice, _seed_tensor
 
 FUSED_BLOCKS = (32, 64, 128, 256, 512, 1024)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,9 +42,6 @@ _ALIGN = 16          # bytes: segment alignment of the packed wire format
 _TILE = 4096
 _WARPS = 4
 
-
-def _cfg(key: str, default: int) -> int:
-    return (dispatch._CONFIG_OVERRIDE or {}).get(key, default)
 
 
 def _kernel(name: str):

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import torch
 
 from . import dispatch
-from .dispatch import (_cdiv, _check_flag, _hadamard_pm1, _interpreting, _next_pow2, _rint_libdevice,
+from .dispatch import (_cdiv, _cfg, _check_flag, _hadamard_pm1, _interpreting, _next_pow2, _rint_libdevice,
                        _rotation_matrix, _seed_tensor)
 
 # The fused HQ quantizer keeps a whole (padded) row in registers: up to this many elements.
@@ -102,9 +102,6 @@ def _quant():
     import megaq.quant as q
     return q
 
-
-def _cfg(key: str, default):
-    return (dispatch._CONFIG_OVERRIDE or {}).get(key, default)
 
 
 def _fused(*tensors: torch.Tensor, hadamard: int = 32) -> bool:
