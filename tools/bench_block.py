@@ -24,6 +24,7 @@ attention keeping INT8 copies of q, k, v and its output for backward: `attention
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cuda_timing import event_times  # noqa: E402  (tools/, the script's directory)
 from megaq.models.gpt import GPTConfig  # noqa: E402
 from megaq.models.transformer import TransformerBlock  # noqa: E402
 from megaq.ops import dataflow as dataflow_ops  # noqa: E402
@@ -77,20 +79,6 @@ def step(blk, x, g):
         p.grad = None
     x.grad = None
     blk(x).backward(g)
-
-
-def time_steps(blk, x, g, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        step(blk, x, g)
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(blk, x, g)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def peak_memory(blk, x, g) -> int:
@@ -147,7 +135,7 @@ def run(width: int, seq: int, batch: int, variant: str, warmup: int, iters: int,
     g = torch.randn(seq, batch, width, device="cuda", dtype=torch.bfloat16, generator=gen)
     if variant == "int4":          # eagerly host-bound (~3 ms of launches per linear): fewer steps
         warmup, iters = 1, max(3, iters // 5)
-    times = time_steps(blk, x, g, warmup, iters)
+    times = event_times(functools.partial(step, blk, x, g), iters, warmup)
     out = {"width": width, "heads": HEADS.get(width, width // 64), "seq": seq, "batch": batch,
            "variant": variant, "ms": statistics.median(times), "ms_all": times,
            "peak_bytes": peak_memory(blk, x, g), "saved_bytes": saved_bytes(blk, x)}

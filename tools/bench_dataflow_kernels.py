@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cuda_timing import event_times  # noqa: E402  (tools/, the script's directory)
 from megaq import kernels  # noqa: E402
 from megaq.kernels import dataflow  # noqa: E402
 from megaq.quant import QuantizedTensor  # noqa: E402
@@ -101,19 +102,8 @@ def load_baseline(path: Path):
 
 
 def gpu_time(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        torch.cuda._sleep(2_000_000)       # ~1 ms of GPU work while the host enqueues the call
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median kernel time of fn, each call queued behind ~1 ms of GPU work (no host time)."""
+    return statistics.median(event_times(fn, iters, warmup, queue_ahead=True))
 
 
 def make_inputs(rows: int, width: int, seed: int = 0) -> dict:

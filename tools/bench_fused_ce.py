@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import megaq.nn.fused_cross_entropy as fce  # noqa: E402
+from cuda_timing import event_times  # noqa: E402  (tools/, the script's directory)
 from megaq.kernels import cross_entropy as ce_kernels  # noqa: E402
 from megaq.kernels import dispatch  # noqa: E402
 from megaq.nn import fused_linear_cross_entropy, vocab_parallel_cross_entropy  # noqa: E402
@@ -82,15 +83,7 @@ def measure(fn, hidden, weight, target, vocab_size, chunk_tokens, warmup, iters)
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"ms": statistics.median(times), "peak_mib": peak / MIB}
+    return {"ms": statistics.median(event_times(step, iters)), "peak_mib": peak / MIB}
 
 
 def sweep_kernels(rows: int, vocab: int, padded: int) -> list[dict]:
