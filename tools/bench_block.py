@@ -15,7 +15,8 @@ and variant, on `[seq, batch, width]` BF16 activations and BF16 parameters:
 Variants: `bf16` (the reference), `int8` (recipe int8, data flow off: every linear quantizes its
 BF16 input), `int8_df` (recipe int8 with `data_flow: int8`), `int8_df_int8grad` (the same with the
 LayerNorm backward reading the INT8 gradient the next linear's dgrad wrote:
-`megaq.ops.dataflow.INT8_LAYERNORM_GRAD`), `int8_attn8` / `int8_df_attn8` (int8 / int8_df with
+`megaq.ops.dataflow.INT8_LAYERNORM_GRAD`), `int8_df_keepgelu` (the data flow with fc2 keeping its
+INT8 input for backward instead of recomputing it from the GELU's: `RECOMPUTE_GELU_OPERAND` off), `int8_attn8` / `int8_df_attn8` (int8 / int8_df with
 attention keeping INT8 copies of q, k, v and its output for backward: `attention_saves: int8`),
 `int4` (recipe int4). Recipes run with
 `check_finite` off, as the trainer runs them. Writes JSON; prints a markdown table last.
@@ -41,12 +42,15 @@ from megaq.models.transformer import TransformerBlock  # noqa: E402
 from megaq.ops import dataflow as dataflow_ops  # noqa: E402
 
 HEADS = {768: 12, 1600: 25, 2048: 16, 4096: 32}
-# variant -> (recipe, data flow, LayerNorm backward reads an INT8 incoming gradient, attention saves)
-VARIANTS = {"bf16": ("bf16", "bf16", False, "bf16"), "int8": ("int8", "bf16", False, "bf16"),
-            "int8_attn8": ("int8", "bf16", False, "int8"), "int8_df": ("int8", "int8", False, "bf16"),
-            "int8_df_attn8": ("int8", "int8", False, "int8"),
-            "int8_df_int8grad": ("int8", "int8", True, "bf16"),
-            "int4": ("int4", "bf16", False, "bf16")}
+# variant -> (recipe, data flow, LayerNorm backward reads an INT8 incoming gradient, attention saves,
+# fc2 recomputes its INT8 input from the GELU's in backward)
+VARIANTS = {"bf16": ("bf16", "bf16", False, "bf16", True), "int8": ("int8", "bf16", False, "bf16", True),
+            "int8_attn8": ("int8", "bf16", False, "int8", True),
+            "int8_df": ("int8", "int8", False, "bf16", True),
+            "int8_df_keepgelu": ("int8", "int8", False, "bf16", False),
+            "int8_df_attn8": ("int8", "int8", False, "int8", True),
+            "int8_df_int8grad": ("int8", "int8", True, "bf16", True),
+            "int4": ("int4", "bf16", False, "bf16", True)}
 # kernel name -> operator group; first match wins (our INT8 LayerNorm/GELU kernels contain "quant")
 GROUPS = [
     ("layernorm", re.compile(r"layer_?norm|GammaBeta", re.I)),
@@ -58,8 +62,9 @@ GROUPS = [
 
 
 def build(width: int, seq: int, variant: str) -> TransformerBlock:
-    recipe, data_flow, int8_ln_grad, attention_saves = VARIANTS[variant]
+    recipe, data_flow, int8_ln_grad, attention_saves, recompute_gelu = VARIANTS[variant]
     dataflow_ops.INT8_LAYERNORM_GRAD = int8_ln_grad     # read by each LayerNorm forward
+    dataflow_ops.RECOMPUTE_GELU_OPERAND = recompute_gelu  # read by each GELU forward
     cfg = GPTConfig(vocab_size=256, seq_len=seq, n_layer=1, n_head=HEADS.get(width, width // 64),
                     n_embd=width, recipe={"preset": recipe, "check_finite": False}, data_flow=data_flow,
                     attention_saves=attention_saves)

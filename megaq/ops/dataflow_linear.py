@@ -16,7 +16,9 @@ The scales that cross an operator boundary, forward:
   the GELU kernel reads that, so no BF16 copy of fc1's output is ever written. (1, 128) rather than
   per row, because the epilogue sees one 128-column tile of a row at a time.
 - Saved for backward: each linear's X̃ (INT8, per-token scale), the LayerNorm's INT8 (1, 128) input
-  copy + mean/rstd, the GELU's INT8 input. No BF16 activation is saved by the block except SDPA's
+  copy + mean/rstd, the GELU's INT8 input. fc2's X̃ is not kept but rebuilt in backward from the
+  GELU's input by the GELU kernel itself (`RECOMPUTE_GELU_OPERAND`, bit-identical: nearest
+  rounding). No BF16 activation is saved by the block except SDPA's
   own q, k, v, output (attention stays BF16).
 
 Backward: an autograd edge carries a dense gradient of the output's shape. Each linear quantizes its
@@ -55,6 +57,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..kernels import dataflow as dataflow_kernels
 from ..quant import QuantizedTensor, block_hadamard
 from .dataflow import Int8GradSlot, Int8Operand, carrier_like
 from .linear import quantize_gemm_operand, quantize_operand, quantized_gemm, weight_operand
@@ -89,7 +92,7 @@ def data_flow_format(recipe: Recipe | str | dict) -> tuple[int, tuple[int, int]]
 class _DataFlowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xq, hadamard, weight, bias, recipe: Recipe, int8_output, box,
-                grad_slot: Int8GradSlot | None):
+                grad_slot: Int8GradSlot | None, source: QuantizedTensor | None):
         in_features = weight.shape[1]
         spec = recipe.forward
         if xq is None:
@@ -104,8 +107,12 @@ class _DataFlowLinear(torch.autograd.Function):
             y = carrier_like(out_shape, x.dtype, x.device)
         else:
             y = kernels.scaled_mm(xq, wq, out_dtype=x.dtype, bias=bias).view(out_shape)
-        ctx.save_for_backward(xq.data, xq.scale, weight)
-        ctx.xq_meta = (xq.block, xq.bits, xq.shape)
+        # wgrad reads X̃; where X̃ is recomputable from a tensor its producer keeps anyway (the GELU's
+        # INT8 input, `Int8Operand.source`), keep that one instead and rebuild X̃ in backward
+        kept = source if source is not None else xq
+        ctx.save_for_backward(kept.data, kept.scale, weight)
+        ctx.xq_meta = (kept.block, kept.bits, kept.shape)
+        ctx.rebuild_format = (hadamard, xq.block) if source is not None else None
         ctx.recipe, ctx.hadamard, ctx.has_bias = recipe, hadamard, bias is not None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         # INT8 ∇X only where the dgrad GEMM is an integer one
@@ -135,7 +142,10 @@ class _DataFlowLinear(torch.autograd.Function):
                 ctx.grad_slot.put(grad_q, grad_x)
         if ctx.needs_input_grad[3]:
             # wgrad from the saved operand: ∇Yᵀ · X̃ over tokens, then H back on the [out, C'] result
-            x_saved = kernels.dequantize(QuantizedTensor(data, scale, *ctx.xq_meta), ctx.x_dtype)
+            xq = QuantizedTensor(data, scale, *ctx.xq_meta)
+            if ctx.rebuild_format is not None:
+                xq = dataflow_kernels.gelu_quantize(xq, *ctx.rebuild_format)
+            x_saved = kernels.dequantize(xq, ctx.x_dtype)
             grad_w = quantized_gemm(grad_y, x_saved, recipe.wgrad, recipe.check_finite,
                                     transpose_a=True, transpose_b=True)
             if ctx.hadamard:
@@ -143,7 +153,7 @@ class _DataFlowLinear(torch.autograd.Function):
             grad_w = grad_w[:, :in_features].to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_b = grad_y.float().sum(0).to(grad_y.dtype)
-        return grad_x, None, None, grad_w, grad_b, None, None, None, None
+        return grad_x, None, None, grad_w, grad_b, None, None, None, None, None
 
 
 def dataflow_linear(x: torch.Tensor | Int8Operand, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -165,13 +175,13 @@ def dataflow_linear(x: torch.Tensor | Int8Operand, weight: torch.Tensor, bias: t
             raise ValueError(f"dataflow_linear: the input operand (hadamard={x.hadamard}, block="
                              f"{x.q.block}, bits={x.q.bits}) is not recipe {recipe.name!r}'s forward "
                              f"operand (hadamard={hadamard}, block={expected}, bits=8)")
-        value, xq, grad_slot = x.carrier, x.q, x.grad_slot
+        value, xq, grad_slot, source = x.carrier, x.q, x.grad_slot, x.source
     else:
-        value, xq, grad_slot = x, None, None
+        value, xq, grad_slot, source = x, None, None, None
     if value.shape[-1] != weight.shape[1]:
         raise ValueError(f"dataflow_linear: input features {value.shape[-1]} != weight in_features "
                          f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
     box: list = []
     y = _DataFlowLinear.apply(value, xq, hadamard, weight, bias, recipe, bool(int8_output), box,
-                              grad_slot)
+                              grad_slot, source)
     return Int8Operand(y, box[0], 0) if int8_output else y
