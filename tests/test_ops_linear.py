@@ -216,6 +216,18 @@ def test_dual_quantizer_only_where_both_operands_share_the_spec(recipe, grad_x, 
     assert w.grad is not None and (x.grad is not None) == grad_x
 
 
+def test_graph_warmup_runs_the_kernels_a_capture_runs(monkeypatch):
+    """Inside graph_warmup() (the eager warm-up before a CUDA graph capture) the linear uses the single
+    quantizers a capture uses, so that no kernel is compiled for the first time inside the capture."""
+    x, w, b, gy = _problem(40, 256, 128)
+    calls = _count_dual_calls(monkeypatch)
+    with linear_module.graph_warmup():
+        quantized_linear(x.clone().requires_grad_(True), w.clone().requires_grad_(True), b, "int8").backward(gy)
+    assert calls == [] and not linear_module._GRAPH_WARMUP
+    quantized_linear(x.clone().requires_grad_(True), w.clone().requires_grad_(True), b, "int8").backward(gy)
+    assert calls == [(40, 256), (40, 128)]
+
+
 def test_recipe_presets_and_overrides():
     assert set(RECIPE_PRESETS) >= {"bf16", "int8", "int8_jetfire", "int4"}
     r = get_recipe({"preset": "int8_block128", "forward": {"a": {"block": [1, 32]}}})

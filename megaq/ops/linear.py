@@ -8,6 +8,8 @@ the GPU kernel or the `megaq.quant` reference; this module never checks the devi
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -92,6 +94,24 @@ def quantized_gemm(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | Quantize
 # while a CUDA graph is being captured (train.cuda_graphs), where only GPU time remains.
 # False: never (one quantizer call per GEMM operand, for benchmarking the difference).
 DUAL_QUANTIZE = True
+_GRAPH_WARMUP = False   # inside graph_warmup(): choose the kernels a capture would
+
+
+@contextlib.contextmanager
+def graph_warmup():
+    """Run the quantized linears with the kernels a CUDA graph capture will launch (no dual
+    quantizer), for the eager warm-up before a capture: every Triton kernel the capture needs is then
+    compiled and loaded before it starts (compiling one inside a capture breaks the capture)."""
+    global _GRAPH_WARMUP
+    old, _GRAPH_WARMUP = _GRAPH_WARMUP, True
+    try:
+        yield
+    finally:
+        _GRAPH_WARMUP = old
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return _GRAPH_WARMUP or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _dual_hadamard(x: torch.Tensor, gemm: GemmSpec, side: str, gemm_t: GemmSpec, side_t: str) -> int:
@@ -99,7 +119,7 @@ def _dual_hadamard(x: torch.Tensor, gemm: GemmSpec, side: str, gemm_t: GemmSpec,
     of `gemm_t` (rows of its transpose) can come from one `kernels.hadamard_quantize_dual` call: the
     same INT8 per-row max-scaled spec and rounding, the same reduction-axis rotation. Else 0."""
     spec = getattr(gemm, side)
-    if (DUAL_QUANTIZE and not (x.is_cuda and torch.cuda.is_current_stream_capturing()) and gemm.hadamard and gemm.hadamard == gemm_t.hadamard and spec.fmt == "int8"
+    if (DUAL_QUANTIZE and not _capturing(x) and gemm.hadamard and gemm.hadamard == gemm_t.hadamard and spec.fmt == "int8"
             and spec.block == (1, -1) and spec.scale == "max" and spec == getattr(gemm_t, side_t)):
         return gemm.hadamard
     return 0

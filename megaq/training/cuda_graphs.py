@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from megaq.ops.linear import refresh_cached_weights
+from megaq.ops.linear import graph_warmup, refresh_cached_weights
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class BlockGraphs:
         # static inputs: block 0's sample, then each block's warm-up output (realistic values)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), graph_warmup():
             x = sample.detach()
             for g in graphs:
                 g.static_input = x.clone().requires_grad_(True)
