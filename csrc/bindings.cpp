@@ -10,6 +10,7 @@
 #include <string>
 
 #include "int4_gemm/int4_gemm.h"
+#include "int8_gemm/int8_gemm.h"
 
 namespace {
 
@@ -110,6 +111,128 @@ torch::Tensor int4_gemm(const torch::Tensor& a, const torch::Tensor& b,
   return out;
 }
 
+void check_int8_operand(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "int8_gemm: ", name, " must be a CUDA tensor; got device ", t.device().str());
+  TORCH_CHECK(t.scalar_type() == torch::kInt8, "int8_gemm: ", name, " must be int8; got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, "int8_gemm: ", name, " must be 2-D [rows, K]; got shape ", dims(t.sizes()));
+  TORCH_CHECK(t.size(0) >= 1, "int8_gemm: ", name, " must have at least one row; got shape ",
+              dims(t.sizes()));
+  TORCH_CHECK(t.stride(1) == 1, "int8_gemm: ", name,
+              " must have contiguous rows (stride(1) == 1); got strides ", dims(t.strides()));
+  TORCH_CHECK(t.size(1) >= 16 && t.size(1) % 16 == 0, "int8_gemm: K (", name,
+              ".size(1)) must be a positive multiple of 16 (TMA rows are whole 16-byte units); got ",
+              num(t.size(1)));
+  TORCH_CHECK(t.size(0) == 1 || t.stride(0) % 16 == 0, "int8_gemm: ", name,
+              " row stride must be a multiple of 16 bytes; got ", num(t.stride(0)));
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, "int8_gemm: ", name,
+              " data pointer must be 16-byte aligned (use .contiguous() on a fresh tensor)");
+}
+
+// A 2-D FP32 scale grid of `rows` x (1 or `kb`) on `ref`'s device; returns its (row, K-block) strides
+// in elements, the K-block stride 0 when one scale covers the whole row.
+std::pair<int64_t, int64_t> check_int8_scale(const torch::Tensor& s, int64_t rows, int64_t kb,
+                                             const torch::Tensor& ref, const char* name,
+                                             const char* shape_hint) {
+  TORCH_CHECK(s.device() == ref.device(), "int8_gemm: ", name, " must be on ", ref.device().str(),
+              " like the operands; got ", s.device().str());
+  TORCH_CHECK(s.scalar_type() == torch::kFloat32, "int8_gemm: ", name, " must be float32; got ",
+              s.scalar_type());
+  const bool row_vector = s.dim() == 1 && s.size(0) == rows;
+  const bool grid = s.dim() == 2 && s.size(0) == rows && (s.size(1) == kb || s.size(1) == 1);
+  TORCH_CHECK(row_vector || grid, "int8_gemm: ", name, " must have shape ", shape_hint, " = [",
+              num(rows), ", ", num(kb), "] (or [", num(rows), ", 1] for one scale per row); got ",
+              dims(s.sizes()));
+  const int64_t row_stride = s.stride(0);
+  const int64_t kb_stride = grid && s.size(1) > 1 ? s.stride(1) : 0;
+  TORCH_CHECK(row_stride >= 0 && kb_stride >= 0, "int8_gemm: ", name,
+              " must have non-negative strides; got ", dims(s.strides()));
+  return {row_stride, kb_stride};
+}
+
+// out = scaled_mm(A, B) on Hopper INT8 tensor cores, written into `out` (returned); see int8_gemm.h.
+// a: int8 [M, K], b: int8 [N, K] (K-contiguous rows); mode "rowcol": scale_a [M] / [M, 1], scale_b
+// [N] / [N, 1], one INT32 sum over K; mode "block128": scale_a [M, ceil(K/128)], scale_b
+// [ceil(N/scale_b_rows), ceil(K/128)] (either may be [rows, 1]: one scale per row), promoted to FP32
+// every 128 of K. bias: float32 [N] or None. out: [M, N] float32 / bfloat16 with contiguous rows.
+torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor out,
+                        const torch::Tensor& scale_a, const torch::Tensor& scale_b,
+                        const std::optional<torch::Tensor>& bias, const std::string& mode,
+                        int64_t scale_b_rows, int64_t tile, int64_t group_m) {
+  check_int8_operand(a, "a");
+  check_int8_operand(b, "b");
+  TORCH_CHECK(a.device() == b.device(), "int8_gemm: a and b must be on the same device; got ",
+              a.device().str(), " and ", b.device().str());
+  TORCH_CHECK(a.size(1) == b.size(1), "int8_gemm: a and b must have the same K; got a ", dims(a.sizes()),
+              " and b ", dims(b.sizes()));
+  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
+  const int64_t kb = (K + 127) / 128;
+  int mode_id;
+  if (mode == "rowcol") {
+    mode_id = MEGAQ_INT8_ROWCOL;
+    TORCH_CHECK(scale_b_rows == 1, "int8_gemm: mode rowcol takes one scale per row of B "
+                "(scale_b_rows = 1); got ", num(scale_b_rows));
+    TORCH_CHECK(K <= 133143, "int8_gemm: mode rowcol sums INT32 over all of K, exact only for "
+                "K * 127^2 < 2^31 (K <= 133143); got K = ", num(K), ". Use mode block128.");
+  } else if (mode == "block128") {
+    mode_id = MEGAQ_INT8_BLOCK128;
+    TORCH_CHECK(scale_b_rows == 1 || (scale_b_rows > 0 && scale_b_rows % 128 == 0),
+                "int8_gemm: scale_b_rows (rows of B sharing a scale) must be 1 or a multiple of 128; got ",
+                num(scale_b_rows));
+  } else {
+    TORCH_CHECK(false, "int8_gemm: mode must be 'rowcol' or 'block128'; got '", mode, "'");
+  }
+  const int64_t kb_a = mode_id == MEGAQ_INT8_ROWCOL ? 1 : kb;
+  const int64_t b_rows = (N + scale_b_rows - 1) / scale_b_rows;
+  const auto sa = check_int8_scale(scale_a, M, kb_a, a, "scale_a", "[M, ceil(K/128)]");
+  const auto sb = check_int8_scale(scale_b, b_rows, kb_a, a, "scale_b",
+                                   "[ceil(N/scale_b_rows), ceil(K/128)]");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == a.device() && bias->scalar_type() == torch::kFloat32 &&
+                    bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
+                "int8_gemm: bias must be a contiguous float32 [N] tensor on ", a.device().str(),
+                " with N = ", num(N), "; got ", bias->scalar_type(), " ", dims(bias->sizes()), " on ",
+                bias->device().str());
+  }
+  TORCH_CHECK(out.device() == a.device(), "int8_gemm: out must be on ", a.device().str(), "; got ",
+              out.device().str());
+  int out_kind;
+  switch (out.scalar_type()) {
+    case torch::kFloat32: out_kind = MEGAQ_INT8_OUT_F32; break;
+    case torch::kBFloat16: out_kind = MEGAQ_INT8_OUT_BF16; break;
+    default:
+      TORCH_CHECK(false, "int8_gemm: out dtype must be float32 or bfloat16; got ", out.scalar_type());
+  }
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N, "int8_gemm: out must be [", num(M),
+              ", ", num(N), "]; got ", dims(out.sizes()));
+  TORCH_CHECK(N == 1 || out.stride(1) == 1, "int8_gemm: out must have contiguous rows; got strides ",
+              dims(out.strides()));
+  const int64_t ldc = M == 1 ? N : out.stride(0);
+  TORCH_CHECK(ldc >= N, "int8_gemm: out row stride ", num(ldc), " < N = ", num(N));
+  TORCH_CHECK(tile >= 0 && tile <= MEGAQ_INT8_TILE_128x128_SERIAL, "int8_gemm: unknown tile ", num(tile));
+
+  const c10::cuda::CUDAGuard guard(a.device());
+  const cudaError_t ready = megaq_int8_gemm_check_device();
+  TORCH_CHECK(ready != cudaErrorNotSupported, "int8_gemm: needs an sm_90 GPU (H100/H200) and a build "
+              "with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a); device ", a.device().str());
+  TORCH_CHECK(ready == cudaSuccess, "int8_gemm: CUDA error: ", cudaGetErrorString(ready));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
+  const cudaError_t err = megaq_int8_gemm(
+      static_cast<const int8_t*>(a.data_ptr()), static_cast<const int8_t*>(b.data_ptr()), M, N, K,
+      M == 1 ? K : a.stride(0), N == 1 ? K : b.stride(0), mode_id, scale_a.data_ptr<float>(), sa.first,
+      sa.second, scale_b.data_ptr<float>(), scale_b_rows, sb.first, sb.second,
+      bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr(), out_kind, ldc,
+      static_cast<int>(tile), static_cast<int>(group_m), stream);
+  TORCH_CHECK(err != cudaErrorInvalidValue, "int8_gemm: the kernel refused tile ", num(tile),
+              " for mode ", mode, " (or an argument the checks above missed)");
+  TORCH_CHECK(err == cudaSuccess, "int8_gemm: CUDA error: ", cudaGetErrorString(err));
+  return out;
+}
+
+// True when int8_gemm runs on the current device (sm_90 and this build has sm_90a code). The first
+// call per device does a synchronous read of a device symbol: not inside a CUDA graph capture.
+bool int8_gemm_supported() { return megaq_int8_gemm_check_device() == cudaSuccess; }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -119,4 +242,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = (A @ B^T) * scale_a[:, None] * scale_b[None, :] on mma.sync m16n8k64 s4.s4 "
         "(A [M, K/2], B [N, K/2] packed INT4 uint8, low nibble = even index; K % 32 == 0). "
         "out: preallocated [M, N] float32 / bfloat16 / int32 (int32: raw accumulators, no scales).");
+  m.def("int8_gemm", &int8_gemm, pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("out"),
+        pybind11::arg("scale_a"), pybind11::arg("scale_b"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("mode") = "rowcol", pybind11::arg("scale_b_rows") = 1, pybind11::arg("tile") = 0,
+        pybind11::arg("group_m") = 0,
+        "out = scaled_mm(A, B) (+ bias) on sm_90a wgmma s8 tensor cores (TMA, warp-specialized). "
+        "a [M, K], b [N, K] int8, K % 16 == 0; mode 'rowcol' (scales [M] x [N], INT32 over all K) or "
+        "'block128' (scales per 128 of K, B scale per row or per 128-row block: scale_b_rows). "
+        "out: preallocated [M, N] float32 / bfloat16.");
+  m.def("int8_gemm_supported", &int8_gemm_supported,
+        "True when int8_gemm runs on the current CUDA device (sm_90 with sm_90a code in this build).");
 }

@@ -239,9 +239,11 @@ def check_tiles_have_own_streams(device):
 
 
 def check_dither_positions_independent(device):
-    """The dither gives 8 elements 16 bits each of one Philox call: at frac(v) = 1/2 every one of
-    the 8 positions rounds up half the time, and elements 1, 4 and 8 apart decide independently
-    (a reused word would correlate them fully)."""
+    """The dither gives 8 elements 16 bits each of one Philox call: the two halves of word w go to
+    columns 8w + 2q and 8w + 2q + 1 of a 32-column span (q: the call's place in the span). At
+    frac(v) = 1/2 every one of the 8 positions rounds up half the time, and elements that share a
+    call (1, 8, 16 apart) or not (2 apart) decide independently (a reused word would correlate them
+    fully)."""
     x = torch.full((64, 264), 0.5, device=device)
     x[:, 0] = 127.0  # the row scale is 1: every other element is v = 1/2, rounded to 0 or 1
     for transpose in (False, True):
@@ -249,13 +251,32 @@ def check_dither_positions_independent(device):
                              transpose=transpose).data.cpu().double()
         up = q[:, 8:]                                            # [64, 256] of 0/1
         assert bool(((up == 0) | (up == 1)).all())
-        rate = up.reshape(64, 32, 8).mean(dim=(0, 1))            # per position in the group of 8
+        # columns 8..263 = (span, word, q, half): the rate per (word, half), 2048 draws each
+        rate = up.reshape(64, 8, 4, 4, 2).mean(dim=(0, 1, 3))
         assert float((rate - 0.5).abs().max()) < 0.06, rate      # 4.5 sigma at 2048 draws each
         centred = up - up.mean()
-        for shift in (1, 4, 8):
+        for shift in (1, 2, 8, 16):
             a, b = centred[:, :-shift].reshape(-1), centred[:, shift:].reshape(-1)
             corr = float((a * b).mean() / (a.std() * b.std()))
             assert abs(corr) < 0.05, (shift, corr)               # ~6 sigma at 16k pairs
+
+
+def check_division_exact(device):
+    """The kernels divide by a block's scale through its reciprocal with two fused corrections
+    (`triton_quant._divide`), which must equal IEEE division bit for bit: rows whose values sit
+    within a few ulps of a rounding tie (k + 1/2) · scale, for scales from 1e-30 to 1e30 and at the
+    top of a binade, quantized to nearest against the reference."""
+    g = torch.Generator().manual_seed(11)
+    rows, cols = 48, 300
+    exps = torch.randint(-100, 100, (rows, 1), generator=g).double()
+    s = (1 + torch.rand(rows, 1, generator=g, dtype=torch.float64)) * 2.0 ** exps
+    s[::5] = 2.0 ** exps[::5] * (2 - 2.0 ** -22)                 # scales at the top of their binade
+    k = torch.randint(-127, 127, (rows, cols), generator=g).double() + 0.5
+    ulps = torch.randint(-6, 7, (rows, cols), generator=g).double() * 2.0 ** -24
+    x = (k * (1 + ulps) * s).float()
+    x[:, 0] = (127 * s[:, 0]).float()                            # the row's abs-max: scale ≈ s
+    for block in ((1, -1), (1, 128), (1, 32)):
+        check_quantize(x.to(device), block)
 
 
 def check_nonfinite(device):
@@ -408,7 +429,7 @@ def test_interp_hadamard_rows_resident(monkeypatch):
     padded Hadamard blocks, block counts that are not powers of two, fp16 / bf16 / fp32, a strided
     view, INT4 payloads; its NaN check; rows too long for registers take the two-pass kernels."""
     cases = [((37, 300), 128, torch.float32), ((19, 1600), 128, torch.bfloat16),
-             ((21, 384), 32, torch.float16), ((5, 2000), 128, torch.float32)]
+             ((21, 384), 32, torch.float16), ((5, 2000), 128, torch.float32), ((13, 208), 16, torch.bfloat16)]
     for shape, had, dtype in cases:
         x = _rand(shape, "cpu", dtype, seed=shape[1], outliers=True)
         with kernels.config_override(**TINY, ROW_KERNEL="resident"):
@@ -496,6 +517,7 @@ def test_interp_stochastic_rounding():
         check_stochastic(x, (1, -1), draws=8, transpose=True)
         check_tiles_have_own_streams("cpu")
         check_dither_positions_independent("cpu")
+        check_division_exact("cpu")
 
 
 @interp_only
@@ -592,6 +614,7 @@ def test_gpu_stochastic_and_nonfinite():
     check_stochastic(_rand((1000, 384), "cuda", torch.bfloat16), (1, 128), draws=32, transpose=True)
     check_tiles_have_own_streams("cuda")
     check_dither_positions_independent("cuda")
+    check_division_exact("cuda")
     check_nonfinite("cuda")
 
 

@@ -10,7 +10,9 @@ Sections
      blk128   1×128 activations · 128×128 weights, scale every K=128 (DeepSeek-V3 style)
      blk128r  1×128 · 1×128 (both per-row blocks: the wgrad operands of the int8 recipe)
      blk32    1×32 · 32×32;  jet32  32×32 · 32×32 (Jetfire)
-   TOPS = 2MNK / median time; ratio to BF16 on the same shape in the same run.
+   TOPS = 2MNK / median time; ratio to BF16 on the same shape in the same run. The megaq columns
+   run the Triton kernel (MEGAQ_INT8_GEMM=triton); `<variant>_cuda` the sm_90 CUDA kernel of
+   csrc/int8_gemm (MEGAQ_INT8_GEMM=cuda) for rowcol, blk128 and blk128r, where it is available.
    --sweep times a list of tile configurations per variant on two shapes first and uses the best.
 2. Quantize kernels: bandwidth (bytes read + written / median time) on 16384×4096 BF16; the dual
    Hadamard quantizer (x and xᵀ at once) against two single calls at 8192×4096 and 16384×1600.
@@ -24,6 +26,7 @@ Timings: triton.testing.do_bench (CUDA events, L2 flushed before each call), med
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -39,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megaq import kernels  # noqa: E402
-from megaq.kernels import dispatch  # noqa: E402
+from megaq.kernels import cuda_ext, dispatch  # noqa: E402
 from megaq.kernels.dispatch import ROW_KERNELS  # noqa: E402
 from megaq.quant import quantize_blockwise  # noqa: E402
 
@@ -112,6 +115,23 @@ def quantize_variant(name, x, w, check=True):
     return kernels.quantize(x, ab, check=check), kernels.quantize(w, bb, check=check)
 
 
+CUDA_GEMM_VARIANTS = ("rowcol", "blk128", "blk128r")   # the plans csrc/int8_gemm runs
+
+
+@contextlib.contextmanager
+def int8_gemm_path(choice):
+    """MEGAQ_INT8_GEMM=choice (triton / cuda) for the calls inside."""
+    old = os.environ.get("MEGAQ_INT8_GEMM")
+    os.environ["MEGAQ_INT8_GEMM"] = choice
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MEGAQ_INT8_GEMM"]
+        else:
+            os.environ["MEGAQ_INT8_GEMM"] = old
+
+
 def gemm_section(args, results):
     rows = []
     best_cfg = {}
@@ -176,13 +196,18 @@ def gemm_section(args, results):
             try:
                 qa, qb = quantize_variant(v, x, w)
                 cfg = best_cfg.get(v) or {}
-                with kernels.config_override(**cfg):
+                with kernels.config_override(**cfg), int8_gemm_path("triton"):
                     fn = lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16)  # noqa
                     fn()
                     row[v] = flop / bench_ms(fn) / 1e9
-                if cfg:   # the shipped default too, for comparison
-                    fn = lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16)  # noqa
-                    row[v + "_default"] = flop / bench_ms(fn) / 1e9
+                    if cfg:   # the shipped default too, for comparison
+                        with kernels.config_override():
+                            row[v + "_default"] = flop / bench_ms(fn) / 1e9
+                if v in CUDA_GEMM_VARIANTS and cuda_ext.int8_gemm_available():
+                    with int8_gemm_path("cuda"):
+                        fn = lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16)  # noqa
+                        fn()
+                        row[v + "_cuda"] = flop / bench_ms(fn) / 1e9
             except Exception as e:
                 row[v + "_error"] = repr(e)[:300]
                 traceback.print_exc()
@@ -442,6 +467,7 @@ GRAPHED_RECIPES = ("bf16", "int8", "int8_block128", "int4")
 def linear_section(args, results):
     try:
         from megaq.ops import quantized_linear
+        from megaq.ops.linear import graph_warmup
     except Exception as e:
         results["linear_error"] = repr(e)
         return
@@ -468,9 +494,10 @@ def linear_section(args, results):
             if recipe in GRAPHED_RECIPES:
                 # the same step replayed from a CUDA graph: what it costs without host launch overhead
                 try:
-                    graphed = torch.cuda.make_graphed_callables(
-                        lambda a, b, spec=spec: quantized_linear(a, b, None, spec),
-                        (x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)))
+                    with graph_warmup():   # warm up the kernels the capture runs (no dual quantizer)
+                        graphed = torch.cuda.make_graphed_callables(
+                            lambda a, b, spec=spec: quantized_linear(a, b, None, spec),
+                            (x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)))
 
                     def graphed_step():
                         graphed(x, w).backward(gy)
@@ -720,7 +747,8 @@ def int4_section(args, results):
 
 def print_table(results):
     print("\n## GEMM TOPS (median; ratio to cuBLAS BF16 in brackets)")
-    cols = ["bf16", "int_mm", "fp8_rowwise", "rowcol", "blk128", "blk128r", "blk32", "jet32"]
+    cols = ["bf16", "int_mm", "fp8_rowwise", "rowcol", "rowcol_cuda", "blk128", "blk128_cuda", "blk128r",
+            "blk128r_cuda", "blk32", "jet32"]
     print("| M,N,K | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for r in results.get("gemm", []):

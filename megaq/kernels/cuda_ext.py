@@ -14,6 +14,8 @@ that is megaq.kernels.dispatch's job.
 Kernels:
   int4_gemm(a_packed, b_packed, scale_a, scale_b, out_dtype)  -- INT4 x INT4 tensor-core GEMM
     (mma.sync m16n8k64 s4), native on sm_80/86/89, emulated (slow, correctness only) on sm_90.
+  int8_gemm(a, b, scale_a, scale_b, mode=...)  -- INT8 scaled_mm on Hopper (wgmma s8, TMA, warp
+    specialization; sm_90 only, built for sm_90a), per-row x per-column or per-128-of-K scales.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ __all__ = [
     "int4_gemm",
     "int4_gemm_available",
     "has_native_int4_mma",
+    "int8_gemm",
+    "int8_gemm_available",
     "csrc_dir",
 ]
 
@@ -48,6 +52,22 @@ def _sources() -> list[str]:
     if not root.is_dir():
         return []
     return sorted(str(p) for p in list(root.rglob("*.cpp")) + list(root.rglob("*.cu")))
+
+
+def _jit_arch_flags() -> list[str]:
+    """-gencode flags for the visible GPUs, sm_90 as sm_90a: the INT8 GEMM's wgmma / setmaxnreg exist
+    only in the arch-specific target, which torch's default flags (plain sm_90) leave out. An explicit
+    TORCH_CUDA_ARCH_LIST is respected as given (write 9.0a there for the INT8 GEMM)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []
+    flags = []
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
+        flag = f"-gencode=arch=compute_{arch},code=sm_{arch}"
+        if flag not in flags:
+            flags.append(flag)
+    return flags
 
 
 def _jit_build() -> tuple[ModuleType | None, str | None]:
@@ -70,7 +90,7 @@ def _jit_build() -> tuple[ModuleType | None, str | None]:
             sources=sources,
             extra_include_paths=[str(csrc_dir())],
             extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+            extra_cuda_cflags=["-O3", "-lineinfo", "--expt-relaxed-constexpr", *_jit_arch_flags()],
             verbose=os.environ.get("MEGAQ_JIT_VERBOSE", "0") == "1",
         )
     except Exception as exc:  # compiler error, missing ninja, ...
@@ -183,3 +203,86 @@ def int4_gemm(a_packed: torch.Tensor, b_packed: torch.Tensor, scale_a: torch.Ten
         raise ValueError(f"int4_gemm: out must be [{m}, {n}] {out_dtype}; got "
                          f"{tuple(out.shape)} {out.dtype}")
     return ext.int4_gemm(a, b, out, sa, sb)
+
+
+_INT8_MODES = ("rowcol", "block128")
+_int8_ready: dict[int, bool] = {}
+
+
+def int8_gemm_available(device: torch.device | int | str | None = None) -> bool:
+    """True when int8_gemm runs on `device`: an sm_90 GPU (H100 / H200) and an extension built with
+    sm_90a code. The first call per device asks the extension (a synchronous read); inside a CUDA graph
+    capture that cannot happen, so an unanswered device reads False there."""
+    if not torch.cuda.is_available():
+        return False
+    if isinstance(device, int):
+        index = device
+    else:
+        device = torch.device("cuda") if device is None else torch.device(device)
+        if device.type != "cuda":
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _int8_ready:
+        return _int8_ready[index]
+    if torch.cuda.get_device_capability(index) != (9, 0):
+        _int8_ready[index] = False
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    ext = load_extension()
+    if ext is None:
+        _int8_ready[index] = False
+        return False
+    with torch.cuda.device(index):
+        _int8_ready[index] = bool(ext.int8_gemm_supported())
+    return _int8_ready[index]
+
+
+def _int8_scale(s: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"int8_gemm: {name} must be a tensor of FP32 scales; got {type(s).__name__}")
+    return s if s.dtype == torch.float32 else s.float()
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, *,
+              mode: str = "rowcol", scale_b_rows: int = 1, bias: torch.Tensor | None = None,
+              out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
+              tile: int = 0, group_m: int = 0) -> torch.Tensor:
+    """`scaled_mm` of two INT8 operands on Hopper tensor cores (csrc/int8_gemm, sm_90 only).
+
+    a: int8 [M, K], b: int8 [N, K], rows K-contiguous, K a multiple of 16, on one CUDA device.
+    mode "rowcol":   out[m, n] = float(Σ_k a[m, k] b[n, k]) · scale_a[m] · scale_b[n] (+ bias[n]);
+                     scale_a [M] or [M, 1], scale_b [N] or [N, 1]; the INT32 sum is exact (K ≤ 133143).
+    mode "block128": out[m, n] = Σ_kb scale_a[m, kb] · scale_b[n // scale_b_rows, kb] · P_kb[m, n]
+                     (+ bias[n]), P_kb the exact INT32 product over K-block kb of 128, promoted to FP32;
+                     scale_a [M, ceil(K/128)], scale_b [ceil(N/scale_b_rows), ceil(K/128)] (any strides;
+                     [rows, 1] = one scale per row), scale_b_rows 1 (per row of B) or a multiple of 128.
+    Scales are used as FP32; bias (any float dtype, [N]) is added in FP32. out_dtype: torch.bfloat16
+    or torch.float32; `out` (optional) a preallocated [M, N] tensor of that dtype with contiguous rows.
+    tile / group_m: the kernel's tile configuration and raster group (0 = default; for benchmarks).
+    FP32 output of rowcol rounds float(acc) (exact below 2^24) and the product with sa·sb: relative
+    error ≤ ~2^-22; block128 adds one FP32 rounding per K-block; bf16 rounds once more."""
+    if mode not in _INT8_MODES:
+        raise ValueError(f"int8_gemm: mode must be one of {list(_INT8_MODES)}; got {mode!r}")
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"int8_gemm: out_dtype must be torch.float32 or torch.bfloat16; got {out_dtype}")
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"int8_gemm: operands must be 2-D; got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not (a.is_cuda and b.is_cuda):
+        raise ValueError(f"int8_gemm: operands must be CUDA tensors; got {a.device} and {b.device}")
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(f"int8_gemm needs the CUDA extension megaq._C: {_state['reason']}")
+    if not int8_gemm_available(a.device):
+        raise RuntimeError(f"int8_gemm runs on sm_90 GPUs only (with an sm_90a build of megaq._C); "
+                           f"{a.device} is {torch.cuda.get_device_name(a.device)}, capability "
+                           f"{torch.cuda.get_device_capability(a.device)}")
+    m, n = a.shape[0], b.shape[0]
+    sa, sb = _int8_scale(scale_a, "scale_a"), _int8_scale(scale_b, "scale_b")
+    if bias is not None:
+        bias = bias.to(device=a.device, dtype=torch.float32).contiguous()
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    elif out.dtype != out_dtype or tuple(out.shape) != (m, n):
+        raise ValueError(f"int8_gemm: out must be [{m}, {n}] {out_dtype}; got {tuple(out.shape)} {out.dtype}")
+    return ext.int8_gemm(a, b, out, sa, sb, bias, mode, scale_b_rows, tile, group_m)

@@ -2,7 +2,9 @@
 reference elsewhere (CPU tensors, no Triton, unsupported shapes/blocks).
 
 `MEGAQ_KERNELS=reference|triton|auto` (default auto) forces a path. `triton` on CPU tensors needs
-`TRITON_INTERPRET=1` (set before triton is imported): that is how CI runs these kernels.
+`TRITON_INTERPRET=1` (set before triton is imported): that is how CI runs these kernels. On sm_90 the
+INT8 `scaled_mm` may run the CUDA kernel of csrc/int8_gemm instead (`MEGAQ_INT8_GEMM`, see
+`_cuda_int8_mode`).
 
 Public functions (re-exported by `megaq.kernels`):
     quantize(x2d, block, bits=8, rounding="nearest", generator=None, check=True, transpose=False)
@@ -82,7 +84,8 @@ def _has_tma(device: torch.device) -> bool:
 def config_override(**cfg):
     """Force kernel tile configurations (tests use tiny tiles under the interpreter; the benchmark
     sweeps). GEMM keys: BM, BN, BK, J, CVT, GROUP_M, num_warps, num_stages, USE_TMA, WS. Quantizer
-    keys: QUANT_ROWS, QUANT_COLS, QUANT_WARPS, QUANT_STAGES, DUAL_FUSED, ROW_KERNEL, RESIDENT_TILE."""
+    keys: QUANT_ROWS, QUANT_COLS, QUANT_WARPS, QUANT_STAGES, QUANT_PER_SM, DUAL_FUSED, ROW_KERNEL,
+    RESIDENT_TILE."""
     global _CONFIG_OVERRIDE
     old = _CONFIG_OVERRIDE
     _CONFIG_OVERRIDE = dict(cfg)
@@ -262,6 +265,26 @@ def _per_row_outputs(R: int, C: int, dev, rounding: str, generator, check: bool)
             dummy, seed, flag)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _persistent_programs(n_tiles: int, device, per_sm: int) -> int:
+    """Programs of a persistent quantizer grid: `per_sm` per SM (each loads the Hadamard matrix once and
+    keeps the next tile's load in flight), never more than the tiles; under the interpreter a few, so
+    that every program's loop runs more than once."""
+    if device.type != "cuda":
+        return max(1, min(n_tiles, 3))
+    return max(1, min(n_tiles, per_sm * _sm_count(device.index or 0)))
+
+
+def _pipeline_stages(stages: int, tile_bytes: int, hadamard: int) -> int:
+    """The deepest load pipeline up to `stages` whose tiles fit ~192 KB of shared memory beside the BF16
+    Hadamard matrix (the rest of the SM's 227 KB holds the layout-conversion scratch)."""
+    return max(1, min(stages, (192 * 1024 - 2 * hadamard * hadamard) // tile_bytes))
+
+
 def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, block=None):
     """Per-row quantization of `view` [R, C] (any strides), optionally after a Hadamard rotation
     of each row (zero padded to whole Hadamard blocks)."""
@@ -323,12 +346,16 @@ def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int,
     ov = _CONFIG_OVERRIDE or {}
     nch = _next_pow2(Cp // hadamard)
     BR = max(1, ov.get("RESIDENT_TILE", _RESIDENT_TILE) // nch)
-    nw = ov.get("QUANT_WARPS", 8 if BR * nch * hadamard >= 8192 else 4)
-    _kernel("triton_quant", "_quant_rows_resident_kernel")[(_cdiv(R, BR),)](
+    nw = ov.get("QUANT_WARPS", 4)
+    n_tiles = _cdiv(R, BR)
+    grid = (_persistent_programs(n_tiles, dev, ov.get("QUANT_PER_SM", _PER_SM)),)
+    _kernel("triton_quant", "_quant_rows_resident_kernel")[grid](
         view, R, C_in, Cp, view.stride(0), view.stride(1), data, scale, h, 1.0 / math.sqrt(hadamard),
-        seed, flag if check else dummy,
+        seed, flag if check else dummy, n_tiles,
         BR=BR, NCH=nch, HAD=hadamard, F32_INPUT=f32, UPCAST=_interpreting(), STOCHASTIC=stochastic,
-        CHECK=check, QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(), num_warps=nw)
+        CHECK=check, QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(),
+        STAGES=_pipeline_stages(ov.get("QUANT_STAGES", _PERSISTENT_STAGES), BR * nch * hadamard * view.element_size(),
+                                hadamard), num_warps=nw)
     _check_flag(flag, view, "hadamard_quantize input")
     return q.QuantizedTensor(_pack(data, bits), scale, block, bits, (R, Cp))
 
@@ -365,16 +392,22 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
         BC = hadamard or ov.get("QUANT_COLS", 128)
         BR = ov.get("QUANT_ROWS", 64)
     inv = 1.0 / math.sqrt(hadamard) if hadamard else 1.0
-    grid = (_cdiv(C, BC), _cdiv(R, BR))
+    # strips: the tile columns (axis 0) or rows (axis 1) that share scales; programs take strips in turn
+    # and split each strip's tiles among grid[1] programs
+    n_strips, n_blocks = (_cdiv(C, BC), _cdiv(R, BR)) if axis == 0 else (_cdiv(R, BR), _cdiv(C, BC))
+    programs = _persistent_programs(n_strips * n_blocks, dev, ov.get("QUANT_PER_SM", _PER_SM))
+    grid = (min(n_strips, programs), max(1, min(n_blocks, programs // n_strips)))
     nw = ov.get("QUANT_WARPS", 4)
+    stages = _pipeline_stages(ov.get("QUANT_STAGES", _TWOPASS_STAGES), BR * BC * x.element_size(), hadamard)
     _kernel("triton_quant", "_amax_partial_kernel")[grid](
-        x, R_in, C_in, x.stride(0), x.stride(1), amax, h, inv, flag if check else dummy,
-        BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=check, num_warps=nw)
+        x, R_in, C_in, x.stride(0), x.stride(1), amax, h, inv, flag if check else dummy, n_strips, n_blocks,
+        BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=check, STAGES=stages,
+        num_warps=nw)
     _check_flag(flag, x, "quantize input")
     _kernel("triton_quant", "_quant_given_amax_kernel")[grid](
-        x, R, C, R_in, C_in, x.stride(0), x.stride(1), amax, data, scale, h, inv, seed,
+        x, R, C, R_in, C_in, x.stride(0), x.stride(1), amax, data, scale, h, inv, seed, n_strips, n_blocks,
         BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), STOCHASTIC=stochastic,
-        QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(), num_warps=nw)
+        QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(), STAGES=stages, num_warps=nw)
     ext = R if axis == 0 else C
     blk = block if block is not None else (1, ext)
     return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, out_shape)
@@ -429,30 +462,35 @@ DUAL_FUSED = False
 ROW_KERNEL = "auto"
 ROW_KERNELS = ("auto", "resident", "twopass", "strip")
 # A resident program holds BR rows × NCH Hadamard blocks (NCH a power of two) as one [BR·NCH, HAD]
-# FP32 tile: rows up to 16384 elements keep it within 64 registers per thread at 8 warps.
+# FP32 tile (4 warps: 64 values per thread at the default tile; rows up to 16384 elements).
 _RESIDENT_MAX_ROW = 16384
 _RESIDENT_TILE = 64         # BR·NCH target (rows of the [BR·NCH, HAD] tile); config key RESIDENT_TILE
+# The persistent quantizers (resident, two-pass, dual): programs per SM and the depth of each program's
+# load pipeline (config keys QUANT_PER_SM, QUANT_STAGES), from an H100 sweep at 8192×4096 (resident:
+# 2 per SM, 3 stages, 4 warps: 46 / 72 µs nearest / stochastic against 60 / 83 at 2 stages, 8 warps;
+# two-pass of x.T: 106 µs nearest at 2 per SM, 3 stages).
+_PER_SM = 2
+_PERSISTENT_STAGES = 3
+_TWOPASS_STAGES = 3
 
 
 def _auto_row_kernel(padded_cols: int, hadamard: int, stochastic: bool, dtype: torch.dtype) -> str:
-    """The fastest per-row Hadamard quantizer measured on an H100 (bf16 input, Hadamard 128, speed-up
-    over "twopass", docs/PERFORMANCE.md session 4): rows of <= 1024 → "strip" (768 wide: 1.14×
-    nearest, 1.67× stochastic); a power-of-two number of Hadamard blocks → "resident" (2048 and 4096
-    wide: 1.56-1.58× nearest, 1.26-1.28× stochastic; 16384 wide: 1.15× nearest, but 0.89×
-    stochastic); a padded block count (1600 → 13 blocks of 16 in registers, 6400 → 50 of 64) wastes
-    the resident kernel's registers: "strip" for nearest rounding up to 16 blocks (1600: 1.40×),
-    else "twopass" (1600 stochastic: resident 0.95×; 6400: resident 0.61-0.69×, strip 0.73-0.94×).
-    Other Hadamard sizes and FP32 inputs (three BF16 products per rotation: more registers) were not
-    measured: "twopass", the kernel used before these measurements."""
+    """The fastest per-row Hadamard quantizer measured on an H100 (bf16 input, Hadamard 128, µs of the
+    persistent kernels with the exact reciprocal division, 2026-11-22): rows of <= 1024 → "strip"
+    (768 wide: strip 34.3 / resident 34.6 nearest, 46.7 / 48.9 stochastic); up to 64 Hadamard blocks,
+    padded ones included → "resident" (1600 wide, 13 of 16 blocks: 58.6 against strip 71.6 and twopass
+    91.7 nearest, 80.6 / 89.9 / 112.6 stochastic; 6400 wide, 50 of 64: 184 / 240 / 272 nearest,
+    277 / 286 / 340 stochastic; 4096 wide: 61 / 119 / 105 nearest); longer rows → "resident" for a
+    power-of-two block count and nearest rounding, else "twopass" (16384 wide, stochastic: resident
+    0.89× of twopass before these kernels; not re-measured). Other Hadamard sizes and FP32 inputs (three
+    BF16 products per rotation: more registers) were not measured: "twopass"."""
     if hadamard != 128 or dtype not in (torch.bfloat16, torch.float16):
         return "twopass"
     blocks = padded_cols // hadamard
     if padded_cols <= 1024:
         return "strip"
-    if _pow2(blocks) and (blocks <= 32 or not stochastic):
+    if _next_pow2(blocks) <= 64 or (_pow2(blocks) and not stochastic):
         return "resident"
-    if not stochastic and blocks <= 16:
-        return "strip"
     return "twopass"
 
 
@@ -560,15 +598,18 @@ def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check):
     interp = _interpreting()
     h = _rotation_matrix(hadamard, x.dtype, dev)
     inv = 1.0 / math.sqrt(hadamard)
-    grid = (Cp // hadamard, Rp // hadamard)
+    n_c = Cp // hadamard
+    n_tiles = n_c * (Rp // hadamard)
+    grid = (_persistent_programs(n_tiles, dev, _cfg("QUANT_PER_SM", _PER_SM)),)
     nw = _cfg("QUANT_WARPS", 8 if hadamard >= 128 else 4)
+    stages = _pipeline_stages(_cfg("QUANT_STAGES", _PERSISTENT_STAGES), hadamard * hadamard * x.element_size(), hadamard)
     _kernel("triton_quant", "_dual_amax_kernel")[grid](
-        x, R, C, x.stride(0), x.stride(1), amax, h, inv,
-        HAD=hadamard, UPCAST=interp, CHECK=check, num_warps=nw)
+        x, R, C, x.stride(0), x.stride(1), amax, h, inv, n_tiles, n_c,
+        HAD=hadamard, UPCAST=interp, CHECK=check, STAGES=stages, num_warps=nw)
     _kernel("triton_quant", "_dual_quant_kernel")[grid](
         x, R, C, Rp, Cp, x.stride(0), x.stride(1), amax, data, scale, data_t, scale_t, h, inv, seed,
-        HAD=hadamard, UPCAST=interp, STOCHASTIC=stochastic, QMAX=_qmax(bits), RINT_LIBDEVICE=not interp,
-        num_warps=nw)
+        n_tiles, n_c, HAD=hadamard, UPCAST=interp, STOCHASTIC=stochastic, QMAX=_qmax(bits),
+        RINT_LIBDEVICE=not interp, STAGES=stages, num_warps=nw)
     if check:   # after both launches: one host sync, the GPU never waits for the host in between
         _check_flag(amax[R + C:], x, "hadamard_quantize input")
     return (q.QuantizedTensor(_pack(data, bits), scale, (1, Cp), bits, (R, Cp)),
@@ -699,6 +740,48 @@ def _native_int4_eligible(a, b, out_dtype) -> bool:
     return choice == "native" or has_native_int4_mma(a.data.device)
 
 
+_INT8_GEMM_CHOICES = ("auto", "cuda", "triton")
+# The csrc/int8_gemm modes that `auto` routes to: those measured faster than the Triton kernel on the
+# H100 (tools/bench_kernels.py, 2026-11-22, TOPS CUDA / Triton on the five GEMM shapes of the issue):
+# rowcol 1.04-1.21x on all five; block128 with 128x128 B blocks 0.94-1.15x (one shape slower),
+# with a B scale per row 0.98-1.30x (one slower). Keys: (mode, B scale layout: "row" one per row of
+# B, "block" one per 128-row block, "-" for rowcol).
+_CUDA_INT8_AUTO = {("rowcol", "-"), ("block128", "block"), ("block128", "row")}
+
+
+def _cuda_int8_mode(a, b, ad, bd, mode, g, ratio_a, ratio_b, out_dtype) -> str | None:
+    """"rowcol" / "block128" when the sm_90 CUDA kernel (megaq.kernels.cuda_ext.int8_gemm) runs this
+    GEMM, else None (Triton). `MEGAQ_INT8_GEMM=auto|cuda|triton` (default auto): auto takes the CUDA
+    kernel for the plans in _CUDA_INT8_AUTO, cuda for every plan it supports (and fails where the
+    kernel is unavailable), triton never. The CUDA kernel supports rowcol and K-blocks of 128 with one A
+    scale per row (per K-block), B scales per row or per 128-row block, FP32/BF16 output, K % 16 == 0.
+    While config_override sets GEMM keys (Triton tile settings) auto stays on Triton."""
+    choice = os.environ.get("MEGAQ_INT8_GEMM", "auto").strip().lower() or "auto"
+    if choice not in _INT8_GEMM_CHOICES:
+        raise ValueError(f"MEGAQ_INT8_GEMM must be one of {list(_INT8_GEMM_CHOICES)}; got {choice!r}")
+    if choice == "triton" or out_dtype not in (torch.float32, torch.bfloat16) or ad.device.type != "cuda":
+        return None
+    if choice == "auto" and any(k in (_CONFIG_OVERRIDE or {}) for k in _GEMM_KEYS):
+        return None
+    rb = b.block[0]
+    if a.block[0] != 1 or a.shape[1] % 16 or ad.data_ptr() % 16 or bd.data_ptr() % 16:
+        return None
+    if mode == "rowcol" and rb == 1:
+        key = ("rowcol", "-")
+    elif mode == "blocked" and g == 128 and ratio_a == ratio_b == 1 and (rb == 1 or rb % 128 == 0):
+        key = ("block128", "row" if rb == 1 else "block")
+    else:
+        return None
+    from .cuda_ext import extension_unavailable_reason, int8_gemm_available
+    if not int8_gemm_available(ad.device):
+        if choice == "cuda":
+            raise RuntimeError(f"MEGAQ_INT8_GEMM=cuda but the sm_90 INT8 GEMM cannot run on {ad.device} "
+                               f"(capability {torch.cuda.get_device_capability(ad.device)}; extension: "
+                               f"{extension_unavailable_reason() or 'loaded'})")
+        return None
+    return key[0] if choice == "cuda" or key in _CUDA_INT8_AUTO else None
+
+
 def _triton_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator):
     mode, g, ratio_a, ratio_b, sak, sbk = plan
     M, K = a.shape
@@ -712,6 +795,11 @@ def _triton_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, gene
         mode, g = "blocked", 128            # keep INT32 partials from overflowing
         ratio_a = ratio_b = 1
         sak = sbk = 0
+    cuda_mode = _cuda_int8_mode(a, b, ad, bd, mode, g, ratio_a, ratio_b, out_dtype)
+    if cuda_mode is not None:
+        from .cuda_ext import int8_gemm
+        return int8_gemm(ad, bd, sa, sb, mode=cuda_mode, scale_b_rows=b.block[0], bias=bias,
+                         out_dtype=out_dtype)
     cfg = gemm_config(mode, g, M, N, K, dev, b.block[0])
     BM, BN, BK, J = cfg["BM"], cfg["BN"], cfg["BK"], cfg["J"]
     ra, rb = a.block[0], b.block[0]

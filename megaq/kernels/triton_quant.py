@@ -2,8 +2,10 @@
 
 What each kernel computes is `megaq.quant.quantize_blockwise` (scale = amax/qmax per block, zero block ->
 scale 1, partial tail blocks from their valid elements only, nearest = round half to even,
-stochastic = floor(v + U[0,1)) clamped to ±qmax) — bit for bit for nearest rounding: the division is
-IEEE (`div_rn`), the rounding `rint` (GPU) or the 1.5·2^23 trick (interpreter), both half-to-even.
+stochastic = floor(v) + [u < frac(v)] clamped to ±qmax) — bit for bit for nearest rounding: x / scale
+is IEEE division, computed per element from the block's reciprocal with two fused corrections
+(`_divide`: a multiply and four FMAs instead of an IEEE division's ~11 instructions and slow-path
+branch), and the rounding is `cvt.rni` (GPU) or the 1.5·2^23 trick (interpreter), both half-to-even.
 
 Kernels
 - `_quant_tile_kernel`: blocks that fit one program tile (1×128, 1×32, 128×128, 32×32, 128×1 ...).
@@ -13,11 +15,12 @@ Kernels
   Hadamard rotation of the row; one program per block of rows (single read when the row fits a
   tile, otherwise two passes over its rows).
 - `_quant_rows_resident_kernel`: per-row Hadamard quantization (the rotated recipe's X and ∇Y) with
-  whole rows held in registers: one read of the input.
+  whole rows held in registers: one read of the input; persistent programs with the next tile's
+  load in flight.
 - `_amax_partial_kernel` + `_quant_given_amax_kernel`: the same per-row quantization (of x, AXIS=1,
-  or of x.T written transposed, AXIS=0) split over a full 2-D grid: tile abs-maxes folded with
-  atomics, then a second read quantizes. Used for transposed per-row operands (wgrad) and for the
-  fused Hadamard + per-row quantize (the rotated recipe).
+  or of x.T written transposed, AXIS=0) in two passes over strips of tiles that share scales: the
+  strips' abs-maxes folded with atomics, then a second read quantizes. Used for transposed per-row
+  operands (wgrad: Xᵀ, ∇Yᵀ, Wᵀ) and for rows too long for the resident kernel.
 - `_dual_amax_kernel` + `_dual_quant_kernel`: both orientations of the rotated recipe's operand at
   once (x · H per row for the forward/dgrad GEMM, x.T · H per row for wgrad): each Hadamard-sized
   tile is read once per pass and rotated along both axes; the two abs-max vectors share one atomic
@@ -25,9 +28,13 @@ Kernels
 - `_dequant_kernel`: payload * scale.
 
 Random numbers: Philox4x32-7 (`tl.randint4x`) keyed by a seed drawn from torch's generator on every
-call, counter = the element's global index // 8, 16 bits per element (`_uniform_at`), so every
-element of every program has its own stream (the public Jetfire code shared one stream across CTAs).
-A device-side flag records NaN/Inf; it is read (one sync) only when the caller asks for the check.
+call; each call gives 8 elements 16 bits each (`_dither_bits`: a call covers two adjacent columns in
+each of four 8-column groups of a 32-column span, the elements one thread holds in the tensor-core
+layout, so no dither crosses threads). The counter depends only on the element's (row, column), so
+every element of every program has its own stream (the public Jetfire code shared one stream across
+CTAs) and every kernel draws the same number for it. (`_uniform_tile`, 8 consecutive elements per
+call, serves the GEMM's INT8 epilogue and the INT4 kernels.) A device-side flag records NaN/Inf; it is
+read (one sync) only when the caller asks for the check.
 """
 
 
@@ -107,6 +114,75 @@ def _uniform_at(seed, offs, BR: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
+def _dither_bits(seed, rows, spans, col0, BR: tl.constexpr, BC: tl.constexpr):
+    """The quantizers' 16-bit dither k for a [BR, BC] tile (as int32; u = (k + 1/2) / 2^16).
+
+    Element (row, col) of the tensor takes half col % 2 of word (col % 32) // 8 of the Philox call
+    4 · (row · spans + col // 32) + (col % 8) // 2 (spans: 32-column spans per row, counted over the
+    padded width). The 8 elements of a call, two adjacent columns in each of four 8-column groups, are
+    the ones a thread holds in the tensor-core accumulator layout, so each call is computed once and
+    no dither crosses threads; the mapping depends only on (row, col), so every kernel and tile shape
+    draws the same number for an element. rows: [BR] row of each tile row; col0: its first column
+    (scalar or [BR]), a multiple of 32 (of 16 when BC == 16)."""
+    A: tl.constexpr = (BC + 31) // 32
+    W: tl.constexpr = (BC // A) // 8
+    c0 = col0 + tl.zeros([BR], tl.int32)
+    a = tl.arange(0, A)[None, :, None, None, None]
+    q = tl.arange(0, 4)[None, None, None, :, None]
+    span0 = rows.to(tl.int64) * spans + c0 // 32
+    call = (span0[:, None, None, None, None] + a) * 4 + q                      # [BR, A, 1, 4, 1]
+    r0, r1, r2, r3 = tl.randint4x(seed, call, PHILOX_ROUNDS)
+    w = tl.arange(0, W)[None, None, :, None, None]
+    if BC < 32:   # a 16-column tile takes words 0-1 or 2-3 of its calls
+        w = w + ((c0 % 32) // 8)[:, None, None, None, None]
+    word = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))   # [BR, A, W, 4, 1]
+    half = tl.arange(0, 2)[None, None, None, None, :]
+    bits = tl.where(half == 0, word & 0xFFFF, word >> 16)                     # [BR, A, W, 4, 2]
+    return tl.reshape(bits, [BR, BC]).to(tl.int32)
+
+
+@triton.jit
+def _round_to_int(v, bits, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
+    """v (= x / scale) to INT8 in [-QMAX, QMAX]: round half to even, or stochastically with the 16-bit
+    dither `bits` (`_dither_bits`): up when (k + 1/2) / 2^16 < frac(v), i.e. k < frac(v) · 2^16 - 1/2,
+    a comparison that is exact in FP32 (frac · 2^16 is exact; subtracting 1/2 is exact wherever it can
+    decide the comparison, k >= 0). P(up) is within 2^-17 of frac(v)."""
+    if STOCHASTIC:
+        fl = tl.floor(v)
+        r = fl + tl.where(bits.to(tl.float32) < tl.fma(v - fl, 65536.0, -0.5), 1.0, 0.0)
+        q = tl.minimum(tl.maximum(r, -QMAX * 1.0), QMAX * 1.0).to(tl.int8)
+    elif RINT_LIBDEVICE:
+        q = tl.minimum(tl.maximum(libdevice.float2int_rn(v), -QMAX), QMAX).to(tl.int8)
+    else:
+        q = tl.minimum(tl.maximum(_rint(v, False), -QMAX * 1.0), QMAX * 1.0).to(tl.int8)
+    return q
+
+
+@triton.jit
+def _divisor(s):
+    """What `_divide` needs to divide by the scales s (> 0, finite): p = 2^-e for s = m · 2^e, 1 <= m < 2
+    (2^127 for subnormal s), sn = s · p (exact) and rn = RN(1 / sn). Computed once per scale."""
+    e = (s.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    p = ((254 - e) << 23).to(tl.float32, bitcast=True)
+    sn = s * p
+    return p, sn, tl.math.div_rn(sn * 0.0 + 1.0, sn)
+
+
+@triton.jit
+def _divide(a, sn, rn):
+    """RN(a / sn), bit for bit IEEE division, for a = x · p (exact: x scaled by `_divisor`'s power of
+    two; the caller folds p into a multiplication it already does) without a division per element:
+    q0 = a · rn is within ~1.5 ulp of a / sn, one correction q1 = q0 + (a - sn·q0) · rn (fused)
+    makes it faithful, and for a faithful quotient with rn the correctly rounded reciprocal the next
+    correction gives the correctly rounded quotient (Markstein's theorem). With sn in [1, 2) and
+    |a| <= QMAX · sn nothing under- or overflows where the rounding can depend on it (|a / sn| below
+    ~2^-100 rounds to 0 either way)."""
+    q = a * rn
+    q = tl.fma(tl.fma(-sn, q, a), rn, q)
+    return tl.fma(tl.fma(-sn, q, a), rn, q)
+
+
+@triton.jit
 def _nonfinite(ax):
     """1 where |x| is NaN or Inf (a NaN fails every comparison)."""
     return (~(ax <= 3.4028234663852886e38)).to(tl.int32)
@@ -119,61 +195,71 @@ def _raise_flag(bad, flag_ptr):
 
 
 @triton.jit
-def _quant_one(xf, ax, rows, cols, pid_r, pid_c, R, C, q_ptr, s_ptr, s_stride, seed, n_qcols,
+def _spread_blocks(t, BR: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr):
+    """Per-block values t [BR, NB] (or [1, NB]) spread over the [BR, NB·GC] tile of 1 × GC blocks."""
+    return tl.reshape(tl.broadcast_to(t[:, :, None], [BR, NB, GC]), [BR, NB * GC])
+
+
+@triton.jit
+def _quant_one(xf, ax, rows, cols, pid_r, pid_c, R, C, q_ptr, s_ptr, s_stride, seed, spans,
                BR: tl.constexpr, BC: tl.constexpr, GR: tl.constexpr, GC: tl.constexpr,
                TRANS: tl.constexpr, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr,
                RINT_LIBDEVICE: tl.constexpr):
     """Quantize one [BR, BC] tile (fp32 values xf, abs values ax) with blocks (GR, GC) in the tile's
-    coordinates. TRANS: payload goes to q[C, R] (transposed) and the scale grid is transposed too."""
+    coordinates. TRANS: payload goes to q[C, R] (transposed) and the scale grid is transposed too.
+    spans: 32-column dither spans per row of x (`_dither_bits`)."""
     NB: tl.constexpr = BC // GC
     n_cb = tl.cdiv(C, GC)
     if GR == 1 and GC == BC:          # one scale per row of the tile
         s = _scale_from_amax(tl.max(ax, axis=1), QMAX)
-        sfull = s[:, None]
         smask = rows < R
         if TRANS:
             tl.store(s_ptr + pid_c * s_stride + rows, s, mask=smask)
         else:
             tl.store(s_ptr + rows * s_stride + pid_c, s, mask=smask)
+        p, sn, rn = _divisor(s)
+        p, sn, rn = p[:, None], sn[:, None], rn[:, None]
     elif GR == BR and GC == 1:        # one scale per column of the tile
         s = _scale_from_amax(tl.max(ax, axis=0), QMAX)
-        sfull = s[None, :]
         smask = cols < C
         if TRANS:
             tl.store(s_ptr + cols * s_stride + pid_r, s, mask=smask)
         else:
             tl.store(s_ptr + pid_r * s_stride + cols, s, mask=smask)
+        p, sn, rn = _divisor(s)
+        p, sn, rn = p[None, :], sn[None, :], rn[None, :]
     elif GR == BR and GC == BC:       # the tile is one block
         s = _scale_from_amax(tl.max(tl.max(ax, axis=1), axis=0), QMAX)
-        sfull = s
         if TRANS:
             tl.store(s_ptr + pid_c * s_stride + pid_r, s)
         else:
             tl.store(s_ptr + pid_r * s_stride + pid_c, s)
+        p, sn, rn = _divisor(s)
     elif GR == 1:                     # several 1 x GC blocks per tile row
         s = _scale_from_amax(tl.max(tl.reshape(ax, [BR, NB, GC]), axis=2), QMAX)   # [BR, NB]
-        sfull = tl.reshape(tl.broadcast_to(s[:, :, None], [BR, NB, GC]), [BR, BC])
         jb = pid_c * NB + tl.arange(0, NB)
         smask = (rows < R)[:, None] & (jb < n_cb)[None, :]
         if TRANS:
             tl.store(s_ptr + jb[None, :] * s_stride + rows[:, None], s, mask=smask)
         else:
             tl.store(s_ptr + rows[:, None] * s_stride + jb[None, :], s, mask=smask)
+        p, sn, rn = _divisor(s)
+        p, sn, rn = _spread_blocks(p, BR, NB, GC), _spread_blocks(sn, BR, NB, GC), _spread_blocks(rn, BR, NB, GC)
     else:                             # GR == BR: several GR x GC blocks side by side
         s = _scale_from_amax(tl.max(tl.max(tl.reshape(ax, [BR, NB, GC]), axis=2), axis=0), QMAX)  # [NB]
-        sfull = tl.reshape(tl.broadcast_to(s[None, :, None], [BR, NB, GC]), [BR, BC])
         jb = pid_c * NB + tl.arange(0, NB)
         smask = jb < n_cb
         if TRANS:
             tl.store(s_ptr + jb * s_stride + pid_r, s, mask=smask)
         else:
             tl.store(s_ptr + pid_r * s_stride + jb, s, mask=smask)
-    v = tl.math.div_rn(xf, tl.zeros([BR, BC], tl.float32) + sfull)
+        p, sn, rn = _divisor(s[None, :])
+        p, sn, rn = _spread_blocks(p, BR, NB, GC), _spread_blocks(sn, BR, NB, GC), _spread_blocks(rn, BR, NB, GC)
+    v = _divide(xf * p, sn, rn)
+    bits = 0
     if STOCHASTIC:
-        u = _uniform_tile(seed, rows, pid_c * (BC // 4) + tl.arange(0, BC // 4), n_qcols, BR, BC)
-    else:
-        u = 0.0
-    q = _to_int(v, u, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+        bits = _dither_bits(seed, rows, spans, pid_c * BC, BR, BC)
+    q = _round_to_int(v, bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
     mask = (rows < R)[:, None] & (cols < C)[None, :]
     if TRANS:
         tl.store(q_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
@@ -202,17 +288,17 @@ def _quant_tile_kernel(x_ptr, R, C, stride_xr, stride_xc,
     ax = tl.abs(xf)
     if CHECK:
         _raise_flag(_nonfinite(ax), flag_ptr)
-    n_qcols = tl.cdiv(C, BC) * (BC // 4)
+    spans = tl.cdiv(C, 32)
     seed = 0
     if STOCHASTIC:
         seed = tl.load(seed_ptr)
     if HAS_N:
-        _quant_one(xf, ax, rows, cols, pid_r, pid_c, R, C, q_ptr, s_ptr, s_stride, seed, n_qcols,
+        _quant_one(xf, ax, rows, cols, pid_r, pid_c, R, C, q_ptr, s_ptr, s_stride, seed, spans,
                    BR, BC, N_GR, N_GC, False, STOCHASTIC, QMAX, RINT_LIBDEVICE)
     if HAS_T:
         if STOCHASTIC:
             seed = tl.load(seed_ptr + 1)
-        _quant_one(xf, ax, rows, cols, pid_r, pid_c, R, C, qt_ptr, st_ptr, st_stride, seed, n_qcols,
+        _quant_one(xf, ax, rows, cols, pid_r, pid_c, R, C, qt_ptr, st_ptr, st_stride, seed, spans,
                    BR, BC, T_GR, T_GC, True, STOCHASTIC, QMAX, RINT_LIBDEVICE)
 
 
@@ -236,178 +322,42 @@ def _bf16_slices(x):
 
 
 @triton.jit
-def _rotate_cols(x, h, inv_sqrt, HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPCAST: tl.constexpr):
-    """x · H in FP32: each row of the [BR, BC] chunk rotated by the Hadamard block when HAD > 0
-    (BC == HAD; h the ±1 Sylvester matrix, inv_sqrt = 1/sqrt(HAD)); x itself in FP32 otherwise."""
-    if HAD > 0:
-        if UPCAST:  # the interpreter's bf16/fp16 dot is wrong (triton 3.9): compute in fp32
+def _hadamard_sums(x, h, AXIS: tl.constexpr, HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPCAST: tl.constexpr):
+    """The [BR, BC] chunk x rotated by the ±1 Hadamard block h, unscaled, in FP32: each row (AXIS=1,
+    x · H, BC == HAD) or each column (AXIS=0, H · x: the rows of x.T, BR == HAD); x in FP32 when
+    HAD == 0. FP32 inputs are rotated as three BF16 slices against the exact ±1 matrix."""
+    if HAD == 0:
+        y = x.to(tl.float32)
+    elif UPCAST:  # the interpreter's bf16/fp16 dot is wrong (triton 3.9): compute in fp32
+        if AXIS == 1:
             y = tl.dot(x.to(tl.float32), h.to(tl.float32), out_dtype=tl.float32)
-        elif F32_INPUT:
-            x_hi, x_mid, x_lo = _bf16_slices(x)
+        else:
+            y = tl.dot(h.to(tl.float32), x.to(tl.float32), out_dtype=tl.float32)
+    elif F32_INPUT:
+        x_hi, x_mid, x_lo = _bf16_slices(x)
+        if AXIS == 1:
             y = tl.dot(x_hi, h, out_dtype=tl.float32)
             y = tl.dot(x_mid, h, y, out_dtype=tl.float32)
             y = tl.dot(x_lo, h, y, out_dtype=tl.float32)
         else:
-            y = tl.dot(x, h, out_dtype=tl.float32)
-        y = y * inv_sqrt
-    else:
-        y = x.to(tl.float32)
-    return y
-
-
-@triton.jit
-def _load_rotated(x_ptr, rows, cols, R, C, stride_xr, stride_xc, h, inv_sqrt,
-                  HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPCAST: tl.constexpr):
-    """Load a [BR, BC] chunk (zeros beyond R x C) and rotate its rows (`_rotate_cols`)."""
-    x = _load_tile(x_ptr, rows, cols, R, C, stride_xr, stride_xc)
-    return _rotate_cols(x, h, inv_sqrt, HAD, F32_INPUT, UPCAST)
-
-
-@triton.jit
-def _quant_strip_kernel(x_ptr, R, C, C_in, stride_xr, stride_xc,
-                        q_ptr, s_ptr, h_ptr, inv_sqrt,
-                        seed_ptr, flag_ptr,
-                        BR: tl.constexpr, BC: tl.constexpr, SINGLE: tl.constexpr,
-                        HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPCAST: tl.constexpr,
-                        STOCHASTIC: tl.constexpr, CHECK: tl.constexpr, QMAX: tl.constexpr,
-                        RINT_LIBDEVICE: tl.constexpr):
-    """One scale per row over the whole row, q [R, C] contiguous, s [R, 1]. With HAD > 0 each row is
-    first rotated by the orthonormal Hadamard of size HAD (BC == HAD, C a multiple of HAD; h_ptr the
-    ±1 Sylvester matrix, inv_sqrt = 1/sqrt(HAD)). C_in <= C: columns of x that exist; the
-    columns C_in..C read as zeros (zero padding to whole Hadamard blocks, kept in the output). SINGLE: the whole row fits one tile (one read);
-    otherwise two passes over the row (abs-max, then quantize; the second read mostly hits L2)."""
-    pid = tl.program_id(0)
-    rows = pid * BR + tl.arange(0, BR)
-    rmask = rows < R
-    h = _load_hadamard(h_ptr, HAD)
-    seed = 0
-    if STOCHASTIC:
-        seed = tl.load(seed_ptr)
-    n_qcols = tl.cdiv(C, BC) * (BC // 4)
-    if SINGLE:
-        cols = tl.arange(0, BC)
-        y = _load_rotated(x_ptr, rows, cols, R, C_in, stride_xr, stride_xc, h, inv_sqrt, HAD, F32_INPUT, UPCAST)
-        ay = tl.abs(y)
-        if CHECK:
-            _raise_flag(_nonfinite(ay), flag_ptr)
-        s = _scale_from_amax(tl.max(ay, axis=1), QMAX)
-    else:
-        amax = tl.zeros([BR], tl.float32)
-        bad = tl.zeros([BR], tl.int32)
-        for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            y = _load_rotated(x_ptr, rows, cols, R, C_in, stride_xr, stride_xc, h, inv_sqrt, HAD, F32_INPUT, UPCAST)
-            ay = tl.abs(y)
-            amax = tl.maximum(amax, tl.max(ay, axis=1))
-            if CHECK:
-                bad = tl.maximum(bad, tl.max(_nonfinite(ay), axis=1))
-        if CHECK:
-            _raise_flag(bad[:, None], flag_ptr)
-        s = _scale_from_amax(amax, QMAX)
-    tl.store(s_ptr + rows, s, mask=rmask)
-    if SINGLE:
-        cols = tl.arange(0, BC)
-        v = tl.math.div_rn(y, tl.broadcast_to(s[:, None], [BR, BC]))
-        if STOCHASTIC:
-            u = _uniform_tile(seed, rows, tl.arange(0, BC // 4), n_qcols, BR, BC)
-        else:
-            u = 0.0
-        q = _to_int(v, u, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-        tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q,
-                 mask=rmask[:, None] & (cols < C)[None, :])
-    else:
-        for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            y = _load_rotated(x_ptr, rows, cols, R, C_in, stride_xr, stride_xc, h, inv_sqrt, HAD, F32_INPUT, UPCAST)
-            v = tl.math.div_rn(y, tl.broadcast_to(s[:, None], [BR, BC]))
-            if STOCHASTIC:
-                u = _uniform_tile(seed, rows, c0 // 4 + tl.arange(0, BC // 4), n_qcols, BR, BC)
-            else:
-                u = 0.0
-            q = _to_int(v, u, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-            tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q,
-                     mask=rmask[:, None] & (cols < C)[None, :])
-
-
-@triton.jit
-def _quant_rows_resident_kernel(x_ptr, R, C_in, Cp, stride_xr, stride_xc, q_ptr, s_ptr, h_ptr, inv_sqrt,
-                                seed_ptr, flag_ptr,
-                                BR: tl.constexpr, NCH: tl.constexpr, HAD: tl.constexpr,
-                                F32_INPUT: tl.constexpr, UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr,
-                                CHECK: tl.constexpr, QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
-    """Per-row Hadamard quantization reading x once: each program holds BR whole rows in registers,
-    laid out as a [BR * NCH, HAD] tile whose row t is Hadamard block t % NCH of row t // NCH (NCH: the
-    row's Cp / HAD blocks rounded up to a power of two; the blocks past Cp are masked off). One
-    tensor-core product rotates every block, the row abs-max is a max over the row's blocks, and
-    the rotated values are quantized straight from registers — 2 bytes read and 1 written per element
-    where the two-pass kernels read 4. Same outputs as `_amax_partial_kernel` +
-    `_quant_given_amax_kernel` (AXIS=1), including the stochastic-rounding counters."""
-    T: tl.constexpr = BR * NCH
-    pid = tl.program_id(0)
-    t = tl.arange(0, T)
-    rows = pid * BR + t // NCH                         # [T]
-    chunk = t % NCH
-    n_chunks = Cp // HAD
-    cols = chunk[:, None] * HAD + tl.arange(0, HAD)[None, :]
-    live = (rows < R) & (chunk < n_chunks)
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols * stride_xc,
-                mask=live[:, None] & (cols < C_in), other=0.0)
-    y = _rotate_cols(x, _load_hadamard(h_ptr, HAD), inv_sqrt, HAD, F32_INPUT, UPCAST)
-    ay = tl.abs(y)
-    if CHECK:
-        _raise_flag(_nonfinite(ay), flag_ptr)
-    row_amax = tl.max(tl.reshape(tl.max(ay, axis=1), [BR, NCH]), axis=1)     # [BR]
-    s_row = _scale_from_amax(row_amax, QMAX)
-    out_rows = pid * BR + tl.arange(0, BR)
-    tl.store(s_ptr + out_rows, s_row, mask=out_rows < R)
-    s = tl.reshape(tl.broadcast_to(s_row[:, None], [BR, NCH]), [T])
-    v = tl.math.div_rn(y, tl.broadcast_to(s[:, None], [T, HAD]))
-    if STOCHASTIC:
-        # the counters of the two-pass kernels: (row, quarter column) over Cp / 4 per row
-        qcols = chunk.to(tl.int64)[:, None] * (HAD // 4) + tl.arange(0, HAD // 4)[None, :]
-        u = _uniform_at(tl.load(seed_ptr), rows.to(tl.int64)[:, None] * (Cp // 4) + qcols, T, HAD)
-    else:
-        u = 0.0
-    q = _to_int(v, u, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * Cp + cols, q, mask=live[:, None])
-
-
-@triton.jit
-def _rotate_rows(x, h, inv_sqrt, HAD: tl.constexpr, UPCAST: tl.constexpr):
-    """H · x in FP32: each column of the [BR, BC] chunk rotated by the Hadamard block when HAD > 0
-    (BR == HAD), i.e. the rows of x.T rotated; x itself in FP32 otherwise."""
-    if HAD > 0:
-        if UPCAST:
-            y = tl.dot(h.to(tl.float32), x.to(tl.float32), out_dtype=tl.float32)
-        elif x.dtype == tl.float32:
-            x_hi, x_mid, x_lo = _bf16_slices(x)
             y = tl.dot(h, x_hi, out_dtype=tl.float32)
             y = tl.dot(h, x_mid, y, out_dtype=tl.float32)
             y = tl.dot(h, x_lo, y, out_dtype=tl.float32)
-        else:
-            y = tl.dot(h, x, out_dtype=tl.float32)
+    elif AXIS == 1:
+        y = tl.dot(x, h, out_dtype=tl.float32)
+    else:
+        y = tl.dot(h, x, out_dtype=tl.float32)
+    return y
+
+
+@triton.jit
+def _rotate_cols(x, h, inv_sqrt, HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPCAST: tl.constexpr):
+    """x · H in FP32: each row of the [BR, BC] chunk rotated by the orthonormal Hadamard block when
+    HAD > 0 (BC == HAD; h the ±1 Sylvester matrix, inv_sqrt = 1/sqrt(HAD)); x itself in FP32 otherwise."""
+    y = _hadamard_sums(x, h, 1, HAD, F32_INPUT, UPCAST)
+    if HAD > 0:
         y = y * inv_sqrt
-    else:
-        y = x.to(tl.float32)
     return y
-
-
-@triton.jit
-def _rotate_axis(x, h, inv_sqrt, AXIS: tl.constexpr, HAD: tl.constexpr, UPCAST: tl.constexpr):
-    """The chunk rotated along the axis a per-row (AXIS=1: x · H) or per-column (AXIS=0: H · x,
-    the rows of x.T) quantization reduces."""
-    if AXIS == 0:
-        y = _rotate_rows(x, h, inv_sqrt, HAD, UPCAST)
-    else:
-        y = _rotate_cols(x, h, inv_sqrt, HAD, x.dtype == tl.float32, UPCAST)
-    return y
-
-
-@triton.jit
-def _load_axis(x_ptr, rows, cols, R, C, stride_xr, stride_xc, h, inv_sqrt, AXIS: tl.constexpr,
-               HAD: tl.constexpr, UPCAST: tl.constexpr):
-    x = _load_tile(x_ptr, rows, cols, R, C, stride_xr, stride_xc)
-    return _rotate_axis(x, h, inv_sqrt, AXIS, HAD, UPCAST)
 
 
 @triton.jit
@@ -421,64 +371,261 @@ def _load_hadamard(h_ptr, HAD: tl.constexpr):
 
 
 @triton.jit
-def _fold_amax(ay, rows, cols, R_in, C_in, amax_ptr, AXIS: tl.constexpr):
-    """Fold a tile's per-row (AXIS=1) or per-column (AXIS=0) abs-max into amax with atomics (fp32 bits
-    in int32: for values >= 0 the integer order is the float order)."""
+def _quant_rows(y, mult, amax, seed, rows, spans, col0, BR: tl.constexpr, BC: tl.constexpr,
+                STOCHASTIC: tl.constexpr, QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
+    """INT8 payload of the [BR, BC] values y · mult (mult: the Hadamard 1/√n, or 1) with one scale per
+    row from the finished row abs-max amax [BR] (of y · mult). The row constants come first
+    (`_divisor`), so each element costs a multiply and the exact division (`_divide`), not an IEEE
+    division. Dither: `_dither_bits(seed, rows, spans, col0)`."""
+    s = _scale_from_amax(amax, QMAX)
+    p, sn, rn = _divisor(s)
+    v = _divide(y * (mult * p)[:, None], sn[:, None], rn[:, None])
+    bits = 0
+    if STOCHASTIC:
+        bits = _dither_bits(seed, rows, spans, col0, BR, BC)
+    return _round_to_int(v, bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+
+
+@triton.jit
+def _quant_strip_kernel(x_ptr, R, C, C_in, stride_xr, stride_xc,
+                        q_ptr, s_ptr, h_ptr, inv_sqrt,
+                        seed_ptr, flag_ptr,
+                        BR: tl.constexpr, BC: tl.constexpr, SINGLE: tl.constexpr,
+                        HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPCAST: tl.constexpr,
+                        STOCHASTIC: tl.constexpr, CHECK: tl.constexpr, QMAX: tl.constexpr,
+                        RINT_LIBDEVICE: tl.constexpr):
+    """One scale per row over the whole row, q [R, C] contiguous, s [R, 1]. With HAD > 0 each row is
+    first rotated by the orthonormal Hadamard of size HAD (BC == HAD, C a multiple of HAD; h_ptr the
+    ±1 Sylvester matrix, inv_sqrt = 1/sqrt(HAD); 1.0 without rotation). C_in <= C: columns of x that
+    exist; the columns C_in..C read as zeros (zero padding to whole Hadamard blocks, kept in the
+    output). SINGLE: the whole row fits one tile (one read); otherwise two passes over the row
+    (abs-max, then quantize; the second read mostly hits L2)."""
+    pid = tl.program_id(0)
+    rows = pid * BR + tl.arange(0, BR)
+    rmask = rows < R
+    h = _load_hadamard(h_ptr, HAD)
+    seed = 0
+    if STOCHASTIC:
+        seed = tl.load(seed_ptr)
+    spans = tl.cdiv(C, 32)
+    if SINGLE:
+        cols = tl.arange(0, BC)
+        y = _hadamard_sums(_load_tile(x_ptr, rows, cols, R, C_in, stride_xr, stride_xc), h, 1, HAD, F32_INPUT,
+                           UPCAST)
+        ay = tl.abs(y)
+        if CHECK:
+            _raise_flag(_nonfinite(ay), flag_ptr)
+        amax = tl.max(ay, axis=1) * inv_sqrt
+        q = _quant_rows(y, inv_sqrt, amax, seed, rows, spans, 0, BR, BC, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q,
+                 mask=rmask[:, None] & (cols < C)[None, :])
+    else:
+        amax = tl.zeros([BR], tl.float32)
+        bad = tl.zeros([BR], tl.int32)
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            ay = tl.abs(_hadamard_sums(_load_tile(x_ptr, rows, cols, R, C_in, stride_xr, stride_xc), h, 1, HAD,
+                                       F32_INPUT, UPCAST))
+            amax = tl.maximum(amax, tl.max(ay, axis=1))
+            if CHECK:
+                bad = tl.maximum(bad, tl.max(_nonfinite(ay), axis=1))
+        if CHECK:
+            _raise_flag(bad[:, None], flag_ptr)
+        amax = amax * inv_sqrt
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            y = _hadamard_sums(_load_tile(x_ptr, rows, cols, R, C_in, stride_xr, stride_xc), h, 1, HAD, F32_INPUT,
+                               UPCAST)
+            q = _quant_rows(y, inv_sqrt, amax, seed, rows, spans, c0, BR, BC, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+            tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q,
+                     mask=rmask[:, None] & (cols < C)[None, :])
+    tl.store(s_ptr + rows, _scale_from_amax(amax, QMAX), mask=rmask)
+
+
+@triton.jit
+def _quant_rows_resident_kernel(x_ptr, R, C_in, Cp, stride_xr, stride_xc, q_ptr, s_ptr, h_ptr, inv_sqrt,
+                                seed_ptr, flag_ptr, n_tiles,
+                                BR: tl.constexpr, NCH: tl.constexpr, HAD: tl.constexpr,
+                                F32_INPUT: tl.constexpr, UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr,
+                                CHECK: tl.constexpr, QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr,
+                                STAGES: tl.constexpr):
+    """Per-row Hadamard quantization reading x once: a persistent program takes the n_tiles blocks of
+    BR whole rows in turn (the next block's load in flight while this one computes, STAGES deep), each
+    held in registers as a [BR * NCH, HAD] tile whose row t is Hadamard block t % NCH of row t // NCH
+    (NCH: the row's Cp / HAD blocks rounded up to a power of two; the blocks past Cp are masked off).
+    One tensor-core product against the Hadamard matrix (loaded once per program) rotates every
+    block, the row abs-max is a max over the row's blocks, and the rotated values are quantized
+    straight from registers — 2 bytes read and 1 written per element. Same outputs as
+    `_amax_partial_kernel` + `_quant_given_amax_kernel` (AXIS=1), the dither included."""
+    T: tl.constexpr = BR * NCH
+    h = _load_hadamard(h_ptr, HAD)
+    seed = 0
+    if STOCHASTIC:
+        seed = tl.load(seed_ptr)
+    t = tl.arange(0, T)
+    chunk = t % NCH
+    n_chunks = Cp // HAD
+    cols = chunk[:, None] * HAD + tl.arange(0, HAD)[None, :]
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
+        rows = tile * BR + t // NCH                        # [T]
+        live = (rows < R) & (chunk < n_chunks)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols * stride_xc,
+                    mask=live[:, None] & (cols < C_in), other=0.0)
+        y = _hadamard_sums(x, h, 1, HAD, F32_INPUT, UPCAST)
+        ay = tl.abs(y)
+        if CHECK:
+            _raise_flag(_nonfinite(ay), flag_ptr)
+        row_amax = tl.max(tl.reshape(tl.max(ay, axis=1), [BR, NCH]), axis=1) * inv_sqrt    # [BR]
+        spread = tl.reshape(tl.broadcast_to(row_amax[:, None], [BR, NCH]), [T])
+        q = _quant_rows(y, inv_sqrt, spread, seed, rows, tl.cdiv(Cp, 32), chunk * HAD, T, HAD,
+                        STOCHASTIC, QMAX, RINT_LIBDEVICE)
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * Cp + cols, q, mask=live[:, None])
+        out_rows = tile * BR + tl.arange(0, BR)
+        tl.store(s_ptr + out_rows, _scale_from_amax(row_amax, QMAX), mask=out_rows < R)
+
+
+@triton.jit
+def _tile_of(tile, n_c, BR: tl.constexpr, BC: tl.constexpr):
+    """Tile number `tile` of a grid of n_c tiles per row of tiles: (pid_r, pid_c, rows, cols)."""
+    pid_r = tile // n_c
+    pid_c = tile % n_c
+    return pid_r, pid_c, pid_r * BR + tl.arange(0, BR), pid_c * BC + tl.arange(0, BC)
+
+
+@triton.jit
+def _fold_amax(ay, rows, cols, R_in, C_in, amax_ptr, inv_sqrt, AXIS: tl.constexpr):
+    """Fold a tile's per-row (AXIS=1) or per-column (AXIS=0) abs-max (of the unscaled sums ay, times
+    inv_sqrt) into amax with atomics (fp32 bits in int32: for values >= 0 the integer order is the
+    float order)."""
     if AXIS == 0:
-        m = tl.max(ay, axis=0).to(tl.int32, bitcast=True)
+        m = (tl.max(ay, axis=0) * inv_sqrt).to(tl.int32, bitcast=True)
         tl.atomic_max(amax_ptr + cols, m, mask=cols < C_in)
     else:
-        m = tl.max(ay, axis=1).to(tl.int32, bitcast=True)
+        m = (tl.max(ay, axis=1) * inv_sqrt).to(tl.int32, bitcast=True)
         tl.atomic_max(amax_ptr + rows, m, mask=rows < R_in)
 
 
 @triton.jit
-def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt, flag_ptr,
-                         BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
-                         UPCAST: tl.constexpr, CHECK: tl.constexpr):
-    """Pass 1 of a per-row (AXIS=1) or per-column (AXIS=0) quantization split over a full 2-D grid:
-    each [BR, BC] tile (rotated along the reduced axis by the Hadamard block when HAD > 0) folds its
-    abs-max into amax (`_fold_amax`)."""
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
-    h = _load_hadamard(h_ptr, HAD)
-    ay = tl.abs(_load_axis(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc, h, inv_sqrt, AXIS, HAD,
-                           UPCAST))
-    if CHECK:
-        _raise_flag(_nonfinite(ay), flag_ptr)
-    _fold_amax(ay, rows, cols, R_in, C_in, amax_ptr, AXIS)
+def _strip_tile(strip, blk, AXIS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Rows and columns of tile `blk` of strip `strip` of the two-pass grid: a strip is a column of
+    [BR, BC] tiles for AXIS=0 (the scales are per column) and a row of tiles for AXIS=1."""
+    if AXIS == 0:
+        rows = blk * BR + tl.arange(0, BR)
+        cols = strip * BC + tl.arange(0, BC)
+    else:
+        rows = strip * BR + tl.arange(0, BR)
+        cols = blk * BC + tl.arange(0, BC)
+    return rows, cols
 
 
 @triton.jit
-def _quant_from_amax(y, rows, cols, pid_r, pid_c, R, C, amax_ptr, q_ptr, s_ptr, seed_ptr,
+def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt, flag_ptr,
+                         n_strips, n_blocks,
+                         BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
+                         UPCAST: tl.constexpr, CHECK: tl.constexpr, STAGES: tl.constexpr):
+    """Pass 1 of a per-row (AXIS=1) or per-column (AXIS=0) quantization over [BR, BC] tiles: program
+    (i, j) takes the strips (`_strip_tile`) i, i + grid[0], ... and, in each, the tiles j, j + grid[1],
+    ... (loads STAGES deep in flight), rotates each along the reduced axis by the Hadamard block when
+    HAD > 0, keeps the strip's running abs-max in registers and folds it into amax once per strip
+    with atomics (fp32 bits in int32: for values >= 0 the integer order is the float order)."""
+    h = _load_hadamard(h_ptr, HAD)
+    for strip in tl.range(tl.program_id(0), n_strips, tl.num_programs(0)):
+        if AXIS == 0:
+            m = tl.zeros([BC], tl.float32)
+        else:
+            m = tl.zeros([BR], tl.float32)
+        for blk in tl.range(tl.program_id(1), n_blocks, tl.num_programs(1), num_stages=STAGES):
+            rows, cols = _strip_tile(strip, blk, AXIS, BR, BC)
+            x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
+            ay = tl.abs(_hadamard_sums(x, h, AXIS, HAD, x.dtype == tl.float32, UPCAST))
+            if CHECK:
+                _raise_flag(_nonfinite(ay), flag_ptr)
+            m = tl.maximum(m, tl.max(ay, axis=AXIS))
+        if AXIS == 0:
+            idx = strip * BC + tl.arange(0, BC)
+            n = C_in
+        else:
+            idx = strip * BR + tl.arange(0, BR)
+            n = R_in
+        tl.atomic_max(amax_ptr + idx, (m * inv_sqrt).to(tl.int32, bitcast=True), mask=idx < n)
+
+
+@triton.jit
+def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax_ptr, q_ptr, s_ptr,
+                             h_ptr, inv_sqrt, seed_ptr, n_strips, n_blocks,
+                             BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
+                             UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr,
+                             RINT_LIBDEVICE: tl.constexpr, STAGES: tl.constexpr):
+    """Pass 2: quantize each tile with the finished abs-max, programs over strips and tiles as in
+    pass 1. A strip's scale constants (`_divisor`) are computed once, before its tiles. AXIS=0:
+    q [C, R] (x.T per row, written transposed), s [C, 1]; AXIS=1: q [R, C], s [R, 1]; R, C: padded
+    extents (Hadamard blocks). Dither (`_dither_bits`): by the element's place in x."""
+    h = _load_hadamard(h_ptr, HAD)
+    seed = 0
+    if STOCHASTIC:
+        seed = tl.load(seed_ptr)
+    for strip in tl.range(tl.program_id(0), n_strips, tl.num_programs(0)):
+        if AXIS == 0:
+            idx = strip * BC + tl.arange(0, BC)
+            n = C
+        else:
+            idx = strip * BR + tl.arange(0, BR)
+            n = R
+        s = _scale_from_amax(tl.load(amax_ptr + idx, mask=idx < n, other=0).to(tl.float32, bitcast=True), QMAX)
+        if tl.program_id(1) == 0:
+            tl.store(s_ptr + idx, s, mask=idx < n)
+        p, sn, rn = _divisor(s)
+        c = p * inv_sqrt
+        for blk in tl.range(tl.program_id(1), n_blocks, tl.num_programs(1), num_stages=STAGES):
+            rows, cols = _strip_tile(strip, blk, AXIS, BR, BC)
+            x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
+            y = _hadamard_sums(x, h, AXIS, HAD, x.dtype == tl.float32, UPCAST)
+            if AXIS == 0:
+                v = _divide(y * c[None, :], sn[None, :], rn[None, :])
+            else:
+                v = _divide(y * c[:, None], sn[:, None], rn[:, None])
+            bits = 0
+            if STOCHASTIC:
+                if AXIS == 0:
+                    col0 = strip * BC
+                else:
+                    col0 = blk * BC
+                bits = _dither_bits(seed, rows, tl.cdiv(C, 32), col0, BR, BC)
+            q = _round_to_int(v, bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+            mask = (rows < R)[:, None] & (cols < C)[None, :]
+            if AXIS == 0:
+                tl.store(q_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+            else:
+                tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q, mask=mask)
+
+
+@triton.jit
+def _quant_from_amax(y, inv_sqrt, rows, cols, pid_r, pid_c, R, C, amax_ptr, q_ptr, s_ptr, seed,
                      BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, STOCHASTIC: tl.constexpr,
                      QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
-    """Quantize a rotated [BR, BC] tile y with the finished abs-max (pass 2). AXIS=0: q [C, R] (x.T per
-    row, written transposed), s [C, 1]; AXIS=1: q [R, C], s [R, 1]. R, C: padded extents (Hadamard
-    blocks). The first tile of each row (AXIS=1) or column (AXIS=0) of tiles writes the scales.
-    Stochastic rounding: Philox keyed by the seed at seed_ptr, counter = the element's index in x."""
+    """Quantize the [BR, BC] tile of values y · inv_sqrt (y: unscaled Hadamard sums) with the finished
+    abs-max (pass 2). AXIS=0: q [C, R] (x.T per row, written transposed), s [C, 1]; AXIS=1: q [R, C],
+    s [R, 1]. R, C: padded extents (Hadamard blocks). The first tile of each row (AXIS=1) or column
+    (AXIS=0) of tiles writes the scales. Dither (`_dither_bits`): by the element's place in x."""
     if AXIS == 0:
         am = tl.load(amax_ptr + cols, mask=cols < C, other=0).to(tl.float32, bitcast=True)
         s = _scale_from_amax(am, QMAX)
-        sfull = tl.broadcast_to(s[None, :], [BR, BC])
+        p, sn, rn = _divisor(s)
+        p, sn, rn = (p * inv_sqrt)[None, :], sn[None, :], rn[None, :]
         if pid_r == 0:
             tl.store(s_ptr + cols, s, mask=cols < C)
     else:
         am = tl.load(amax_ptr + rows, mask=rows < R, other=0).to(tl.float32, bitcast=True)
         s = _scale_from_amax(am, QMAX)
-        sfull = tl.broadcast_to(s[:, None], [BR, BC])
+        p, sn, rn = _divisor(s)
+        p, sn, rn = (p * inv_sqrt)[:, None], sn[:, None], rn[:, None]
         if pid_c == 0:
             tl.store(s_ptr + rows, s, mask=rows < R)
-    v = tl.math.div_rn(y, sfull)
+    v = _divide(y * p, sn, rn)
+    bits = 0
     if STOCHASTIC:
-        seed = tl.load(seed_ptr)
-        u = _uniform_tile(seed, rows, pid_c * (BC // 4) + tl.arange(0, BC // 4), tl.cdiv(C, BC) * (BC // 4),
-                          BR, BC)
-    else:
-        u = 0.0
-    q = _to_int(v, u, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+        bits = _dither_bits(seed, rows, tl.cdiv(C, 32), pid_c * BC, BR, BC)
+    q = _round_to_int(v, bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
     mask = (rows < R)[:, None] & (cols < C)[None, :]
     if AXIS == 0:
         tl.store(q_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
@@ -487,65 +634,50 @@ def _quant_from_amax(y, rows, cols, pid_r, pid_c, R, C, amax_ptr, q_ptr, s_ptr, 
 
 
 @triton.jit
-def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax_ptr, q_ptr, s_ptr,
-                             h_ptr, inv_sqrt, seed_ptr,
-                             BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
-                             UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr,
-                             RINT_LIBDEVICE: tl.constexpr):
-    """Pass 2: quantize each tile with the finished abs-max (`_quant_from_amax`)."""
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
-    h = _load_hadamard(h_ptr, HAD)
-    y = _load_axis(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc, h, inv_sqrt, AXIS, HAD, UPCAST)
-    _quant_from_amax(y, rows, cols, pid_r, pid_c, R, C, amax_ptr, q_ptr, s_ptr, seed_ptr,
-                     BR, BC, AXIS, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-
-
-@triton.jit
-def _hadamard_square_tile(x_ptr, R_in, C_in, stride_xr, stride_xc, h_ptr, HAD: tl.constexpr):
-    """The dual kernels' [HAD, HAD] tile of x at this program of a (column tiles, row tiles) grid
-    (zeros beyond R_in x C_in) and the ±1 Hadamard matrix: (pid_r, pid_c, rows, cols, h, x)."""
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    rows = pid_r * HAD + tl.arange(0, HAD)
-    cols = pid_c * HAD + tl.arange(0, HAD)
-    x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
-    return pid_r, pid_c, rows, cols, _load_hadamard(h_ptr, HAD), x
-
-
-@triton.jit
-def _dual_amax_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt,
-                      HAD: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr):
+def _dual_amax_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt, n_tiles, n_c,
+                      HAD: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr, STAGES: tl.constexpr):
     """Pass 1 of the dual Hadamard quantization (both orientations of x from one read): each
-    [HAD, HAD] tile, rotated along its columns (x · H: rows of x) and along its rows (H · x: rows of
-    x.T), folds its per-row abs-max into amax[0:R_in] and its per-column abs-max into
-    amax[R_in:R_in+C_in]; amax[R_in+C_in] is the NaN/Inf flag (read only when CHECK)."""
-    pid_r, pid_c, rows, cols, h, x = _hadamard_square_tile(x_ptr, R_in, C_in, stride_xr, stride_xc, h_ptr, HAD)
-    a_rows = tl.abs(_rotate_axis(x, h, inv_sqrt, 1, HAD, UPCAST))
-    a_cols = tl.abs(_rotate_axis(x, h, inv_sqrt, 0, HAD, UPCAST))
-    if CHECK:
-        _raise_flag(_nonfinite(a_rows) | _nonfinite(a_cols), amax_ptr + R_in + C_in)
-    _fold_amax(a_rows, rows, cols, R_in, C_in, amax_ptr, 1)
-    _fold_amax(a_cols, rows, cols, R_in, C_in, amax_ptr + R_in, 0)
+    [HAD, HAD] tile (persistent programs over n_tiles tiles, n_c per row of tiles), rotated along its
+    columns (x · H: rows of x) and along its rows (H · x: rows of x.T), folds its per-row abs-max
+    into amax[0:R_in] and its per-column abs-max into amax[R_in:R_in+C_in]; amax[R_in+C_in] is the
+    NaN/Inf flag (read only when CHECK)."""
+    h = _load_hadamard(h_ptr, HAD)
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
+        pid_r, pid_c, rows, cols = _tile_of(tile, n_c, HAD, HAD)
+        x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
+        a_rows = tl.abs(_hadamard_sums(x, h, 1, HAD, x.dtype == tl.float32, UPCAST))
+        if CHECK:
+            _raise_flag(_nonfinite(a_rows), amax_ptr + R_in + C_in)
+        _fold_amax(a_rows, rows, cols, R_in, C_in, amax_ptr, inv_sqrt, 1)
+        a_cols = tl.abs(_hadamard_sums(x, h, 0, HAD, x.dtype == tl.float32, UPCAST))
+        if CHECK:
+            _raise_flag(_nonfinite(a_cols), amax_ptr + R_in + C_in)
+        _fold_amax(a_cols, rows, cols, R_in, C_in, amax_ptr + R_in, inv_sqrt, 0)
 
 
 @triton.jit
 def _dual_quant_kernel(x_ptr, R_in, C_in, Rp, Cp, stride_xr, stride_xc, amax_ptr,
-                       q_ptr, s_ptr, qt_ptr, st_ptr, h_ptr, inv_sqrt, seed_ptr,
+                       q_ptr, s_ptr, qt_ptr, st_ptr, h_ptr, inv_sqrt, seed_ptr, n_tiles, n_c,
                        HAD: tl.constexpr, UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr,
-                       QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
+                       QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr, STAGES: tl.constexpr):
     """Pass 2 of the dual Hadamard quantization: re-read each tile once and write both outputs,
     q [R_in, Cp] with s [R_in, 1] (rows of x · H) and qt [C_in, Rp] with st [C_in, 1] (rows of
     x.T · H), Rp / Cp the extents padded to whole Hadamard blocks. Stochastic rounding draws the two
     orientations from independent Philox streams (seeds seed_ptr[0] and seed_ptr[1])."""
-    pid_r, pid_c, rows, cols, h, x = _hadamard_square_tile(x_ptr, R_in, C_in, stride_xr, stride_xc, h_ptr, HAD)
-    _quant_from_amax(_rotate_axis(x, h, inv_sqrt, 1, HAD, UPCAST), rows, cols, pid_r, pid_c, R_in, Cp,
-                     amax_ptr, q_ptr, s_ptr, seed_ptr, HAD, HAD, 1, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-    _quant_from_amax(_rotate_axis(x, h, inv_sqrt, 0, HAD, UPCAST), rows, cols, pid_r, pid_c, Rp, C_in,
-                     amax_ptr + R_in, qt_ptr, st_ptr, seed_ptr + 1, HAD, HAD, 0, STOCHASTIC, QMAX,
-                     RINT_LIBDEVICE)
+    h = _load_hadamard(h_ptr, HAD)
+    seed = 0
+    seed_t = 0
+    if STOCHASTIC:
+        seed = tl.load(seed_ptr)
+        seed_t = tl.load(seed_ptr + 1)
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
+        pid_r, pid_c, rows, cols = _tile_of(tile, n_c, HAD, HAD)
+        x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
+        _quant_from_amax(_hadamard_sums(x, h, 1, HAD, x.dtype == tl.float32, UPCAST), inv_sqrt, rows, cols, pid_r, pid_c, R_in,
+                         Cp, amax_ptr, q_ptr, s_ptr, seed, HAD, HAD, 1, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+        _quant_from_amax(_hadamard_sums(x, h, 0, HAD, x.dtype == tl.float32, UPCAST), inv_sqrt, rows, cols, pid_r, pid_c, Rp,
+                         C_in, amax_ptr + R_in, qt_ptr, st_ptr, seed_t, HAD, HAD, 0, STOCHASTIC, QMAX,
+                         RINT_LIBDEVICE)
 
 
 @triton.jit

@@ -1,0 +1,858 @@
+// INT8 x INT8 -> INT32 GEMM on Hopper: TMA + mbarrier ring + wgmma.mma_async s32.s8.s8, warp-specialized.
+// Contract, scale layouts and requirements: see int8_gemm.h. No PyTorch headers here (CI compiles this
+// file alone for sm_80, sm_89 and sm_90a; the kernel body exists only in the sm_90a pass).
+//
+// One persistent CTA per SM, 384 threads = 3 warpgroups:
+//   * warpgroup 2 (producer, registers cut to 56 by setmaxnreg): thread 256 walks the CTA's tiles and,
+//     per K-block of 128, waits until a ring stage is free (empty mbarrier), then TMA-loads the A tile
+//     [128 x 128] and the B tile [BN x 128] into it (128-byte swizzle; the TMA engine zero-fills rows
+//     past M / N and columns past K) and arms the stage's full mbarrier with the byte count. In BLOCK128
+//     mode warp 9 copies the K-block's scales (sa for the 128 rows, sb for the BN columns) into the same
+//     stage with cp.async, whose completion arrives on the full mbarrier too (32 arrivals): the warp
+//     never waits for its loads.
+//   * warpgroups 0 and 1 (consumers, 224 registers): warpgroup w owns rows [64 w, 64 w + 64) of the tile
+//     and issues, per K-block, four wgmma m64nBNk32 (K = 4 x 32) from shared-memory descriptors into
+//     INT32 accumulators held in registers; a consumer warp arrives on the empty mbarrier once the
+//     wgmmas that read the stage have completed (wgmma.wait_group).
+//       ROWCOL: one INT32 accumulation over all of K, kept in flight one K-block deep (wait_group 1);
+//               epilogue float(acc) * sa[m] * sb[n] (+ bias).
+//       BLOCK128 (tile 128x128): two INT32 accumulator sets. Block k+1's wgmmas are issued into one set
+//               before block k's set is promoted (I2F + FFMA into the FP32 sum with sa * sb), so the
+//               promotion overlaps tensor-core work of the same warpgroup (and of the other one).
+//       BLOCK128 SERIAL: one set; issue, wait, promote (for comparison; the other warpgroup's wgmmas are
+//               the only overlap, as in DeepGEMM's FP8 kernel).
+//   Epilogue: the tile's column scales and bias are loaded at the start of the tile and parked in shared
+//   memory after the K loop; each warp then stages 4 output rows at a time in shared memory and writes
+//   them with 16-byte stores (whole sectors), or, when out rows are not 16-byte aligned, stores its
+//   fragment directly.
+//   Tiles are visited in grouped order (group_m row tiles walk the column tiles together, for L2 reuse).
+// wgmma operand descriptors: K-major, 128-byte swizzle, 8-row core-matrix groups 1024 bytes apart; the
+// k-th 32-byte slice of a 128-byte row starts 32 k bytes into the (1024-aligned) tile.
+#include "int8_gemm.h"
+
+#include <cuda.h>           // CUtensorMap and its enums (types only: nothing links libcuda)
+#include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled_v12000
+#include <cuda_bf16.h>
+
+#include <atomic>
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MEGAQ_INT8_GEMM_SM90A 1
+#endif
+
+namespace megaq {
+namespace int8_gemm {
+
+constexpr int BM = 128;                    // rows of A per tile (two consumer warpgroups x 64)
+constexpr int BK = 128;                    // K per stage: one 128-byte swizzle row of int8
+constexpr int THREADS = 384;               // 2 consumer warpgroups + 1 producer warpgroup
+// setmaxnreg only moves registers inside the CTA's launch allocation (the kernel's register count x
+// 384): 128 x 56 + 256 x 224 = 384 x 168, the most __launch_bounds__(384, 1) gives. The launcher
+// checks the compiled count, since a smaller one would leave the consumers' setmaxnreg.inc waiting.
+constexpr int PRODUCER_REGISTERS = 56;
+constexpr int CONSUMER_REGISTERS = 224;
+constexpr int LAUNCH_REGISTERS = (128 * PRODUCER_REGISTERS + 256 * CONSUMER_REGISTERS) / THREADS;
+constexpr int DEFAULT_GROUP_M = 8;
+constexpr int64_t ROWCOL_MAX_K = 133143;   // K * 127^2 < 2^31: the INT32 sum over all of K is exact
+
+// Set in the sm_90a device pass only: lets the host tell a build with sm_90a code from one without.
+__device__ int g_has_sm90a_code =
+#ifdef MEGAQ_INT8_GEMM_SM90A
+    1;
+#else
+    0;
+#endif
+
+struct Params {
+  int M, N, K;
+  const float* scale_a;
+  int64_t sa_stride_m, sa_stride_kb;
+  const float* scale_b;
+  int64_t sb_rows, sb_stride_n, sb_stride_kb;
+  const float* bias;
+  void* out;
+  int64_t ldc;
+  int group_m;
+  bool pair_store;   // out rows and pointer allow 2-element vector stores
+  bool row_store;    // out rows and pointer are 16-byte aligned: the staged, coalesced epilogue
+};
+
+template <int BN, int STAGES, bool BLOCKED>
+struct Layout {
+  static constexpr int A_BYTES = BM * BK;
+  static constexpr int B_BYTES = BN * BK;
+  static constexpr int SCALES = BLOCKED ? BM + BN : 0;   // floats per stage
+  static constexpr int A_OFFSET = 0;
+  static constexpr int B_OFFSET = STAGES * A_BYTES;
+  static constexpr int SCALE_OFFSET = B_OFFSET + STAGES * B_BYTES;
+  // epilogue columns of a tile, double-buffered by tile parity: ROWCOL's sb, then the bias
+  static constexpr int EPILOGUE_OFFSET = SCALE_OFFSET + STAGES * SCALES * 4;
+  // per consumer warp, 4 output rows of up to 512 bytes (+16 against bank conflicts), where the
+  // epilogue turns the fragment layout into whole rows for coalesced 16-byte stores
+  static constexpr int STAGING_PITCH = 512 + 16;
+  static constexpr int STAGING_OFFSET = EPILOGUE_OFFSET + 2 * 2 * BN * 4;
+  static constexpr int BARRIER_OFFSET = STAGING_OFFSET + 8 * 4 * STAGING_PITCH;
+  static constexpr int BYTES = BARRIER_OFFSET + 2 * STAGES * 8;
+  static constexpr int ALLOC = BYTES + 1024;   // room to align the dynamic buffer to 1024
+  static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzle atoms must stay 1024-aligned");
+  static_assert(ALLOC <= 227 * 1024, "shared memory per block");
+};
+
+// Output tile (m_block, n_block) of linear tile index t: group_m row tiles walk the column tiles.
+__device__ __forceinline__ void tile_coords(int t, int num_m, int num_n, int group_m, int& m_block,
+                                            int& n_block) {
+  const int per_group = group_m * num_n;
+  const int first_m = (t / per_group) * group_m;
+  const int rows = min(num_m - first_m, group_m);
+  const int r = t % per_group;
+  m_block = first_m + r % rows;
+  n_block = r / rows;
+}
+
+#ifdef MEGAQ_INT8_GEMM_SM90A
+
+constexpr int WGMMA_K = 32;
+constexpr int PRODUCER_WARP = 8;           // first warp of the producer warpgroup: issues the TMA loads
+constexpr int SCALE_WARP = 9;              // stages the BLOCK128 scales
+constexpr int CONSUMER_ARRIVALS = 8;       // one per consumer warp on each empty mbarrier
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+// Blocks until the phase of `bar` with parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = smem_u32(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// TMA: box at coordinates (x = K offset, y = row) of `map` into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int x,
+                                            int y) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(x), "r"(y)
+      : "memory");
+}
+
+// 4-byte global -> shared copy (zero-filled, no read, when !valid); completion is tracked by
+// cp_async_arrive_on, so the copying warp never waits for it.
+__device__ __forceinline__ void cp_async_4(float* dst, const float* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 4 : 0)
+               : "memory");
+}
+
+// One arrival on `bar` (counted in its init count) once this thread's earlier cp.async are complete.
+__device__ __forceinline__ void cp_async_arrive_on(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+
+// Barrier 1 among the 256 consumer threads (barrier 0 is __syncthreads).
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Keeps the compiler from moving accumulator reads / writes across the asynchronous wgmma statements.
+template <int N>
+__device__ __forceinline__ void fence_operands(int (&acc)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(acc[i])::"memory");
+}
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, stride between 8-row groups 1024 bytes.
+__device__ __forceinline__ uint64_t smem_desc(const void* p) {
+  return static_cast<uint64_t>((smem_u32(p) & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 32) |
+         (static_cast<uint64_t>(1) << 62);
+}
+
+// D[64 x N] (+)= A[64 x 32] * B[N x 32]^T, s8 inputs, s32 accumulators; accumulate = 0 overwrites D.
+template <int N>
+struct Wgmma;
+
+template <>
+struct Wgmma<128> {
+  __device__ __forceinline__ static void mma(int (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
+        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
+        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]),
+          "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]),
+          "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]),
+          "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]),
+          "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+          "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]),
+          "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]),
+          "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]),
+          "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+          "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]),
+          "+r"(d[62]), "+r"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+  }
+};
+
+template <>
+struct Wgmma<256> {
+  __device__ __forceinline__ static void mma(int (&d)[128], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
+        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
+        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, "
+        "%66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, "
+        "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, "
+        "%98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, "
+        "%126, %127"
+        "}, %128, %129, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]),
+          "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]),
+          "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]),
+          "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]),
+          "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+          "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]),
+          "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]),
+          "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]),
+          "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+          "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]),
+          "+r"(d[62]), "+r"(d[63]), "+r"(d[64]), "+r"(d[65]), "+r"(d[66]), "+r"(d[67]),
+          "+r"(d[68]), "+r"(d[69]), "+r"(d[70]), "+r"(d[71]), "+r"(d[72]), "+r"(d[73]),
+          "+r"(d[74]), "+r"(d[75]), "+r"(d[76]), "+r"(d[77]), "+r"(d[78]), "+r"(d[79]),
+          "+r"(d[80]), "+r"(d[81]), "+r"(d[82]), "+r"(d[83]), "+r"(d[84]), "+r"(d[85]),
+          "+r"(d[86]), "+r"(d[87]), "+r"(d[88]), "+r"(d[89]), "+r"(d[90]), "+r"(d[91]),
+          "+r"(d[92]), "+r"(d[93]), "+r"(d[94]), "+r"(d[95]), "+r"(d[96]), "+r"(d[97]),
+          "+r"(d[98]), "+r"(d[99]), "+r"(d[100]), "+r"(d[101]), "+r"(d[102]), "+r"(d[103]),
+          "+r"(d[104]), "+r"(d[105]), "+r"(d[106]), "+r"(d[107]), "+r"(d[108]), "+r"(d[109]),
+          "+r"(d[110]), "+r"(d[111]), "+r"(d[112]), "+r"(d[113]), "+r"(d[114]), "+r"(d[115]),
+          "+r"(d[116]), "+r"(d[117]), "+r"(d[118]), "+r"(d[119]), "+r"(d[120]), "+r"(d[121]),
+          "+r"(d[122]), "+r"(d[123]), "+r"(d[124]), "+r"(d[125]), "+r"(d[126]), "+r"(d[127])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+  }
+};
+
+// One K-block (4 x k32) of this warpgroup's 64 x BN product into acc; the first wgmma overwrites acc
+// unless `accumulate`. Descriptors advance 32 bytes (2 in the >>4 encoding) per k32 slice.
+template <int BN>
+__device__ __forceinline__ void issue_block(int (&acc)[BN / 2], uint64_t desc_a, uint64_t desc_b,
+                                            bool accumulate) {
+  fence_operands(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < BK / WGMMA_K; ++k)
+    Wgmma<BN>::mma(acc, desc_a + 2 * k, desc_b + 2 * k, (k > 0 || accumulate) ? 1 : 0);
+  wgmma_commit();
+}
+
+template <typename OutT>
+__device__ __forceinline__ void store_pair(OutT* p, float v0, float v1, bool both, bool pair);
+template <>
+__device__ __forceinline__ void store_pair<float>(float* p, float v0, float v1, bool both, bool pair) {
+  if (both && pair) {
+    *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+  } else {
+    p[0] = v0;
+    if (both) p[1] = v1;
+  }
+}
+template <>
+__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* p, float v0, float v1, bool both,
+                                                          bool pair) {
+  if (both && pair) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v0, v1);
+  } else {
+    p[0] = __float2bfloat16_rn(v0);
+    if (both) p[1] = __float2bfloat16_rn(v1);
+  }
+}
+
+// Where a consumer thread's accumulators sit in its warpgroup's 64 x BN tile (wgmma D fragment):
+// acc[4 i + 2 h + c] is row (16 warp + lane / 4 + 8 h), column (8 i + 2 (lane % 4) + c).
+struct Fragment {
+  int row;   // tile row of h = 0 (h = 1 is row + 8), including the warpgroup's 64-row offset
+  int col;   // tile column of i = 0, c = 0
+  __device__ __forceinline__ Fragment(int warpgroup, int thread_in_group) {
+    const int warp = thread_in_group / 32, lane = thread_in_group % 32;
+    row = warpgroup * 64 + warp * 16 + lane / 4;
+    col = 2 * (lane % 4);
+  }
+};
+
+// Writes the tile at (m0, n0), masked to M x N. Fragment element j (row half h) of tile column c is
+// value(j, h, col_scale[c]) + col_bias[c]; col_scale / col_bias are the tile's BN columns in shared
+// memory (zeros past N).
+template <int BN, typename OutT, typename Value>
+__device__ __forceinline__ void store_tile(const Value& value, const float* col_scale, const float* col_bias,
+                                           const Params& p, const Fragment& f, int m0, int n0) {
+  OutT* out = static_cast<OutT*>(p.out);
+  const int r0 = m0 + f.row;
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i) {
+    const int c = 8 * i + f.col;
+    if (n0 + c >= p.N) continue;
+    const bool both = n0 + c + 1 < p.N;
+    const float2 s = *reinterpret_cast<const float2*>(col_scale + c);
+    const float2 b = *reinterpret_cast<const float2*>(col_bias + c);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r0 + 8 * h;
+      if (r < p.M)
+        store_pair<OutT>(out + static_cast<int64_t>(r) * p.ldc + n0 + c, value(4 * i + 2 * h, h, s.x) + b.x,
+                         value(4 * i + 2 * h + 1, h, s.y) + b.y, both, p.pair_store);
+    }
+  }
+}
+
+template <typename OutT>
+__device__ __forceinline__ void put_pair(uint8_t* p, float v0, float v1);
+template <>
+__device__ __forceinline__ void put_pair<float>(uint8_t* p, float v0, float v1) {
+  *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+}
+template <>
+__device__ __forceinline__ void put_pair<__nv_bfloat16>(uint8_t* p, float v0, float v1) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v0, v1);
+}
+
+// store_tile with whole-row stores (out rows 16-byte aligned): each warp moves its fragment through
+// its shared-memory staging rows, 4 output rows x up to 512 bytes at a time, and writes them with
+// 16-byte stores that cover whole 32-byte sectors (the fragment layout would write 16 bytes per row).
+template <int BN, typename OutT, typename Value>
+__device__ __forceinline__ void store_tile_rows(const Value& value, const float* col_scale,
+                                                const float* col_bias, const Params& p, const Fragment& f,
+                                                int m0, int n0, uint8_t* staging, int pitch) {
+  constexpr int COLS = BN * static_cast<int>(sizeof(OutT)) <= 512 ? BN : 512 / static_cast<int>(sizeof(OutT));
+  constexpr int CHUNK = 16 / static_cast<int>(sizeof(OutT));    // elements per 16-byte store
+  constexpr int CHUNKS = COLS / CHUNK;                           // per staged row
+  OutT* out = static_cast<OutT*>(p.out);
+  const int lane = threadIdx.x % 32, g = lane / 4;
+  const int slab = m0 + f.row - g;   // first of this warp's 16 rows
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int pass = 0; pass < BN / COLS; ++pass) {
+        if (g / 4 == half) {   // lanes holding rows slab + 8 h + 4 half + (g % 4)
+          uint8_t* row = staging + (g % 4) * pitch;
+#pragma unroll
+          for (int ii = 0; ii < COLS / 8; ++ii) {
+            const int i = pass * (COLS / 8) + ii;
+            const int c = 8 * i + f.col;
+            const float2 s = *reinterpret_cast<const float2*>(col_scale + c);
+            const float2 b = *reinterpret_cast<const float2*>(col_bias + c);
+            put_pair<OutT>(row + (8 * ii + f.col) * sizeof(OutT), value(4 * i + 2 * h, h, s.x) + b.x,
+                           value(4 * i + 2 * h + 1, h, s.y) + b.y);
+          }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int q = lane; q < 4 * CHUNKS; q += 32) {
+          const int r = slab + 8 * h + 4 * half + q / CHUNKS;
+          const int c = n0 + pass * COLS + (q % CHUNKS) * CHUNK;
+          const uint8_t* src = staging + (q / CHUNKS) * pitch + (q % CHUNKS) * 16;
+          if (r < p.M && c < p.N) {
+            OutT* dst = out + static_cast<int64_t>(r) * p.ldc + c;
+            if (c + CHUNK <= p.N) {
+              *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(src);
+            } else {
+              for (int e = 0; e < p.N - c; ++e) dst[e] = reinterpret_cast<const OutT*>(src)[e];
+            }
+          }
+        }
+        __syncwarp();
+      }
+    }
+  }
+}
+
+// BLOCK128 promotion of one K-block: v += float(acc) * sa[m, kb] * sb[n, kb], scales from the stage.
+template <int BN, bool SB_VEC>
+__device__ __forceinline__ void promote(const int (&acc)[BN / 2], float (&v)[BN / 2], const float* sa_s,
+                                        const float* sb_s, const Fragment& f) {
+  const float sa0 = sa_s[f.row], sa1 = sa_s[f.row + 8];
+  if constexpr (!SB_VEC) {
+    const float sb = sb_s[0];   // one B scale for all BN columns (128 x 128 blocks, BN = 128)
+    const float s0 = sa0 * sb, s1 = sa1 * sb;
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+      v[4 * i + 0] = fmaf(__int2float_rn(acc[4 * i + 0]), s0, v[4 * i + 0]);
+      v[4 * i + 1] = fmaf(__int2float_rn(acc[4 * i + 1]), s0, v[4 * i + 1]);
+      v[4 * i + 2] = fmaf(__int2float_rn(acc[4 * i + 2]), s1, v[4 * i + 2]);
+      v[4 * i + 3] = fmaf(__int2float_rn(acc[4 * i + 3]), s1, v[4 * i + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+      const float2 sb = *reinterpret_cast<const float2*>(sb_s + 8 * i + f.col);
+      v[4 * i + 0] = fmaf(__int2float_rn(acc[4 * i + 0]), sa0 * sb.x, v[4 * i + 0]);
+      v[4 * i + 1] = fmaf(__int2float_rn(acc[4 * i + 1]), sa0 * sb.y, v[4 * i + 1]);
+      v[4 * i + 2] = fmaf(__int2float_rn(acc[4 * i + 2]), sa1 * sb.x, v[4 * i + 2]);
+      v[4 * i + 3] = fmaf(__int2float_rn(acc[4 * i + 3]), sa1 * sb.y, v[4 * i + 3]);
+    }
+  }
+}
+
+struct Pipe {   // position in the ring of stages: stage index and the parity of its current use
+  int stage = 0;
+  uint32_t phase = 0;
+  template <int STAGES>
+  __device__ __forceinline__ void advance() {
+    if (++stage == STAGES) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+#endif  // MEGAQ_INT8_GEMM_SM90A
+
+// MODE: MEGAQ_INT8_ROWCOL / MEGAQ_INT8_BLOCK128. DUAL: two INT32 accumulator sets (BLOCK128).
+// SB_VEC: a B scale per output column (sb_rows = 1) rather than one per 128-column tile (BLOCK128).
+template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, typename OutT>
+__global__ void __launch_bounds__(THREADS, 1)
+    int8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,
+                     const __grid_constant__ CUtensorMap tmap_b, const Params p) {
+#ifdef MEGAQ_INT8_GEMM_SM90A
+  constexpr bool BLOCKED = MODE == MEGAQ_INT8_BLOCK128;
+  using L = Layout<BN, STAGES, BLOCKED>;
+  static_assert(!DUAL || BLOCKED, "two accumulator sets only pay off with per-block promotion");
+  static_assert(!SB_VEC || BLOCKED, "ROWCOL reads its column scales in the epilogue");
+  static_assert(!BLOCKED || BN == 128, "BLOCK128 keeps an FP32 sum plus INT32 sets: 128 columns fit");
+
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  // 1024-aligned for the 128-byte swizzle atoms (offset arithmetic keeps the compiler aware that
+  // these are shared-memory pointers: ld.shared, not generic loads)
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  uint8_t* smem_a = smem + L::A_OFFSET;
+  uint8_t* smem_b = smem + L::B_OFFSET;
+  float* smem_scales = reinterpret_cast<float*>(smem + L::SCALE_OFFSET);
+  float* smem_epilogue = reinterpret_cast<float*>(smem + L::EPILOGUE_OFFSET);
+  uint8_t* smem_staging = smem + L::STAGING_OFFSET;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::BARRIER_OFFSET);
+  uint64_t* empty = full + STAGES;
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x == PRODUCER_WARP * 32) {
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_a)) : "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_b)) : "memory");
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], BLOCKED ? 1 + 32 : 1);
+      mbar_init(&empty[s], CONSUMER_ARRIVALS);
+    }
+    // make the initialized barriers visible to the TMA engine (async proxy)
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();
+
+  const int num_m = (p.M + BM - 1) / BM;
+  const int num_n = (p.N + BN - 1) / BN;
+  const int num_tiles = num_m * num_n;
+  const int num_kb = (p.K + BK - 1) / BK;
+
+  if (warp >= PRODUCER_WARP) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGISTERS));
+    if (threadIdx.x == PRODUCER_WARP * 32) {
+      Pipe pipe;
+      for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+        int mb, nb;
+        tile_coords(t, num_m, num_n, p.group_m, mb, nb);
+        for (int kb = 0; kb < num_kb; ++kb) {
+          mbar_wait(&empty[pipe.stage], pipe.phase ^ 1);
+          mbar_arrive_expect_tx(&full[pipe.stage], L::A_BYTES + L::B_BYTES);
+          tma_load_2d(smem_a + pipe.stage * L::A_BYTES, &tmap_a, &full[pipe.stage], kb * BK, mb * BM);
+          tma_load_2d(smem_b + pipe.stage * L::B_BYTES, &tmap_b, &full[pipe.stage], kb * BK, nb * BN);
+          pipe.template advance<STAGES>();
+        }
+      }
+    } else if (BLOCKED && warp == SCALE_WARP) {
+      Pipe pipe;
+      for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+        int mb, nb;
+        tile_coords(t, num_m, num_n, p.group_m, mb, nb);
+        // this lane's rows of A and columns of B: source of K-block 0 (advanced by the K-block
+        // stride), and whether it exists (else the copy writes a zero)
+        const float* src_a[BM / 32];
+        const float* src_b[BN / 32];
+        uint32_t valid = 0;
+#pragma unroll
+        for (int j = 0; j < BM / 32; ++j) {
+          const int m = mb * BM + 32 * j + lane;
+          src_a[j] = p.scale_a + (m < p.M ? m * p.sa_stride_m : 0);
+          valid |= (m < p.M ? 1u : 0u) << j;
+        }
+#pragma unroll
+        for (int j = 0; j < BN / 32; ++j) {
+          const int n = nb * BN + 32 * j + lane;
+          src_b[j] = p.scale_b + (n < p.N ? (n / static_cast<int>(p.sb_rows)) * p.sb_stride_n : 0);
+          valid |= (n < p.N ? 1u : 0u) << (BM / 32 + j);
+        }
+        for (int kb = 0; kb < num_kb; ++kb) {
+          float* sa_s = smem_scales + pipe.stage * L::SCALES;
+          float* sb_s = sa_s + BM;
+          mbar_wait(&empty[pipe.stage], pipe.phase ^ 1);
+#pragma unroll
+          for (int j = 0; j < BM / 32; ++j) {
+            const bool ok = (valid >> j) & 1;
+            cp_async_4(sa_s + 32 * j + lane, src_a[j], ok);
+            if (ok) src_a[j] += p.sa_stride_kb;
+          }
+#pragma unroll
+          for (int j = 0; j < BN / 32; ++j) {
+            const bool ok = (valid >> (BM / 32 + j)) & 1;
+            cp_async_4(sb_s + 32 * j + lane, src_b[j], ok);
+            if (ok) src_b[j] += p.sb_stride_kb;
+          }
+          cp_async_arrive_on(&full[pipe.stage]);
+          pipe.template advance<STAGES>();
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CONSUMER_REGISTERS));
+  const int warpgroup = threadIdx.x / 128;
+  const Fragment frag(warpgroup, threadIdx.x % 128);
+  // descriptors of stage 0; a stage adds its byte offset >> 4
+  const uint64_t desc_a0 = smem_desc(smem_a + warpgroup * 64 * BK);
+  const uint64_t desc_b0 = smem_desc(smem_b);
+  auto desc_a = [&](int stage) { return desc_a0 + static_cast<uint64_t>(stage * (L::A_BYTES >> 4)); };
+  auto desc_b = [&](int stage) { return desc_b0 + static_cast<uint64_t>(stage * (L::B_BYTES >> 4)); };
+  auto release = [&](int stage) {
+    if (lane == 0) mbar_arrive(&empty[stage]);
+  };
+
+  uint8_t* staging = smem_staging + warp * 4 * L::STAGING_PITCH;
+  auto store = [&](const auto& value, const float* col_scales, const float* col_biases, int m0, int n0) {
+    if (p.row_store)
+      store_tile_rows<BN, OutT>(value, col_scales, col_biases, p, frag, m0, n0, staging, L::STAGING_PITCH);
+    else
+      store_tile<BN, OutT>(value, col_scales, col_biases, p, frag, m0, n0);
+  };
+
+  Pipe pipe;
+  int parity = 0;   // which epilogue buffer this tile uses
+  for (int t = blockIdx.x; t < num_tiles; t += gridDim.x, parity ^= 1) {
+    int mb, nb;
+    tile_coords(t, num_m, num_n, p.group_m, mb, nb);
+    const int m0 = mb * BM, n0 = nb * BN;
+    // The epilogue's per-column values, loaded now (latency hidden by the K loop) one column per
+    // consumer thread, parked in shared memory after the loop. ROWCOL also needs its 2 row scales.
+    float col_scale = 0.f, col_bias = 0.f;
+    if (threadIdx.x < BN && n0 + static_cast<int>(threadIdx.x) < p.N) {
+      const int n = n0 + threadIdx.x;
+      if (!BLOCKED) col_scale = p.scale_b[n * p.sb_stride_n];
+      if (p.bias != nullptr) col_bias = p.bias[n];
+    }
+    float sa[2] = {0.f, 0.f};
+    if (!BLOCKED) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = m0 + frag.row + 8 * h;
+        if (r < p.M) sa[h] = p.scale_a[r * p.sa_stride_m];
+      }
+    }
+    float* col_scales = smem_epilogue + parity * 2 * BN;
+    float* col_biases = col_scales + BN;
+    auto park_columns = [&]() {
+      if (threadIdx.x < BN) {
+        col_scales[threadIdx.x] = col_scale;
+        col_biases[threadIdx.x] = col_bias;
+      }
+      // also orders this buffer's reads two tiles ago before the writes above: every thread has
+      // passed the previous tile's barrier, hence finished the epilogue before it
+      consumer_sync();
+    };
+    if constexpr (!BLOCKED) {
+      int acc[BN / 2];
+      int prev = 0;
+      for (int kb = 0; kb < num_kb; ++kb) {
+        mbar_wait(&full[pipe.stage], pipe.phase);
+        issue_block<BN>(acc, desc_a(pipe.stage), desc_b(pipe.stage), kb > 0);
+        wgmma_wait<1>();   // the previous K-block's wgmmas are done: its stage can be refilled
+        if (kb > 0) release(prev);
+        prev = pipe.stage;
+        pipe.template advance<STAGES>();
+      }
+      wgmma_wait<0>();
+      release(prev);
+      park_columns();
+      store(
+          [&](int j, int h, float sb) { return __int2float_rn(acc[j]) * (sa[h] * sb); }, col_scales,
+          col_biases, m0, n0);
+    } else {
+      float v[BN / 2];
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) v[i] = 0.f;
+      auto promote_stage = [&](const int (&acc)[BN / 2], int stage) {
+        const float* sa_s = smem_scales + stage * L::SCALES;
+        promote<BN, SB_VEC>(acc, v, sa_s, sa_s + BM, frag);
+        release(stage);
+      };
+      if constexpr (DUAL) {
+        // K-blocks alternate between the two sets: block kb + 1's wgmmas are issued before block kb
+        // is promoted. Straight-line code per pair of blocks, so that ptxas can see which group each
+        // wgmma.wait_group retires (it serializes the wgmmas when it cannot).
+        int acc0[BN / 2], acc1[BN / 2];
+        auto issue_next = [&](int (&acc)[BN / 2]) {
+          const int stage = pipe.stage;
+          mbar_wait(&full[stage], pipe.phase);
+          issue_block<BN>(acc, desc_a(stage), desc_b(stage), false);
+          pipe.template advance<STAGES>();
+          return stage;
+        };
+        int cur = issue_next(acc0);
+        int kb = 0;
+        for (; kb + 2 < num_kb; kb += 2) {
+          const int s1 = issue_next(acc1);
+          wgmma_wait<1>();
+          promote_stage(acc0, cur);
+          const int s2 = issue_next(acc0);
+          wgmma_wait<1>();
+          promote_stage(acc1, s1);
+          cur = s2;
+        }
+        if (kb + 1 < num_kb) {
+          const int s1 = issue_next(acc1);
+          wgmma_wait<1>();
+          promote_stage(acc0, cur);
+          wgmma_wait<0>();
+          promote_stage(acc1, s1);
+        } else {
+          wgmma_wait<0>();
+          promote_stage(acc0, cur);
+        }
+      } else {
+        int acc[BN / 2];
+        for (int kb = 0; kb < num_kb; ++kb) {
+          mbar_wait(&full[pipe.stage], pipe.phase);
+          issue_block<BN>(acc, desc_a(pipe.stage), desc_b(pipe.stage), false);
+          wgmma_wait<0>();
+          promote_stage(acc, pipe.stage);
+          pipe.template advance<STAGES>();
+        }
+      }
+      park_columns();
+      store([&](int j, int, float) { return v[j]; }, col_scales, col_biases, m0, n0);
+    }
+  }
+#endif  // MEGAQ_INT8_GEMM_SM90A (other targets get an empty kernel; check_device refuses them)
+}
+
+// ------------------------------------------------------------------------------------------- host
+
+using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
+
+// cuTensorMapEncodeTiled from the driver, found through the runtime (no -lcuda at link time).
+EncodeTiled encode_tiled() {
+  static std::atomic<EncodeTiled> cached{nullptr};
+  EncodeTiled fn = cached.load();
+  if (fn != nullptr) return fn;
+  void* sym = nullptr;
+  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+  const cudaError_t err =
+      cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &sym, 12000, cudaEnableDefault, &found);
+#else
+  const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &sym, cudaEnableDefault, &found);
+#endif
+  if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) return nullptr;
+  fn = reinterpret_cast<EncodeTiled>(sym);
+  cached.store(fn);
+  return fn;
+}
+
+// A 2-D map of an int8 [rows, K] matrix with row stride ld bytes, boxes of box_rows x 128 bytes,
+// 128-byte swizzle; out-of-bounds parts of a box read as zeros.
+bool make_map(CUtensorMap* map, EncodeTiled encode, const int8_t* base, int64_t rows, int64_t K,
+              int64_t ld, int box_rows) {
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld)};
+  const cuuint32_t box[2] = {BK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(base), dims, strides, box,
+                elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, typename OutT>
+cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, const Params& p,
+                   int device, cudaStream_t stream) {
+  using L = Layout<BN, STAGES, MODE == MEGAQ_INT8_BLOCK128>;
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  CUtensorMap map_a, map_b;
+  if (!make_map(&map_a, encode, A, p.M, p.K, lda, BM) || !make_map(&map_b, encode, B, p.N, p.K, ldb, BN))
+    return cudaErrorInvalidValue;
+  auto kernel = int8_gemm_kernel<BN, STAGES, MODE, DUAL, SB_VEC, OutT>;
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  if (attr.numRegs < LAUNCH_REGISTERS) return cudaErrorNotSupported;   // see LAUNCH_REGISTERS
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::ALLOC);
+  if (err != cudaSuccess) return err;
+  int sms = 0;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t tiles = ((p.M + BM - 1) / BM) * static_cast<int64_t>((p.N + BN - 1) / BN);
+  const int grid = static_cast<int>(tiles < sms ? tiles : sms);
+  kernel<<<grid, THREADS, L::ALLOC, stream>>>(map_a, map_b, p);
+  return cudaGetLastError();
+}
+
+template <typename OutT>
+cudaError_t dispatch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, int mode, int tile,
+                     const Params& p, int device, cudaStream_t stream) {
+  if (mode == MEGAQ_INT8_ROWCOL) {
+    switch (tile) {
+      case MEGAQ_INT8_TILE_AUTO:
+      case MEGAQ_INT8_TILE_128x256:
+        return launch<256, 4, MEGAQ_INT8_ROWCOL, false, false, OutT>(A, B, lda, ldb, p, device, stream);
+      case MEGAQ_INT8_TILE_128x128:
+        return launch<128, 6, MEGAQ_INT8_ROWCOL, false, false, OutT>(A, B, lda, ldb, p, device, stream);
+      default:
+        return cudaErrorInvalidValue;
+    }
+  }
+  const bool sb_vec = p.sb_rows % 128 != 0;   // else one B scale per 128-column tile
+  switch (tile) {
+    case MEGAQ_INT8_TILE_AUTO:
+    case MEGAQ_INT8_TILE_128x128:
+      return sb_vec ? launch<128, 6, MEGAQ_INT8_BLOCK128, true, true, OutT>(A, B, lda, ldb, p, device, stream)
+                    : launch<128, 6, MEGAQ_INT8_BLOCK128, true, false, OutT>(A, B, lda, ldb, p, device, stream);
+    case MEGAQ_INT8_TILE_128x128_SERIAL:
+      return sb_vec ? launch<128, 6, MEGAQ_INT8_BLOCK128, false, true, OutT>(A, B, lda, ldb, p, device, stream)
+                    : launch<128, 6, MEGAQ_INT8_BLOCK128, false, false, OutT>(A, B, lda, ldb, p, device, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace int8_gemm
+}  // namespace megaq
+
+extern "C" cudaError_t megaq_int8_gemm_check_device(void) {
+  using namespace megaq::int8_gemm;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> verdict[kMaxDevices];   // 0 unknown, 1 runs, 2 does not
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices && verdict[device].load() != 0)
+    return verdict[device].load() == 1 ? cudaSuccess : cudaErrorNotSupported;
+  int major = 0, minor = 0;
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return err;
+  int has_code = 0;
+  if (major == 9 && minor == 0) {
+    // fails (no image for this device) or reads 0 when the build lacks sm_90a code
+    if (cudaMemcpyFromSymbol(&has_code, g_has_sm90a_code, sizeof(int)) != cudaSuccess) {
+      cudaGetLastError();   // not sticky: clear it
+      has_code = 0;
+    }
+  }
+  if (device < kMaxDevices) verdict[device].store(has_code ? 1 : 2);
+  return has_code ? cudaSuccess : cudaErrorNotSupported;
+}
+
+extern "C" cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t M, int64_t N, int64_t K,
+                                       int64_t lda, int64_t ldb, int mode, const float* scale_a,
+                                       int64_t sa_stride_m, int64_t sa_stride_kb, const float* scale_b,
+                                       int64_t sb_rows, int64_t sb_stride_n, int64_t sb_stride_kb,
+                                       const float* bias, void* out, int out_kind, int64_t ldc, int tile,
+                                       int group_m, cudaStream_t stream) {
+  using namespace megaq::int8_gemm;
+  constexpr int64_t kIntMax = 0x7fffffff;
+  if (M < 1 || N < 1 || K < 16 || K % 16 != 0 || M > kIntMax || N > kIntMax || K > kIntMax)
+    return cudaErrorInvalidValue;
+  if (A == nullptr || B == nullptr || scale_a == nullptr || scale_b == nullptr || out == nullptr)
+    return cudaErrorInvalidValue;
+  if (lda < K || ldb < K || lda % 16 != 0 || ldb % 16 != 0 || reinterpret_cast<uintptr_t>(A) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(B) % 16 != 0)
+    return cudaErrorInvalidValue;
+  if (ldc < N || sa_stride_m < 0 || sa_stride_kb < 0 || sb_stride_n < 0 || sb_stride_kb < 0 || group_m < 0)
+    return cudaErrorInvalidValue;
+  if (mode == MEGAQ_INT8_ROWCOL) {
+    if (sb_rows != 1 || K > ROWCOL_MAX_K) return cudaErrorInvalidValue;
+  } else if (mode == MEGAQ_INT8_BLOCK128) {
+    if (sb_rows < 1 || (sb_rows != 1 && sb_rows % 128 != 0)) return cudaErrorInvalidValue;
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  cudaError_t err = megaq_int8_gemm_check_device();
+  if (err != cudaSuccess) return err;
+  int device = 0;
+  err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+
+  Params p;
+  p.M = static_cast<int>(M);
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.scale_a = scale_a;
+  p.sa_stride_m = sa_stride_m;
+  p.sa_stride_kb = sa_stride_kb;
+  p.scale_b = scale_b;
+  p.sb_rows = sb_rows;
+  p.sb_stride_n = sb_stride_n;
+  p.sb_stride_kb = sb_stride_kb;
+  p.bias = bias;
+  p.out = out;
+  p.ldc = ldc;
+  p.group_m = group_m > 0 ? group_m : DEFAULT_GROUP_M;
+  const int elem = out_kind == MEGAQ_INT8_OUT_F32 ? 4 : 2;
+  p.pair_store = ldc % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * elem) == 0;
+  p.row_store = (ldc * elem) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  switch (out_kind) {
+    case MEGAQ_INT8_OUT_F32:
+      return dispatch<float>(A, B, lda, ldb, mode, tile, p, device, stream);
+    case MEGAQ_INT8_OUT_BF16:
+      return dispatch<__nv_bfloat16>(A, B, lda, ldb, mode, tile, p, device, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}

@@ -1,0 +1,256 @@
+"""The Hopper INT8 GEMM of csrc/int8_gemm (megaq._C.int8_gemm via megaq.kernels.cuda_ext.int8_gemm),
+and its routing from megaq.kernels.scaled_mm.
+
+GPU tests (marked `gpu`) need an sm_90 GPU and an extension built with sm_90a code; elsewhere they
+skip. They compare the kernel with an exact reference: the int8 operands and FP32 scales multiplied
+in float64. Bounds:
+  * rowcol, unit scales, float32 output: bit-exact (the INT32 sum is exact and |acc| < 2^24 here,
+    so float(acc) is too);
+  * float32 output: relative Frobenius error <= 1e-6 (rowcol: float(acc), sa*sb and their product
+    round once each, <= ~2^-22 per element; block128 adds one FP32 rounding per K-block of 128);
+  * bfloat16 output: relative Frobenius error <= 4e-3 (one more rounding to 8 significant bits,
+    2^-9 per element at most).
+A NaN scale must make the outputs it touches NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megaq import kernels
+from megaq.kernels import cuda_ext, dispatch
+from megaq.quant import quantize_blockwise
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+
+
+def test_wrapper_refuses_cpu_tensors_with_a_clear_error():
+    a = torch.zeros(4, 32, dtype=torch.int8)
+    s = torch.ones(4, 1)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cuda_ext.int8_gemm(a, a, s, s)
+    with pytest.raises(ValueError, match="mode"):
+        cuda_ext.int8_gemm(a, a, s, s, mode="blocked64")
+    with pytest.raises(ValueError, match="out_dtype"):
+        cuda_ext.int8_gemm(a, a, s, s, out_dtype=torch.float16)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only behaviour")
+def test_not_available_without_cuda():
+    assert not cuda_ext.int8_gemm_available()
+    assert not cuda_ext.int8_gemm_available("cpu")
+
+
+def test_dispatch_choice_is_validated_and_cpu_stays_off_cuda(monkeypatch):
+    x = torch.randn(8, 64)
+    qa = quantize_blockwise(x, (1, -1))
+    qb = quantize_blockwise(torch.randn(16, 64), (1, -1))
+    args = (qa, qb, qa.data, qb.data, "rowcol", 0, 1, 1, torch.bfloat16)
+    monkeypatch.setenv("MEGAQ_INT8_GEMM", "fastest")
+    with pytest.raises(ValueError, match="MEGAQ_INT8_GEMM"):
+        dispatch._cuda_int8_mode(*args)
+    for choice in ("auto", "cuda", "triton"):
+        monkeypatch.setenv("MEGAQ_INT8_GEMM", choice)
+        assert dispatch._cuda_int8_mode(*args) is None   # CPU operands: never the CUDA kernel
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture(scope="module")
+def dev():
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the INT8 wgmma GEMM needs an sm_90 GPU (H100 / H200)")
+    if not cuda_ext.int8_gemm_available():
+        pytest.skip(f"int8_gemm unavailable: {cuda_ext.extension_unavailable_reason() or 'no sm_90a code'}")
+    return torch.device("cuda")
+
+
+def _operands(m, n, k, dev, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    a = torch.randint(-127, 128, (m, k), generator=g, device=dev, dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=g, device=dev, dtype=torch.int8)
+    return a, b, g
+
+
+def _scales(rows, cols, g, dev):
+    return torch.rand(rows, cols, generator=g, device=dev) * 0.01 + 1e-3
+
+
+def _ref_rowcol(a, b, sa, sb, bias):
+    ref = (a.double() @ b.double().T) * sa.double().reshape(-1, 1) * sb.double().reshape(1, -1)
+    return ref + bias.double() if bias is not None else ref
+
+
+def _ref_block128(a, b, sa, sb, sb_rows, bias):
+    k = a.shape[1]
+    nkb = -(-k // 128)
+    sa_full = sa.double().expand(a.shape[0], nkb).repeat_interleave(128, 1)[:, :k]
+    sb_full = sb.double().expand(sb.shape[0], nkb).repeat_interleave(sb_rows, 0)[:b.shape[0]]
+    sb_full = sb_full.repeat_interleave(128, 1)[:, :k]
+    ref = (a.double() * sa_full) @ (b.double() * sb_full).T
+    return ref + bias.double() if bias is not None else ref
+
+
+_BOUND = {torch.float32: 1e-6, torch.bfloat16: 4e-3}
+# (M, N, K): M 1 / 77 / 1000, N 384 / 1600 / 6400 + tails, K 16 and multiples of 16 that are not
+# multiples of 128 (the TMA engine zero-fills the last K tile)
+SHAPES = [(1, 384, 384), (77, 1600, 1600), (1000, 6472, 4096), (129, 130, 16), (300, 257, 48),
+          (1000, 1601, 400)]
+
+
+@gpu
+@pytest.mark.parametrize("tile", [0, 2])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_rowcol_matches_fp64(dev, m, n, k, tile):
+    a, b, g = _operands(m, n, k, dev, seed=m + n + k)
+    sa, sb = _scales(m, 1, g, dev), _scales(n, 1, g, dev)
+    for out_dtype, bias in ((torch.float32, None), (torch.bfloat16, torch.randn(n, generator=g, device=dev))):
+        out = cuda_ext.int8_gemm(a, b, sa, sb, bias=bias, out_dtype=out_dtype, tile=tile)
+        assert out.dtype == out_dtype and out.shape == (m, n)
+        err = _rel(out, _ref_rowcol(a, b, sa, sb, bias))
+        assert err <= _BOUND[out_dtype], (m, n, k, tile, out_dtype, err)
+
+
+@gpu
+@pytest.mark.parametrize("tile", [0, 2])
+def test_rowcol_int32_part_is_exact(dev, tile):
+    a, b, _ = _operands(1000, 1000, 1600, dev, seed=3)
+    exact = a.double() @ b.double().T
+    assert float(exact.abs().max()) < 2 ** 24   # so float(acc) is exact too
+    ones_a, ones_b = torch.ones(1000, device=dev), torch.ones(1000, device=dev)
+    out = cuda_ext.int8_gemm(a, b, ones_a, ones_b, out_dtype=torch.float32, tile=tile)
+    assert torch.equal(out.double(), exact)
+
+
+@gpu
+@pytest.mark.parametrize("tile", [0, 3])
+@pytest.mark.parametrize("sb_rows", [128, 1])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_block128_matches_fp64(dev, m, n, k, sb_rows, tile):
+    a, b, g = _operands(m, n, k, dev, seed=m + 2 * n + k)
+    nkb = -(-k // 128)
+    sa, sb = _scales(m, nkb, g, dev), _scales(-(-n // sb_rows), nkb, g, dev)
+    for out_dtype, bias in ((torch.float32, torch.randn(n, generator=g, device=dev)), (torch.bfloat16, None)):
+        out = cuda_ext.int8_gemm(a, b, sa, sb, mode="block128", scale_b_rows=sb_rows, bias=bias,
+                                 out_dtype=out_dtype, tile=tile)
+        err = _rel(out, _ref_block128(a, b, sa, sb, sb_rows, bias))
+        assert err <= _BOUND[out_dtype], (m, n, k, sb_rows, tile, out_dtype, err)
+
+
+@gpu
+def test_block128_with_one_scale_per_row_and_strided_scales(dev):
+    """An A scale per row over all of K ([M, 1]: K-block stride 0) and a transposed (strided) B grid,
+    as the dispatcher passes them (and as rowcol above 133143 of K runs)."""
+    a, b, g = _operands(1000, 1000, 4096, dev, seed=5)
+    sa = _scales(1000, 1, g, dev)
+    sb = _scales(32, 1000, g, dev).t()          # [N, 32] with strides (1, N)
+    out = cuda_ext.int8_gemm(a, b, sa, sb, mode="block128", out_dtype=torch.float32)
+    assert _rel(out, _ref_block128(a, b, sa, sb.contiguous(), 1, None)) <= 1e-6
+
+
+@gpu
+def test_large_tiles_and_row_tails(dev):
+    a, b, g = _operands(16384, 6400 + 40, 1600, dev, seed=6)
+    sa, sb = _scales(16384, 1, g, dev), _scales(6440, 1, g, dev)
+    out = cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.bfloat16)
+    assert _rel(out, _ref_rowcol(a, b, sa, sb, None)) <= 4e-3
+    sa, sb = _scales(16384, 13, g, dev), _scales(51, 13, g, dev)
+    out = cuda_ext.int8_gemm(a, b, sa, sb, mode="block128", scale_b_rows=128, out_dtype=torch.bfloat16)
+    assert _rel(out, _ref_block128(a, b, sa, sb, 128, None)) <= 4e-3
+
+
+@gpu
+@pytest.mark.parametrize("pad", [1, 2, 8])
+def test_output_rows_not_16_byte_aligned(dev, pad):
+    """`out` with a row stride that breaks 16-byte (and 2-element) alignment: the per-fragment stores."""
+    a, b, g = _operands(300, 301, 384, dev, seed=pad)
+    sa, sb = _scales(300, 1, g, dev), _scales(301, 1, g, dev)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        full = torch.full((300, 301 + pad), float("nan"), device=dev, dtype=out_dtype)
+        out = cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=out_dtype, out=full[:, :301])
+        assert _rel(out, _ref_rowcol(a, b, sa, sb, None)) <= _BOUND[out_dtype]
+        assert torch.isnan(full[:, 301:]).all()   # nothing written past N
+        sa3, sb3 = _scales(300, 3, g, dev), _scales(3, 3, g, dev)
+        out = cuda_ext.int8_gemm(a, b, sa3, sb3, mode="block128", scale_b_rows=128, out_dtype=out_dtype,
+                                 out=full[:, :301])
+        assert _rel(out, _ref_block128(a, b, sa3, sb3, 128, None)) <= _BOUND[out_dtype]
+
+
+@gpu
+def test_nan_scales_give_nan(dev):
+    a, b, g = _operands(200, 300, 384, dev, seed=9)
+    sa, sb = _scales(200, 1, g, dev), _scales(300, 1, g, dev)
+    sa[3] = float("nan")
+    sb[7] = float("nan")
+    out = cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.float32)
+    nan = torch.isnan(out)
+    assert nan[3].all() and nan[:, 7].all() and int(nan.sum()) == 300 + 200 - 1
+    sa, sb = _scales(200, 3, g, dev), _scales(3, 3, g, dev)
+    sa[5, 1] = float("nan")     # one K-block of one row
+    sb[2, 2] = float("inf")     # one K-block of columns 256..299: inf * int != finite
+    out = cuda_ext.int8_gemm(a, b, sa, sb, mode="block128", scale_b_rows=128, out_dtype=torch.bfloat16)
+    assert torch.isnan(out[5]).all()
+    assert not torch.isfinite(out[:, 256:]).any()
+    assert torch.isfinite(out[:5, :256]).all()
+
+
+@gpu
+def test_bad_inputs_name_the_problem(dev):
+    a, b, g = _operands(64, 64, 128, dev)
+    s64 = _scales(64, 1, g, dev)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cuda_ext.int8_gemm(a[:, :100], b[:, :100], s64, s64)
+    with pytest.raises(RuntimeError, match="a must be int8; got"):
+        cuda_ext.int8_gemm(a.to(torch.uint8), b, s64, s64)
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        cuda_ext.int8_gemm(a.t(), b, s64, s64)
+    with pytest.raises(RuntimeError, match="same K"):
+        cuda_ext.int8_gemm(a, b[:, :112], s64, s64)
+    with pytest.raises(RuntimeError, match="scale_a must have shape"):
+        cuda_ext.int8_gemm(a, b, _scales(63, 1, g, dev), s64)
+    with pytest.raises(RuntimeError, match="scale_b must have shape"):
+        cuda_ext.int8_gemm(a, b, s64, _scales(64, 2, g, dev))   # rowcol: one scale per row
+    with pytest.raises(RuntimeError, match="scale_a must be on"):
+        cuda_ext.int8_gemm(a, b, s64.cpu(), s64)
+    with pytest.raises(RuntimeError, match="scale_b_rows"):
+        cuda_ext.int8_gemm(a, b, s64, s64, mode="block128", scale_b_rows=64)
+    with pytest.raises(ValueError, match="out must be"):
+        cuda_ext.int8_gemm(a, b, s64, s64, out=torch.empty(64, 65, device=dev, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="K <= 133143"):
+        big = torch.zeros(1, 133152, dtype=torch.int8, device=dev)
+        cuda_ext.int8_gemm(big, big, torch.ones(1, device=dev), torch.ones(1, device=dev))
+
+
+@gpu
+@pytest.mark.parametrize("ablock,bblock", [((1, -1), (1, -1)), ((1, 128), (128, 128)), ((1, 128), (1, 128))])
+def test_scaled_mm_routes_to_the_cuda_kernel(dev, monkeypatch, ablock, bblock):
+    """MEGAQ_INT8_GEMM=cuda sends every supported plan to csrc/int8_gemm (and its result matches the
+    Triton kernel's), =triton never does."""
+    g = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(1000, 1600, generator=g, device=dev).bfloat16()
+    w = torch.randn(384, 1600, generator=g, device=dev).bfloat16()
+    bias = torch.randn(384, generator=g, device=dev)
+    qa, qb = kernels.quantize(x, ablock), kernels.quantize(w, bblock)
+    calls = []
+    real = cuda_ext.int8_gemm
+    monkeypatch.setattr(cuda_ext, "int8_gemm", lambda *a, **k: calls.append(k["mode"]) or real(*a, **k))
+    monkeypatch.setenv("MEGAQ_INT8_GEMM", "triton")
+    triton_out = kernels.scaled_mm(qa, qb, out_dtype=torch.float32, bias=bias)
+    assert calls == []
+    monkeypatch.setenv("MEGAQ_INT8_GEMM", "cuda")
+    out = kernels.scaled_mm(qa, qb, out_dtype=torch.float32, bias=bias)
+    assert calls == ["rowcol" if ablock == (1, -1) else "block128"]
+    assert _rel(out, triton_out.double()) <= 1e-6
+    assert kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16).dtype == torch.bfloat16
