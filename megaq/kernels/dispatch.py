@@ -719,7 +719,7 @@ def scaled_mm(a, b, out_dtype: torch.dtype = torch.float32, bias: torch.Tensor |
         if int8_out:
             return quantize(out, out_block, 8, out_rounding, generator, check=False)
         return out.to(out_dtype)
-    return _triton_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator)
+    return _gpu_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator)
 
 
 def _native_int4_eligible(a, b, out_dtype) -> bool:
@@ -782,7 +782,9 @@ def _cuda_int8_mode(a, b, ad, bd, mode, g, ratio_a, ratio_b, out_dtype) -> str |
     return key[0] if choice == "cuda" or key in _CUDA_INT8_AUTO else None
 
 
-def _triton_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator):
+def _gpu_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator):
+    """`scaled_mm` on the GPU (or the interpreter): csrc/int8_gemm where `_cuda_int8_mode` picks it,
+    else the Triton kernel."""
     mode, g, ratio_a, ratio_b, sak, sbk = plan
     M, K = a.shape
     N = b.shape[0]
@@ -810,7 +812,7 @@ def _triton_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, gene
     if int8_out:
         qb = _quant().resolve_block(out_block, (M, N))[1]
         if out_block[0] != 1 or not _pow2(qb) or qb < 16 or qb > BN or BN % qb:
-            out = _triton_scaled_mm(a, b, plan, torch.float32, bias, out_block, out_rounding, generator)
+            out = _gpu_scaled_mm(a, b, plan, torch.float32, bias, out_block, out_rounding, generator)
             return quantize(out, out_block, 8, out_rounding, generator, check=False)
         c = torch.empty((M, N), dtype=torch.int8, device=dev)
         cs = torch.empty((M, math.ceil(N / qb)), dtype=torch.float32, device=dev)
