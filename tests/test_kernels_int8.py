@@ -21,6 +21,13 @@ Bounds (all on random, never all-zero inputs; NaN never passes: every comparison
     the same tile shape, and within the fused-rotation bounds above of the reference; stochastic:
     the nearest scales, values within one step of the nearest ones, unbiased (6 sigma), and the two
     orientations' rounding decisions uncorrelated (|z| <= 6; a shared stream gives z ~ 30 here).
+  * column sums (`column_sums_out`, the bias gradient from the quantizer pass that reads ∇Y for ∇Yᵀ):
+    FP32 sums of the exact inputs whose every term passes through at most d = h + ceil(R / h) additions
+    (a reduction tree inside an h-row tile, the tiles one after another, the partial rows in torch), so
+    |sum - exact| <= d·2^-24·Σ|x| per column (dropping one element breaks it); against torch's own FP32
+    sum `x.float().sum(0)` (depth <= R - 1): |sum - torch| <= (d + R - 1)·2^-24·Σ|x|. NaN/Inf in a
+    column give a NaN/Inf sum there. The quantized outputs are bit for bit those of the call without
+    column sums (the same Philox seed), and so are a linear's other gradients.
   * scaled_mm: relative Frobenius error <= 1e-5 against the dequantized FP32 matmul (FP32 partial
     sums in a different order); bf16 output <= 4e-3; INT8 output: scales relative error <= 1e-5,
     payload |diff| <= 1 on <= 1% of elements (near-ties after a differently ordered FP32 sum).
@@ -184,6 +191,102 @@ def check_hadamard_dual_stochastic(x, had, draws):
         mean = (n.data.cpu().double() + total / draws) * scale
         nearest_err = _rel(n.data.cpu().double() * scale, ref)
         assert _rel(mean, ref) <= 1.5 * (2 / draws) ** 0.5 * nearest_err
+
+
+def assert_column_sums(sums, x, had):
+    """The column-sum bounds of the module docstring: against the exact (FP64) sum and torch's FP32 sum."""
+    R = x.shape[0]
+    xd = x.detach().double().cpu()
+    abs_sum = xd.abs().sum(0)
+    depth = had + -(-R // had)
+    assert sums.dtype == torch.float32 and sums.shape == (x.shape[1],)
+    err = (sums.cpu().double() - xd.sum(0)).abs()
+    assert bool((err <= depth * 2.0 ** -24 * abs_sum * 1.001 + 1e-30).all()), float((err / abs_sum).max())
+    err_torch = (sums.cpu().double() - x.detach().float().sum(0).cpu().double()).abs()
+    assert bool((err_torch <= (depth + R - 1) * 2.0 ** -24 * abs_sum * 1.001 + 1e-30).all())
+
+
+def check_column_sums(x, had):
+    """x.sum(0) from the first pass of the transposed single quantizer (the graphed wgrad operand ∇Yᵀ)
+    and of the dual one, nearest and stochastic; the quantized outputs unchanged by asking for it."""
+    for rounding in ("nearest", "stochastic"):
+        calls = (lambda **k: (kernels.hadamard_quantize(x, had, rounding=rounding, transpose=True, **k),),
+                 lambda **k: kernels.hadamard_quantize_dual(x, had, rounding=rounding, **k))
+        for call in calls:
+            sums = torch.full((x.shape[1],), float("nan"), device=x.device)   # every column must be written
+            torch.manual_seed(11)
+            with_sums = call(column_sums_out=sums)
+            torch.manual_seed(11)
+            for q, r in zip(with_sums, call()):
+                _assert_same(q, r)
+            assert_column_sums(sums, x, had)
+
+
+def check_column_sums_nonfinite_and_args(device):
+    x = _rand((70, 200), device, seed=5)
+    x[65, 133] = float("nan")
+    x[3, 7] = float("inf")
+    for call in (lambda out: kernels.hadamard_quantize(x, 32, transpose=True, check=False, column_sums_out=out),
+                 lambda out: kernels.hadamard_quantize_dual(x, 128, check=False, column_sums_out=out)):
+        sums = torch.zeros(200, device=device)
+        call(sums)
+        assert bool(sums[133].isnan()) and bool(sums[7].isinf()), (sums[133], sums[7])
+        others = torch.ones(200, dtype=torch.bool)
+        others[[7, 133]] = False
+        assert bool(sums.cpu()[others].isfinite().all())
+        with pytest.raises(NonFiniteError):
+            kernels.hadamard_quantize(x, 32, transpose=True, column_sums_out=sums)
+    for bad in (torch.zeros(200, dtype=torch.float64, device=device), torch.zeros(199, device=device),
+                torch.zeros(400, device=device)[::2]):
+        with pytest.raises(ValueError, match="column_sums_out"):
+            kernels.hadamard_quantize(x, 32, transpose=True, check=False, column_sums_out=bad)
+        with pytest.raises(ValueError, match="column_sums_out"):
+            kernels.hadamard_quantize_dual(x, 32, check=False, column_sums_out=bad)
+
+
+def check_linear_bias_grad(device, dtype, shape=(37, 96, 130)):
+    """The int8 linear's bias gradient from the ∇Yᵀ quantizer's kernels, eagerly (dual quantizer) and with the
+    kernels a CUDA graph captures (single quantizers): within the column-sum bounds, the quantizer
+    was asked for it, and every other gradient bit for bit the unfused path's (`FUSE_BIAS_GRAD`)."""
+    import contextlib
+
+    from megaq.ops import linear as linear_mod
+    from megaq.ops import quantized_linear
+    M, K, N = shape
+    x0, w0 = _rand((M, K), device, dtype, seed=1), _rand((N, K), device, dtype, seed=2) / K ** 0.5
+    b0, gy = _rand((N,), device, dtype, seed=3), _rand((M, N), device, dtype, seed=4)
+    asked = []
+    for name in ("hadamard_quantize", "hadamard_quantize_dual"):
+        fn = getattr(kernels, name)
+        setattr(kernels, name, lambda *a, _fn=fn, **k: asked.append(k.get("column_sums_out") is not None) or _fn(*a, **k))
+    try:
+        for warmup in (False, True):
+            grads = []
+            for fuse in (True, False):
+                linear_mod.FUSE_BIAS_GRAD = fuse
+                x, w, b = (t.clone().requires_grad_(True) for t in (x0, w0, b0))
+                asked.clear()
+                torch.manual_seed(5)
+                with (linear_mod.graph_warmup() if warmup else contextlib.nullcontext(),
+                      kernels.config_override(COLUMN_SUMS_MIN_COLS=0)):   # the kernels sum at every width
+                    quantized_linear(x, w, b, "int8").backward(gy)
+                # the linear fuses for 16-bit ∇Y only (FP32: the torch sum; megaq.ops.linear)
+                assert any(asked) == (fuse and dtype != torch.float32), (warmup, fuse, asked)
+                grads.append((x.grad, w.grad, b.grad))
+            (gx, gw, gb), (gx0, gw0, gb0) = grads
+            assert torch.equal(gx, gx0) and torch.equal(gw, gw0)
+            assert gb.dtype == dtype
+            if dtype == torch.float32:
+                assert_column_sums(gb, gy, 128)
+            else:   # both FP32 sums (bound E apart) rounded to BF16: within E·(1 + 2^-8) + 2^-7·|torch's|
+                g = gy.double().cpu()
+                e = (128 + -(-M // 128) + M - 1) * 2.0 ** -24 * g.abs().sum(0)
+                diff = (gb.double() - gb0.double()).abs().cpu()
+                assert bool((diff <= gb0.double().abs().cpu() * 2.0 ** -7 + 1.01 * e).all())
+    finally:
+        linear_mod.FUSE_BIAS_GRAD = True
+        for name in ("hadamard_quantize", "hadamard_quantize_dual"):
+            setattr(kernels, name, getattr(dispatch, name))
 
 
 def check_hadamard_dual_nonfinite(device):
@@ -363,6 +466,19 @@ def test_cpu_hadamard_quantize_dual_is_the_two_reference_calls(monkeypatch):
 
 
 @pytest.mark.skipif(IN_CHILD, reason="parent-process test")
+def test_cpu_column_sums_fall_back_to_torch(monkeypatch):
+    monkeypatch.setenv("MEGAQ_KERNELS", "auto")
+    x = _rand((37, 300), "cpu", torch.bfloat16)
+    for call in (lambda out: kernels.hadamard_quantize(x, 128, transpose=True, column_sums_out=out),
+                 lambda out: kernels.hadamard_quantize(x, 128, column_sums_out=out),
+                 lambda out: kernels.hadamard_quantize_dual(x, 8, column_sums_out=out)):
+        out = torch.full((300,), float("nan"))
+        call(out)
+        assert torch.equal(out, x.sum(0, dtype=torch.float32))
+    check_column_sums_nonfinite_and_args("cpu")
+
+
+@pytest.mark.skipif(IN_CHILD, reason="parent-process test")
 def test_kernel_mode_env(monkeypatch):
     monkeypatch.setenv("MEGAQ_KERNELS", "nonsense")
     with pytest.raises(ValueError, match="MEGAQ_KERNELS"):
@@ -509,6 +625,37 @@ def test_interp_hadamard_dual_stochastic_and_nonfinite():
 
 
 @interp_only
+def test_interp_column_sums():
+    """Partial rows (several programs or rows of tiles per column) and a direct store, row and column
+    tails, fp32 / bf16 / fp16, a strided view (the kernels sum at every width: COLUMN_SUMS_MIN_COLS=0); the
+    untransposed and sub-16 Hadamard paths, and narrow inputs by default, sum in torch."""
+    x = _rand((37, 300), "cpu", seed=3)
+    for call in (lambda out: kernels.hadamard_quantize(x, 128, transpose=True, column_sums_out=out),
+                 lambda out: kernels.hadamard_quantize_dual(x, 128, column_sums_out=out)):
+        out = torch.full((300,), float("nan"))
+        call(out)
+        assert torch.equal(out, x.sum(0))
+    with kernels.config_override(**TINY, COLUMN_SUMS_MIN_COLS=0):
+        for shape, had, dtype in [((100, 50), 32, torch.float32), ((37, 300), 128, torch.bfloat16),
+                                  ((130, 200), 128, torch.float16)]:
+            check_column_sums(_rand(shape, "cpu", dtype, seed=shape[0]), had)
+        check_column_sums(_rand((90, 400), "cpu", seed=2)[:, 37:337], 64)
+        x = _rand((37, 300), "cpu", seed=3)
+        for call in (lambda out: kernels.hadamard_quantize(x, 128, column_sums_out=out),
+                     lambda out: kernels.hadamard_quantize_dual(x, 8, column_sums_out=out)):
+            out = torch.full((300,), float("nan"))
+            call(out)
+            assert torch.equal(out, x.sum(0))
+        check_column_sums_nonfinite_and_args("cpu")
+
+
+@interp_only
+def test_interp_linear_bias_grad():
+    check_linear_bias_grad("cpu", torch.float32)
+    check_linear_bias_grad("cpu", torch.bfloat16)
+
+
+@interp_only
 def test_interp_stochastic_rounding():
     with kernels.config_override(**TINY):
         x = _rand((32, 200), "cpu", seed=9)
@@ -603,6 +750,27 @@ def test_gpu_hadamard_dual_stochastic_and_nonfinite():
     check_hadamard_dual_stochastic(_rand((2048, 384), "cuda", torch.bfloat16, outliers=True), 128, draws=32)
     check_hadamard_dual_stochastic(_rand((1000, 1600), "cuda", torch.float32, seed=1), 128, draws=16)
     check_hadamard_dual_nonfinite("cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_column_sums():
+    # GPT-2 widths with row tails (bf16, as ∇Y), 8192 rows (several partial rows per column), an FP32 input;
+    # the kernels sum at every width (by default narrow inputs are summed by torch)
+    with kernels.config_override(COLUMN_SUMS_MIN_COLS=0):
+        for (R, C), dtype in (((4097, 768), torch.bfloat16), ((1000, 1600), torch.bfloat16),
+                              ((2049, 4096), torch.bfloat16), ((8192, 4096), torch.bfloat16),
+                              ((1000, 1600), torch.float32)):
+            check_column_sums(_rand((R, C), "cuda", dtype, seed=R), 128)
+        check_column_sums(_rand((1000, 1700), "cuda", torch.bfloat16, seed=4)[:, 50:1650], 128)   # a strided view
+        check_column_sums_nonfinite_and_args("cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_linear_bias_grad():
+    check_linear_bias_grad("cuda", torch.bfloat16, shape=(1000, 768, 1600))
+    check_linear_bias_grad("cuda", torch.float32, shape=(4097, 1600, 768))
 
 
 @gpu

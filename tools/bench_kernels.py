@@ -281,6 +281,7 @@ def quant_section(args, results):
         print("quant", json.dumps(out[-1]), flush=True)
     out.extend(hadamard_row_kernels(args))
     out.extend(hadamard_dual_rows(args))
+    out.extend(bias_sum_fusion(args))
     results["quant"] = out
 
 
@@ -302,30 +303,40 @@ def _quantizations_match(outs, refs, stochastic):
     return problems
 
 
-# X / ∇Y of the linears of GPT-2 124M, XL, 1.3B (fc2's input 4·d), d=4096 and its fc2
-ROW_QUANT_SHAPES = ((16384, 768), (16384, 1600), (16384, 2048), (16384, 6400), (8192, 4096), (8192, 16384))
+# X / ∇Y of the linears of GPT-2 124M, XL, 1.3B (fc2's input 4·d), d=4096 and its fc1's ∇Y (4·d wide)
+ROW_QUANT_SHAPES = ((16384, 768), (16384, 1600), (16384, 2048), (16384, 6400), (8192, 4096), (8192, 16384),
+                    (16384, 16384))
+# Rows of more than 64 Hadamard blocks: a resident program holds one whole row, so its warps (and the
+# programs per SM sharing the register file) decide whether it fits in registers; timed beside the default
+LONG_ROW_RESIDENT = tuple(dict(QUANT_WARPS=w, QUANT_PER_SM=p) for w in (4, 8, 16) for p in (1, 2)
+                          if (w, p) != (4, 2))
 
 
-def hadamard_row_kernels(args):
+def hadamard_row_kernels(args, shapes=ROW_QUANT_SHAPES):
     """Hadamard-128 per-row quantization of x (the forward's X, the dgrad's ∇Y) by kernel: the one-read
     resident kernel against the two-pass grid and the strip kernel, nearest and stochastic, beside a
-    BF16 copy of x (the bandwidth bound). Bytes: the BF16 input read once + the INT8 payload written.
-    Each row says whether its output matches the two-pass kernel's (scales, payload up to near-ties)."""
+    BF16 copy of x (the bandwidth bound); rows of more than 64 blocks also the resident kernel with
+    the `LONG_ROW_RESIDENT` warps / programs per SM. Bytes: the BF16 input read once + the INT8 payload
+    written. Each row says whether its output matches the two-pass kernel's (scales, payload up to
+    near-ties)."""
     rows = []
     had = 128
-    for (R, C) in ROW_QUANT_SHAPES:
+    for (R, C) in shapes:
         x = rand((R, C), seed=6, outliers=True)
         nbytes = 2 * R * C + R * (-(-C // had) * had)
         t_copy = bench_ms(lambda: x.clone(), args.quick)
         rows.append(dict(name=f"copy {R}x{C} (read+write bf16)", ms=t_copy, GBps=4 * R * C / t_copy / 1e6))
+        variants = [(kernel, {}) for kernel in ("twopass", "resident", "strip", "auto")]
+        if C > 64 * had:
+            variants += [("resident", cfg) for cfg in LONG_ROW_RESIDENT]
         for rounding in ("nearest", "stochastic"):
             base = base_ms = None
-            for kernel in ("twopass", "resident", "strip", "auto"):
-                label = f"hadamard128 rows {R}x{C} {rounding}: {kernel}"
+            for kernel, cfg in variants:
+                label = f"hadamard128 rows {R}x{C} {rounding}: {kernel}" + "".join(f" {k}={v}" for k, v in cfg.items())
                 try:
                     def fn():
                         return kernels.hadamard_quantize(x, had, rounding=rounding, check=False)
-                    with kernels.config_override(ROW_KERNEL=kernel):
+                    with kernels.config_override(ROW_KERNEL=kernel, **cfg):
                         torch.manual_seed(0)
                         out = fn()
                         t = bench_ms(fn, args.quick)
@@ -343,6 +354,81 @@ def hadamard_row_kernels(args):
 
 
 DUAL_SHAPES = ((8192, 4096), (16384, 1600))   # X of the d=4096 and the GPT-2 XL (d=1600) linears
+# ∇Y of GPT-2 124M's proj / fc2 and fc1, of GPT-2 XL's, of d=4096's and its fc1
+BIAS_SUM_SHAPES = ((16384, 768), (16384, 3072), (16384, 1600), (8192, 4096), (8192, 16384))
+BIAS_SUM_LINEARS = ((8192, 4096, 4096), (8192, 16384, 4096))   # (tokens, out, in)
+
+
+def bias_sum_fusion(args, shapes=BIAS_SUM_SHAPES, linears=BIAS_SUM_LINEARS):
+    """The bias gradient ∇Y.sum(0) from the quantizer pass that reads ∇Y for the wgrad operand ∇Yᵀ
+    (`column_sums_out`; the kernels sum at every width here, COLUMN_SUMS_MIN_COLS=0), against that
+    quantization followed by torch's sum, for the single transposed quantizer (what a CUDA graph runs)
+    and the dual one (eager); stochastic rounding as the recipe's gradients. Then a linear fwd+bwd with a
+    bias, int8 recipe, `FUSE_BIAS_GRAD` on / off (default widths), eager and replayed from a CUDA graph.
+    µs; saving = unfused - fused."""
+    from megaq.ops import linear as linear_mod
+    from megaq.ops import quantized_linear
+    rows = []
+    had = 128
+    for (R, C) in shapes:
+        g = rand((R, C), seed=8)
+        out = torch.empty(C, dtype=torch.float32, device="cuda")
+        calls = {
+            "single": lambda **k: kernels.hadamard_quantize(g, had, rounding="stochastic", check=False,
+                                                            transpose=True, **k),
+            "dual": lambda **k: kernels.hadamard_quantize_dual(g, had, rounding="stochastic", check=False, **k)}
+        row = dict(name=f"bias sum {R}x{C}")
+        try:
+            row["torch_sum_us"] = 1e3 * bench_ms(lambda: g.sum(0, dtype=torch.float32), args.quick)
+            ref = g.double().sum(0)
+            for name, fn in calls.items():
+                with kernels.config_override(COLUMN_SUMS_MIN_COLS=0):
+                    fn(column_sums_out=out)
+                    bound = float((out.double() - ref).abs().max() / g.double().abs().sum(0).max())
+                    unfused = 1e3 * bench_ms(lambda: (fn(), g.sum(0, dtype=torch.float32)), args.quick)
+                    fused = 1e3 * bench_ms(lambda: fn(column_sums_out=out), args.quick)
+                row.update({f"{name}_unfused_us": unfused, f"{name}_fused_us": fused,
+                            f"{name}_saving_us": unfused - fused, f"{name}_max_err_over_abs_sum": bound})
+        except Exception as e:
+            row["error"] = repr(e)[:300]
+        rows.append(row)
+        print("quant", json.dumps(row), flush=True)
+    for (M, N, K) in linears:
+        x = rand((M, K), seed=1).requires_grad_(True)
+        w = (rand((N, K), seed=2) / math.sqrt(K)).requires_grad_(True)
+        b = torch.zeros(N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        gy = rand((M, N), seed=4)
+        spec = {"preset": "int8", "check_finite": False}
+        row = dict(name=f"linear fwd+bwd with bias {M}x{N}x{K}")
+        old = linear_mod.FUSE_BIAS_GRAD
+        try:
+            for fuse in (False, True):
+                linear_mod.FUSE_BIAS_GRAD = fuse
+
+                def step():
+                    x.grad = w.grad = b.grad = None
+                    quantized_linear(x, w, b, spec).backward(gy)
+                step()
+                row[f"eager_{'fused' if fuse else 'unfused'}_us"] = 1e3 * bench_ms(step, args.quick)
+                with linear_mod.graph_warmup():
+                    graphed = torch.cuda.make_graphed_callables(
+                        lambda a, c, d: quantized_linear(a, c, d, spec),
+                        (x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True),
+                         b.detach().clone().requires_grad_(True)))
+
+                def graphed_step():
+                    graphed(x, w, b).backward(gy)
+                graphed_step()
+                row[f"graph_{'fused' if fuse else 'unfused'}_us"] = 1e3 * bench_ms(graphed_step, args.quick)
+            row["eager_saving_us"] = row["eager_unfused_us"] - row["eager_fused_us"]
+            row["graph_saving_us"] = row["graph_unfused_us"] - row["graph_fused_us"]
+        except Exception as e:
+            row["error"] = repr(e)[:300]
+        finally:
+            linear_mod.FUSE_BIAS_GRAD = old
+        rows.append(row)
+        print("quant", json.dumps(row), flush=True)
+    return rows
 
 
 def hadamard_dual_rows(args):

@@ -9,9 +9,11 @@ INT8 `scaled_mm` may run the CUDA kernel of csrc/int8_gemm instead (`MEGAQ_INT8_
 Public functions (re-exported by `megaq.kernels`):
     quantize(x2d, block, bits=8, rounding="nearest", generator=None, check=True, transpose=False)
     quantize_dual(x2d, block, block_t, ...) -> (q of x, q of x.T)      both orientations
-    hadamard_quantize(x2d, hadamard, block=(1, -1), ..., transpose=False)
-    hadamard_quantize_dual(x2d, hadamard, bits=8, ...) -> (rotated x per row, rotated x.T per row)
+    hadamard_quantize(x2d, hadamard, block=(1, -1), ..., transpose=False, column_sums_out=None)
+    hadamard_quantize_dual(x2d, hadamard, bits=8, ..., column_sums_out=None)
+        -> (rotated x per row, rotated x.T per row); column_sums_out receives x2d.sum(0) in FP32
     dequantize(qt, dtype=torch.float32)
+    requantize_transposed(qt, hadamard, block=(1, -1), ...)   wgrad's Xᵀ straight from a saved INT8 X̃
     scaled_mm(a, b, out_dtype=torch.float32, bias=None, out_block=(1, 128), out_rounding="nearest")
 """
 
@@ -346,7 +348,10 @@ def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int,
     ov = _CONFIG_OVERRIDE or {}
     nch = _next_pow2(Cp // hadamard)
     BR = max(1, ov.get("RESIDENT_TILE", _RESIDENT_TILE) // nch)
-    nw = ov.get("QUANT_WARPS", 4)
+    # 64 FP32 values per thread: 4 warps for the default [64, 128] tile, 8 for one whole row of 128 blocks
+    # (H100, 16384 wide: stochastic 273.5 / 535.0 µs at 8192 / 16384 rows against 403.1 / 807.7 with
+    # 4 warps, which spill; nearest 186.8 / 362.4 against 190.9 / 369.9)
+    nw = ov.get("QUANT_WARPS", max(4, BR * nch * hadamard // 2048))
     n_tiles = _cdiv(R, BR)
     grid = (_persistent_programs(n_tiles, dev, ov.get("QUANT_PER_SM", _PER_SM)),)
     _kernel("triton_quant", "_quant_rows_resident_kernel")[grid](
@@ -360,10 +365,12 @@ def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int,
     return q.QuantizedTensor(_pack(data, bits), scale, block, bits, (R, Cp))
 
 
-def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0, block=None):
+def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0, block=None,
+                    column_sums_out: torch.Tensor | None = None):
     """Per-row (axis=1) or per-column-written-transposed (axis=0) quantization over a full 2-D grid:
     pass 1 folds tile abs-maxes into a per-row/column buffer with atomics, pass 2 re-reads the
-    tiles and quantizes. Hadamard rotation (zero padded) along the reduced axis when hadamard > 0."""
+    tiles and quantizes. Hadamard rotation (zero padded) along the reduced axis when hadamard > 0.
+    column_sums_out (axis=0): receives x.sum(0) in FP32 from pass 1 (`_column_sum_partials`)."""
     q = _quant()
     R_in, C_in = x.shape
     dev = x.device
@@ -399,10 +406,14 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
     grid = (min(n_strips, programs), max(1, min(n_blocks, programs // n_strips)))
     nw = ov.get("QUANT_WARPS", 4)
     stages = _pipeline_stages(ov.get("QUANT_STAGES", _TWOPASS_STAGES), BR * BC * x.element_size(), hadamard)
+    assert column_sums_out is None or axis == 0, "pass 1 sums columns only where its strips are columns"
+    partials = _column_sum_partials(column_sums_out, grid[1])
     _kernel("triton_quant", "_amax_partial_kernel")[grid](
-        x, R_in, C_in, x.stride(0), x.stride(1), amax, h, inv, flag if check else dummy, n_strips, n_blocks,
-        BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=check, STAGES=stages,
-        num_warps=nw)
+        x, R_in, C_in, x.stride(0), x.stride(1), amax, h, inv, flag if check else dummy,
+        dummy if partials is None else partials, n_strips, n_blocks,
+        BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=check,
+        COLSUM=partials is not None, STAGES=stages, num_warps=nw)
+    _add_column_sum_partials(partials, column_sums_out)
     _check_flag(flag, x, "quantize input")
     _kernel("triton_quant", "_quant_given_amax_kernel")[grid](
         x, R, C, R_in, C_in, x.stride(0), x.stride(1), amax, data, scale, h, inv, seed, n_strips, n_blocks,
@@ -411,6 +422,51 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
     ext = R if axis == 0 else C
     blk = block if block is not None else (1, ext)
     return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, out_shape)
+
+
+def _check_column_sums_out(out: torch.Tensor, x2d: torch.Tensor) -> None:
+    if not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (x2d.shape[1],)
+            and out.device == x2d.device and out.is_contiguous()):
+        got = (f"{out.dtype} {tuple(out.shape)} on {out.device}, contiguous={out.is_contiguous()}"
+               if isinstance(out, torch.Tensor) else type(out).__name__)
+        raise ValueError(f"column_sums_out must be a contiguous float32 tensor of shape ({x2d.shape[1]},) "
+                         f"on {x2d.device} (one sum per column of the input); got {got}")
+
+
+# The column sums ride in a quantizer's first pass over x only where that measured faster than torch's own
+# sum pass (H100, bf16, stochastic, 2026-11-22; µs saved against the quantizer + torch's sum at 16384×768 /
+# 16384×1600 / 16384×3072 / 8192×4096 / 8192×16384: transposed single quantizer -8.6 / -3.2 / +19.5 /
+# +30.6 / +51.6, dual -4.0 / +45.6 / +51.0 / +39.4 / +95.5); narrower inputs are summed by torch.
+# Config key COLUMN_SUMS_MIN_COLS overrides both (0: the kernels always sum).
+_COLUMN_SUMS_MIN_COLS = {"single": 2048, "dual": 1024}
+
+
+def _column_sums_for_kernel(x2d: torch.Tensor, out: torch.Tensor | None, kernel_sums: bool,
+                            path: str) -> torch.Tensor | None:
+    """The column-sum output a quantizer kernel gets: `out` where the kernel sums (`kernel_sums`: its pass
+    reads x's columns, and x is wide enough, `_COLUMN_SUMS_MIN_COLS[path]`), else None once torch has
+    summed x into `out`."""
+    if out is None:
+        return None
+    _check_column_sums_out(out, x2d)
+    if kernel_sums and x2d.shape[1] >= _cfg("COLUMN_SUMS_MIN_COLS", _COLUMN_SUMS_MIN_COLS[path]):
+        return out
+    torch.sum(x2d, 0, dtype=torch.float32, out=out)
+    return None
+
+
+def _column_sum_partials(out: torch.Tensor | None, parts: int) -> torch.Tensor | None:
+    """Where a pass-1 kernel stores its FP32 column sums: `parts` rows of partial sums (one per
+    program or row of tiles that reads a share of each column), the output itself when there is one."""
+    if out is None:
+        return None
+    return out if parts == 1 else torch.empty((parts, out.shape[0]), dtype=torch.float32, device=out.device)
+
+
+def _add_column_sum_partials(partials: torch.Tensor | None, out: torch.Tensor | None) -> None:
+    # a fixed-order sum of the partial rows, not atomics: the same bits on every run
+    if partials is not None and partials is not out:
+        torch.sum(partials, 0, out=out)
 
 
 def _check_args(x, bits, rounding):
@@ -458,7 +514,7 @@ DUAL_FUSED = False
 #               fits (`_RESIDENT_MAX_ROW`; the two-kernel grid otherwise);
 #   "twopass":  the two-kernel grid (atomics for the row abs-max, then a second read to quantize);
 #   "strip":    one program per block of rows walking them twice (`_quant_strip_kernel`);
-#   "auto":     by the padded row width and the rounding (`_auto_row_kernel`), from H100 timings.
+#   "auto":     by the padded row width (`_auto_row_kernel`), from H100 timings.
 ROW_KERNEL = "auto"
 ROW_KERNELS = ("auto", "resident", "twopass", "strip")
 # A resident program holds BR rows × NCH Hadamard blocks (NCH a power of two) as one [BR·NCH, HAD]
@@ -474,22 +530,24 @@ _PERSISTENT_STAGES = 3
 _TWOPASS_STAGES = 3
 
 
-def _auto_row_kernel(padded_cols: int, hadamard: int, stochastic: bool, dtype: torch.dtype) -> str:
+def _auto_row_kernel(padded_cols: int, hadamard: int, dtype: torch.dtype) -> str:
     """The fastest per-row Hadamard quantizer measured on an H100 (bf16 input, Hadamard 128, µs of the
     persistent kernels with the exact reciprocal division, 2026-11-22): rows of <= 1024 → "strip"
     (768 wide: strip 34.3 / resident 34.6 nearest, 46.7 / 48.9 stochastic); up to 64 Hadamard blocks,
     padded ones included → "resident" (1600 wide, 13 of 16 blocks: 58.6 against strip 71.6 and twopass
     91.7 nearest, 80.6 / 89.9 / 112.6 stochastic; 6400 wide, 50 of 64: 184 / 240 / 272 nearest,
-    277 / 286 / 340 stochastic; 4096 wide: 61 / 119 / 105 nearest); longer rows → "resident" for a
-    power-of-two block count and nearest rounding, else "twopass" (16384 wide, stochastic: resident
-    0.89× of twopass before these kernels; not re-measured). Other Hadamard sizes and FP32 inputs (three
-    BF16 products per rotation: more registers) were not measured: "twopass"."""
+    277 / 286 / 340 stochastic; 4096 wide: 61 / 119 / 105 nearest); 128 blocks (16384 wide, one row per
+    program at 8 warps) → "resident" (2026-11-22, µs at 8192 / 16384 rows: nearest 186.8 / 362.4 against
+    twopass 255.0 / 492.3 and strip 431.0 / 590.6; stochastic 273.5 / 535.0 against 357.2 / 683.7 and
+    526.4 / 683.8); 65-127 blocks (not measured) and longer rows (beyond `_RESIDENT_MAX_ROW`) →
+    "twopass". Other Hadamard sizes and FP32 inputs (three BF16 products per rotation: more registers)
+    were not measured: "twopass"."""
     if hadamard != 128 or dtype not in (torch.bfloat16, torch.float16):
         return "twopass"
     blocks = padded_cols // hadamard
     if padded_cols <= 1024:
         return "strip"
-    if _next_pow2(blocks) <= 64 or (_pow2(blocks) and not stochastic):
+    if _next_pow2(blocks) <= 64 or blocks == 128:
         return "resident"
     return "twopass"
 
@@ -521,11 +579,17 @@ def quantize_dual(x2d: torch.Tensor, block: tuple[int, int], block_t: tuple[int,
 
 def hadamard_quantize(x2d: torch.Tensor, hadamard: int, block: tuple[int, int] = (1, -1), bits: int = 8,
                       rounding: str = "nearest", generator: torch.Generator | None = None,
-                      check: bool = True, transpose: bool = False):
+                      check: bool = True, transpose: bool = False,
+                      column_sums_out: torch.Tensor | None = None):
     """Rotate the last dim of `x2d` (of `x2d.T` when `transpose`) by the orthonormal block Hadamard
     of size `hadamard` (zero padded to whole blocks) in FP32, then block-quantize:
     `quantize_blockwise(block_hadamard(pad_to_multiple(v.float(), h), h), block)`. Fused (one
-    kernel) for per-row blocks; other blocks rotate with the reference, then quantize."""
+    kernel) for per-row blocks; other blocks rotate with the reference, then quantize.
+
+    column_sums_out: a float32 tensor [x2d.shape[1]] that receives `x2d.sum(0)` (the columns of x2d
+    as given, unrotated: a linear's bias gradient when x2d is ∇Y), FP32 sums in an order of the
+    kernel's choosing. The fused `transpose` path sums in its first pass over x2d (no extra read) where
+    x2d is wide enough for that to pay (`_COLUMN_SUMS_MIN_COLS`); every other path with torch."""
     q = _quant()
     view = x2d.t() if transpose else x2d
     if view.dim() != 2:
@@ -535,18 +599,20 @@ def hadamard_quantize(x2d: torch.Tensor, hadamard: int, block: tuple[int, int] =
     R, C_in = view.shape
     Cp = math.ceil(C_in / hadamard) * hadamard
     br, bc = q.resolve_block(block, (R, Cp))
-    if _use_triton(x2d) and _triton_quantizable(x2d) and hadamard >= 16 and br == 1 and bc >= Cp:
+    fused = _use_triton(x2d) and _triton_quantizable(x2d) and hadamard >= 16 and br == 1 and bc >= Cp
+    column_sums_out = _column_sums_for_kernel(x2d, column_sums_out, fused and transpose, "single")
+    if fused:
         _check_args(view, bits, rounding)
         if check and not (view.dtype in (torch.bfloat16, torch.float16, torch.float32)):
             q.check_finite(view, "hadamard_quantize input")
         if transpose:
             return _launch_twopass(x2d, 0, bits, rounding, generator, check, hadamard=hadamard,
-                                   block=(br, bc))
+                                   block=(br, bc), column_sums_out=column_sums_out)
         kernel = _cfg("ROW_KERNEL", ROW_KERNEL)
         if kernel not in ROW_KERNELS:
             raise ValueError(f"ROW_KERNEL must be one of {ROW_KERNELS}; got {kernel!r}")
         if kernel == "auto":
-            kernel = _auto_row_kernel(Cp, hadamard, rounding == "stochastic", view.dtype)
+            kernel = _auto_row_kernel(Cp, hadamard, view.dtype)
         if kernel == "resident" and _next_pow2(Cp // hadamard) * hadamard <= _RESIDENT_MAX_ROW:
             return _launch_rows_resident(view, bits, rounding, generator, check, hadamard, block=(br, bc))
         if kernel == "strip":
@@ -560,29 +626,33 @@ def hadamard_quantize(x2d: torch.Tensor, hadamard: int, block: tuple[int, int] =
 
 
 def hadamard_quantize_dual(x2d: torch.Tensor, hadamard: int, bits: int = 8, rounding: str = "nearest",
-                           generator: torch.Generator | None = None, check: bool = True):
+                           generator: torch.Generator | None = None, check: bool = True,
+                           column_sums_out: torch.Tensor | None = None):
     """Both per-row Hadamard quantizations of `x2d` at once:
     `(hadamard_quantize(x2d, hadamard, ...), hadamard_quantize(x2d, hadamard, ..., transpose=True))`,
     i.e. the rows of x rotated along x's columns (the forward / dgrad operand) and the rows of x.T
     rotated along x's rows (the wgrad operand), each zero padded to whole Hadamard blocks, one FP32
     scale per row. On the Triton path (Hadamard 16..128) two kernels in all, each reading every
     Hadamard-sized tile of x once, instead of two per orientation; with stochastic rounding the two
-    orientations draw independent random numbers. Otherwise the two single calls."""
+    orientations draw independent random numbers. Otherwise the two single calls.
+    column_sums_out: as in `hadamard_quantize` (on the Triton path summed by the first kernel)."""
     if x2d.dim() != 2:
         raise ValueError(f"hadamard_quantize_dual input must be 2-D; got shape {tuple(x2d.shape)}")
     # tiles are hadamard × hadamard: at 256 the tile and the matrix (128 KB each in BF16) no longer fit
     # an SM's shared memory together; below 16 tl.dot has no instruction shape
     if 16 <= hadamard <= 128 and _pow2(hadamard) and _use_triton(x2d) and _triton_quantizable(x2d):
         _check_args(x2d, bits, rounding)
-        return _launch_dual_hadamard(x2d, hadamard, bits, rounding, generator, check)
+        column_sums_out = _column_sums_for_kernel(x2d, column_sums_out, True, "dual")
+        return _launch_dual_hadamard(x2d, hadamard, bits, rounding, generator, check, column_sums_out)
     return (hadamard_quantize(x2d, hadamard, bits=bits, rounding=rounding, generator=generator, check=check),
             hadamard_quantize(x2d, hadamard, bits=bits, rounding=rounding, generator=generator, check=check,
-                              transpose=True))
+                              transpose=True, column_sums_out=column_sums_out))
 
 
-def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check):
+def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check, column_sums_out=None):
     """The two kernels of `hadamard_quantize_dual` over a grid of [hadamard, hadamard] tiles of x. One
-    zero-filled int32 buffer holds both abs-max vectors (rows of x, then columns) and the NaN flag."""
+    zero-filled int32 buffer holds both abs-max vectors (rows of x, then columns) and the NaN flag.
+    column_sums_out: x.sum(0) from the first kernel (one partial row per row of tiles)."""
     q = _quant()
     R, C = x.shape
     dev = x.device
@@ -603,9 +673,11 @@ def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check):
     grid = (_persistent_programs(n_tiles, dev, _cfg("QUANT_PER_SM", _PER_SM)),)
     nw = _cfg("QUANT_WARPS", 8 if hadamard >= 128 else 4)
     stages = _pipeline_stages(_cfg("QUANT_STAGES", _PERSISTENT_STAGES), hadamard * hadamard * x.element_size(), hadamard)
+    partials = _column_sum_partials(column_sums_out, Rp // hadamard)
     _kernel("triton_quant", "_dual_amax_kernel")[grid](
-        x, R, C, x.stride(0), x.stride(1), amax, h, inv, n_tiles, n_c,
-        HAD=hadamard, UPCAST=interp, CHECK=check, STAGES=stages, num_warps=nw)
+        x, R, C, x.stride(0), x.stride(1), amax, h, inv, amax if partials is None else partials, n_tiles, n_c,
+        HAD=hadamard, UPCAST=interp, CHECK=check, COLSUM=partials is not None, STAGES=stages, num_warps=nw)
+    _add_column_sum_partials(partials, column_sums_out)
     _kernel("triton_quant", "_dual_quant_kernel")[grid](
         x, R, C, Rp, Cp, x.stride(0), x.stride(1), amax, data, scale, data_t, scale_t, h, inv, seed,
         n_tiles, n_c, HAD=hadamard, UPCAST=interp, STOCHASTIC=stochastic, QMAX=_qmax(bits),
@@ -614,6 +686,120 @@ def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check):
         _check_flag(amax[R + C:], x, "hadamard_quantize input")
     return (q.QuantizedTensor(_pack(data, bits), scale, (1, Cp), bits, (R, Cp)),
             q.QuantizedTensor(_pack(data_t, bits), scale_t, (1, Rp), bits, (C, Rp)))
+
+
+# The rotation of `requantize_transposed`'s Hadamard path (megaq/kernels/triton_requant.py):
+#   "digits": two INT8 tensor-core products with the token scales as two 7-bit digits (the cost of one
+#             BF16 product; per-token scales within 2^-15 of their block's largest);
+#   "exact":  FP32 dequantized tiles rotated by three BF16 products, the FP32-input quantizer's numerics.
+# Config keys REQUANT and REQUANT_COLS (columns of X̃ per tile, default 64).
+REQUANT_ROTATION = "digits"
+REQUANT_ROTATIONS = ("digits", "exact")
+
+
+def requantize_transposed(qt, hadamard: int = 0, block: tuple[int, int] = (1, -1), bits: int = 8,
+                          rounding: str = "nearest", generator: torch.Generator | None = None,
+                          check: bool = True):
+    """The wgrad operand Xᵀ from a saved INT8 operand `qt` (X̃ [T, C'], scales per token or per
+    (1, k) tile of a token's row), without a dequantized copy: `hadamard_quantize(dequantize(qt),
+    hadamard, block, ..., transpose=True)` (tokens zero padded to whole Hadamard blocks), or with
+    `hadamard=0` `quantize(dequantize(qt), block, ..., transpose=True)`, dequantized in FP32.
+
+    Triton (`megaq.kernels.triton_requant`) for one scale per row of X̃ᵀ (Hadamard 0 or 16..128) and
+    for (1, k) token blocks without rotation (k a power of two, 16..256); the reference otherwise.
+    The Hadamard path's rotation is `REQUANT_ROTATION` ("digits", the default: per-token scales within
+    2^-15 of the largest in their Hadamard block, see triton_requant's doc; "exact": FP32 as the
+    reference). `check`: NaN/Inf in `qt`'s scales raise `NonFiniteError` (its payload is INT8)."""
+    q = _quant()
+    if qt.bits != 8 or len(qt.shape) != 2 or qt.block[0] != 1:
+        raise ValueError(f"requantize_transposed needs an INT8 [tokens, cols] operand with blocks along its "
+                         f"rows; got bits={qt.bits}, shape={tuple(qt.shape)}, block={qt.block}")
+    if hadamard and hadamard not in q.SUPPORTED_HADAMARD_BLOCKS:
+        raise ValueError(f"Hadamard block must be 0 or one of {q.SUPPORTED_HADAMARD_BLOCKS}; got {hadamard}")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be one of ('nearest', 'stochastic'); got {rounding!r}")
+    T, C = qt.shape
+    Tp = _cdiv(T, hadamard) * hadamard if hadamard else T
+    br, bc = q.resolve_block(block, (C, Tp))
+    kernel = _requant_kernel(qt, hadamard, br, bc, bits)
+    if kernel is None:
+        x = dequantize(qt, torch.float32)
+        if hadamard:
+            return hadamard_quantize(x, hadamard, block, bits, rounding, generator, check, transpose=True)
+        return quantize(x, block, bits, rounding, generator, check, transpose=True)
+    if check:
+        q.check_finite(qt.scale, "requantize_transposed input scales")
+    return _launch_requant(qt, kernel, hadamard, (br, bc), rounding, generator)
+
+
+def _requant_kernel(qt, hadamard: int, br: int, bc: int, bits: int) -> str | None:
+    """"rows" (one scale per row of X̃ᵀ), "tile" ((1, bc) token blocks, no rotation) or None (the
+    reference) for `requantize_transposed`."""
+    T, C = qt.shape
+    gc = qt.block[1]
+    whole_rows = gc >= C
+    if bits != 8 or not _use_triton(qt.data) or qt.data.dtype != torch.int8 or T * C == 0:
+        return None
+    if not (whole_rows or (_pow2(gc) and gc % _cfg("REQUANT_COLS", _REQUANT_COLS) == 0)):
+        return None
+    if hadamard == 0 and br == 1 and _pow2(bc) and 16 <= bc <= 256:
+        return "tile"
+    if br == 1 and bc >= _cdiv(T, hadamard or 1) * (hadamard or 1) and hadamard in (0, 16, 32, 64, 128):
+        return "rows"
+    return None
+
+
+_REQUANT_COLS = 64      # columns of X̃ per tile (the two-pass quantizer's tile of x.T: 128 tokens × 64)
+
+
+def _launch_requant(qt, kernel: str, hadamard: int, block: tuple[int, int], rounding, generator):
+    q = _quant()
+    T, C = qt.shape
+    dev = qt.data.device
+    data = qt.data.contiguous()
+    scale = qt.scale.float().contiguous()
+    gc = qt.block[1] if qt.block[1] < C else 1 << 30
+    stochastic = rounding == "stochastic"
+    seed = _seed_tensor(dev, generator) if stochastic else _placeholder(dev, torch.int8)
+    interp = _interpreting()
+    BC = _cfg("REQUANT_COLS", _REQUANT_COLS)
+    nw = _cfg("QUANT_WARPS", 4)
+    if kernel == "tile":
+        BR = block[1]
+        n_tb = _cdiv(T, BR)
+        out = torch.empty((C, T), dtype=torch.int8, device=dev)
+        out_s = torch.empty((C, n_tb), dtype=torch.float32, device=dev)
+        _kernel("triton_requant", "_requant_tile_kernel")[(_cdiv(C, BC), n_tb)](
+            data, scale, scale.stride(0), T, C, out, out_s, out_s.stride(0), seed,
+            BR=BR, BC=BC, GC=gc, STOCHASTIC=stochastic, QMAX=127, RINT_LIBDEVICE=not interp, num_warps=nw)
+        return q.QuantizedTensor(out, out_s, block, 8, (C, T))
+    rotation = _cfg("REQUANT", REQUANT_ROTATION)
+    if rotation not in REQUANT_ROTATIONS:
+        raise ValueError(f"REQUANT must be one of {REQUANT_ROTATIONS}; got {rotation!r}")
+    digits = bool(hadamard) and rotation == "digits" and gc >= C
+    BR = hadamard or _cfg("QUANT_ROWS", 64)
+    Tp = _cdiv(T, BR) * BR if hadamard else T
+    if digits:
+        h = _hadamard_pm1(hadamard, torch.int8, str(dev))
+    elif hadamard:
+        h = _rotation_matrix(hadamard, torch.float32, dev)
+    else:
+        h = _placeholder(dev, torch.float32)
+    inv = 1.0 / math.sqrt(hadamard) if hadamard else 1.0
+    n_tb, n_ct = _cdiv(T, BR), _cdiv(C, BC)
+    programs = _persistent_programs(n_tb * n_ct, dev, _cfg("QUANT_PER_SM", _PER_SM))
+    grid = (min(n_tb, programs), max(1, min(n_ct, programs // n_tb)))
+    stages = _pipeline_stages(_cfg("QUANT_STAGES", _TWOPASS_STAGES), BR * BC, hadamard)
+    amax = torch.zeros(C, dtype=torch.int32, device=dev)
+    out = torch.empty((C, Tp), dtype=torch.int8, device=dev)
+    out_s = torch.empty((C, 1), dtype=torch.float32, device=dev)
+    common = dict(BR=BR, BC=BC, GC=gc, HAD=hadamard, DIGITS=digits, UPCAST=interp, STAGES=stages, num_warps=nw)
+    _kernel("triton_requant", "_requant_amax_kernel")[grid](
+        data, scale, scale.stride(0), T, C, amax, h, inv, n_tb, n_ct, **common)
+    _kernel("triton_requant", "_requant_quant_kernel")[grid](
+        data, scale, scale.stride(0), T, Tp, C, amax, out, out_s, h, inv, seed, n_tb, n_ct,
+        STOCHASTIC=stochastic, QMAX=127, RINT_LIBDEVICE=not interp, **common)
+    return q.QuantizedTensor(out, out_s, (1, Tp), 8, (C, Tp))
 
 
 def dequantize(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:

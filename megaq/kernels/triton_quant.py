@@ -20,11 +20,12 @@ Kernels
 - `_amax_partial_kernel` + `_quant_given_amax_kernel`: the same per-row quantization (of x, AXIS=1,
   or of x.T written transposed, AXIS=0) in two passes over strips of tiles that share scales: the
   strips' abs-maxes folded with atomics, then a second read quantizes. Used for transposed per-row
-  operands (wgrad: Xᵀ, ∇Yᵀ, Wᵀ) and for rows too long for the resident kernel.
+  operands (wgrad: Xᵀ, ∇Yᵀ, Wᵀ) and for rows too long for the resident kernel. Pass 1 of x.T can
+  also store the FP32 column sums of x (COLSUM: a linear's bias gradient, read with ∇Yᵀ's tiles).
 - `_dual_amax_kernel` + `_dual_quant_kernel`: both orientations of the rotated recipe's operand at
   once (x · H per row for the forward/dgrad GEMM, x.T · H per row for wgrad): each Hadamard-sized
   tile is read once per pass and rotated along both axes; the two abs-max vectors share one atomic
-  buffer, the second pass writes both payloads.
+  buffer, the second pass writes both payloads; the first can store x's FP32 column sums (COLSUM).
 - `_dequant_kernel`: payload * scale.
 
 Random numbers: Philox4x32-7 (`tl.randint4x`) keyed by a seed drawn from torch's generator on every
@@ -520,20 +521,28 @@ def _strip_tile(strip, blk, AXIS: tl.constexpr, BR: tl.constexpr, BC: tl.constex
 
 @triton.jit
 def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt, flag_ptr,
-                         n_strips, n_blocks,
+                         colsum_ptr, n_strips, n_blocks,
                          BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
-                         UPCAST: tl.constexpr, CHECK: tl.constexpr, STAGES: tl.constexpr):
+                         UPCAST: tl.constexpr, CHECK: tl.constexpr, COLSUM: tl.constexpr,
+                         STAGES: tl.constexpr):
     """Pass 1 of a per-row (AXIS=1) or per-column (AXIS=0) quantization over [BR, BC] tiles: program
     (i, j) takes the strips (`_strip_tile`) i, i + grid[0], ... and, in each, the tiles j, j + grid[1],
     ... (loads STAGES deep in flight), rotates each along the reduced axis by the Hadamard block when
     HAD > 0, keeps the strip's running abs-max in registers and folds it into amax once per strip
-    with atomics (fp32 bits in int32: for values >= 0 the integer order is the float order)."""
+    with atomics (fp32 bits in int32: for values >= 0 the integer order is the float order).
+
+    COLSUM (AXIS=0 only): also the FP32 sums of x's columns over the rows this program read, stored
+    (not added: no atomics, the result does not depend on scheduling) to colsum[j, strip columns];
+    the caller adds the grid[1] rows. The bias gradient of a linear from the pass that already reads
+    ∇Y for its wgrad operand ∇Yᵀ."""
     h = _load_hadamard(h_ptr, HAD)
     for strip in tl.range(tl.program_id(0), n_strips, tl.num_programs(0)):
         if AXIS == 0:
             m = tl.zeros([BC], tl.float32)
         else:
             m = tl.zeros([BR], tl.float32)
+        if COLSUM:
+            csum = tl.zeros([BC], tl.float32)
         for blk in tl.range(tl.program_id(1), n_blocks, tl.num_programs(1), num_stages=STAGES):
             rows, cols = _strip_tile(strip, blk, AXIS, BR, BC)
             x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
@@ -541,6 +550,8 @@ def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_pt
             if CHECK:
                 _raise_flag(_nonfinite(ay), flag_ptr)
             m = tl.maximum(m, tl.max(ay, axis=AXIS))
+            if COLSUM:
+                csum += tl.sum(x.to(tl.float32), axis=0)
         if AXIS == 0:
             idx = strip * BC + tl.arange(0, BC)
             n = C_in
@@ -548,6 +559,8 @@ def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_pt
             idx = strip * BR + tl.arange(0, BR)
             n = R_in
         tl.atomic_max(amax_ptr + idx, (m * inv_sqrt).to(tl.int32, bitcast=True), mask=idx < n)
+        if COLSUM:
+            tl.store(colsum_ptr + tl.program_id(1) * C_in + idx, csum, mask=idx < C_in)
 
 
 @triton.jit
@@ -634,17 +647,22 @@ def _quant_from_amax(y, inv_sqrt, rows, cols, pid_r, pid_c, R, C, amax_ptr, q_pt
 
 
 @triton.jit
-def _dual_amax_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt, n_tiles, n_c,
-                      HAD: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr, STAGES: tl.constexpr):
+def _dual_amax_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt, colsum_ptr,
+                      n_tiles, n_c,
+                      HAD: tl.constexpr, UPCAST: tl.constexpr, CHECK: tl.constexpr, COLSUM: tl.constexpr,
+                      STAGES: tl.constexpr):
     """Pass 1 of the dual Hadamard quantization (both orientations of x from one read): each
     [HAD, HAD] tile (persistent programs over n_tiles tiles, n_c per row of tiles), rotated along its
     columns (x · H: rows of x) and along its rows (H · x: rows of x.T), folds its per-row abs-max
     into amax[0:R_in] and its per-column abs-max into amax[R_in:R_in+C_in]; amax[R_in+C_in] is the
-    NaN/Inf flag (read only when CHECK)."""
+    NaN/Inf flag (read only when CHECK). COLSUM: each tile also stores the FP32 sums of its columns
+    to colsum[row of tiles, its columns] (no atomics: the caller adds the rows in a fixed order)."""
     h = _load_hadamard(h_ptr, HAD)
     for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
         pid_r, pid_c, rows, cols = _tile_of(tile, n_c, HAD, HAD)
         x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
+        if COLSUM:
+            tl.store(colsum_ptr + pid_r * C_in + cols, tl.sum(x.to(tl.float32), axis=0), mask=cols < C_in)
         a_rows = tl.abs(_hadamard_sums(x, h, 1, HAD, x.dtype == tl.float32, UPCAST))
         if CHECK:
             _raise_flag(_nonfinite(a_rows), amax_ptr + R_in + C_in)

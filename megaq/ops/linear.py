@@ -94,6 +94,10 @@ def quantized_gemm(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | Quantize
 # while a CUDA graph is being captured (train.cuda_graphs), where only GPU time remains.
 # False: never (one quantizer call per GEMM operand, for benchmarking the difference).
 DUAL_QUANTIZE = True
+# The bias gradient ∇Y.sum(0) summed by the quantizer pass that reads ∇Y for the wgrad operand ∇Yᵀ
+# (`kernels.hadamard_quantize(..., column_sums_out=)`, dual or single, eager or graphed) instead of a
+# torch sum reading ∇Y once more. False: the torch sum (for benchmarking the difference).
+FUSE_BIAS_GRAD = True
 _GRAPH_WARMUP = False   # inside graph_warmup(): choose the kernels a capture would
 
 
@@ -170,10 +174,19 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
         gy_rows = gy_cols = grad_y
         both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1]
         had = _dual_hadamard(grad_y, recipe.dgrad, "a", recipe.wgrad, "a") if both else 0
+        wgrad = recipe.wgrad
+        bias_sum = None   # FP32 ∇Y.sum(0), filled by the quantizer of ∇Yᵀ
+        # 16-bit ∇Y only: the in-kernel sum was checked on the GPU for BF16 inputs (tools/bench_kernels.py
+        # bias_sum_fusion, H100); FP32 inputs keep the torch sum until the GPU tests have run on them
+        if (FUSE_BIAS_GRAD and ctx.has_bias and ctx.needs_input_grad[2] and ctx.needs_input_grad[1]
+                and grad_y.dtype in (torch.bfloat16, torch.float16)
+                and wgrad.is_quantized and wgrad.hadamard and wgrad.a.scale != "lsq"):
+            bias_sum = torch.empty(grad_y.shape[1], dtype=torch.float32, device=grad_y.device)
         if had:  # ∇Y for dgrad and ∇Yᵀ for wgrad from one quantizer pass over ∇Y
             spec = recipe.dgrad.a
             gy_rows, gy_cols = kernels.hadamard_quantize_dual(
-                grad_y, had, bits=spec.bits, rounding=spec.rounding, check=recipe.check_finite)
+                grad_y, had, bits=spec.bits, rounding=spec.rounding, check=recipe.check_finite,
+                column_sums_out=bias_sum)
         if ctx.needs_input_grad[0]:
             # dgrad: ∇X = ∇Y · W, operands ∇Y [tokens, out] and Wᵀ [in, out]
             w_operand = weight_operand(weight, recipe.dgrad, recipe.check_finite, transpose=True)
@@ -182,11 +195,18 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # wgrad: ∇W = ∇Yᵀ · X, operands ∇Yᵀ [out, tokens] and Xᵀ [in, tokens]
             x_operand = QuantizedTensor(*saved_x, *ctx.qx_meta) if len(saved_x) == 2 else saved_x[0]
+            if bias_sum is not None and not had:
+                # ∇Yᵀ quantized here (what quantized_gemm would do) so that its pass also sums the bias gradient
+                gy_cols = kernels.hadamard_quantize(
+                    grad_y, wgrad.hadamard, wgrad.a.block, bits=wgrad.a.bits, rounding=wgrad.a.rounding,
+                    check=recipe.check_finite, transpose=True, column_sums_out=bias_sum)
             grad_w = quantized_gemm(gy_cols, x_operand, recipe.wgrad, recipe.check_finite,
                                     transpose_a=True, transpose_b=True,
                                     out_dtype=weight.dtype).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_y.sum(0, dtype=torch.float32).to(grad_y.dtype)
+            if bias_sum is None:
+                bias_sum = grad_y.sum(0, dtype=torch.float32)
+            grad_b = bias_sum.to(grad_y.dtype)
         return grad_x, grad_w, grad_b, None
 
 
