@@ -11,7 +11,9 @@ if [ -n "${1:-}" ]; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/megaq_site "$1"/*.whl || exit 1
     export PYTHONPATH=/tmp/megaq_site:${PYTHONPATH:-}
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 MEGAQ_JIT=${MEGAQ_JIT:-0}
+# The CUDA extension (csrc/) is JIT-built on first use (about a minute, cached): on sm_90 it holds the
+# INT8 GEMM the int8 recipes run; MEGAQ_JIT=0 leaves it out (the Triton GEMM runs instead).
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 MEGAQ_JIT=${MEGAQ_JIT:-1}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$out/gpu.txt"
 status=0

@@ -26,6 +26,8 @@ if [ -n "${1:-}" ]; then
     "$py" -m pip install -q --upgrade --no-index --no-deps --target /tmp/megaq_site "$1"/*.whl || exit 1
     export PYTHONPATH=/tmp/megaq_site:${PYTHONPATH:-}
 fi
+# MEGAQ_JIT=0: no CUDA-extension build inside the time budget (the int8 recipes run the Triton GEMM here;
+# these checks compare communication modes, not GEMMs); MEGAQ_JIT=1 builds it on first use.
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 MEGAQ_JIT=${MEGAQ_JIT:-0} MEGAQ_IGNORE_SLURM=1
 stages=${STAGES:-comm loss grid}
 total_budget=${TOTAL_BUDGET_S:-510}
