@@ -14,7 +14,8 @@ Environment:
     MEGAQ_BUILD_EXT=0     never build it
     (unset / "auto")      build it when possible; a failed build prints why and installation continues
     TORCH_CUDA_ARCH_LIST  target architectures (default "8.0;8.6;8.9;9.0a"). The INT4 GEMM needs
-                          sm_80+ at run time (native INT4 tensor cores on 8.0/8.6/8.9; emulated on 9.0).
+                          sm_80+ at run time (native INT4 tensor cores on 8.0/8.6/8.9; emulated on 9.0);
+                          the INT8 GEMM (wgmma) needs 9.0a, not plain 9.0, for H100/H200.
 """
 
 from __future__ import annotations
