@@ -35,6 +35,7 @@ Bounds (random inputs, never all zero; every comparison fails on NaN):
 """
 
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -64,16 +65,9 @@ def _data(shape, device, dtype, seed, scale=2.0, shift=0.5):
 
 def _reference(fn, *args, **kwargs):
     """Run a megaq.kernels.dataflow function on the CPU reference path."""
-    old = os.environ.get("MEGAQ_KERNELS")
-    os.environ["MEGAQ_KERNELS"] = "reference"
-    try:
+    with mock.patch.dict(os.environ, {"MEGAQ_KERNELS": "reference"}):
         cpu = [a.cpu() if isinstance(a, torch.Tensor) else _qt_cpu(a) for a in args]
         return fn(*cpu, **{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
-    finally:
-        if old is None:
-            del os.environ["MEGAQ_KERNELS"]
-        else:
-            os.environ["MEGAQ_KERNELS"] = old
 
 
 def _qt_cpu(q):

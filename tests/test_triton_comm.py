@@ -27,8 +27,8 @@ Runs: the `test_interp_*` tests in an interpreter child (TRITON_INTERPRET=1, MEG
 the `gpu` tests on CUDA at 2^22+5 elements per rank (oracle on the CPU).
 """
 
-import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -47,17 +47,9 @@ interp_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the interpreter s
 gpu = pytest.mark.gpu
 
 
-@contextlib.contextmanager
 def _kernels(mode: str):
-    old = os.environ.get("MEGAQ_KERNELS")
-    os.environ["MEGAQ_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MEGAQ_KERNELS")
-        else:
-            os.environ["MEGAQ_KERNELS"] = old
+    """MEGAQ_KERNELS=mode for the calls inside (a context manager)."""
+    return mock.patch.dict(os.environ, {"MEGAQ_KERNELS": mode})
 
 
 def _inputs(world, n, dtype, seed=0, ef=True, block=128):

@@ -26,7 +26,6 @@ Timings: triton.testing.do_bench (CUDA events, L2 flushed before each call), med
 """
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -36,6 +35,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -118,18 +118,9 @@ def quantize_variant(name, x, w, check=True):
 CUDA_GEMM_VARIANTS = ("rowcol", "blk128", "blk128r")   # the plans csrc/int8_gemm runs
 
 
-@contextlib.contextmanager
 def int8_gemm_path(choice):
-    """MEGAQ_INT8_GEMM=choice (triton / cuda) for the calls inside."""
-    old = os.environ.get("MEGAQ_INT8_GEMM")
-    os.environ["MEGAQ_INT8_GEMM"] = choice
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MEGAQ_INT8_GEMM"]
-        else:
-            os.environ["MEGAQ_INT8_GEMM"] = old
+    """MEGAQ_INT8_GEMM=choice (triton / cuda) for the calls inside (a context manager)."""
+    return mock.patch.dict(os.environ, {"MEGAQ_INT8_GEMM": choice})
 
 
 def gemm_section(args, results):

@@ -202,6 +202,17 @@ def _spread_blocks(t, BR: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr):
 
 
 @triton.jit
+def _store_payload(q_ptr, q, rows, cols, R, C, TRANSPOSED: tl.constexpr):
+    """Store the tile `q` at (rows, cols) of an [R, C] INT8 payload, masked to its extents; TRANSPOSED:
+    into the [C, R] payload of the transpose instead."""
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    if TRANSPOSED:
+        tl.store(q_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+    else:
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q, mask=mask)
+
+
+@triton.jit
 def _quant_one(xf, ax, rows, cols, pid_r, pid_c, R, C, q_ptr, s_ptr, s_stride, seed, spans,
                BR: tl.constexpr, BC: tl.constexpr, GR: tl.constexpr, GC: tl.constexpr,
                TRANS: tl.constexpr, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr,
@@ -261,11 +272,7 @@ def _quant_one(xf, ax, rows, cols, pid_r, pid_c, R, C, q_ptr, s_ptr, s_stride, s
     if STOCHASTIC:
         bits = _dither_bits(seed, rows, spans, pid_c * BC, BR, BC)
     q = _round_to_int(v, bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-    mask = (rows < R)[:, None] & (cols < C)[None, :]
-    if TRANS:
-        tl.store(q_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
-    else:
-        tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q, mask=mask)
+    _store_payload(q_ptr, q, rows, cols, R, C, TRANS)
 
 
 @triton.jit
@@ -605,11 +612,7 @@ def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax
                     col0 = blk * BC
                 bits = _dither_bits(seed, rows, tl.cdiv(C, 32), col0, BR, BC)
             q = _round_to_int(v, bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-            mask = (rows < R)[:, None] & (cols < C)[None, :]
-            if AXIS == 0:
-                tl.store(q_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
-            else:
-                tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q, mask=mask)
+            _store_payload(q_ptr, q, rows, cols, R, C, AXIS == 0)
 
 
 @triton.jit
@@ -639,11 +642,7 @@ def _quant_from_amax(y, inv_sqrt, rows, cols, pid_r, pid_c, R, C, amax_ptr, q_pt
     if STOCHASTIC:
         bits = _dither_bits(seed, rows, tl.cdiv(C, 32), pid_c * BC, BR, BC)
     q = _round_to_int(v, bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-    mask = (rows < R)[:, None] & (cols < C)[None, :]
-    if AXIS == 0:
-        tl.store(q_ptr + cols.to(tl.int64)[:, None] * R + rows[None, :], tl.trans(q), mask=tl.trans(mask))
-    else:
-        tl.store(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], q, mask=mask)
+    _store_payload(q_ptr, q, rows, cols, R, C, AXIS == 0)
 
 
 @triton.jit

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .triton_quant import (_divide, _divisor, _dither_bits, _hadamard_sums, _load_hadamard, _nonfinite,
-                           _round_to_int)
+                           _round_to_int, _store_payload)
 
 DIGIT_MAX = tl.constexpr(16383)   # 128 · 127 + 127: k_t = 128 · a_t + b_t with two INT8 digits in [0, 127]
 _NAN_BITS = tl.constexpr(0x7FC00000)   # a positive quiet NaN: wins every atomic max over non-negative FP32 bits
@@ -176,8 +176,7 @@ def _requant_quant_kernel(q_ptr, s_ptr, s_stride, T, Tp, C, amax_ptr, out_ptr, o
             if STOCHASTIC:
                 bits = _dither_bits(seed, rows, tl.cdiv(C, 32), ct * BC, BR, BC)
             q = _round_to_int(v, bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-            mask = (rows < Tp)[:, None] & (cols < C)[None, :]
-            tl.store(out_ptr + cols.to(tl.int64)[:, None] * Tp + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+            _store_payload(out_ptr, q, rows, cols, Tp, C, True)
 
 
 @triton.jit
@@ -201,5 +200,4 @@ def _requant_tile_kernel(q_ptr, s_ptr, s_stride, T, C, out_ptr, out_s_ptr, out_s
     if STOCHASTIC:
         bits = _dither_bits(tl.load(seed_ptr + 1), rows, tl.cdiv(C, 32), pid_c * BC, BR, BC)
     q = _round_to_int(v, bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-    mask = (rows < T)[:, None] & (cols < C)[None, :]
-    tl.store(out_ptr + cols.to(tl.int64)[:, None] * T + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+    _store_payload(out_ptr, q, rows, cols, T, C, True)
