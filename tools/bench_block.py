@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import json
 import re
 import statistics
@@ -42,22 +41,16 @@ from megaq.models.gpt import GPTConfig  # noqa: E402
 from megaq.models.transformer import TransformerBlock  # noqa: E402
 from megaq.ops import dataflow as dataflow_ops  # noqa: E402
 
-# `megaq.ops.dataflow_linear` is shadowed by the function of that name that megaq.ops exports
-dataflow_linear_ops = importlib.import_module("megaq.ops.dataflow_linear")
-
 HEADS = {768: 12, 1600: 25, 2048: 16, 4096: 32}
 # variant -> (recipe, data flow, LayerNorm backward reads an INT8 incoming gradient, attention saves,
-# fc2 recomputes its INT8 input from the GELU's in backward, wgrad's operand requantized from the saved INT8
-# payload instead of dequantized to BF16 first)
-VARIANTS = {"bf16": ("bf16", "bf16", False, "bf16", True, False),
-            "int8": ("int8", "bf16", False, "bf16", True, False),
-            "int8_attn8": ("int8", "bf16", False, "int8", True, False),
-            "int8_df": ("int8", "int8", False, "bf16", True, False),
-            "int8_df_requant": ("int8", "int8", False, "bf16", True, True),
-            "int8_df_keepgelu": ("int8", "int8", False, "bf16", False, False),
-            "int8_df_attn8": ("int8", "int8", False, "int8", True, False),
-            "int8_df_int8grad": ("int8", "int8", True, "bf16", True, False),
-            "int4": ("int4", "bf16", False, "bf16", True, False)}
+# fc2 recomputes its INT8 input from the GELU's in backward)
+VARIANTS = {"bf16": ("bf16", "bf16", False, "bf16", True), "int8": ("int8", "bf16", False, "bf16", True),
+            "int8_attn8": ("int8", "bf16", False, "int8", True),
+            "int8_df": ("int8", "int8", False, "bf16", True),
+            "int8_df_keepgelu": ("int8", "int8", False, "bf16", False),
+            "int8_df_attn8": ("int8", "int8", False, "int8", True),
+            "int8_df_int8grad": ("int8", "int8", True, "bf16", True),
+            "int4": ("int4", "bf16", False, "bf16", True)}
 # kernel name -> operator group; first match wins (our INT8 LayerNorm/GELU kernels contain "quant")
 GROUPS = [
     ("layernorm", re.compile(r"layer_?norm|GammaBeta", re.I)),
@@ -69,10 +62,9 @@ GROUPS = [
 
 
 def build(width: int, seq: int, variant: str) -> TransformerBlock:
-    recipe, data_flow, int8_ln_grad, attention_saves, recompute_gelu, requant = VARIANTS[variant]
+    recipe, data_flow, int8_ln_grad, attention_saves, recompute_gelu = VARIANTS[variant]
     dataflow_ops.INT8_LAYERNORM_GRAD = int8_ln_grad     # read by each LayerNorm forward
     dataflow_ops.RECOMPUTE_GELU_OPERAND = recompute_gelu  # read by each GELU forward
-    dataflow_linear_ops.REQUANT_FROM_INT8 = requant     # read by each data-flow linear's backward
     cfg = GPTConfig(vocab_size=256, seq_len=seq, n_layer=1, n_head=HEADS.get(width, width // 64),
                     n_embd=width, recipe={"preset": recipe, "check_finite": False}, data_flow=data_flow,
                     attention_saves=attention_saves)

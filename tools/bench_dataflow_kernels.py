@@ -16,8 +16,6 @@ BF16 inputs and BF16 LayerNorm parameters, `check_finite` off (as the trainer ru
 | LN bwd + residual grad | `layernorm_backward(..., grad_residual)` | the same + the add of the residual's gradient |
 | GELU fwd | `gelu_quantize` (INT8 (1, 128) input) | `F.gelu(approximate="tanh")` |
 | GELU bwd | `gelu_backward` | `aten.gelu_backward(approximate="tanh")` |
-| requant | `kernels.requantize_transposed` of fc2's saved operand (4x the width): wgrad's Xᵀ | the path it replaced: `dequantize` to BF16 + `hadamard_quantize(transpose=True)` |
-| requant_exact | the same with its "exact" (FP32, three BF16 products) rotation | as requant |
 
 Time: median of `--iters` CUDA-event timings of one call each, every call enqueued behind a
 `torch.cuda._sleep` so that the GPU runs its kernels back to back: kernel time, not the host's
@@ -48,7 +46,7 @@ from megaq import kernels  # noqa: E402
 from megaq.kernels import dataflow  # noqa: E402
 from megaq.quant import QuantizedTensor  # noqa: E402
 
-OPERATORS = ("ln_fwd", "ln_fwd_res", "ln_bwd", "ln_bwd_res", "gelu_fwd", "gelu_bwd", "requant", "requant_exact")
+OPERATORS = ("ln_fwd", "ln_fwd_res", "ln_bwd", "ln_bwd_res", "gelu_fwd", "gelu_bwd")
 FORMAT = (128, (1, -1))          # the default recipe's operand: 128-Hadamard, one scale per row
 EPS = 1e-5
 # launch plans timed by --sweep, per operator (config_override keys)
@@ -66,7 +64,6 @@ SWEEP = {
 }
 SWEEP["ln_fwd_res"] = SWEEP["ln_fwd"]
 SWEEP["ln_bwd_res"] = SWEEP["ln_bwd"]
-SWEEP["requant"] = SWEEP["requant_exact"] = []
 
 
 _PLAN_OP = {"ln_fwd": "layernorm", "ln_fwd_res": "layernorm_residual", "gelu_fwd": "gelu", "ln_bwd": "layernorm_backward",
@@ -125,7 +122,6 @@ def make_inputs(rows: int, width: int, seed: int = 0) -> dict:
            "gh": randn(rows, 4 * width).bfloat16()}
     ln = dataflow.layernorm_quantize(inp["x"], inp["w"], inp["b"], EPS, *FORMAT, check=False)
     inp["x_q"], inp["mean"], inp["rstd"] = ln.x_q, ln.mean, ln.rstd
-    inp["f_q"] = dataflow.gelu_quantize(inp["h_q"], *FORMAT)     # fc2's saved operand [rows, 4 · width]
     _, inp["mean_bf16"], inp["rstd_bf16"] = torch.ops.aten.native_layer_norm(inp["x"], [width], inp["w"],
                                                                              inp["b"], EPS)
     return inp
@@ -146,18 +142,10 @@ def dataflow_call(mod, op: str, inp: dict):
         return lambda: mod.gelu_quantize(inp["h_q"], *FORMAT)
     if op == "gelu_bwd":
         return lambda: mod.gelu_backward(inp["h_q"], inp["gh"])
-    if op in ("requant", "requant_exact"):
-        def requant():
-            with kernels.config_override(**({"REQUANT": "exact"} if op == "requant_exact" else {})):
-                return kernels.requantize_transposed(inp["f_q"], FORMAT[0], check=False)
-        return requant
     raise ValueError(op)
 
 
 def bf16_call(op: str, inp: dict):
-    if op in ("requant", "requant_exact"):
-        return lambda: kernels.hadamard_quantize(kernels.dequantize(inp["f_q"], torch.bfloat16), FORMAT[0],
-                                                 transpose=True, check=False)
     C = inp["x"].shape[1]
     if op == "ln_fwd":
         return lambda: F.layer_norm(inp["x"], (C,), inp["w"], inp["b"], EPS)
@@ -258,7 +246,7 @@ def main(argv=None) -> int:
         inp = make_inputs(args.tokens, w)
         for op in ops:
             new_fn = dataflow_call(dataflow, op, inp)
-            row = {"width": w, "operator": op, "cols": 4 * w if op.startswith(("gelu", "requant")) else w,
+            row = {"width": w, "operator": op, "cols": 4 * w if op.startswith("gelu") else w,
                    "bf16_ms": gpu_time(bf16_call(op, inp), args.iters, args.warmup),
                    "new_ms": gpu_time(new_fn, args.iters, args.warmup)}
             ref = new_fn()

@@ -6,10 +6,9 @@ Triton kernels on CUDA GPUs (sm_80+, tuned for sm_90) and the `megaq.quant` refe
 """
 
 from .dispatch import (config_override, dequantize, hadamard_quantize, hadamard_quantize_dual, kernel_mode,
-                       quantize, quantize_dual, requantize_transposed, scaled_mm, triton_available)
+                       quantize, quantize_dual, scaled_mm, triton_available)
 from .int4 import (BitSplitGradient, bit_split_int4, hq_quantize_int4, int4_mm, int4_sampled_gradients)
 
 __all__ = ["quantize", "quantize_dual", "hadamard_quantize", "hadamard_quantize_dual", "dequantize",
-           "requantize_transposed",
            "scaled_mm", "kernel_mode", "triton_available", "config_override",
            "hq_quantize_int4", "int4_mm", "bit_split_int4", "int4_sampled_gradients", "BitSplitGradient"]

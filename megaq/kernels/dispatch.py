@@ -13,7 +13,6 @@ Public functions (re-exported by `megaq.kernels`):
     hadamard_quantize_dual(x2d, hadamard, bits=8, ..., column_sums_out=None)
         -> (rotated x per row, rotated x.T per row); column_sums_out receives x2d.sum(0) in FP32
     dequantize(qt, dtype=torch.float32)
-    requantize_transposed(qt, hadamard, block=(1, -1), ...)   wgrad's Xᵀ straight from a saved INT8 X̃
     scaled_mm(a, b, out_dtype=torch.float32, bias=None, out_block=(1, 128), out_rounding="nearest")
 """
 
@@ -686,120 +685,6 @@ def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check, column_
         _check_flag(amax[R + C:], x, "hadamard_quantize input")
     return (q.QuantizedTensor(_pack(data, bits), scale, (1, Cp), bits, (R, Cp)),
             q.QuantizedTensor(_pack(data_t, bits), scale_t, (1, Rp), bits, (C, Rp)))
-
-
-# The rotation of `requantize_transposed`'s Hadamard path (megaq/kernels/triton_requant.py):
-#   "digits": two INT8 tensor-core products with the token scales as two 7-bit digits (the cost of one
-#             BF16 product; per-token scales within 2^-15 of their block's largest);
-#   "exact":  FP32 dequantized tiles rotated by three BF16 products, the FP32-input quantizer's numerics.
-# Config keys REQUANT and REQUANT_COLS (columns of X̃ per tile, default 64).
-REQUANT_ROTATION = "digits"
-REQUANT_ROTATIONS = ("digits", "exact")
-
-
-def requantize_transposed(qt, hadamard: int = 0, block: tuple[int, int] = (1, -1), bits: int = 8,
-                          rounding: str = "nearest", generator: torch.Generator | None = None,
-                          check: bool = True):
-    """The wgrad operand Xᵀ from a saved INT8 operand `qt` (X̃ [T, C'], scales per token or per
-    (1, k) tile of a token's row), without a dequantized copy: `hadamard_quantize(dequantize(qt),
-    hadamard, block, ..., transpose=True)` (tokens zero padded to whole Hadamard blocks), or with
-    `hadamard=0` `quantize(dequantize(qt), block, ..., transpose=True)`, dequantized in FP32.
-
-    Triton (`megaq.kernels.triton_requant`) for one scale per row of X̃ᵀ (Hadamard 0 or 16..128) and
-    for (1, k) token blocks without rotation (k a power of two, 16..256); the reference otherwise.
-    The Hadamard path's rotation is `REQUANT_ROTATION` ("digits", the default: per-token scales within
-    2^-15 of the largest in their Hadamard block, see triton_requant's doc; "exact": FP32 as the
-    reference). `check`: NaN/Inf in `qt`'s scales raise `NonFiniteError` (its payload is INT8)."""
-    q = _quant()
-    if qt.bits != 8 or len(qt.shape) != 2 or qt.block[0] != 1:
-        raise ValueError(f"requantize_transposed needs an INT8 [tokens, cols] operand with blocks along its "
-                         f"rows; got bits={qt.bits}, shape={tuple(qt.shape)}, block={qt.block}")
-    if hadamard and hadamard not in q.SUPPORTED_HADAMARD_BLOCKS:
-        raise ValueError(f"Hadamard block must be 0 or one of {q.SUPPORTED_HADAMARD_BLOCKS}; got {hadamard}")
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be one of ('nearest', 'stochastic'); got {rounding!r}")
-    T, C = qt.shape
-    Tp = _cdiv(T, hadamard) * hadamard if hadamard else T
-    br, bc = q.resolve_block(block, (C, Tp))
-    kernel = _requant_kernel(qt, hadamard, br, bc, bits)
-    if kernel is None:
-        x = dequantize(qt, torch.float32)
-        if hadamard:
-            return hadamard_quantize(x, hadamard, block, bits, rounding, generator, check, transpose=True)
-        return quantize(x, block, bits, rounding, generator, check, transpose=True)
-    if check:
-        q.check_finite(qt.scale, "requantize_transposed input scales")
-    return _launch_requant(qt, kernel, hadamard, (br, bc), rounding, generator)
-
-
-def _requant_kernel(qt, hadamard: int, br: int, bc: int, bits: int) -> str | None:
-    """"rows" (one scale per row of X̃ᵀ), "tile" ((1, bc) token blocks, no rotation) or None (the
-    reference) for `requantize_transposed`."""
-    T, C = qt.shape
-    gc = qt.block[1]
-    whole_rows = gc >= C
-    if bits != 8 or not _use_triton(qt.data) or qt.data.dtype != torch.int8 or T * C == 0:
-        return None
-    if not (whole_rows or (_pow2(gc) and gc % _cfg("REQUANT_COLS", _REQUANT_COLS) == 0)):
-        return None
-    if hadamard == 0 and br == 1 and _pow2(bc) and 16 <= bc <= 256:
-        return "tile"
-    if br == 1 and bc >= _cdiv(T, hadamard or 1) * (hadamard or 1) and hadamard in (0, 16, 32, 64, 128):
-        return "rows"
-    return None
-
-
-_REQUANT_COLS = 64      # columns of X̃ per tile (the two-pass quantizer's tile of x.T: 128 tokens × 64)
-
-
-def _launch_requant(qt, kernel: str, hadamard: int, block: tuple[int, int], rounding, generator):
-    q = _quant()
-    T, C = qt.shape
-    dev = qt.data.device
-    data = qt.data.contiguous()
-    scale = qt.scale.float().contiguous()
-    gc = qt.block[1] if qt.block[1] < C else 1 << 30
-    stochastic = rounding == "stochastic"
-    seed = _seed_tensor(dev, generator) if stochastic else _placeholder(dev, torch.int8)
-    interp = _interpreting()
-    BC = _cfg("REQUANT_COLS", _REQUANT_COLS)
-    nw = _cfg("QUANT_WARPS", 4)
-    if kernel == "tile":
-        BR = block[1]
-        n_tb = _cdiv(T, BR)
-        out = torch.empty((C, T), dtype=torch.int8, device=dev)
-        out_s = torch.empty((C, n_tb), dtype=torch.float32, device=dev)
-        _kernel("triton_requant", "_requant_tile_kernel")[(_cdiv(C, BC), n_tb)](
-            data, scale, scale.stride(0), T, C, out, out_s, out_s.stride(0), seed,
-            BR=BR, BC=BC, GC=gc, STOCHASTIC=stochastic, QMAX=127, RINT_LIBDEVICE=not interp, num_warps=nw)
-        return q.QuantizedTensor(out, out_s, block, 8, (C, T))
-    rotation = _cfg("REQUANT", REQUANT_ROTATION)
-    if rotation not in REQUANT_ROTATIONS:
-        raise ValueError(f"REQUANT must be one of {REQUANT_ROTATIONS}; got {rotation!r}")
-    digits = bool(hadamard) and rotation == "digits" and gc >= C
-    BR = hadamard or _cfg("QUANT_ROWS", 64)
-    Tp = _cdiv(T, BR) * BR if hadamard else T
-    if digits:
-        h = _hadamard_pm1(hadamard, torch.int8, str(dev))
-    elif hadamard:
-        h = _rotation_matrix(hadamard, torch.float32, dev)
-    else:
-        h = _placeholder(dev, torch.float32)
-    inv = 1.0 / math.sqrt(hadamard) if hadamard else 1.0
-    n_tb, n_ct = _cdiv(T, BR), _cdiv(C, BC)
-    programs = _persistent_programs(n_tb * n_ct, dev, _cfg("QUANT_PER_SM", _PER_SM))
-    grid = (min(n_tb, programs), max(1, min(n_ct, programs // n_tb)))
-    stages = _pipeline_stages(_cfg("QUANT_STAGES", _TWOPASS_STAGES), BR * BC, hadamard)
-    amax = torch.zeros(C, dtype=torch.int32, device=dev)
-    out = torch.empty((C, Tp), dtype=torch.int8, device=dev)
-    out_s = torch.empty((C, 1), dtype=torch.float32, device=dev)
-    common = dict(BR=BR, BC=BC, GC=gc, HAD=hadamard, DIGITS=digits, UPCAST=interp, STAGES=stages, num_warps=nw)
-    _kernel("triton_requant", "_requant_amax_kernel")[grid](
-        data, scale, scale.stride(0), T, C, amax, h, inv, n_tb, n_ct, **common)
-    _kernel("triton_requant", "_requant_quant_kernel")[grid](
-        data, scale, scale.stride(0), T, Tp, C, amax, out, out_s, h, inv, seed, n_tb, n_ct,
-        STOCHASTIC=stochastic, QMAX=127, RINT_LIBDEVICE=not interp, **common)
-    return q.QuantizedTensor(out, out_s, (1, Tp), 8, (C, Tp))
 
 
 def dequantize(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -43,8 +43,8 @@ wgrad from the saved operand. `∇W = ∇Yᵀ X` reduces over tokens, but X̃ ho
 `in`, padded to C' columns). Since H is symmetric, orthonormal and block diagonal,
 `∇Yᵀ X = (∇Yᵀ (X H)) H`: the wgrad GEMM runs on the dequantized X̃ requantized along tokens (the
 recipe's wgrad spec, e.g. its own Hadamard over tokens), and its small `[out, C']` result is rotated
-back once and cut to `in` columns. With `REQUANT_FROM_INT8` the requantization reads X̃'s INT8 payload
-directly (`kernels.requantize_transposed`, FP32 inside) rather than a dequantized BF16 copy of it.
+back once and cut to `in` columns. (A kernel that requantized X̃ᵀ straight from the INT8 payload, FP32
+inside, was measured 1.4-1.6× slower than this dequantize + quantize on the H100 and removed, session 7.)
 Straight-through estimator through every quantizer, as
 `megaq.ops.linear`: the gradients are those of the quantized product.
 
@@ -89,23 +89,6 @@ def data_flow_format(recipe: Recipe | str | dict) -> tuple[int, tuple[int, int]]
         raise ValueError(f"the INT8 data flow without a Hadamard forward needs (1, k) activation tiles "
                          f"(forward.a.block [1, k]); recipe {recipe.name!r} has {list(block)}")
     return fwd.hadamard, block
-
-
-# True: the wgrad operand X̃ᵀ is requantized straight from X̃'s INT8 payload (`kernels.requantize_transposed`).
-# False (default until its kernels have run on a GPU: written and tested under the Triton interpreter
-# only, session 6): X̃ is dequantized to the activation dtype and `quantized_gemm` quantizes X̃ᵀ.
-REQUANT_FROM_INT8 = False
-
-
-def _wgrad_x_operand(xq: QuantizedTensor, recipe: Recipe, x_dtype: torch.dtype):
-    """wgrad's B operand from the saved X̃: with `REQUANT_FROM_INT8` and a max-scaled INT8 spec the
-    quantized X̃ᵀ written straight from the INT8 payload (no dequantized [T, C'] copy, FP32 inside),
-    otherwise X̃ dequantized, for `quantized_gemm` to quantize (or use) per the spec."""
-    spec = recipe.wgrad
-    if REQUANT_FROM_INT8 and spec.is_quantized and spec.b.fmt == "int8" and spec.b.scale == "max":
-        return kernels.requantize_transposed(xq, spec.hadamard, spec.b.block, bits=8, rounding=spec.b.rounding,
-                                             check=recipe.check_finite)
-    return kernels.dequantize(xq, x_dtype)
 
 
 class _DataFlowLinear(torch.autograd.Function):
@@ -164,7 +147,7 @@ class _DataFlowLinear(torch.autograd.Function):
             xq = QuantizedTensor(data, scale, *ctx.xq_meta)
             if ctx.rebuild_format is not None:
                 xq = dataflow_kernels.gelu_quantize(xq, *ctx.rebuild_format)
-            grad_w = quantized_gemm(grad_y, _wgrad_x_operand(xq, recipe, ctx.x_dtype), recipe.wgrad,
+            grad_w = quantized_gemm(grad_y, kernels.dequantize(xq, ctx.x_dtype), recipe.wgrad,
                                     recipe.check_finite, transpose_a=True, transpose_b=True)
             if ctx.hadamard:
                 grad_w = block_hadamard(grad_w.float(), ctx.hadamard)
