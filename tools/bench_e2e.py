@@ -10,7 +10,8 @@ becomes a row saying so; the other cases still run.
         --recipes bf16,int8,int4,fp8_tensorwise,fp8_rowwise --compile --json e2e.json
 
 Recipes: megaq recipe names (bf16, int8, int4, ...), `int8_df` (int8 with `quant.data_flow: int8`),
-`int8_attn8` / `int8_df_attn8` (the same with `quant.attention_saves: int8`), and the peers
+`int8_attn8` / `int8_df_attn8` (the same with `quant.attention_saves: int8`), `int8_df_attn8_nocache`
+(and `quant.cache_weights: false`), and the peers
 `fp8_tensorwise` / `fp8_rowwise`: the same model, data and optimizer with the blocks' linear layers
 trained by torchao's float8 (`quant.peer`; needs torchao). `--compile` compiles the megaq recipes'
 blocks (`train.compile`); the peers are always compiled (torchao's float8 casts are meant to be
@@ -50,6 +51,9 @@ VARIANTS = {
     "int8_df": {"recipe": "int8", "data_flow": "int8"},
     "int8_attn8": {"recipe": "int8", "attention_saves": "int8"},
     "int8_df_attn8": {"recipe": "int8", "data_flow": "int8", "attention_saves": "int8"},
+    # the same without the INT8 weight cache (its ~2 bytes per parameter; weights requantized every micro batch)
+    "int8_df_attn8_nocache": {"recipe": "int8", "data_flow": "int8", "attention_saves": "int8",
+                              "cache_weights": "false"},
 }
 MODES = ("eager", "compile", "graphs")
 # Micro batches that fit an 80 GB H100 at sequence 2048 without activation checkpointing.
@@ -142,16 +146,21 @@ def summarize_failure(returncode: int | None, output: str) -> str:
 def read_metrics(path: Path, warmup: int) -> dict:
     """Medians over the logged steps after `warmup` (all steps when there are no more)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    phase_rows = [r for r in rows if "perf/tokens_per_s" not in r]
     rows = [r for r in rows if "perf/tokens_per_s" in r]
     if not rows:
         raise ValueError(f"{path}: no step was logged")
     steady = [r for r in rows if r["step"] > warmup] or rows
     mfu = [r["perf/mfu"] for r in steady if r.get("perf/mfu") is not None]
     memory = [r["perf/peak_memory_gib"] for r in rows if r.get("perf/peak_memory_gib") is not None]
+    # one row holds the trainer's per-phase memory of one step (megaq.training.memory)
+    phases = {key.removeprefix("perf/memory_").removesuffix("_gib"): value
+              for r in phase_rows for key, value in r.items() if key.startswith("perf/memory_")}
     return {"tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in steady),
             "mfu": statistics.median(mfu) if mfu else None,
             "peak_memory_gib": max(memory) if memory else None,
-            "final_loss": rows[-1].get("train/loss"), "steps_measured": len(steady)}
+            "final_loss": rows[-1].get("train/loss"), "steps_measured": len(steady),
+            "memory_phases_gib": phases or None}
 
 
 def run_case(case: Case, args: argparse.Namespace, workdir: Path, port: int) -> dict:
@@ -203,20 +212,25 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | seq | micro × accum | recipe | mode | tokens/s | vs bf16 | MFU | peak GiB | mem vs bf16 | loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | seq | micro × accum | recipe | mode | tokens/s | vs bf16 | MFU | peak GiB | mem vs bf16 "
+             "| GiB resident / fwd / bwd / optimizer peak | loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r['model']} | {r['seq_len']} | {r['micro_batch']} × {r.get('grad_accum', 1)} | {r['recipe']} | {r['mode']} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error'][:120].replace('|', '/')} | | | | | |")
+            lines.append(f"{head} failed: {r['error'][:120].replace('|', '/')} | | | | | | |")
             continue
 
         def fmt(key: str, spec: str, suffix: str = "") -> str:
             return format(r[key], spec) + suffix if r.get(key) is not None else "-"
 
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        phases = r.get("memory_phases_gib") or {}
+        by_phase = " / ".join(f"{phases[k]:.1f}" if k in phases else "-" for k in
+                              ("resident", "forward_peak", "backward_peak", "optimizer_peak")) if phases else "-"
         lines.append(f"{head} {r['tokens_per_s']:,.0f} | {fmt('speed_vs_bf16', '.2f', 'x')} | {mfu} | "
-                     f"{fmt('peak_memory_gib', '.1f')} | {fmt('memory_vs_bf16', '.2f', 'x')} | {fmt('final_loss', '.3f')} |")
+                     f"{fmt('peak_memory_gib', '.1f')} | {fmt('memory_vs_bf16', '.2f', 'x')} | {by_phase} | "
+                     f"{fmt('final_loss', '.3f')} |")
     return "\n".join(lines)
 
 

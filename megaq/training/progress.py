@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Optional
 
+from megaq.training.memory import peak_memory_gib
 from megaq.training.metrics import format_duration
 
 logger = logging.getLogger("megaq.training")
@@ -30,15 +31,6 @@ def setup_console_logging(rank: int) -> None:
         root.addHandler(handler)
         root.propagate = False
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-
-
-def _peak_memory_gib() -> Optional[float]:
-    """Peak GPU memory allocated by this process so far (None on CPU)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.max_memory_allocated() / 2 ** 30
 
 
 class ProgressReporter:
@@ -70,7 +62,7 @@ class ProgressReporter:
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/tokens_per_s": perf["tokens_per_s"], "perf/mfu": perf.get("mfu"),
                    "perf/step_time_s": perf.get("step_time_s"),
-                   "perf/peak_memory_gib": _peak_memory_gib()}
+                   "perf/peak_memory_gib": peak_memory_gib()}
         self.scalars(scalars, step)
 
     def evaluation(self, step: int, loss: float) -> None:

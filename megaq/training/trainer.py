@@ -39,6 +39,7 @@ from megaq.training.engine import (apply_config_to_optimizer, build_training_eng
                                    compile_failures_explained)
 from megaq.training.metrics import (CommBytesPerStep, Throughput, count_deepspeed_collectives,
                                     current_device_peak_tflops)
+from megaq.training.memory import MemoryPhases
 from megaq.training.progress import ProgressReporter, setup_console_logging
 from megaq.training.quant_error import QuantErrorProbe
 from megaq.training.signals import EXIT_RESUMABLE, StopRequest
@@ -189,6 +190,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
     reporter = ProgressReporter(layout.train_steps, cfg.logging.tensorboard_dir, enabled=rank == 0,
                                 metrics_file=cfg.logging.metrics_file)
     probe = QuantErrorProbe(engine.module, cfg.quant.log_error_interval if rank == 0 else 0)
+    memory = MemoryPhases(at_step=2 if rank == 0 else 0)
     step_losses: list[torch.Tensor] = []
     last_saved_step = step if resumed_from else None
 
@@ -218,10 +220,13 @@ def _train(cfg: MegaqConfig, env) -> dict:
                 with measuring:
                     for _ in range(layout.gradient_accumulation_steps):
                         batch = next(batches)
-                        loss = engine(batch["input_ids"].to(device, non_blocking=True),
-                                      batch["labels"].to(device, non_blocking=True))
-                        engine.backward(loss)
-                        engine.step()
+                        with memory.phase(step + 1, "forward"):
+                            loss = engine(batch["input_ids"].to(device, non_blocking=True),
+                                          batch["labels"].to(device, non_blocking=True))
+                        with memory.phase(step + 1, "backward"):
+                            engine.backward(loss)
+                        with memory.phase(step + 1, "optimizer"):
+                            engine.step()  # updates at the last micro batch of the step only
                         loss_sum += loss.detach().float()
                 weight_cache.weights_updated()  # the optimizer stepped: cached quantized weights are stale
                 step += 1
@@ -229,6 +234,9 @@ def _train(cfg: MegaqConfig, env) -> dict:
                 step_losses.append(step_loss)
                 throughput.step_done(step)
                 comm_bytes.step_done()
+                memory_scalars = memory.report(step)
+                if memory_scalars:
+                    reporter.scalars(memory_scalars, step)
                 errors = probe.take()
                 if errors:
                     reporter.quant_errors(step, errors)

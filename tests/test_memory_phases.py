@@ -1,0 +1,87 @@
+"""megaq.training.memory: the peak of each phase of one step, and the run's peak across the resets
+that measuring a phase makes. The CUDA allocator's counters are replaced by a fake one, so the
+bookkeeping is checked on the CPU."""
+
+import logging
+
+import pytest
+import torch
+
+from megaq.training import memory
+
+
+class FakeAllocator:
+    """memory_allocated / max_memory_allocated / reset_peak_memory_stats of one process."""
+
+    def __init__(self):
+        self.allocated = 0
+        self.peak = 0
+
+    def alloc(self, n):
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+
+    def free(self, n):
+        self.allocated -= n
+
+    def reset(self):
+        self.peak = self.allocated
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    a = FakeAllocator()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: a.allocated)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: a.peak)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", a.reset)
+    monkeypatch.setattr(memory, "_peak_before_resets", 0)
+    return a
+
+
+def _micro_batch(a, phases, step, activations, grads_once, update):
+    with phases.phase(step, "forward"):
+        a.alloc(activations)
+    with phases.phase(step, "backward"):
+        a.alloc(grads_once)       # gradients appear in the first backward and stay
+        a.free(activations)
+    with phases.phase(step, "optimizer"):
+        a.alloc(update)           # the update's temporaries
+        a.free(update)
+
+
+def test_each_phase_keeps_its_largest_peak_over_the_micro_batches(fake_cuda, caplog):
+    G = memory._GIB
+    a = fake_cuda
+    a.alloc(10 * G)                                  # weights + optimizer state
+    a.alloc(30 * G)                                  # step 1's one-off peak (e.g. a capture)...
+    a.free(30 * G)                                   # ...gone before step 2
+    phases = memory.MemoryPhases(at_step=2)
+    _micro_batch(a, phases, 1, 3 * G, 0, 0)          # not the measured step: nothing recorded
+    assert phases.report(1) == {}
+    with caplog.at_level(logging.INFO, logger="megaq.training"):
+        _micro_batch(a, phases, 2, 4 * G, 2 * G, 0)
+        _micro_batch(a, phases, 2, 5 * G, 0, 7 * G)  # the update: grads 2 + temporaries 7
+        values = phases.report(2)
+    assert values == {"perf/memory_resident_gib": 10.0, "perf/memory_forward_peak_gib": 17.0,
+                      "perf/memory_backward_peak_gib": 17.0, "perf/memory_optimizer_peak_gib": 19.0}
+    assert "the step peaks in its optimizer" in caplog.text
+    # the run's peak survives the resets: step 1's 40 GiB, not the 19 of the last phase
+    assert memory.peak_memory_gib() == pytest.approx(40.0)
+    assert phases.report(3) == {}
+
+
+def test_off_without_cuda_or_when_step_is_zero(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    phases = memory.MemoryPhases(at_step=2)
+    with phases.phase(2, "forward"):
+        pass
+    assert phases.at_step == 0 and phases.report(2) == {} and memory.peak_memory_gib() is None
+
+
+def test_unknown_phase_is_named(fake_cuda):
+    phases = memory.MemoryPhases(at_step=1)
+    with pytest.raises(ValueError, match="memory phase must be one of"):
+        with phases.phase(1, "fwd"):
+            pass
