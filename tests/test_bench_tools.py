@@ -283,7 +283,7 @@ def test_table_has_ratios_to_the_fastest_bf16_and_failed_rows():
     bench.add_ratios(rows)
     assert rows[2]["speed_vs_bf16"] == pytest.approx(1.5) and rows[2]["memory_vs_bf16"] == pytest.approx(0.7)
     table = bench.format_table(rows)
-    assert "| gpt2 | 1024 | 16 × 1 | int8 | graphs | 300 | 1.50x | 20.0% | 21.0 | 0.70x | - | 5.000 |" in table
+    assert "| gpt2 | 1024 | 16 × 1 | int8 | graphs | 300 | 1.50x | 20.0% | 21.0 | 0.70x | - | - | - | 5.000 |" in table
     assert "| int4 | compile | failed: out of memory |" in table
 
 
@@ -292,18 +292,20 @@ def test_metrics_file_gives_speed_and_the_memory_by_phase(tmp_path):
     phase (megaq.training.memory) in the table's column."""
     path = tmp_path / "m.jsonl"
     lines = [{"step": 1, "perf/tokens_per_s": 10.0, "perf/peak_memory_gib": 5.0, "train/loss": 9.0},
-             {"step": 2, "perf/tokens_per_s": 100.0, "perf/peak_memory_gib": 6.0, "train/loss": 8.0},
+             {"step": 2, "perf/tokens_per_s": 100.0, "perf/peak_memory_gib": 6.0, "perf/peak_reserved_gib": 8.0,
+              "train/loss": 8.0},
              {"step": 2, "perf/memory_resident_gib": 2.0, "perf/memory_forward_peak_gib": 4.0,
               "perf/memory_backward_peak_gib": 6.0, "perf/memory_optimizer_peak_gib": 3.5},
              {"step": 3, "perf/tokens_per_s": 120.0, "perf/peak_memory_gib": 6.0, "train/loss": 7.0}]
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     out = bench.read_metrics(path, warmup=1)
     assert out["tokens_per_s"] == pytest.approx(110.0) and out["peak_memory_gib"] == 6.0
+    assert out["peak_reserved_gib"] == 8.0
     assert out["final_loss"] == 7.0 and out["steps_measured"] == 2
     assert out["memory_phases_gib"] == {"resident": 2.0, "forward_peak": 4.0, "backward_peak": 6.0,
                                         "optimizer_peak": 3.5}
     row = {"model": "gpt2", "seq_len": 1024, "recipe": "bf16", "mode": "eager", "micro_batch": 4, **out}
-    assert "| 2.0 / 4.0 / 6.0 / 3.5 |" in bench.format_table([row])
+    assert "| 6.0 | - | 8.0 | - | 2.0 / 4.0 / 6.0 / 3.5 |" in bench.format_table([row])
 
 
 def test_failure_reasons():

@@ -11,21 +11,24 @@ from megaq.training import memory
 
 
 class FakeAllocator:
-    """memory_allocated / max_memory_allocated / reset_peak_memory_stats of one process."""
+    """The counters of one process's caching allocator, which never gives memory back: reserved is
+    the most ever allocated."""
 
     def __init__(self):
-        self.allocated = 0
-        self.peak = 0
+        self.allocated = self.peak = self.reserved = self.reserved_peak = 0
 
     def alloc(self, n):
         self.allocated += n
         self.peak = max(self.peak, self.allocated)
+        self.reserved = max(self.reserved, self.allocated)
+        self.reserved_peak = max(self.reserved_peak, self.reserved)
 
     def free(self, n):
         self.allocated -= n
 
     def reset(self):
         self.peak = self.allocated
+        self.reserved_peak = self.reserved
 
 
 @pytest.fixture
@@ -35,8 +38,10 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: a.allocated)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: a.peak)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: a.reserved_peak)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", a.reset)
     monkeypatch.setattr(memory, "_peak_before_resets", 0)
+    monkeypatch.setattr(memory, "_reserved_before_resets", 0)
     return a
 
 
@@ -67,8 +72,12 @@ def test_each_phase_keeps_its_largest_peak_over_the_micro_batches(fake_cuda, cap
     assert values == {"perf/memory_resident_gib": 10.0, "perf/memory_forward_peak_gib": 17.0,
                       "perf/memory_backward_peak_gib": 17.0, "perf/memory_optimizer_peak_gib": 19.0}
     assert "the step peaks in its optimizer" in caplog.text
-    # the run's peak survives the resets: step 1's 40 GiB, not the 19 of the last phase
+    # the run's peaks survive the resets: step 1's 40 GiB, not the 19 of the last phase
     assert memory.peak_memory_gib() == pytest.approx(40.0)
+    assert memory.peak_reserved_gib() == pytest.approx(40.0)
+    a.free(a.allocated)
+    a.reset()   # the allocated peak restarts from 0, the reserved one stays where the segments are
+    assert memory.peak_memory_gib() == pytest.approx(40.0) and torch.cuda.max_memory_reserved() == 40 * G
     assert phases.report(3) == {}
 
 
@@ -77,7 +86,8 @@ def test_off_without_cuda_or_when_step_is_zero(monkeypatch):
     phases = memory.MemoryPhases(at_step=2)
     with phases.phase(2, "forward"):
         pass
-    assert phases.at_step == 0 and phases.report(2) == {} and memory.peak_memory_gib() is None
+    assert phases.at_step == 0 and phases.report(2) == {}
+    assert memory.peak_memory_gib() is None and memory.peak_reserved_gib() is None
 
 
 def test_unknown_phase_is_named(fake_cuda):

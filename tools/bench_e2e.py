@@ -3,7 +3,11 @@
 Each case runs `launch/pretrain_gpt.py` as a subprocess for `--steps` optimizer steps on one GPU (demo
 corpus, or `--override data.path=...`), logging every step to a metrics file; the table reports the
 median tokens/s and MFU over the steps after `--warmup`, the peak GPU memory, and both as ratios to
-BF16 of the same model and sequence length. A case that fails (out of memory, an error, a time-out)
+BF16 of the same model and sequence length. Memory is given twice: the allocator's allocated peak and
+its reserved peak. With `@graphs` only the reserved one counts the activations (they live in the CUDA
+graphs' private pool, which replays reuse without allocating: megaq/training/memory.py), so compare
+graphed recipes on it. The allocated bytes of one step by phase (resident at its start, forward,
+backward, optimizer update) show which phase holds the peak. A case that fails (out of memory, an error, a time-out)
 becomes a row saying so; the other cases still run.
 
     python tools/bench_e2e.py --models gpt2,gpt2-xl,gpt-1.3b --seq 1024,2048 \\
@@ -153,12 +157,14 @@ def read_metrics(path: Path, warmup: int) -> dict:
     steady = [r for r in rows if r["step"] > warmup] or rows
     mfu = [r["perf/mfu"] for r in steady if r.get("perf/mfu") is not None]
     memory = [r["perf/peak_memory_gib"] for r in rows if r.get("perf/peak_memory_gib") is not None]
+    reserved = [r["perf/peak_reserved_gib"] for r in rows if r.get("perf/peak_reserved_gib") is not None]
     # one row holds the trainer's per-phase memory of one step (megaq.training.memory)
     phases = {key.removeprefix("perf/memory_").removesuffix("_gib"): value
               for r in phase_rows for key, value in r.items() if key.startswith("perf/memory_")}
     return {"tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in steady),
             "mfu": statistics.median(mfu) if mfu else None,
             "peak_memory_gib": max(memory) if memory else None,
+            "peak_reserved_gib": max(reserved) if reserved else None,
             "final_loss": rows[-1].get("train/loss"), "steps_measured": len(steady),
             "memory_phases_gib": phases or None}
 
@@ -209,16 +215,18 @@ def add_ratios(rows: list[dict]) -> None:
         row["speed_vs_bf16"] = row["tokens_per_s"] / base["tokens_per_s"]
         if row.get("peak_memory_gib") and base.get("peak_memory_gib"):
             row["memory_vs_bf16"] = row["peak_memory_gib"] / base["peak_memory_gib"]
+        if row.get("peak_reserved_gib") and base.get("peak_reserved_gib"):
+            row["reserved_vs_bf16"] = row["peak_reserved_gib"] / base["peak_reserved_gib"]
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | seq | micro × accum | recipe | mode | tokens/s | vs bf16 | MFU | peak GiB | mem vs bf16 "
-             "| GiB resident / fwd / bwd / optimizer peak | loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | seq | micro × accum | recipe | mode | tokens/s | vs bf16 | MFU | peak allocated GiB "
+             "| vs bf16 | peak reserved GiB | vs bf16 | allocated GiB: resident / fwd / bwd / optimizer peak | loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r['model']} | {r['seq_len']} | {r['micro_batch']} × {r.get('grad_accum', 1)} | {r['recipe']} | {r['mode']} |"
         if "error" in r:
-            lines.append(f"{head} failed: {r['error'][:120].replace('|', '/')} | | | | | | |")
+            lines.append(f"{head} failed: {r['error'][:120].replace('|', '/')} | | | | | | | | |")
             continue
 
         def fmt(key: str, spec: str, suffix: str = "") -> str:
@@ -229,7 +237,8 @@ def format_table(rows: list[dict]) -> str:
         by_phase = " / ".join(f"{phases[k]:.1f}" if k in phases else "-" for k in
                               ("resident", "forward_peak", "backward_peak", "optimizer_peak")) if phases else "-"
         lines.append(f"{head} {r['tokens_per_s']:,.0f} | {fmt('speed_vs_bf16', '.2f', 'x')} | {mfu} | "
-                     f"{fmt('peak_memory_gib', '.1f')} | {fmt('memory_vs_bf16', '.2f', 'x')} | {by_phase} | "
+                     f"{fmt('peak_memory_gib', '.1f')} | {fmt('memory_vs_bf16', '.2f', 'x')} | "
+                     f"{fmt('peak_reserved_gib', '.1f')} | {fmt('reserved_vs_bf16', '.2f', 'x')} | {by_phase} | "
                      f"{fmt('final_loss', '.3f')} |")
     return "\n".join(lines)
 

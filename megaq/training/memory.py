@@ -9,8 +9,15 @@ apart. `MemoryPhases` measures one step (the second by default: the first alloca
 lazily inside its update, and compiles and captures), logs one line and returns the scalars for
 TensorBoard / the metrics file.
 
-The allocator has one peak counter; measuring a phase resets it. `peak_memory_gib()` is the peak of the
-whole run across those resets, and what the progress reporter logs as perf/peak_memory_gib.
+Allocated or reserved: with `train.cuda_graphs` the blocks' activations live in the graphs' private
+memory pool, carved out at capture and reused by every replay without an allocator call, so the
+allocated-bytes counter never sees them (the replays' activations are neither allocated nor freed);
+only the reserved bytes (what the process holds from the GPU: the caching allocator's segments,
+graph pools included) do. Compare recipes on the reserved peak when graphs are on.
+
+The allocator has one pair of peak counters; measuring a phase resets them. `peak_memory_gib()` /
+`peak_reserved_gib()` are the peaks of the whole run across those resets (perf/peak_memory_gib and
+perf/peak_reserved_gib in the progress reporter).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import torch
 logger = logging.getLogger("megaq.training")
 
 _GIB = 2 ** 30
-_peak_before_resets = 0   # bytes: the largest peak the allocator reported before a phase reset it
+_peak_before_resets = 0     # bytes: the largest allocated peak the allocator reported before a phase reset it
+_reserved_before_resets = 0  # the same for the reserved peak
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -40,9 +48,17 @@ def peak_memory_gib() -> Optional[float]:
     return max(_peak_before_resets, torch.cuda.max_memory_allocated()) / _GIB
 
 
+def peak_reserved_gib() -> Optional[float]:
+    """Peak GPU memory reserved by this process's caching allocator so far (graph pools included), GiB."""
+    if not _cuda():
+        return None
+    return max(_reserved_before_resets, torch.cuda.max_memory_reserved()) / _GIB
+
+
 def _reset_peak() -> None:
-    global _peak_before_resets
+    global _peak_before_resets, _reserved_before_resets
     _peak_before_resets = max(_peak_before_resets, torch.cuda.max_memory_allocated())
+    _reserved_before_resets = max(_reserved_before_resets, torch.cuda.max_memory_reserved())
     torch.cuda.reset_peak_memory_stats()
 
 

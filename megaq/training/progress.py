@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Optional
 
-from megaq.training.memory import peak_memory_gib
+from megaq.training.memory import peak_memory_gib, peak_reserved_gib
 from megaq.training.metrics import format_duration
 
 logger = logging.getLogger("megaq.training")
@@ -62,7 +62,7 @@ class ProgressReporter:
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/tokens_per_s": perf["tokens_per_s"], "perf/mfu": perf.get("mfu"),
                    "perf/step_time_s": perf.get("step_time_s"),
-                   "perf/peak_memory_gib": peak_memory_gib()}
+                   "perf/peak_memory_gib": peak_memory_gib(), "perf/peak_reserved_gib": peak_reserved_gib()}
         self.scalars(scalars, step)
 
     def evaluation(self, step: int, loss: float) -> None:
