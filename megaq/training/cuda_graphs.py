@@ -70,14 +70,21 @@ class _BlockGraph:
         return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.param_ptrs))
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 class _ReplayBlock(torch.autograd.Function):
     """Forward: copy the input into the graph's static input, replay. Backward: copy the incoming
     gradient, replay, hand out the static gradients (autograd's AccumulateGrad clones them, as this
-    object keeps a reference)."""
+    object keeps a reference). Consecutive blocks share their static tensors (block i's output is
+    block i+1's input, block i+1's input gradient is block i's output gradient), so in a plain chain
+    of blocks both copies are skipped: they would copy a buffer onto itself."""
 
     @staticmethod
     def forward(ctx, graph: _BlockGraph, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        graph.static_input.copy_(x)
+        if not _same_tensor(x, graph.static_input):
+            graph.static_input.copy_(x)
         graph.forward_graph.replay()
         graph.awaiting_backward = True
         ctx.graph = graph
@@ -86,7 +93,8 @@ class _ReplayBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         graph: _BlockGraph = ctx.graph
-        graph.static_grad_output.copy_(grad_output)
+        if not _same_tensor(grad_output, graph.static_grad_output):
+            graph.static_grad_output.copy_(grad_output)
         graph.backward_graph.replay()
         graph.awaiting_backward = False
         grad_input, *grad_trainable = graph.static_grads
@@ -191,7 +199,7 @@ class BlockGraphs:
             inputs = [x] + [aliases[i][j] for j in graphs[i].trainable]
             return torch.autograd.grad(out, inputs, grad_outputs=grad_out, allow_unused=True)
 
-        # static inputs: block 0's sample, then each block's warm-up output (realistic values)
+        # warm-up inputs: block 0's sample, then each block's warm-up output (realistic values)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), graph_warmup():
@@ -207,17 +215,32 @@ class BlockGraphs:
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
 
+        # Block i+1 reads its input straight from block i's static output, and block i its output
+        # gradient from block i+1's static input gradient: two activation-sized buffers per block
+        # fewer (held for the whole run), and no copy between blocks. Safe because a block's static
+        # output is rewritten only by its next forward replay, which comes after the next block's
+        # backward has read it (a block called again before its backward runs eagerly, see _forward).
         pool = torch.cuda.graph_pool_handle()
         for g in graphs:
+            if g.index > 0:
+                g.static_input = graphs[g.index - 1].static_output.detach().requires_grad_(True)
             with torch.cuda.graph(g.forward_graph, pool=pool):
                 g.static_output = run(g.index, g.static_input)
-        for g in graphs:
-            g.static_grad_output = torch.empty_like(g.static_output)
         for g in reversed(graphs):
+            following = graphs[g.index + 1].static_grads[0] if g.index + 1 < len(graphs) else None
+            if (following is not None and following.shape == g.static_output.shape
+                    and following.dtype == g.static_output.dtype):
+                g.static_grad_output = following
+            else:
+                g.static_grad_output = torch.empty_like(g.static_output)
             with torch.cuda.graph(g.backward_graph, pool=pool):
                 grads = differentiate(g.index, g.static_output, g.static_input, g.static_grad_output)
             g.static_grads = grads   # None where a parameter takes no part (its gradient stays None)
         torch.cuda.set_rng_state(rng_state, rng_device)
+        # The warm-up ran eagerly outside the graphs' pool; hand its cached segments back, so that
+        # the process holds what the replays need rather than that plus the warm-up's high-water mark.
+        del x
+        torch.cuda.empty_cache()
         self.graphs = graphs
         self.input_key = (tuple(sample.shape), sample.dtype, sample.device)
         logger.info(f"CUDA graphs: captured {len(graphs)} blocks' forward and backward for input "
