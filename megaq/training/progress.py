@@ -1,7 +1,9 @@
 """Rank-0 reporting: one console line per log interval and the same numbers as TensorBoard scalars.
 
 Scalars: train/loss, train/lr, train/grad_norm, perf/tokens_per_s, perf/mfu, perf/step_time_s,
-val/loss, val/ppl, and quant_error/<layer> (see megaq.training.quant_error). The same scalars can go
+perf/peak_memory_gib and perf/peak_reserved_gib (megaq.training.memory: with CUDA graphs only the
+reserved peak sees the activations), perf/memory_* (one step's memory by phase), val/loss, val/ppl, and
+quant_error/<layer> (see megaq.training.quant_error). The same scalars can go
 to a JSON-lines file (`logging.metrics_file`, appended to, so a resumed run continues it) for scripts
 and plots. Other ranks get a no-op reporter, so the loop calls it unconditionally.
 """
