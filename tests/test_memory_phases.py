@@ -90,8 +90,9 @@ def test_off_without_cuda_or_when_step_is_zero(monkeypatch):
     assert memory.peak_memory_gib() is None and memory.peak_reserved_gib() is None
 
 
-def test_unknown_phase_is_named(fake_cuda):
+@pytest.mark.parametrize("step", [1, 2])
+def test_unknown_phase_is_named_in_any_step(fake_cuda, step):
     phases = memory.MemoryPhases(at_step=1)
     with pytest.raises(ValueError, match="memory phase must be one of"):
-        with phases.phase(1, "fwd"):
+        with phases.phase(step, "fwd"):
             pass

@@ -76,11 +76,11 @@ class MemoryPhases:
 
     @contextlib.contextmanager
     def phase(self, step: int, name: str) -> Iterator[None]:
+        if name not in PHASES:
+            raise ValueError(f"memory phase must be one of {PHASES}; got {name!r}")
         if step != self.at_step or not _cuda():
             yield
             return
-        if name not in PHASES:
-            raise ValueError(f"memory phase must be one of {PHASES}; got {name!r}")
         if self.resident is None:
             self.resident = torch.cuda.memory_allocated()
         _reset_peak()
