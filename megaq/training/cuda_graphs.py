@@ -211,9 +211,13 @@ class BlockGraphs:
                 for g in graphs:
                     out = run(g.index, g.static_input)
                     differentiate(g.index, out, g.static_input, torch.ones_like(out))
-            del out
+            del out, x
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        # The warm-up ran eagerly outside the graphs' pool: hand its cached segments back before the
+        # capture, so that the pool takes that memory over instead of adding to it (the process's
+        # reserved peak would otherwise be the warm-up's high-water mark plus the whole pool).
+        torch.cuda.empty_cache()
 
         # Block i+1 reads its input straight from block i's static output, and block i its output
         # gradient from block i+1's static input gradient: two activation-sized buffers per block
@@ -237,10 +241,7 @@ class BlockGraphs:
                 grads = differentiate(g.index, g.static_output, g.static_input, g.static_grad_output)
             g.static_grads = grads   # None where a parameter takes no part (its gradient stays None)
         torch.cuda.set_rng_state(rng_state, rng_device)
-        # The warm-up ran eagerly outside the graphs' pool; hand its cached segments back, so that
-        # the process holds what the replays need rather than that plus the warm-up's high-water mark.
-        del x
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()   # the warm-up's input copies of blocks 1.. (replaced by shared tensors)
         self.graphs = graphs
         self.input_key = (tuple(sample.shape), sample.dtype, sample.device)
         logger.info(f"CUDA graphs: captured {len(graphs)} blocks' forward and backward for input "
