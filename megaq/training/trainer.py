@@ -138,7 +138,9 @@ def _train(cfg: MegaqConfig, env) -> dict:
                 + (" | CUDA graphs per block" if run.block_graphs is not None else ""))
     logger.info(f"parallel: world {layout.world_size} = TP {layout.tensor_parallel} x DP {layout.data_parallel} | "
                 f"ZeRO stage {zero_stage} | {precision} on {device_type} | TP collectives "
-                f"{cfg.parallel.comm_dtype}, DP gradients {cfg.parallel.grad_compression}")
+                f"{cfg.parallel.comm_dtype}, DP gradients {cfg.parallel.grad_compression}"
+                + (f" | CUDA allocator {os.environ.get('PYTORCH_CUDA_ALLOC_CONF') or 'default'}"
+                   if device_type == "cuda" else ""))
     logger.info(f"batch: {layout.global_batch_size} sequences/step = micro {layout.micro_batch_size} x accumulation "
                 f"{layout.gradient_accumulation_steps} x DP {layout.data_parallel}; {layout.tokens_per_step:,} "
                 f"tokens/step; {layout.train_steps} steps")
