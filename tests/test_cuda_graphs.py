@@ -76,6 +76,33 @@ def test_graphed_blocks_train_like_eager_blocks(recipe, cached):
 
 
 @gpu
+def test_consecutive_blocks_share_their_static_tensors_and_skip_the_copies(monkeypatch):
+    """Block i+1 reads block i's static output as its input and block i reads block i+1's static input
+    gradient as its output gradient: no separate buffers, and in a plain chain no copy between blocks
+    (the only copies left: block 0's input and the last block's output gradient)."""
+    eager, graphed, graphs, _ = _models(INT8_NEAREST)
+    ids, labels = _batch(0)
+    loss_e, grads_e = _loss_and_grads(eager, ids, labels)
+    _loss_and_grads(graphed, ids, labels)               # captures
+    gs = graphs.graphs
+    for a, b in zip(gs, gs[1:]):
+        assert b.static_input.data_ptr() == a.static_output.data_ptr()
+        assert a.static_grad_output.data_ptr() == b.static_grads[0].data_ptr()
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: (copies.append(self.data_ptr()),
+                                                                            real_copy(self, src, *a, **k))[1])
+    loss_g, grads_g = _loss_and_grads(graphed, ids, labels)   # replays
+    monkeypatch.undo()
+    statics = {g.static_input.data_ptr() for g in gs} | {g.static_grad_output.data_ptr() for g in gs}
+    assert sorted(p for p in copies if p in statics) == sorted(
+        [gs[0].static_input.data_ptr(), gs[-1].static_grad_output.data_ptr()])
+    assert abs(loss_e - loss_g) < 1e-3 * loss_e
+    for name, g in grads_g.items():
+        assert _rel(g, grads_e[name]) < 1e-2, (name, _rel(g, grads_e[name]))
+
+
+@gpu
 @pytest.mark.parametrize("recipe,data_flow", [("int8", "bf16"), ("int8", "int8"), ("int4", "bf16")])
 def test_graphed_stochastic_recipes_are_as_close_to_eager_as_two_eager_runs(recipe, data_flow):
     """The int8 recipe rounds gradients stochastically (and the data flow's backward too), the int4

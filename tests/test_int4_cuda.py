@@ -269,9 +269,9 @@ if __name__ == "__main__":
 
 def test_dispatch_keeps_int4_on_the_reference_off_gpu(monkeypatch):
     monkeypatch.setenv("MEGAQ_INT4_GEMM", "native")
-    from megaq.kernels import dispatch
+    from megaq.kernels import gemm
     a = quantize_blockwise(torch.randn(5, 64), (1, -1), bits=4)
-    assert not dispatch._native_int4_eligible(a, a, torch.float32)
+    assert not gemm._native_int4_eligible(a, a, torch.float32)
 
 
 @gpu
@@ -280,7 +280,7 @@ def test_dispatch_keeps_int4_on_the_reference_off_gpu(monkeypatch):
 def test_scaled_mm_dispatches_per_row_int4_to_the_native_gemm(ext, monkeypatch, m, n, k):
     # forced on wherever the extension runs (on sm_90 the s4 mma is emulated: correctness only)
     from megaq import kernels
-    from megaq.kernels import dispatch
+    from megaq.kernels import gemm
     from megaq.quant import hq_quantize
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(m, k, generator=gen).cuda()
@@ -288,7 +288,7 @@ def test_scaled_mm_dispatches_per_row_int4_to_the_native_gemm(ext, monkeypatch, 
     qx, qw = hq_quantize(x, 32), hq_quantize(w, 32)
     expected = qx.dequantize() @ qw.dequantize().t()
     monkeypatch.setenv("MEGAQ_INT4_GEMM", "native")
-    assert dispatch._native_int4_eligible(qx, qw, torch.float32)
+    assert gemm._native_int4_eligible(qx, qw, torch.float32)
     bias = torch.randn(n, generator=gen).cuda()
     got = kernels.scaled_mm(qx, qw, torch.float32, bias)
     rel = float((got - bias - expected).norm() / expected.norm())

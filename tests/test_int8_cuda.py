@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megaq import kernels
-from megaq.kernels import cuda_ext, dispatch
+from megaq.kernels import cuda_ext, gemm
 from megaq.quant import quantize_blockwise
 
 HAS_CUDA = torch.cuda.is_available()
@@ -57,10 +57,10 @@ def test_dispatch_choice_is_validated_and_cpu_stays_off_cuda(monkeypatch):
     args = (qa, qb, qa.data, qb.data, "rowcol", 0, 1, 1, torch.bfloat16)
     monkeypatch.setenv("MEGAQ_INT8_GEMM", "fastest")
     with pytest.raises(ValueError, match="MEGAQ_INT8_GEMM"):
-        dispatch._cuda_int8_mode(*args)
+        gemm._cuda_int8_mode(*args)
     for choice in ("auto", "cuda", "triton"):
         monkeypatch.setenv("MEGAQ_INT8_GEMM", choice)
-        assert dispatch._cuda_int8_mode(*args) is None   # CPU operands: never the CUDA kernel
+        assert gemm._cuda_int8_mode(*args) is None   # CPU operands: never the CUDA kernel
 
 
 # ---------------------------------------------------------------------------------------------- GPU

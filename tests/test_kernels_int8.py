@@ -42,8 +42,8 @@ from interpreter_utils import run_interpreter_child
 from tensor_utils import random_input, rel_error
 
 from megaq import kernels
-from megaq.kernels import dispatch
-from megaq.kernels.dispatch import ROW_KERNELS
+from megaq.kernels import quantizers
+from megaq.kernels.quantizers import ROW_KERNELS
 from megaq.quant import (NonFiniteError, block_hadamard, pad_to_multiple, quantize_blockwise)
 
 HAS_CUDA = torch.cuda.is_available()
@@ -286,7 +286,7 @@ def check_linear_bias_grad(device, dtype, shape=(37, 96, 130)):
     finally:
         linear_mod.FUSE_BIAS_GRAD = True
         for name in ("hadamard_quantize", "hadamard_quantize_dual"):
-            setattr(kernels, name, getattr(dispatch, name))
+            setattr(kernels, name, getattr(quantizers, name))
 
 
 def check_hadamard_dual_nonfinite(device):
@@ -565,10 +565,10 @@ def test_interp_hadamard_rows_resident(monkeypatch):
         with pytest.raises(NonFiniteError):
             kernels.hadamard_quantize(bad, 128)
     twopass_calls = []
-    launch = dispatch._launch_twopass
-    monkeypatch.setattr(dispatch, "_launch_twopass", lambda *a, **k: twopass_calls.append(1) or launch(*a, **k))
+    launch = quantizers._launch_twopass   # patched where hadamard_quantize reads it
+    monkeypatch.setattr(quantizers, "_launch_twopass", lambda *a, **k: twopass_calls.append(1) or launch(*a, **k))
     with kernels.config_override(**TINY, ROW_KERNEL="resident"):
-        check_hadamard_quantize(_rand((3, dispatch._RESIDENT_MAX_ROW + 1), "cpu", seed=2), 128)
+        check_hadamard_quantize(_rand((3, quantizers._RESIDENT_MAX_ROW + 1), "cpu", seed=2), 128)
     assert twopass_calls == [1]
 
 

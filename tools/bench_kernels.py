@@ -42,8 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megaq import kernels  # noqa: E402
-from megaq.kernels import cuda_ext, dispatch  # noqa: E402
-from megaq.kernels.dispatch import ROW_KERNELS  # noqa: E402
+from megaq.kernels import cuda_ext, dispatch, gemm  # noqa: E402
+from megaq.kernels.quantizers import ROW_KERNELS  # noqa: E402
 from megaq.quant import quantize_blockwise  # noqa: E402
 
 SHAPES = [(8192, 4096, 4096), (8192, 16384, 4096), (8192, 4096, 16384), (16384, 6400, 1600),
@@ -893,7 +893,7 @@ def main():
                    torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    sweep=[], best_cfg={}, default_configs={str(k): v for k, v in
-                                                           dispatch.GEMM_CONFIGS.items()})
+                                                           gemm.GEMM_CONFIGS.items()})
     t0 = time.time()
     sections = args.sections.split(",")
     for name, fn in (("gemm", gemm_section), ("quant", quant_section), ("fwd", fwd_section),

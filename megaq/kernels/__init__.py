@@ -1,12 +1,15 @@
 """megaq.kernels — fast implementations of megaq.quant's functions, chosen per device.
 
-Callers (megaq.ops) use only these functions and never check for CUDA themselves: `dispatch` runs the
-Triton kernels on CUDA GPUs (sm_80+, tuned for sm_90) and the `megaq.quant` reference elsewhere.
-`MEGAQ_KERNELS=reference|triton|auto` forces a path (`triton` on CPU tensors needs TRITON_INTERPRET=1).
+Callers (megaq.ops) use only these functions and never check for CUDA themselves: `dispatch` decides
+to run the Triton kernels on CUDA GPUs (sm_80+, tuned for sm_90) and the `megaq.quant` reference
+elsewhere; `quantizers` and `gemm` hold the functions and their launchers (dispatch's docstring: the
+layering). `MEGAQ_KERNELS=reference|triton|auto` forces a path (`triton` on CPU tensors needs
+TRITON_INTERPRET=1).
 """
 
-from .dispatch import (config_override, dequantize, hadamard_quantize, hadamard_quantize_dual, kernel_mode,
-                       quantize, quantize_dual, scaled_mm, triton_available)
+from .dispatch import config_override, kernel_mode, triton_available
+from .gemm import scaled_mm
+from .quantizers import dequantize, hadamard_quantize, hadamard_quantize_dual, quantize, quantize_dual
 from .int4 import (BitSplitGradient, bit_split_int4, hq_quantize_int4, int4_mm, int4_sampled_gradients)
 
 __all__ = ["quantize", "quantize_dual", "hadamard_quantize", "hadamard_quantize_dual", "dequantize",

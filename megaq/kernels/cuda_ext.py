@@ -9,7 +9,7 @@ in this order:
      only when a GPU, a CUDA build of PyTorch and nvcc are present. `MEGAQ_JIT=0` turns it off;
      `MEGAQ_JIT_VERBOSE=1` shows the compiler's output.
 Nothing is imported or compiled until the first call. This module never decides which kernel runs:
-that is megaq.kernels.dispatch's job.
+that is megaq.kernels.gemm's job (`_cuda_int8_mode`, `_native_int4_eligible`).
 
 Kernels:
   int4_gemm(a_packed, b_packed, scale_a, scale_b, out_dtype)  -- INT4 x INT4 tensor-core GEMM

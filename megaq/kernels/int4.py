@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dispatch
+from . import dispatch, gemm
 from .dispatch import (_cdiv, _cfg, _check_flag, _hadamard_pm1, _interpreting, _next_pow2, _rint_libdevice,
                        _rotation_matrix, _seed_tensor)
 
@@ -187,12 +187,12 @@ def int4_mm(xq, wq, x_values: torch.Tensor | None, w_values: torch.Tensor | None
     # asked in this order so that sm_90 never loads (JIT-builds) csrc/ for an INT4 GEMM it would not use
     native = ((os.environ.get("MEGAQ_INT4_GEMM") == "native"
                or (xq.data.is_cuda and has_native_int4_mma(xq.data.device)))
-              and dispatch._native_int4_eligible(xq, wq, out_dtype))
+              and gemm._native_int4_eligible(xq, wq, out_dtype))
     if native or x_values is None or w_values is None:
-        return dispatch.scaled_mm(xq, wq, out_dtype=out_dtype, bias=bias)
+        return gemm.scaled_mm(xq, wq, out_dtype=out_dtype, bias=bias)
     a = q.QuantizedTensor(x_values, row_scales(xq).reshape(-1, 1).contiguous(), (1, xq.shape[1]), 8, xq.shape)
     b = q.QuantizedTensor(w_values, row_scales(wq).reshape(-1, 1).contiguous(), (1, wq.shape[1]), 8, wq.shape)
-    return dispatch.scaled_mm(a, b, out_dtype=out_dtype, bias=bias)
+    return gemm.scaled_mm(a, b, out_dtype=out_dtype, bias=bias)
 
 
 # --------------------------------------------------------------------------------------------------
