@@ -527,6 +527,19 @@ def _strip_tile(strip, blk, AXIS: tl.constexpr, BR: tl.constexpr, BC: tl.constex
 
 
 @triton.jit
+def _strip_scales(strip, R, C, AXIS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """The scale indices of strip `strip` of the two-pass grid (its columns for AXIS=0, its rows for
+    AXIS=1) and their extent (C or R), for masking."""
+    if AXIS == 0:
+        idx = strip * BC + tl.arange(0, BC)
+        n = C
+    else:
+        idx = strip * BR + tl.arange(0, BR)
+        n = R
+    return idx, n
+
+
+@triton.jit
 def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt, flag_ptr,
                          colsum_ptr, n_strips, n_blocks,
                          BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
@@ -559,12 +572,7 @@ def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_pt
             m = tl.maximum(m, tl.max(ay, axis=AXIS))
             if COLSUM:
                 csum += tl.sum(x.to(tl.float32), axis=0)
-        if AXIS == 0:
-            idx = strip * BC + tl.arange(0, BC)
-            n = C_in
-        else:
-            idx = strip * BR + tl.arange(0, BR)
-            n = R_in
+        idx, n = _strip_scales(strip, R_in, C_in, AXIS, BR, BC)
         tl.atomic_max(amax_ptr + idx, (m * inv_sqrt).to(tl.int32, bitcast=True), mask=idx < n)
         if COLSUM:
             tl.store(colsum_ptr + tl.program_id(1) * C_in + idx, csum, mask=idx < C_in)
@@ -585,12 +593,7 @@ def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax
     if STOCHASTIC:
         seed = tl.load(seed_ptr)
     for strip in tl.range(tl.program_id(0), n_strips, tl.num_programs(0)):
-        if AXIS == 0:
-            idx = strip * BC + tl.arange(0, BC)
-            n = C
-        else:
-            idx = strip * BR + tl.arange(0, BR)
-            n = R
+        idx, n = _strip_scales(strip, R, C, AXIS, BR, BC)
         s = _scale_from_amax(tl.load(amax_ptr + idx, mask=idx < n, other=0).to(tl.float32, bitcast=True), QMAX)
         if tl.program_id(1) == 0:
             tl.store(s_ptr + idx, s, mask=idx < n)
