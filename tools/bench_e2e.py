@@ -181,6 +181,9 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path, port: int) -> 
     for o in overrides:
         cmd += ["--override", o]
     env = dict(os.environ, MASTER_PORT=str(port), MEGAQ_IGNORE_SLURM="1")
+    if args.memory_snapshots:   # the allocator's segments at the end of the trainer's measured step
+        Path(args.memory_snapshots).mkdir(parents=True, exist_ok=True)
+        env["MEGAQ_MEMORY_SNAPSHOT"] = str(Path(args.memory_snapshots) / f"{case.name}.pickle")
     row = {"model": case.model, "seq_len": case.seq_len, "recipe": case.recipe, "mode": case.mode,
            "micro_batch": case.micro_batch, "grad_accum": case.grad_accum, "steps": args.steps}
     try:
@@ -274,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--override", action="append", default=[], help="extra section.key=value for every case")
     ap.add_argument("--workdir", help="keep the cases' logs and metrics here (default: a temporary directory)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--memory-snapshots", help="write each case's allocator snapshot (segments and blocks at the "
+                                               "end of the trainer's memory-measured step) into this directory")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be positive and --warmup non-negative")

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pickle
 from typing import Iterator, Optional
 
 import torch
@@ -35,6 +37,7 @@ _peak_before_resets = 0     # bytes: the largest allocated peak the allocator re
 _reserved_before_resets = 0  # the same for the reserved peak
 
 PHASES = ("forward", "backward", "optimizer")
+SNAPSHOT_ENV = "MEGAQ_MEMORY_SNAPSHOT"   # a path: the allocator's segments at the measured step's end, pickled
 
 
 def _cuda() -> bool:
@@ -55,6 +58,25 @@ def peak_reserved_gib() -> Optional[float]:
     return max(_reserved_before_resets, torch.cuda.max_memory_reserved()) / _GIB
 
 
+def pool_usage(segments: Optional[list] = None) -> dict[str, dict[str, int]]:
+    """Bytes the caching allocator holds, by pool: "default" (eager allocations) and "graphs" (every
+    private pool: CUDA graph captures). Per pool: reserved (its segments), allocated (live blocks) and
+    largest_free (the largest block a new allocation could take without a new segment). `segments`:
+    `torch.cuda.memory_snapshot()`'s list (read now when None)."""
+    if segments is None:
+        segments = torch.cuda.memory_snapshot()
+    usage: dict[str, dict[str, int]] = {}
+    for seg in segments:
+        pool = "default" if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) else "graphs"
+        u = usage.setdefault(pool, {"reserved": 0, "allocated": 0, "largest_free": 0})
+        u["reserved"] += seg["total_size"]
+        u["allocated"] += seg["allocated_size"]
+        for block in seg.get("blocks", ()):
+            if block["state"] == "inactive":
+                u["largest_free"] = max(u["largest_free"], block["size"])
+    return usage
+
+
 def _reset_peak() -> None:
     global _peak_before_resets, _reserved_before_resets
     _peak_before_resets = max(_peak_before_resets, torch.cuda.max_memory_allocated())
@@ -73,6 +95,7 @@ class MemoryPhases:
         self.at_step = at_step if at_step > 0 and torch.cuda.is_available() else 0
         self.resident: Optional[int] = None
         self.peaks: dict[str, int] = {}
+        self.reserved_peaks: dict[str, int] = {}
 
     @contextlib.contextmanager
     def phase(self, step: int, name: str) -> Iterator[None]:
@@ -88,6 +111,7 @@ class MemoryPhases:
             yield
         finally:
             self.peaks[name] = max(self.peaks.get(name, 0), torch.cuda.max_memory_allocated())
+            self.reserved_peaks[name] = max(self.reserved_peaks.get(name, 0), torch.cuda.max_memory_reserved())
 
     def report(self, step: int) -> dict[str, float]:
         """The scalars of the measured step once it is done (perf/memory_*_gib), else {}."""
@@ -96,9 +120,24 @@ class MemoryPhases:
         values = {"perf/memory_resident_gib": self.resident / _GIB}
         values.update({f"perf/memory_{name}_peak_gib": self.peaks[name] / _GIB
                        for name in PHASES if name in self.peaks})
+        values.update({f"perf/memory_{name}_reserved_gib": self.reserved_peaks[name] / _GIB
+                       for name in PHASES if name in self.reserved_peaks})
         where = max(self.peaks, key=self.peaks.get) if self.peaks else "n/a"
         logger.info(f"GPU memory in step {step} (GiB): resident at its start {values['perf/memory_resident_gib']:.2f}"
-                    + "".join(f" | {name} peak {self.peaks[name] / _GIB:.2f}" for name in PHASES
+                    + "".join(f" | {name} peak {self.peaks[name] / _GIB:.2f} (reserved "
+                              f"{self.reserved_peaks.get(name, 0) / _GIB:.2f})" for name in PHASES
                               if name in self.peaks)
                     + f" (the step peaks in its {where})")
+        segments = torch.cuda.memory_snapshot()
+        usage = pool_usage(segments)
+        for pool, u in usage.items():
+            values.update({f"perf/memory_pool_{pool}_{k}_gib": v / _GIB for k, v in u.items()})
+        logger.info("GPU memory by pool at the end of the step (GiB): " + " | ".join(
+            f"{pool}: reserved {u['reserved'] / _GIB:.2f}, allocated {u['allocated'] / _GIB:.2f}, largest free "
+            f"block {u['largest_free'] / _GIB:.2f}" for pool, u in sorted(usage.items())))
+        path = os.environ.get(SNAPSHOT_ENV)
+        if path:   # for offline reading (torch.cuda.memory._snapshot's format: segments with their blocks)
+            with open(path, "wb") as f:
+                pickle.dump(torch.cuda.memory._snapshot(), f)
+            logger.info(f"GPU memory: the allocator's snapshot is in {path}")
         return values
