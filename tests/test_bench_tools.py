@@ -334,6 +334,30 @@ def test_bench_runs_cases_and_reports_a_failing_one_as_a_row(demo_cache, tmp_pat
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| no-such-model | 64 | 2 × 2 | bf16 | eager | failed")
 
 
+def test_bench_runs_a_data_parallel_case_with_the_batch_per_gpu_kept(demo_cache, tmp_path, monkeypatch):
+    """--gpus 2: the case runs under torch.distributed.run (two gloo processes here), each GPU keeps the
+    micro batch and accumulation of the one-GPU case (the global batch doubles), and the ratio compares
+    it with a BF16 row of the same width only."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    case = bench.build_cases(["gpt2"], [1024], [("int8", "graphs")], {"gpt2": 16}, grad_accum=8, gpus=4)[0]
+    assert "train.global_batch_size=512" in case.overrides() and case.name.endswith("_dp4")
+    out = tmp_path / "e2e.json"
+    code = bench.main(["--models", "tiny", "--seq", "64", "--recipes", "bf16", "--steps", "2", "--gpus", "2",
+                       "--warmup", "1", "--micro-batch", "2", "--vocab-size", "384",
+                       "--config", str(REPO_ROOT / "configs" / "tiny_cpu.json"),
+                       "--override", f"data.cache_dir={demo_cache}", "--override", "data.demo_max_bytes=400000",
+                       "--override", "data.num_workers=0", "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    assert code == 0, row.get("log_tail")
+    assert row["gpus"] == 2 and row["tokens_per_s"] > 0 and row["speed_vs_bf16"] == 1.0
+    log = (tmp_path / "work" / "tiny_64_bf16_eager_dp2.log").read_text()
+    assert "world 2 = TP 1 x DP 2" in log and "micro 2 x accumulation 8 x DP 2" in log, log[-2000:]
+    rows = [dict(row), dict(row, gpus=1, tokens_per_s=row["tokens_per_s"] * 4)]   # a faster one-GPU BF16 row
+    bench.add_ratios(rows)
+    assert rows[0]["speed_vs_bf16"] == 1.0 and rows[1]["speed_vs_bf16"] == 1.0     # each against its own width
+    assert "| tiny | 64 | 2 × 8 × 2 GPUs | bf16 | eager |" in bench.format_table(rows)
+
+
 # ---------------------------------------------------------------------------------------------------
 # tools/memory_breakdown.py
 

@@ -1,6 +1,7 @@
 """train.cuda_graphs (megaq.training.cuda_graphs): graphed blocks compute what eager blocks compute,
 see weights updated in place, fall back to eager where a replay would be wrong, and run inside the
-DeepSpeed trainer. GPU only (CUDA graphs); the config's refusals are tested in test_config.py."""
+DeepSpeed trainer. GPU only (CUDA graphs), except the replay's gradient hand-over, which a fake graph
+checks on the CPU; the config's refusals are tested in test_config.py."""
 
 from __future__ import annotations
 
@@ -17,6 +18,43 @@ gpu = pytest.mark.gpu
 # int8 with nearest rounding everywhere: deterministic kernels, so graphed and eager must agree closely
 INT8_NEAREST = {"preset": "int8", "check_finite": False, "dgrad": {"a": {"rounding": "nearest"}},
                 "wgrad": {"a": {"rounding": "nearest"}}}
+
+
+class _FakeBlockGraph:
+    """What _ReplayBlock reads of a captured block, replayed by Python on the CPU: forward y = x * w,
+    backward writes dL/dw into `grad_memory`, which the static gradients alias without owning it (as
+    after a capture, where that memory went back to the graph pool)."""
+
+    def __init__(self, w):
+        from megaq.training.cuda_graphs import _unowned_alias
+
+        self.params, self.trainable, self.awaiting_backward = [w], [0], False
+        self.static_input, self.static_output = torch.zeros(4), torch.zeros(4)
+        self.static_grad_output = torch.zeros(4)
+        self.grad_memory = torch.zeros(4)
+        self.static_grads = (torch.zeros(4), _unowned_alias(self.grad_memory))
+        self.forward_graph = type("G", (), {"replay": lambda _: self.static_output.copy_(
+            self.static_input * w.detach())})()
+        self.backward_graph = type("G", (), {"replay": lambda _: (
+            self.grad_memory.copy_(self.static_grad_output * self.static_input),
+            self.static_grads[0].copy_(self.static_grad_output * w.detach()))})()
+
+
+def test_replayed_gradients_are_copied_into_grad_not_taken_over():
+    """The parameter gradients a replay hands out live in memory the next replays overwrite:
+    AccumulateGrad must copy them into .grad (first micro batch) and add them there (the next ones),
+    never keep the static tensor as .grad. Two micro batches accumulate exactly."""
+    from megaq.training.cuda_graphs import _ReplayBlock
+
+    w = torch.nn.Parameter(torch.full((4,), 3.0))
+    graph = _FakeBlockGraph(w)
+    xs = [torch.arange(4.0), torch.full((4,), 2.0)]
+    for x in xs:
+        _ReplayBlock.apply(graph, x.requires_grad_(True), w).sum().backward()
+        assert w.grad.data_ptr() != graph.grad_memory.data_ptr()
+        assert torch.equal(x.grad, torch.full((4,), 3.0))
+    graph.grad_memory.fill_(-1.0)       # the next replay's values must not reach .grad
+    assert torch.equal(w.grad, xs[0] + xs[1])
 
 
 def _models(recipe, data_flow: str = "bf16", copies: int = 1):

@@ -72,10 +72,11 @@ class Case:
     mode: str        # one of MODES
     micro_batch: int
     grad_accum: int = 1  # micro batches per optimizer step
+    gpus: int = 1        # data-parallel processes (ZeRO shards the optimizer state over them)
 
     @property
     def name(self) -> str:
-        return f"{self.model}_{self.seq_len}_{self.recipe}_{self.mode}"
+        return f"{self.model}_{self.seq_len}_{self.recipe}_{self.mode}" + (f"_dp{self.gpus}" if self.gpus > 1 else "")
 
     def overrides(self) -> list[str]:
         peer = PEERS.get(self.recipe)
@@ -86,7 +87,7 @@ class Case:
                 f"quant.peer={json.dumps(peer)}", f"train.compile={json.dumps(self.mode == 'compile')}",
                 f"train.cuda_graphs={json.dumps(self.mode == 'graphs')}",
                 f"train.micro_batch_size={self.micro_batch}",
-                f"train.global_batch_size={self.micro_batch * self.grad_accum}"]
+                f"train.global_batch_size={self.micro_batch * self.grad_accum * self.gpus}"]
 
 
 def parse_micro_batches(text: str, models: list[str]) -> dict[str, int]:
@@ -131,8 +132,8 @@ def parse_recipes(text: str, compile_default: bool) -> list[tuple[str, str]]:
 
 
 def build_cases(models: list[str], seqs: list[int], recipes: list[tuple[str, str]],
-                micro: dict[str, int], grad_accum: int = 1) -> list[Case]:
-    return [Case(model, seq, recipe, mode, micro[model], grad_accum)
+                micro: dict[str, int], grad_accum: int = 1, gpus: int = 1) -> list[Case]:
+    return [Case(model, seq, recipe, mode, micro[model], grad_accum, gpus)
             for model in models for seq in seqs for recipe, mode in recipes]
 
 
@@ -177,7 +178,9 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path, port: int) -> 
         f"checkpoint.dir={workdir / 'checkpoints'}", "checkpoint.save_interval=0", "checkpoint.save_at_end=false",
         "checkpoint.auto_resume=false", "logging.log_interval=1", "logging.tensorboard_dir=null",
         f"logging.metrics_file={metrics}", "quant.log_error_interval=0", *args.override]
-    cmd = [sys.executable, str(ROOT / "launch" / "pretrain_gpt.py"), "--config", args.config]
+    launcher = [sys.executable] if case.gpus == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={case.gpus}"]
+    cmd = [*launcher, str(ROOT / "launch" / "pretrain_gpt.py"), "--config", args.config]
     for o in overrides:
         cmd += ["--override", o]
     env = dict(os.environ, MASTER_PORT=str(port), MEGAQ_IGNORE_SLURM="1")
@@ -185,7 +188,7 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path, port: int) -> 
         Path(args.memory_snapshots).mkdir(parents=True, exist_ok=True)
         env["MEGAQ_MEMORY_SNAPSHOT"] = str(Path(args.memory_snapshots) / f"{case.name}.pickle")
     row = {"model": case.model, "seq_len": case.seq_len, "recipe": case.recipe, "mode": case.mode,
-           "micro_batch": case.micro_batch, "grad_accum": case.grad_accum, "steps": args.steps}
+           "micro_batch": case.micro_batch, "grad_accum": case.grad_accum, "gpus": case.gpus, "steps": args.steps}
     try:
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=args.case_timeout)
@@ -211,7 +214,7 @@ def add_ratios(rows: list[dict]) -> None:
         if "tokens_per_s" not in row:
             continue
         bases = [b for b in rows if b["model"] == row["model"] and b["seq_len"] == row["seq_len"]
-                 and b["recipe"] == "bf16" and "tokens_per_s" in b]
+                 and b.get("gpus", 1) == row.get("gpus", 1) and b["recipe"] == "bf16" and "tokens_per_s" in b]
         if not bases:
             continue
         base = max(bases, key=lambda b: b["tokens_per_s"])
@@ -227,7 +230,9 @@ def format_table(rows: list[dict]) -> str:
              "| vs bf16 | peak reserved GiB | vs bf16 | allocated GiB: resident / fwd / bwd / optimizer peak | loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = f"| {r['model']} | {r['seq_len']} | {r['micro_batch']} × {r.get('grad_accum', 1)} | {r['recipe']} | {r['mode']} |"
+        gpus = f" × {r['gpus']} GPUs" if r.get("gpus", 1) > 1 else ""
+        head = (f"| {r['model']} | {r['seq_len']} | {r['micro_batch']} × {r.get('grad_accum', 1)}{gpus} | {r['recipe']} "
+                f"| {r['mode']} |")
         if "error" in r:
             lines.append(f"{head} failed: {r['error'][:120].replace('|', '/')} | | | | | | | | |")
             continue
@@ -269,6 +274,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="micro batches per optimizer step (global batch = micro x this). As in real pretraining "
                     "(GPT-2's 512-sequence batches), the optimizer step is amortized over many micro batches; with "
                     "1, DeepSpeed's step (~125 ms for GPT-2 XL on an H100) would dominate every recipe's time")
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="data-parallel processes per case (torch.distributed.run; ZeRO shards the optimizer state "
+                         "over them): the same micro batch and accumulation per GPU, tokens/s of all of them, the "
+                         "memory of rank 0")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=8, help="steps left out of the medians (start-up, compilation)")
     ap.add_argument("--vocab-size", type=int, default=50304, help="model.vocab_size (GPT-2's, padded)")
@@ -284,6 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--steps must be positive and --warmup non-negative")
     if args.grad_accum < 1:
         ap.error("--grad-accum must be positive")
+    if args.gpus < 1:
+        ap.error("--gpus must be positive")
     try:
         args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
         args.seq_list = [int(s) for s in args.seq.split(",")]
@@ -296,7 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cases = build_cases(args.model_list, args.seq_list, args.recipe_list, args.micro_table, args.grad_accum)
+    cases = build_cases(args.model_list, args.seq_list, args.recipe_list, args.micro_table, args.grad_accum,
+                        args.gpus)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp).resolve()

@@ -239,13 +239,35 @@ class BlockGraphs:
                 g.static_grad_output = torch.empty_like(g.static_output)
             with torch.cuda.graph(g.backward_graph, pool=pool):
                 grads = differentiate(g.index, g.static_output, g.static_input, g.static_grad_output)
-            g.static_grads = grads   # None where a parameter takes no part (its gradient stays None)
+            # None where a parameter takes no part (its gradient stays None). The parameter gradients
+            # are handed to the next captures' allocations, see _unowned_alias: one block's worth of
+            # gradient memory serves every block.
+            g.static_grads = (grads[0], *(None if t is None else _unowned_alias(t) for t in grads[1:]))
+            del grads
         torch.cuda.set_rng_state(rng_state, rng_device)
         torch.cuda.empty_cache()   # the warm-up's input copies of blocks 1.. (replaced by shared tensors)
         self.graphs = graphs
         self.input_key = (tuple(sample.shape), sample.dtype, sample.device)
         logger.info(f"CUDA graphs: captured {len(graphs)} blocks' forward and backward for input "
                     f"{tuple(sample.shape)} {sample.dtype}")
+
+
+def _unowned_alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor over `t`'s memory that does not keep that memory allocated.
+
+    A block's backward replay writes its parameter gradients into the graph pool, and autograd's
+    AccumulateGrad copies them into `.grad` (or adds them there) before anything else runs on the
+    stream: its nodes run as soon as they are ready, ahead of the next block's backward (the engine
+    orders AccumulateGrad first), and this module keeps a reference to the tensor it returns, so
+    AccumulateGrad copies instead of taking the tensor over (tests/test_cuda_graphs.py checks both).
+    So once a block's backward is captured, the memory of its parameter gradients may serve the
+    captures that follow (the earlier blocks' backwards, their gradients included): in stream order
+    every replay that reuses it comes after the copy. Saves (blocks - 1) x a block's parameters in
+    16-bit gradients: 2.3 GiB at 1.3B parameters. (torch.compile's CUDA graph trees rebuild their outputs
+    in a graph pool the same way.)"""
+    storage = t.untyped_storage()
+    unowned = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), t.device, storage.nbytes())
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(unowned, t.storage_offset(), t.shape, t.stride())
 
 
 def _check_capturable(blocks: Sequence[nn.Module]) -> None:
