@@ -109,12 +109,14 @@ def test_atomic_save_crash_keep_last_and_resume(tmp_path):
 
 
 def _fake_checkpoint(root: Path, step: int, tensor_parallel: int = 1, zero_stage: int = 1,
-                     data_parallel: int = 2) -> Path:
+                     data_parallel: int = 2, optimizer_group_params: int | None = None) -> Path:
     path = root / f"step_{step:08d}"
     path.mkdir(parents=True)
     (path / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
     layout = {"tensor_parallel": tensor_parallel, "data_parallel": data_parallel, "world_size": 2,
               "zero_stage": zero_stage}
+    if optimizer_group_params is not None:
+        layout["optimizer_group_params"] = optimizer_group_params
     atomic_write_text(path / STATE_FILE, json.dumps({"step": step, "consumed_samples": step, "layout": layout}))
     files = {f.name: f.stat().st_size for f in path.iterdir()}
     atomic_write_text(path / MANIFEST_FILE, json.dumps({"files": files}))
@@ -141,6 +143,20 @@ def test_zero_data_parallel_change_is_refused(tmp_path):
         check_layout(info, {**LAYOUT, "zero_stage": 2, "data_parallel": 4})
     with pytest.raises(CheckpointError, match="zero_optimization.stage=2"):
         check_layout(info, {**LAYOUT, "zero_stage": 3})
+
+
+def test_optimizer_group_change_is_refused_naming_the_setting(tmp_path):
+    """The optimizer state is stored per parameter group: another train.optimizer_group_params cannot
+    load it. A checkpoint from before the setting existed counts as 0 (the two unsplit groups)."""
+    info = read_checkpoint(_fake_checkpoint(tmp_path, 1, optimizer_group_params=2 ** 26))
+    with pytest.raises(CheckpointError, match=r"optimizer_group_params=67108864, this run uses 0.*"
+                                              r"--override train.optimizer_group_params=67108864"):
+        check_layout(info, {**LAYOUT, "optimizer_group_params": 0})
+    check_layout(info, {**LAYOUT, "optimizer_group_params": 2 ** 26})
+    old = read_checkpoint(_fake_checkpoint(tmp_path / "old", 1))      # no such key in its layout
+    check_layout(old, {**LAYOUT, "optimizer_group_params": 0})
+    with pytest.raises(CheckpointError, match="optimizer_group_params=0, this run uses 1024"):
+        check_layout(old, {**LAYOUT, "optimizer_group_params": 1024})
 
 
 def test_incomplete_and_corrupt_checkpoints_are_skipped(tmp_path):

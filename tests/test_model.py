@@ -217,6 +217,23 @@ def test_optimizer_groups():
     assert "token_embedding.weight" in {names[id(p)] for p in no_decay["params"]}
 
 
+def test_optimizer_groups_split_by_size_keep_order_and_decay():
+    """max_group_params cuts each group into consecutive runs of at most that many parameters (a larger
+    tensor alone); together they hold the unsplit groups' parameters in the same order."""
+    model = GPT(GPTConfig(**TINY, tie_embeddings=False), init_seed=0)
+    whole = configure_optimizer_groups(model, weight_decay=0.1)
+    limit = max(p.numel() for p in whole[0]["params"]) + 1
+    split = configure_optimizer_groups(model, weight_decay=0.1, max_group_params=limit)
+    assert len(split) > len(whole)
+    for wd, unsplit in ((0.1, whole[0]), (0.0, whole[1])):
+        parts = [g for g in split if g["weight_decay"] == wd]
+        assert [id(p) for g in parts for p in g["params"]] == [id(p) for p in unsplit["params"]]
+        assert all(sum(p.numel() for p in g["params"]) <= limit or len(g["params"]) == 1 for g in parts)
+    tiny = configure_optimizer_groups(model, weight_decay=0.1, max_group_params=1)   # one tensor per group
+    assert sum(len(g["params"]) for g in tiny) == len(list(model.parameters()))
+    assert all(len(g["params"]) == 1 for g in tiny)
+
+
 def test_layout_table_matches_the_layers():
     model = GPT(GPTConfig(**TINY, tie_embeddings=False), init_seed=0)
     for name, p in model.named_parameters():

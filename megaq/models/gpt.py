@@ -342,10 +342,13 @@ class GPT(nn.Module):
         return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.seq_len
 
 
-def configure_optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def configure_optimizer_groups(model: nn.Module, weight_decay: float, max_group_params: int = 0) -> list[dict]:
     """AdamW parameter groups: weight decay on the linear layers' weights only; none on biases,
     LayerNorm parameters and embeddings (the tied lm_head is the embedding). Empty groups are left
-    out."""
+    out. `max_group_params` > 0 splits each of the two into consecutive groups of at most that many
+    parameters (a larger tensor is a group of its own): DeepSpeed ZeRO's update flattens one group's
+    gradient partition at a time into a BF16 and an FP32 copy (6 bytes per parameter), so small groups
+    bound that transient by the group size instead of the model size."""
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -355,6 +358,24 @@ def configure_optimizer_groups(model: nn.Module, weight_decay: float) -> list[di
             is_linear_weight = isinstance(module, (ColumnParallelLinear, RowParallelLinear,
                                                    nn.Linear)) and param_name == "weight"
             (decay if is_linear_weight else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    groups = []
+    for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        groups += [{"params": chunk, "weight_decay": wd} for chunk in _chunks_by_size(params, max_group_params)]
+    return groups
+
+
+def _chunks_by_size(params: list[nn.Parameter], max_params: int) -> list[list[nn.Parameter]]:
+    """`params` in order, cut into runs of at most `max_params` elements (0: one run; none when empty)."""
+    if not params:
+        return []
+    if max_params <= 0:
+        return [params]
+    chunks, current, size = [], [], 0
+    for p in params:
+        if current and size + p.numel() > max_params:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += p.numel()
+    chunks.append(current)
+    return chunks

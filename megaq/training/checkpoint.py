@@ -232,6 +232,14 @@ def check_layout(info: CheckpointInfo, layout: dict) -> None:
         raise CheckpointError(
             f"checkpoint {info.path} was written with zero_optimization.stage={zero_saved}, this run uses "
             f"stage {zero_now}; resume with the same stage")
+    # the optimizer state is saved per parameter group (ZeRO: one flat partition per group); checkpoints
+    # from before the setting existed have the two unsplit groups
+    groups_saved, groups_now = saved.get("optimizer_group_params", 0), layout.get("optimizer_group_params", 0)
+    if groups_saved != groups_now:
+        raise CheckpointError(
+            f"checkpoint {info.path} was written with train.optimizer_group_params={groups_saved}, this run uses "
+            f"{groups_now}; the optimizer state is stored per parameter group. Resume with "
+            f"--override train.optimizer_group_params={groups_saved}")
 
 
 # ---------------------------------------------------------------------------------------------------

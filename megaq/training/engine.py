@@ -70,7 +70,7 @@ def build_optimizer(cfg: MegaqConfig, model: torch.nn.Module, device_type: str) 
     """AdamW: apex's FusedAdam when apex is installed on a GPU machine, else PyTorch's AdamW
     (fused kernel on CUDA, multi-tensor 'foreach' on CPU)."""
     t = cfg.train
-    groups = configure_optimizer_groups(model, 1.0)  # 1.0 marks the decaying group(s)
+    groups = configure_optimizer_groups(model, 1.0, t.optimizer_group_params)  # 1.0 marks the decaying groups
     for group in groups:
         # Remembered in the optimizer state, so that a resumed run knows which group decays even
         # when the configured weight decay is 0.

@@ -152,7 +152,8 @@ def _train(cfg: MegaqConfig, env) -> dict:
 
     manager = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last,
                                 {"tensor_parallel": layout.tensor_parallel, "data_parallel": layout.data_parallel,
-                                 "world_size": layout.world_size, "zero_stage": zero_stage}, rank, _barrier)
+                                 "world_size": layout.world_size, "zero_stage": zero_stage,
+                                 "optimizer_group_params": cfg.train.optimizer_group_params}, rank, _barrier)
     step, consumed_samples, resumed_from = 0, 0, None
     checkpoint = manager.latest() if cfg.checkpoint.auto_resume else None
     if checkpoint is None and cfg.checkpoint.load:
@@ -172,7 +173,8 @@ def _train(cfg: MegaqConfig, env) -> dict:
     summary = {"start_step": step, "final_step": step, "total_steps": layout.train_steps, "losses": [],
                "val_losses": [], "quant_errors": {}, "stopped_by_signal": False, "exit_code": 0,
                "resumed_from": resumed_from, "last_checkpoint": resumed_from, "num_parameters": run.num_parameters,
-               "layout": layout.__dict__, "zero_stage": zero_stage, "precision": precision}
+               "layout": layout.__dict__, "zero_stage": zero_stage, "precision": precision,
+               "optimizer_groups": len(run.scheduler.optimizer.param_groups)}
     if step >= layout.train_steps:
         logger.info(f"nothing to do: already at step {step} of {layout.train_steps}")
         return summary
