@@ -390,3 +390,16 @@ def test_memory_breakdown_counts_what_each_recipe_keeps(tmp_path):
     assert bf16["weight_cache"] == 0 and int8["weight_cache"] == cache
     with pytest.raises(ValueError, match="unknown variant"):
         tool.build("tiny", 64, "int3", 512)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tools/bench_kernels.py (GPU only; its argument parsing is checked here)
+
+def test_bench_kernels_profile_shapes_parse_and_name_bad_ones():
+    spec = importlib.util.spec_from_file_location("bench_kernels", REPO_ROOT / "tools" / "bench_kernels.py")
+    kernels_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels_bench)
+    assert kernels_bench._parse_shapes("8192x4096x4096, 16384X3072x768") == [(8192, 4096, 4096), (16384, 3072, 768)]
+    for bad in ("8192x4096", "8192x0x4096", "axbxc"):
+        with pytest.raises(ValueError, match=f"--profile-shapes: '{bad}' is not MxNxK"):
+            kernels_bench._parse_shapes(bad)

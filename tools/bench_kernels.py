@@ -26,6 +26,7 @@ Timings: triton.testing.do_bench (CUDA events, L2 flushed before each call), med
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -598,44 +599,64 @@ def _kernel_category(name: str) -> str:
     return "other"
 
 
+def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """'8192x4096x4096,16384x2304x768' -> [(M, N, K), ...]"""
+    shapes = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        dims = item.lower().split("x")
+        if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise ValueError(f"--profile-shapes: {item!r} is not MxNxK with positive integers")
+        shapes.append(tuple(int(d) for d in dims))
+    return shapes
+
+
 def linear_profile_section(args, results):
     """Where a quantized linear's step goes: CUDA kernel time per kernel name and per category
-    (GEMM / quantize / RNG / other) from torch.profiler, per fwd+bwd step, at 8192×4096×4096."""
+    (GEMM / quantize / RNG / other) from torch.profiler, per fwd+bwd step, at each of
+    --profile-shapes (default 8192×4096×4096). `int8` runs the kernels of an eager step (the dual
+    quantizer), `int8_graphed` those a CUDA graph capture launches (megaq.ops.linear.graph_warmup:
+    the single quantizers), which is what train.cuda_graphs replays."""
     from torch.profiler import ProfilerActivity, profile
 
     from megaq.ops import quantized_linear
-    M, N, K = SHAPES[0]
-    x = rand((M, K), seed=1).requires_grad_(True)
-    w = (rand((N, K), seed=2) / math.sqrt(K)).requires_grad_(True)
-    gy = rand((M, N), seed=4)
-    steps = 10
-    out = {}
-    for recipe in ("bf16", "int8", "int4"):
-        spec = {"preset": recipe, "check_finite": False}
+    from megaq.ops.linear import graph_warmup
 
-        def step():
-            x.grad = w.grad = None
-            quantized_linear(x, w, None, spec).backward(gy)
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
-        kernels_us: dict[str, float] = {}
-        for evt in prof.key_averages():
-            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-            if t:
-                kernels_us[evt.key] = kernels_us.get(evt.key, 0.0) + t / steps
-        cats: dict[str, float] = {}
-        for k, t in kernels_us.items():
-            cats[_kernel_category(k)] = cats.get(_kernel_category(k), 0.0) + t
-        top = sorted(kernels_us.items(), key=lambda kv: -kv[1])[:12]
-        out[recipe] = dict(total_us=sum(kernels_us.values()), categories=cats,
-                           top_kernels=[(k[:90], round(t, 1)) for k, t in top])
-        print("linear_profile", recipe, json.dumps(out[recipe])[:600], flush=True)
-    results["linear_profile"] = dict(shape=(M, N, K), per_step=out)
+    steps = 10
+    per_shape = []
+    for M, N, K in _parse_shapes(args.profile_shapes):
+        x = rand((M, K), seed=1).requires_grad_(True)
+        w = (rand((N, K), seed=2) / math.sqrt(K)).requires_grad_(True)
+        gy = rand((M, N), seed=4)
+        out = {}
+        for recipe in ("bf16", "int8", "int8_graphed", "int4"):
+            spec = {"preset": recipe.removesuffix("_graphed"), "check_finite": False}
+            kernels_choice = graph_warmup if recipe.endswith("_graphed") else contextlib.nullcontext
+
+            def step():
+                x.grad = w.grad = None
+                quantized_linear(x, w, None, spec).backward(gy)
+            with kernels_choice():
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(steps):
+                        step()
+                    torch.cuda.synchronize()
+            kernels_us: dict[str, float] = {}
+            for evt in prof.key_averages():
+                t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+                if t:
+                    kernels_us[evt.key] = kernels_us.get(evt.key, 0.0) + t / steps
+            cats: dict[str, float] = {}
+            for k, t in kernels_us.items():
+                cats[_kernel_category(k)] = cats.get(_kernel_category(k), 0.0) + t
+            top = sorted(kernels_us.items(), key=lambda kv: -kv[1])[:12]
+            out[recipe] = dict(total_us=sum(kernels_us.values()), categories=cats,
+                               top_kernels=[(k[:90], round(t, 1)) for k, t in top])
+            print("linear_profile", (M, N, K), recipe, json.dumps(out[recipe])[:700], flush=True)
+        per_shape.append(dict(shape=(M, N, K), per_step=out))
+    results["linear_profile"] = per_shape
 
 
 def host_section(args, results):
@@ -856,8 +877,7 @@ def print_table(results):
             print(f"| {r['shape']} | " + " | ".join(
                 "-" if r.get(c) is None or not base[c] else f"{c} {r[c]:.0f} ({r[c] / base[c]:.2f}×)"
                 for c in cols) + " |")
-    if results.get("linear_profile"):
-        prof = results["linear_profile"]
+    for prof in results.get("linear_profile") or []:
         print(f"\n## kernel time per fwd+bwd step at {prof['shape']} (µs, torch.profiler)")
         for recipe, p in prof["per_step"].items():
             cats = ", ".join(f"{k} {v:.0f}" for k, v in sorted(p["categories"].items()))
@@ -884,6 +904,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-linear", action="store_true")
     ap.add_argument("--sections", default="gemm,quant,fwd,pipeline,linear,linear_profile,host,int4,error")
+    ap.add_argument("--profile-shapes", default="8192x4096x4096",
+                    help="linear_profile: MxNxK,... (e.g. GPT-2 124M's fc1 at micro batch 16: 16384x3072x768)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels.py needs a CUDA GPU")
