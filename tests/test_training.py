@@ -404,10 +404,11 @@ def test_cached_weights_train_exactly_like_requantized_ones(demo_cache):
 def test_optimizer_groups_split_by_size_train_exactly_like_two_groups(demo_cache):
     """train.optimizer_group_params splits AdamW's groups (ZeRO-1 then flattens and updates them one
     at a time): an update is per parameter, so the run's losses are those of the two unsplit groups,
-    with ZeRO-1 and ZeRO-2."""
+    with ZeRO-1 and ZeRO-2, on one and on two data-parallel ranks."""
     cfgs = [tiny_config(demo_cache, train={"train_steps": 4, "optimizer_group_params": n},
                         zero_optimization={"stage": stage}) for stage in (1, 2) for n in (0, 4096)]
-    runs = run_distributed(_pretrain_all, 1, cfgs, timeout=300)[0]
-    for whole, split in (runs[:2], runs[2:]):
-        assert whole["optimizer_groups"] == 2 and split["optimizer_groups"] > 10
-        assert whole["losses"] == split["losses"] and len(split["losses"]) == 4
+    for world in (1, 2):   # two data-parallel ranks: ZeRO partitions every group across them
+        runs = run_distributed(_pretrain_all, world, cfgs, timeout=300)[0]
+        for whole, split in (runs[:2], runs[2:]):
+            assert whole["optimizer_groups"] == 2 and split["optimizer_groups"] > 10
+            assert whole["losses"] == split["losses"] and len(split["losses"]) == 4, (world, whole, split)
