@@ -403,3 +403,47 @@ def test_bench_kernels_profile_shapes_parse_and_name_bad_ones():
     for bad in ("8192x4096", "8192x0x4096", "axbxc"):
         with pytest.raises(ValueError, match=f"--profile-shapes: '{bad}' is not MxNxK"):
             kernels_bench._parse_shapes(bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tools/sweep_quantizers.py (its GPU sweep; here the Triton kernels under the interpreter)
+
+def test_quantizer_sweep_runs_plans_and_checks_them_against_the_automatic_choice(tmp_path):
+    import subprocess
+
+    from conftest import subprocess_env
+
+    out = tmp_path / "sweep.json"
+    env = subprocess_env(MEGAQ_KERNELS="triton", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "sweep_quantizers.py"), "--tokens", "256",
+                           "--widths", "200", "--quick", "--iters", "1", "--warmup", "0", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["orientation"], r["rounding"]) for r in rows} == {
+        (o, r) for o in ("rows", "transposed") for r in ("nearest", "stochastic")}
+    for r in rows:   # every plan ran, matched the automatic choice (same dither for stochastic) and was timed
+        assert len(r["plans"]) == 2 and all(p["ok"] and p["us"] > 0 for p in r["plans"]), r
+        assert r["best"]["us"] > 0 and r["width"] == 200 and r["tokens"] == 256
+    assert "200 transposed stochastic" in proc.stdout
+
+
+def test_quantizer_sweep_flags_a_plan_whose_output_differs():
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("sweep_quantizers", REPO_ROOT / "tools" / "sweep_quantizers.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    data = torch.randint(-127, 128, (64, 64), dtype=torch.int8)
+    ref = SimpleNamespace(data=data, scale=torch.ones(64, 1))
+    assert sweep.compare(SimpleNamespace(data=data.clone(), scale=torch.ones(64, 1)), ref)["ok"]
+    off_by_two = data.clone()
+    off_by_two[0, 0] = off_by_two[0, 0] - 2 if off_by_two[0, 0] > 0 else off_by_two[0, 0] + 2
+    assert not sweep.compare(SimpleNamespace(data=off_by_two, scale=torch.ones(64, 1)), ref)["ok"]
+    many_ones = data.clone()
+    many_ones[:8] = torch.where(data[:8] > 0, data[:8] - 1, data[:8] + 1)   # 1/8 of the payload one step off
+    assert not sweep.compare(SimpleNamespace(data=many_ones, scale=torch.ones(64, 1)), ref)["ok"]
+    scaled = SimpleNamespace(data=data.clone(), scale=torch.full((64, 1), 1.0 + 1e-4))
+    assert not sweep.compare(scaled, ref)["ok"]
+    nan = SimpleNamespace(data=data.clone(), scale=torch.full((64, 1), float("nan")))
+    assert not sweep.compare(nan, ref)["ok"]
