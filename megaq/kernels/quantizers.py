@@ -249,7 +249,9 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
     # and split each strip's tiles among grid[1] programs
     n_strips, n_blocks = (_cdiv(C, BC), _cdiv(R, BR)) if axis == 0 else (_cdiv(R, BR), _cdiv(C, BC))
     programs = _persistent_programs(n_strips * n_blocks, dev, ov.get("QUANT_PER_SM", _PER_SM))
-    grid = (min(n_strips, programs), max(1, min(n_blocks, programs // n_strips)))
+    # programs per strip rounded up: rounding down left SMs idle where the strips do not divide the
+    # programs (H100, 16384×6144 stochastic, x.T: 96 strips got 192 programs of 264)
+    grid = (min(n_strips, programs), max(1, min(n_blocks, _cdiv(programs, n_strips))))
     nw = ov.get("QUANT_WARPS", 4)
     stages = _pipeline_stages(ov.get("QUANT_STAGES", _TWOPASS_STAGES), BR * BC * x.element_size(), hadamard)
     assert column_sums_out is None or axis == 0, "pass 1 sums columns only where its strips are columns"
