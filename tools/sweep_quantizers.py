@@ -53,8 +53,12 @@ SWEEP = {
              for t, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for p in (1, 2, 4)],
     # rows of x.T: the two-pass kernels' tile columns (128 rows = one Hadamard block), warps, programs, stages
     "transposed": [dict(QUANT_COLS=c, QUANT_WARPS=w, QUANT_PER_SM=p, QUANT_STAGES=s)
-                   for c, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for p in (1, 2, 4) for s in (2, 3)],
+                   for c, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for p in (1, 2, 4) for s in (2, 3)]
+    # programs per strip of the default tile (the automatic choice: 2 programs per SM over the strips,
+    # rounded up)
+    + [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)],
 }
+PER_STRIP_SWEEP = {"rows": [], "transposed": [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)]}
 QUICK_SWEEP = {"rows": SWEEP["rows"][:2], "transposed": SWEEP["transposed"][:2]}
 
 
@@ -134,6 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="two plans per orientation")
+    ap.add_argument("--per-strip", action="store_true", help="only the two-pass kernels' programs per strip")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     if args.widths:
@@ -156,7 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sweep = QUICK_SWEEP if args.quick else SWEEP
+    sweep = QUICK_SWEEP if args.quick else PER_STRIP_SWEEP if args.per_strip else SWEEP
     rows = []
     for width, rounding in args.cases:
         for orientation in args.orientation_list:

@@ -251,7 +251,8 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
     programs = _persistent_programs(n_strips * n_blocks, dev, ov.get("QUANT_PER_SM", _PER_SM))
     # programs per strip rounded up: rounding down left SMs idle where the strips do not divide the
     # programs (H100, 16384×6144 stochastic, x.T: 96 strips got 192 programs of 264)
-    grid = (min(n_strips, programs), max(1, min(n_blocks, _cdiv(programs, n_strips))))
+    per_strip = ov.get("QUANT_PER_STRIP", _cdiv(programs, n_strips))
+    grid = (min(n_strips, programs), max(1, min(n_blocks, per_strip)))
     nw = ov.get("QUANT_WARPS", 4)
     stages = _pipeline_stages(ov.get("QUANT_STAGES", _TWOPASS_STAGES), BR * BC * x.element_size(), hadamard)
     assert column_sums_out is None or axis == 0, "pass 1 sums columns only where its strips are columns"
