@@ -55,7 +55,7 @@ SWEEP = {
     "transposed": [dict(QUANT_COLS=c, QUANT_WARPS=w, QUANT_PER_SM=p, QUANT_STAGES=s)
                    for c, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for p in (1, 2, 4) for s in (2, 3)]
     # programs per strip of the default tile (the automatic choice: 2 programs per SM over the strips,
-    # rounded up)
+    # rounded down)
     + [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)],
 }
 PER_STRIP_SWEEP = {"rows": [], "transposed": [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)]}

@@ -249,9 +249,12 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
     # and split each strip's tiles among grid[1] programs
     n_strips, n_blocks = (_cdiv(C, BC), _cdiv(R, BR)) if axis == 0 else (_cdiv(R, BR), _cdiv(C, BC))
     programs = _persistent_programs(n_strips * n_blocks, dev, ov.get("QUANT_PER_SM", _PER_SM))
-    # programs per strip rounded up: rounding down left SMs idle where the strips do not divide the
-    # programs (H100, 16384×6144 stochastic, x.T: 96 strips got 192 programs of 264)
-    per_strip = ov.get("QUANT_PER_STRIP", _cdiv(programs, n_strips))
+    # programs per strip rounded down: the grid never spills past one wave of `programs`. Rounding up
+    # measured slower wherever it changes the count (H100, 16384 rows, x.T, `tools/sweep_quantizers.py
+    # --per-strip`: 2048 columns stochastic 112 -> 152 µs, 8192 376 -> 418, 6144 371 -> 414); the one
+    # width where more programs won, 6144 (96 strips: 192 programs, 299 µs at 8 per strip), is left as
+    # measured, not made a rule.
+    per_strip = ov.get("QUANT_PER_STRIP", programs // n_strips)
     grid = (min(n_strips, programs), max(1, min(n_blocks, per_strip)))
     nw = ov.get("QUANT_WARPS", 4)
     stages = _pipeline_stages(ov.get("QUANT_STAGES", _TWOPASS_STAGES), BR * BC * x.element_size(), hadamard)
