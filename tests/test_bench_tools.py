@@ -447,3 +447,40 @@ def test_quantizer_sweep_flags_a_plan_whose_output_differs():
     assert not sweep.compare(scaled, ref)["ok"]
     nan = SimpleNamespace(data=data.clone(), scale=torch.full((64, 1), float("nan")))
     assert not sweep.compare(nan, ref)["ok"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# tools/bench_env.py: the commit a results file names
+
+def _bench_env():
+    spec = importlib.util.spec_from_file_location("bench_env", REPO_ROOT / "tools" / "bench_env.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_name_the_checkouts_commit_and_not_an_enclosing_ones(tmp_path, monkeypatch):
+    """The checkout's own HEAD at its top; a tree unpacked inside another checkout (or outside any)
+    names MEGAQ_COMMIT, or nothing, never the enclosing clone's HEAD."""
+    import subprocess
+
+    env = _bench_env()
+    monkeypatch.delenv("MEGAQ_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert env.checkout_commit(REPO_ROOT) in (head, head + "+dirty")
+    outer = tmp_path / "clone"
+    nested = outer / "scratch" / "copy"
+    nested.mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], cwd=outer, check=True)
+    (outer / "f").write_text("x")
+    subprocess.run(git + ["add", "f"], cwd=outer, check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], cwd=outer, check=True)
+    assert env.checkout_commit(outer) and env.checkout_commit(nested) is None
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert env.checkout_commit(plain) is None
+    monkeypatch.setenv("MEGAQ_COMMIT", "abc1234")
+    assert env.checkout_commit(nested) == "abc1234" and env.checkout_commit(plain) == "abc1234"
+    assert env.environment(nested)["commit"] == "abc1234"

@@ -44,7 +44,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,8 +53,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench_env, also when imported by the tests
 
 import megaq.parallel.grad_compression as grad_compression  # noqa: E402
+from bench_env import checkout_commit  # noqa: E402
 import megaq.parallel.quantized_comm as quantized_comm  # noqa: E402
 from megaq import kernels  # noqa: E402
 from megaq.kernels import grad_comm  # noqa: E402
@@ -237,7 +238,7 @@ def kernels_only(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("--kernels-only times the GPU kernels: it needs a CUDA GPU")
     device = torch.device("cuda", torch.cuda.current_device())
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=_commit(),
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=checkout_commit(),
                 device=torch.cuda.get_device_name(device), torch=torch.__version__, block=args.block,
                 iters=args.iters, warmup=args.warmup, mode="kernels-only")
     return dict(rows=_kernels_only_rows(args, device), meta=meta)
@@ -316,16 +317,8 @@ def print_kernels_table(result: dict) -> None:
                   f"{c['worker']:.3f} ms, server {c['server']:.3f} ms, dequantize {c['dequantize']:.3f} ms")
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def _meta(device, world, args) -> dict:
-    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=_commit(),
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=checkout_commit(),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 backend=dist.get_backend(), world=world, torch=torch.__version__, block=args.block,
                 iters=args.iters, warmup=args.warmup)

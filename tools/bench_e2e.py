@@ -35,7 +35,6 @@ bounds a case. Budget about 40 s per GPT-2 case, more for the larger models.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -47,6 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench_env, also when imported by the tests
+
+from bench_env import environment  # noqa: E402
 
 # Bench recipe name -> quant.peer
 PEERS = {"fp8_tensorwise": "torchao_float8_tensorwise", "fp8_rowwise": "torchao_float8_rowwise"}
@@ -249,17 +251,6 @@ def format_table(rows: list[dict]) -> str:
                      f"{fmt('peak_reserved_gib', '.1f')} | {fmt('reserved_vs_bf16', '.2f', 'x')} | {by_phase} | "
                      f"{fmt('final_loss', '.3f')} |")
     return "\n".join(lines)
-
-
-def environment() -> dict:
-    def run(cmd: list[str]) -> str | None:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]),
-            "commit": run(["git", "rev-parse", "--short", "HEAD"]), "command": " ".join(sys.argv)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

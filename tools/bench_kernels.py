@@ -31,7 +31,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -41,7 +40,9 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench_env, also when imported by the tests
 
+from bench_env import checkout_commit  # noqa: E402
 from megaq import kernels  # noqa: E402
 from megaq.kernels import cuda_ext, dispatch, gemm  # noqa: E402
 from megaq.kernels.quantizers import ROW_KERNELS  # noqa: E402
@@ -89,15 +90,6 @@ def bench_ms(fn, quick=False):
     import triton
     return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
                                    return_mode="median")
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1])
-        return out.stdout.strip() or None
-    except Exception:
-        return None
 
 
 def rand(shape, dtype=torch.bfloat16, seed=0, outliers=False):
@@ -912,7 +904,7 @@ def main():
         return 1
     import triton
     results = dict(gpu=torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability(),
-                   torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
+                   torch=torch.__version__, triton=triton.__version__, commit=checkout_commit(),
                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    sweep=[], best_cfg={}, default_configs={str(k): v for k, v in
                                                            gemm.GEMM_CONFIGS.items()})

@@ -77,6 +77,9 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench_env, also when imported by the tests
+
+from bench_env import checkout_commit  # noqa: E402
 
 LAUNCH = ROOT / "launch" / "pretrain_gpt.py"
 COMM_MODES = {
@@ -160,19 +163,6 @@ def pick_n_head(preset_heads: int, n_embd: int, tps: list[int]) -> int:
 
 
 # ---- running one case ----------------------------------------------------------------------------
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("MEGAQ_COMMIT", "")
-
 
 class Run:
     """One launched trainer (torch.distributed.run with `case.world` processes) in its own process
@@ -383,7 +373,7 @@ def meta(args, gpus: int) -> dict:
         ds_version = metadata.version("deepspeed")
     except metadata.PackageNotFoundError:
         ds_version = None
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": _git_commit(),
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": checkout_commit(),
             "device": gpu_name() if gpus else "cpu", "gpus": gpus,
             "torch": torch.__version__, "deepspeed": ds_version, "python": platform.python_version(),
             "argv": sys.argv[1:]}

@@ -24,10 +24,8 @@ not launch time). Prints one line per case (automatic µs, best plan and its µs
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # cuda_timing, also when imported by the tests
 
-from cuda_timing import event_times  # noqa: E402  (tools/, the script's directory)
+from bench_env import environment  # noqa: E402  (tools/, the script's directory)
+from cuda_timing import event_times  # noqa: E402
 from megaq import kernels  # noqa: E402
 from megaq.kernels import dispatch  # noqa: E402
 
@@ -117,17 +116,6 @@ def run_case(tokens: int, width: int, orientation: str, rounding: str, plans: li
         best = min(good, key=lambda p: p["us"])
         row["best"] = {"plan": best["plan"], "us": best["us"], "speedup": row["auto_us"] / best["us"]}
     return row
-
-
-def environment() -> dict:
-    def run(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "commit": run(["git", "rev-parse", "--short", "HEAD"]), "command": " ".join(sys.argv)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
