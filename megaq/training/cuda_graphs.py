@@ -37,6 +37,7 @@ a device-side count (megaq.kernels.int4), with no host synchronization.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from typing import Sequence
 
@@ -65,9 +66,19 @@ class _BlockGraph:
         self.static_grad_output: torch.Tensor | None = None
         self.static_grads: tuple | None = None     # (grad input, grads of the trainable params), each or None
         self.awaiting_backward = False
+        self.saves_input = True       # whether the block's backward reads its input (found in the warm-up)
+        # Where the replays read the input: static_input, or an unowned alias of its memory once that
+        # memory went back to the pool (see _release_unsaved_outputs); None before the capture.
+        self.input_view: torch.Tensor | None = None
+        self.output_view: torch.Tensor | None = None   # the same for the output
 
     def storage_unchanged(self) -> bool:
         return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.param_ptrs))
+
+    def released_input_is(self, x: torch.Tensor) -> bool:
+        """Whether x is this block's input in memory handed back to the graph pool."""
+        return self.input_view is not None and self.input_view is not self.static_input and \
+            _same_tensor(x, self.input_view)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -83,12 +94,12 @@ class _ReplayBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, graph: _BlockGraph, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        if not _same_tensor(x, graph.static_input):
-            graph.static_input.copy_(x)
+        if not _same_tensor(x, graph.input_view):
+            graph.input_view.copy_(x)
         graph.forward_graph.replay()
         graph.awaiting_backward = True
         ctx.graph = graph
-        return graph.static_output.detach()
+        return graph.output_view.detach()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -146,7 +157,14 @@ class BlockGraphs:
 
     def _forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         block = self.blocks[index]
-        eager = self._eager_forwards[index]
+        released = self.graphs is not None and self.graphs[index].released_input_is(x)
+
+        def eager(x: torch.Tensor) -> torch.Tensor:
+            # x may be the previous block's replayed output in graph-pool memory that later replays
+            # reuse (_release_unsaved_outputs): an eager block, whose autograd graph may save its input,
+            # gets its own copy
+            return self._eager_forwards[index](x.clone() if released else x)
+
         if self._eager_depth or not (torch.is_grad_enabled() and block.training and x.is_cuda):
             return eager(x)
         key = (tuple(x.shape), x.dtype, x.device)
@@ -207,11 +225,17 @@ class BlockGraphs:
             for g in graphs:
                 g.static_input = x.clone().requires_grad_(True)
                 x = run(g.index, g.static_input).detach()
-            for _ in range(self.warmup_iters):
+            for it in range(self.warmup_iters):
                 for g in graphs:
-                    out = run(g.index, g.static_input)
+                    if it == 0:
+                        with _SavedStorages() as saved:
+                            out = run(g.index, g.static_input)
+                        g.saves_input = _storage_ptr(g.static_input) in saved.pointers
+                    else:
+                        out = run(g.index, g.static_input)
                     differentiate(g.index, out, g.static_input, torch.ones_like(out))
             del out, x
+        gc.collect()   # the first warm-up's autograd graphs (the saved-tensor hooks made them cycles)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         # The warm-up ran eagerly outside the graphs' pool: hand its cached segments back before the
@@ -230,6 +254,9 @@ class BlockGraphs:
                 g.static_input = graphs[g.index - 1].static_output.detach().requires_grad_(True)
             with torch.cuda.graph(g.forward_graph, pool=pool):
                 g.static_output = run(g.index, g.static_input)
+            g.input_view, g.output_view = g.static_input, g.static_output
+            if g.index > 0 and not g.saves_input:
+                _release_unsaved_output(graphs[g.index - 1], g)
         for g in reversed(graphs):
             following = graphs[g.index + 1].static_grads[0] if g.index + 1 < len(graphs) else None
             if (following is not None and following.shape == g.static_output.shape
@@ -250,6 +277,43 @@ class BlockGraphs:
         self.input_key = (tuple(sample.shape), sample.dtype, sample.device)
         logger.info(f"CUDA graphs: captured {len(graphs)} blocks' forward and backward for input "
                     f"{tuple(sample.shape)} {sample.dtype}")
+
+
+class _SavedStorages(torch.autograd.graph.saved_tensors_hooks):
+    """Inside: the storage of every tensor autograd saves for backward is recorded in `pointers`."""
+
+    def __init__(self):
+        self.pointers: set[int] = set()
+        super().__init__(self._pack, lambda t: t)
+
+    def __enter__(self) -> "_SavedStorages":
+        super().__enter__()
+        return self
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.pointers.add(_storage_ptr(t))
+        return t
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _release_unsaved_output(producer: _BlockGraph, consumer: _BlockGraph) -> None:
+    """Hand the producer block's static output back to the graph pool once the consumer block (the
+    next one, whose backward does not read its input: `saves_input`, found in the warm-up) is captured.
+
+    That output is read by the consumer's forward replay only, which comes right after the producer's
+    in the stream, so the captures that follow (later blocks' forwards: their activations; and the
+    backwards) may reuse its memory. Under the INT8 data flow a block saves INT8 copies of what it
+    needs, not its BF16 input: one activation-sized buffer per block fewer at the pool's high-water
+    mark, the end of the forward captures. The replays keep using the memory through unowned aliases
+    (`output_view`, `input_view`: the consumer's input is the producer's output); the tensors autograd
+    differentiates in the backward captures keep their shapes, without storage, as autograd needs no
+    more of them. Eager fallbacks copy such an input first (BlockGraphs._forward)."""
+    producer.output_view = _unowned_alias(producer.static_output)
+    consumer.input_view = producer.output_view
+    producer.static_output.untyped_storage().resize_(0)   # consumer.static_input shares this storage
 
 
 def _unowned_alias(t: torch.Tensor) -> torch.Tensor:
