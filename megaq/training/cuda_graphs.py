@@ -68,7 +68,7 @@ class _BlockGraph:
         self.awaiting_backward = False
         self.saves_input = True       # whether the block's backward reads its input (found in the warm-up)
         # Where the replays read the input: static_input, or an unowned alias of its memory once that
-        # memory went back to the pool (see _release_unsaved_outputs); None before the capture.
+        # memory went back to the pool (see _release_unsaved_output); None before the capture.
         self.input_view: torch.Tensor | None = None
         self.output_view: torch.Tensor | None = None   # the same for the output
 
@@ -161,7 +161,7 @@ class BlockGraphs:
 
         def eager(x: torch.Tensor) -> torch.Tensor:
             # x may be the previous block's replayed output in graph-pool memory that later replays
-            # reuse (_release_unsaved_outputs): an eager block, whose autograd graph may save its input,
+            # reuse (_release_unsaved_output): an eager block, whose autograd graph may save its input,
             # gets its own copy
             return self._eager_forwards[index](x.clone() if released else x)
 
@@ -280,7 +280,11 @@ class BlockGraphs:
 
 
 class _SavedStorages(torch.autograd.graph.saved_tensors_hooks):
-    """Inside: the storage of every tensor autograd saves for backward is recorded in `pointers`."""
+    """Inside: the storage of every tensor autograd saves for backward is recorded in `pointers`.
+
+    It sees what autograd saves: the built-in operators' saved tensors and `ctx.save_for_backward`. A
+    custom Function that kept its input as a plain `ctx` attribute would escape it; megaq's keep only
+    metadata and quantized copies there."""
 
     def __init__(self):
         self.pointers: set[int] = set()
