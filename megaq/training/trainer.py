@@ -104,7 +104,15 @@ def pretrain(cfg: MegaqConfig) -> dict:
     configure_cpu_threads(env)
     setup_console_logging(env.rank)
     try:
-        return _train(cfg, env)
+        summary = _train(cfg, env)
+        if created_process_group and env.world_size > 1:
+            # every rank is past its last collective before any tears its connections down. Seen once
+            # in a 2-process CPU (gloo) run: rank 0 logged "done", then aborted at exit ("terminate
+            # called without an active exception"); a peer closing its sockets while rank 0 still
+            # finished the last collective is the likely cause (not reproduced in 19 more runs).
+            # Only on success: a rank that failed would leave the others waiting here.
+            dist.barrier()
+        return summary
     finally:
         destroy_model_parallel()
         if created_process_group:
