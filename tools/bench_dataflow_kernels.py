@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cuda_timing import event_times  # noqa: E402  (tools/, the script's directory)
+from cuda_timing import kernel_ms  # noqa: E402  (tools/, the script's directory)
 from megaq import kernels  # noqa: E402
 from megaq.kernels import dataflow  # noqa: E402
 from megaq.quant import QuantizedTensor  # noqa: E402
@@ -99,11 +98,6 @@ def load_baseline(path: Path):
         mods[name] = mod
     mods["dataflow"]._triton = lambda: mods["triton_dataflow"]
     return mods["dataflow"]
-
-
-def gpu_time(fn, iters: int, warmup: int) -> float:
-    """Median kernel time of fn, each call queued behind ~1 ms of GPU work (no host time)."""
-    return statistics.median(event_times(fn, iters, warmup, queue_ahead=True))
 
 
 def make_inputs(rows: int, width: int, seed: int = 0) -> dict:
@@ -247,12 +241,12 @@ def main(argv=None) -> int:
         for op in ops:
             new_fn = dataflow_call(dataflow, op, inp)
             row = {"width": w, "operator": op, "cols": 4 * w if op.startswith("gelu") else w,
-                   "bf16_ms": gpu_time(bf16_call(op, inp), args.iters, args.warmup),
-                   "new_ms": gpu_time(new_fn, args.iters, args.warmup)}
+                   "bf16_ms": kernel_ms(bf16_call(op, inp), args.iters, args.warmup),
+                   "new_ms": kernel_ms(new_fn, args.iters, args.warmup)}
             ref = new_fn()
             if baseline is not None:
                 old_fn = dataflow_call(baseline, op, inp)
-                row["old_ms"] = gpu_time(old_fn, args.iters, args.warmup)
+                row["old_ms"] = kernel_ms(old_fn, args.iters, args.warmup)
                 row["new_vs_old"] = compare(ref, old_fn())
             results.append(row)
             print(f"{w} {op}: bf16 {row['bf16_ms']:.3f} ms, new {row['new_ms']:.3f} ms"
@@ -264,7 +258,7 @@ def main(argv=None) -> int:
                         with dataflow.config_override(**cfg):
                             fn = dataflow_call(dataflow, op, inp)
                             entry["check"] = compare(fn(), ref)
-                            entry["ms"] = gpu_time(fn, max(5, args.iters // 3), 1)
+                            entry["ms"] = kernel_ms(fn, max(5, args.iters // 3), 1)
                     except Exception as e:
                         entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     sweeps.append(entry)

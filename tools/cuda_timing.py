@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 
@@ -24,3 +26,9 @@ def event_times(fn, iters: int, warmup: int = 0, queue_ahead: bool = False) -> l
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def kernel_ms(fn, iters: int, warmup: int = 0) -> float:
+    """Median milliseconds of one call's kernels: `event_times` with every call queued behind ~1 ms of
+    GPU work, so that the host's launch time is not in it."""
+    return statistics.median(event_times(fn, iters, warmup, queue_ahead=True))

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # cuda_timing, also when imported by the tests
 
 from bench_env import environment  # noqa: E402  (tools/, the script's directory)
-from cuda_timing import event_times  # noqa: E402
+from cuda_timing import kernel_ms  # noqa: E402
 from megaq import kernels  # noqa: E402
 from megaq.kernels import dispatch  # noqa: E402
 
@@ -83,7 +83,7 @@ def compare(out, ref) -> dict:
 def time_us(fn, iters: int, warmup: int, device: torch.device) -> float:
     """Median µs of one call: CUDA events on a GPU; wall time on the CPU (the interpreter's smoke run)."""
     if device.type == "cuda":
-        return 1e3 * statistics.median(event_times(fn, iters, warmup, queue_ahead=True))
+        return 1e3 * kernel_ms(fn, iters, warmup)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()

@@ -128,8 +128,7 @@ class MemoryPhases:
                               f"{self.reserved_peaks.get(name, 0) / _GIB:.2f})" for name in PHASES
                               if name in self.peaks)
                     + f" (the step peaks in its {where})")
-        segments = torch.cuda.memory_snapshot()
-        usage = pool_usage(segments)
+        usage = pool_usage()
         for pool, u in usage.items():
             values.update({f"perf/memory_pool_{pool}_{k}_gib": v / _GIB for k, v in u.items()})
         logger.info("GPU memory by pool at the end of the step (GiB): " + " | ".join(
