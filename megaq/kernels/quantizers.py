@@ -209,6 +209,8 @@ def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int,
     h = _rotation_matrix(hadamard, view.dtype, dev)
     ov = dispatch._CONFIG_OVERRIDE or {}
     nch = Cp // hadamard
+    if ov.get("RESIDENT_POW2", _RESIDENT_POW2):
+        nch = _next_pow2(nch)
     T, BR = _resident_tile(nch, ov.get("RESIDENT_TILE", _RESIDENT_TILE))
     # 64 FP32 values per thread: 4 warps for a [64, 128] tile, 8 for [128, 128] (H100, 16384 wide:
     # stochastic 273.5 / 535.0 µs at 8192 / 16384 rows against 403.1 / 807.7 with 4 warps, which
@@ -389,6 +391,9 @@ ROW_KERNELS = ("auto", "resident", "twopass", "strip")
 # FP32 tile (4 warps: 64 values per thread at the default tile; rows up to 16384 elements).
 _RESIDENT_MAX_ROW = 16384
 _RESIDENT_TILE = 64         # BR·NCH target (rows of the [BR·NCH, HAD] tile); config key RESIDENT_TILE
+# Rows of a block count that is not a power of two: padded to one (masked blocks) or held as they are
+# (`_resident_tile`); config key RESIDENT_POW2.
+_RESIDENT_POW2 = False
 # The persistent quantizers (resident, two-pass, dual): programs per SM and the depth of each program's
 # load pipeline (config keys QUANT_PER_SM, QUANT_STAGES), from an H100 sweep at 8192×4096 (resident:
 # 2 per SM, 3 stages, 4 warps: 46 / 72 µs nearest / stochastic against 60 / 83 at 2 stages, 8 warps;

@@ -486,17 +486,21 @@ def _quant_strip_kernel(x_ptr, R, C, C_in, stride_xr, stride_xc,
 def _row_amax_of_chunks(chunk_amax, row_of, BR: tl.constexpr, BRP: tl.constexpr, NCH: tl.constexpr,
                         T: tl.constexpr):
     """Per-row abs-max of a resident tile from its chunk rows' abs-maxes chunk_amax [T] (row t of the
-    tile is chunk t % NCH of tile row row_of[t] = t // NCH): ([BR'] per tile row, [T] spread back to
-    the chunk rows), BRP = BR rounded up to a power of two. With NCH a power of two the [T] vector
-    reshapes to [BR, NCH]; otherwise a masked max over a [T, BR'] grid (the chunk rows past BR · NCH
-    have no row and take 0)."""
+    tile is chunk t % NCH of tile row row_of[t] = t // NCH): ([BRP] per tile row, BRP = BR rounded up
+    to a power of two; [T] spread back to the chunk rows). With NCH a power of two the [T] vector
+    reshapes to [BR, NCH]; otherwise one masked max over the tile per row (BR is small there), which
+    keeps the registers of the power-of-two path (a [T, BRP] masked grid took 158-243 registers
+    against 124-127 at T = 128, halving the programs per SM)."""
     if (NCH & (NCH - 1)) == 0:
         row_amax = tl.max(tl.reshape(chunk_amax, [BR, NCH]), axis=1)
         spread = tl.reshape(tl.broadcast_to(row_amax[:, None], [BR, NCH]), [T])
     else:
-        mine = row_of[:, None] == tl.arange(0, BRP)[None, :]                  # [T, BRP]
-        row_amax = tl.max(tl.where(mine, chunk_amax[:, None], 0.0), axis=0)    # [BRP]
-        spread = tl.max(tl.where(mine, row_amax[None, :], 0.0), axis=1)        # [T]
+        spread = tl.zeros_like(chunk_amax)
+        row_amax = tl.zeros([BRP], tl.float32)
+        for r in tl.static_range(BR):
+            m = tl.max(tl.where(row_of == r, chunk_amax, 0.0), axis=0)
+            spread = tl.where(row_of == r, m, spread)
+            row_amax = tl.where(tl.arange(0, BRP) == r, m, row_amax)
     return row_amax, spread
 
 
@@ -511,8 +515,9 @@ def _quant_rows_resident_kernel(x_ptr, R, C_in, Cp, stride_xr, stride_xc, q_ptr,
     """Per-row Hadamard quantization reading x once: a persistent program takes the n_tiles blocks of
     BR whole rows in turn (the next block's load in flight while this one computes, STAGES deep), each
     held in registers as a [T, HAD] tile (T a power of two >= BR · NCH) whose row t is Hadamard block
-    t % NCH of row t // NCH (NCH: the row's Cp / HAD blocks, any count; the launcher picks T to waste
-    few chunk rows, since masked rows cost as much as live ones). One tensor-core product against the
+    t % NCH of row t // NCH (NCH: the row's Cp / HAD blocks, any count, or that count padded to a power
+    of two, the padding masked off; the launcher picks T and NCH to waste few chunk rows, since masked
+    rows cost as much as live ones). One tensor-core product against the
     Hadamard matrix (loaded once per program) rotates every block, the row abs-max is a max over the
     row's blocks, and the rotated values are quantized straight from registers — 2 bytes read and 1
     written per element. Same outputs as `_amax_partial_kernel` + `_quant_given_amax_kernel` (AXIS=1),
@@ -527,7 +532,7 @@ def _quant_rows_resident_kernel(x_ptr, R, C_in, Cp, stride_xr, stride_xc, q_ptr,
     cols = chunk[:, None] * HAD + tl.arange(0, HAD)[None, :]
     for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
         rows = tile * BR + row_of                        # [T]
-        live = (rows < R) & (row_of < BR)
+        live = (rows < R) & (row_of < BR) & (chunk < Cp // HAD)
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols * stride_xc,
                     mask=live[:, None] & (cols < C_in), other=0.0)
         y = _hadamard_sums(x, h, 1, HAD, F32_INPUT, UPCAST)
