@@ -552,13 +552,11 @@ def test_interp_hadamard_rows_resident(monkeypatch):
             check_hadamard_quantize(x, had)
         for bits, rounding in ((8, "nearest"), (8, "stochastic"), (4, "nearest")):
             out = []
-            for kernel, tile in (("resident", dict(RESIDENT_TILE=16)), ("resident", dict(RESIDENT_POW2=True)),
-                                 ("twopass", {})):
+            for kernel, tile in (("resident", dict(RESIDENT_TILE=16)), ("twopass", {})):
                 with kernels.config_override(**TINY, **tile, ROW_KERNEL=kernel):
                     torch.manual_seed(7)
                     out.append(kernels.hadamard_quantize(x, had, bits=bits, rounding=rounding))
-            _assert_near_ties(out[0], out[2])
-            _assert_near_ties(out[1], out[2])
+            _assert_near_ties(*out)
     strided = _rand((40, 500), "cpu", seed=3)[:, 37:337]
     with kernels.config_override(**TINY, ROW_KERNEL="resident"):
         check_hadamard_quantize(strided, 64)
@@ -739,23 +737,20 @@ def test_gpu_quantize_dual_hadamard_dequantize():
 @needs_cuda
 def test_gpu_hadamard_rows_resident():
     """The one-read row kernel at the trained widths whose Hadamard block counts are not powers of two
-    (1600: 13, 2304: 18, 3072: 24, 6144: 48), held as they are and padded to a power of two: within
-    the reference bounds, and equal to the two-pass kernels' output up to near-ties, stochastic
-    rounding included (same dither)."""
+    (1600: 13, 2304: 18, 3072: 24, 6144: 48; padded to 16, 32, 32, 64): within the reference bounds,
+    and equal to the two-pass kernels' output up to near-ties, stochastic rounding included (same
+    dither)."""
     for shape in [(513, 1600), (1000, 2304), (777, 3072), (300, 6144)]:
         x = _rand(shape, "cuda", torch.bfloat16, seed=shape[1], outliers=True)
-        for pow2 in (False, True):
-            with kernels.config_override(ROW_KERNEL="resident", RESIDENT_POW2=pow2):
-                check_hadamard_quantize(x, 128)
+        with kernels.config_override(ROW_KERNEL="resident"):
+            check_hadamard_quantize(x, 128)
         for rounding in ("nearest", "stochastic"):
             out = []
-            for cfg in (dict(ROW_KERNEL="resident"), dict(ROW_KERNEL="resident", RESIDENT_POW2=True),
-                        dict(ROW_KERNEL="twopass")):
-                with kernels.config_override(**cfg):
+            for kernel in ("resident", "twopass"):
+                with kernels.config_override(ROW_KERNEL=kernel):
                     torch.manual_seed(11)
                     out.append(kernels.hadamard_quantize(x, 128, rounding=rounding))
-            _assert_near_ties(out[0], out[2])
-            _assert_near_ties(out[1], out[2])
+            _assert_near_ties(*out)
 
 
 @gpu

@@ -180,22 +180,6 @@ def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, blo
     return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, (R, C))
 
 
-def _resident_tile(chunks: int, tile_rows: int) -> tuple[int, int]:
-    """(T, BR): the resident kernel's [T, 128] tile and the whole rows of `chunks` Hadamard blocks it
-    holds. A power-of-two row fills `tile_rows` (or is one row of its own length). Otherwise T is the
-    smallest power of two that holds a row and at least `tile_rows`, or twice that up to 128, whichever
-    leaves fewer chunk rows idle: idle rows cost as much as live ones. (Rows used to be padded to a
-    power of two of blocks: 2304 wide, 18 blocks in 32, ran as slowly as 3072 on an H100 (132 / 131
-    µs stochastic at 16384 rows); now 7 rows in a 128-row tile. 3072, 24 blocks: 5 rows in 128.)"""
-    if chunks & (chunks - 1) == 0:
-        T = max(tile_rows, chunks)
-        return T, T // chunks
-    first = max(tile_rows, _next_pow2(chunks))
-    candidates = [first] + ([2 * first] if 2 * first <= 128 else [])
-    T = min(candidates, key=lambda t: ((t - (t // chunks) * chunks) / t, t))
-    return T, T // chunks
-
-
 def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int, block):
     """Per-row Hadamard quantization of `view` [R, C_in] (any strides), zero padded to whole
     Hadamard blocks, with whole rows held in registers (`_quant_rows_resident_kernel`): one read."""
@@ -208,22 +192,20 @@ def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int,
     f32 = view.dtype == torch.float32
     h = _rotation_matrix(hadamard, view.dtype, dev)
     ov = dispatch._CONFIG_OVERRIDE or {}
-    nch = Cp // hadamard
-    if ov.get("RESIDENT_POW2", _RESIDENT_POW2):
-        nch = _next_pow2(nch)
-    T, BR = _resident_tile(nch, ov.get("RESIDENT_TILE", _RESIDENT_TILE))
-    # 64 FP32 values per thread: 4 warps for a [64, 128] tile, 8 for [128, 128] (H100, 16384 wide:
-    # stochastic 273.5 / 535.0 µs at 8192 / 16384 rows against 403.1 / 807.7 with 4 warps, which
-    # spill; nearest 186.8 / 362.4 against 190.9 / 369.9)
-    nw = ov.get("QUANT_WARPS", max(4, T * hadamard // 2048))
+    nch = _next_pow2(Cp // hadamard)
+    BR = max(1, ov.get("RESIDENT_TILE", _RESIDENT_TILE) // nch)
+    # 64 FP32 values per thread: 4 warps for the default [64, 128] tile, 8 for one whole row of 128 blocks
+    # (H100, 16384 wide: stochastic 273.5 / 535.0 µs at 8192 / 16384 rows against 403.1 / 807.7 with
+    # 4 warps, which spill; nearest 186.8 / 362.4 against 190.9 / 369.9)
+    nw = ov.get("QUANT_WARPS", max(4, BR * nch * hadamard // 2048))
     n_tiles = _cdiv(R, BR)
     grid = (_persistent_programs(n_tiles, dev, ov.get("QUANT_PER_SM", _PER_SM)),)
     _kernel("triton_quant", "_quant_rows_resident_kernel")[grid](
         view, R, C_in, Cp, view.stride(0), view.stride(1), data, scale, h, 1.0 / math.sqrt(hadamard),
         seed, flag if check else dummy, n_tiles,
-        BR=BR, BRP=_next_pow2(BR), NCH=nch, T=T, HAD=hadamard, F32_INPUT=f32, UPCAST=_interpreting(),
-        STOCHASTIC=stochastic, CHECK=check, QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(),
-        STAGES=_pipeline_stages(ov.get("QUANT_STAGES", _PERSISTENT_STAGES), T * hadamard * view.element_size(),
+        BR=BR, NCH=nch, HAD=hadamard, F32_INPUT=f32, UPCAST=_interpreting(), STOCHASTIC=stochastic,
+        CHECK=check, QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(),
+        STAGES=_pipeline_stages(ov.get("QUANT_STAGES", _PERSISTENT_STAGES), BR * nch * hadamard * view.element_size(),
                                 hadamard), num_warps=nw)
     _check_flag(flag, view, "hadamard_quantize input")
     return q.QuantizedTensor(_pack(data, bits), scale, block, bits, (R, Cp))
@@ -391,9 +373,6 @@ ROW_KERNELS = ("auto", "resident", "twopass", "strip")
 # FP32 tile (4 warps: 64 values per thread at the default tile; rows up to 16384 elements).
 _RESIDENT_MAX_ROW = 16384
 _RESIDENT_TILE = 64         # BR·NCH target (rows of the [BR·NCH, HAD] tile); config key RESIDENT_TILE
-# Rows of a block count that is not a power of two: padded to one (masked blocks) or held as they are
-# (`_resident_tile`); config key RESIDENT_POW2.
-_RESIDENT_POW2 = False
 # The persistent quantizers (resident, two-pass, dual): programs per SM and the depth of each program's
 # load pipeline (config keys QUANT_PER_SM, QUANT_STAGES), from an H100 sweep at 8192×4096 (resident:
 # 2 per SM, 3 stages, 4 warps: 46 / 72 µs nearest / stochastic against 60 / 83 at 2 stages, 8 warps;

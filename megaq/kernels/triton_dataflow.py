@@ -4,9 +4,9 @@ A per-row output scale over a rotated row needs the whole row's abs-max before a
 Two kernel families meet that (`dataflow._plan` picks one per operator and width, from H100 timings):
 
 Row-resident kernels — rows of up to `dataflow.RESIDENT_MAX_CHUNKS` 128-column chunks. A program
-holds BR whole rows in registers, laid out as `triton_quant._quant_rows_resident_kernel` does for
-power-of-two rows: one [BR·NCH, 128] tile whose row t is chunk t % NCH of row t // NCH (NCH: the
-row's chunks rounded up to a power of two; the chunks past the row are masked off). Every input is read once; a per-row
+holds BR whole rows in registers, laid out as `triton_quant._quant_rows_resident_kernel` does: one
+[BR·NCH, 128] tile whose row t is chunk t % NCH of row t // NCH (NCH: the row's chunks rounded up
+to a power of two; the chunks past the row are masked off). Every input is read once; a per-row
 reduction is one over the tile's columns, then one over the row's NCH tile rows; one pair of
 tensor-core products rotates every Hadamard block of the tile. Programs are persistent (the grid is
 capped near the SM count and each program loops over tiles), so the ±1 matrix and the LayerNorm
