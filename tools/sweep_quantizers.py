@@ -17,6 +17,10 @@ Widths: GPT-2 124M (768; fc1's 3072; qkv's 2304) and a 1.3B model (2048; qkv's 6
 Rounding per width as training uses it: X is rounded to nearest at the linears' input widths, ∇Y
 stochastically at their output widths (`--widths` runs both roundings at every width given).
 
+`--orientations dual` times `hadamard_quantize_dual` (both orientations from two reads of x) against the
+two single calls (three reads) that CUDA graph captures launched until session 9, and checks that the
+outputs agree.
+
 Time: median of `--iters` CUDA-event timings, each call queued behind ~1 ms of GPU work (kernel time,
 not launch time). Prints one line per case (automatic µs, best plan and its µs) and writes JSON.
 """
@@ -56,23 +60,41 @@ SWEEP = {
     # programs per strip of the default tile (the automatic choice: 2 programs per SM over the strips,
     # rounded down)
     + [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)],
+    # both orientations from one call (`hadamard_quantize_dual`: abs-maxes, scales, payloads over
+    # [128, 128] tiles), against the two single calls above (`singles_us` of each case)
+    "dual": [dict(QUANT_WARPS=w, QUANT_PER_SM=p) for w in (8, 4) for p in (2, 1)],
 }
-PER_STRIP_SWEEP = {"rows": [], "transposed": [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)]}
-QUICK_SWEEP = {"rows": SWEEP["rows"][:2], "transposed": SWEEP["transposed"][:2]}
+PER_STRIP_SWEEP = {"rows": [], "transposed": [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)], "dual": []}
+QUICK_SWEEP = {name: plans[:2] for name, plans in SWEEP.items()}
 
 
 def quantize_call(x: torch.Tensor, orientation: str, rounding: str):
     """The quantizer as a thunk; stochastic calls draw their seed from a generator seeded alike every
-    time, so every plan rounds with the same dither."""
-    def call():
+    time, so every plan rounds with the same dither. "dual": (rows, rows of the transpose) from one
+    `hadamard_quantize_dual` call; "singles": the same pair from the two single calls."""
+    def one(transpose: bool):
         gen = torch.Generator(device=x.device).manual_seed(7) if rounding == "stochastic" else None
         return kernels.hadamard_quantize(x, HADAMARD, rounding=rounding, generator=gen, check=False,
-                                         transpose=orientation == "transposed")
-    return call
+                                         transpose=transpose)
+
+    def dual():
+        gen = torch.Generator(device=x.device).manual_seed(7) if rounding == "stochastic" else None
+        return kernels.hadamard_quantize_dual(x, HADAMARD, rounding=rounding, generator=gen, check=False)
+
+    if orientation == "dual":
+        return dual
+    if orientation == "singles":
+        return lambda: (one(False), one(True))
+    return lambda: one(orientation == "transposed")
 
 
 def compare(out, ref) -> dict:
-    """How far a plan's output is from the automatic choice's, and whether that is within tolerance."""
+    """How far a plan's output is from the automatic choice's, and whether that is within tolerance
+    (pairs: both members, the worse of the two reported)."""
+    if isinstance(out, tuple):
+        parts = [compare(o, r) for o, r in zip(out, ref)]
+        return {"int8_max": max(p["int8_max"] for p in parts), "int8_frac": max(p["int8_frac"] for p in parts),
+                "scale_rel": max(p["scale_rel"] for p in parts), "ok": all(p["ok"] for p in parts)}
     d = (out.data.int() - ref.data.int()).abs()
     frac = float((d > 0).float().mean())
     scale_rel = float(((out.scale - ref.scale).abs() / ref.scale.abs().clamp_min(1e-30)).max())
@@ -102,6 +124,14 @@ def run_case(tokens: int, width: int, orientation: str, rounding: str, plans: li
     ref = call()
     row = {"tokens": tokens, "width": width, "orientation": orientation, "rounding": rounding,
            "auto_us": time_us(call, iters, warmup, device), "plans": []}
+    if orientation == "dual":
+        # the two single calls a CUDA graph capture would launch: their time, and how far the dual's
+        # output is from theirs (nearest: within the near-tie tolerance; stochastic: the rows only,
+        # since the dual draws x.T's dither from a second stream)
+        singles = quantize_call(x, "singles", rounding)
+        row["singles_us"] = time_us(singles, iters, warmup, device)
+        against = compare(ref, singles()) if rounding == "nearest" else compare(ref[0], singles()[0])
+        row["vs_singles"] = against
     for plan in plans:
         entry = {"plan": plan}
         try:
@@ -122,7 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=16384, help="rows of every input")
     ap.add_argument("--widths", help="comma-separated widths, each in both roundings (default: the cases above)")
-    ap.add_argument("--orientations", default="rows,transposed")
+    ap.add_argument("--orientations", default="rows,transposed",
+                    help="of rows,transposed,dual (dual: both from one call, timed against the two single calls)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="two plans per orientation")
@@ -158,12 +189,15 @@ def main(argv=None) -> int:
             rows.append(row)
             best = row.get("best")
             bad = [p["plan"] for p in row["plans"] if p.get("ok") is False]
-            print(f"{width:>6} {orientation:<10} {rounding:<10} auto {row['auto_us']:8.1f} µs | "
+            vs = (f" | singles {row['singles_us']:8.1f} µs, output {'as theirs' if row['vs_singles']['ok'] else 'DIFFERS'}"
+                  if "singles_us" in row else "")
+            print(f"{width:>6} {orientation:<10} {rounding:<10} auto {row['auto_us']:8.1f} µs{vs} | "
                   + (f"best {best['us']:8.1f} µs ({best['speedup']:.2f}×) {json.dumps(best['plan'])}" if best
                      else "no plan ran") + (f" | {len(bad)} plans outside tolerance" if bad else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": environment(), "results": rows}, indent=1) + "\n")
-    return 0 if all("best" in r for r in rows) else 1
+    ok = all("best" in r for r in rows) and all(r["vs_singles"]["ok"] for r in rows if "vs_singles" in r)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

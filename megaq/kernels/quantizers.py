@@ -502,8 +502,9 @@ def hadamard_quantize_dual(x2d: torch.Tensor, hadamard: int, bits: int = 8, roun
 
 
 def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check, column_sums_out=None):
-    """The two kernels of `hadamard_quantize_dual` over a grid of [hadamard, hadamard] tiles of x. One
-    zero-filled int32 buffer holds both abs-max vectors (rows of x, then columns) and the NaN flag.
+    """The kernels of `hadamard_quantize_dual` over a grid of [hadamard, hadamard] tiles of x: abs-maxes,
+    scales, payloads. One zero-filled int32 buffer holds both abs-max vectors (rows of x, then
+    columns; then the scales' reciprocals) and the NaN flag.
     column_sums_out: x.sum(0) from the first kernel (one partial row per row of tiles)."""
     q = _quant()
     R, C = x.shape
@@ -530,6 +531,8 @@ def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check, column_
         x, R, C, x.stride(0), x.stride(1), amax, h, inv, amax if partials is None else partials, n_tiles, n_c,
         HAD=hadamard, UPCAST=interp, CHECK=check, COLSUM=partials is not None, STAGES=stages, num_warps=nw)
     _add_column_sum_partials(partials, column_sums_out)
+    _kernel("triton_quant", "_dual_scales_kernel")[(_cdiv(R + C, 1024),)](
+        amax, scale, scale_t, R, C, QMAX=_qmax(bits), BLOCK=1024, num_warps=4)
     _kernel("triton_quant", "_dual_quant_kernel")[grid](
         x, R, C, Rp, Cp, x.stride(0), x.stride(1), amax, data, scale, data_t, scale_t, h, inv, seed,
         n_tiles, n_c, HAD=hadamard, UPCAST=interp, STOCHASTIC=stochastic, QMAX=_qmax(bits),

@@ -94,6 +94,9 @@ def quantized_gemm(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | Quantize
 # while a CUDA graph is being captured (train.cuda_graphs), where only GPU time remains.
 # False: never (one quantizer call per GEMM operand, for benchmarking the difference).
 DUAL_QUANTIZE = True
+# Also while a CUDA graph is captured (and in graph_warmup()): the dual call's GPU time against the two
+# single calls' (`tools/sweep_quantizers.py --orientations dual`).
+DUAL_IN_GRAPHS = False
 # The bias gradient ∇Y.sum(0) summed by the quantizer pass that reads ∇Y for the wgrad operand ∇Yᵀ
 # (`kernels.hadamard_quantize(..., column_sums_out=)`, dual or single, eager or graphed) instead of a
 # torch sum reading ∇Y once more. False: the torch sum (for benchmarking the difference).
@@ -123,7 +126,7 @@ def _dual_hadamard(x: torch.Tensor, gemm: GemmSpec, side: str, gemm_t: GemmSpec,
     of `gemm_t` (rows of its transpose) can come from one `kernels.hadamard_quantize_dual` call: the
     same INT8 per-row max-scaled spec and rounding, the same reduction-axis rotation. Else 0."""
     spec = getattr(gemm, side)
-    if (DUAL_QUANTIZE and not _capturing(x) and gemm.hadamard and gemm.hadamard == gemm_t.hadamard and spec.fmt == "int8"
+    if (DUAL_QUANTIZE and (DUAL_IN_GRAPHS or not _capturing(x)) and gemm.hadamard and gemm.hadamard == gemm_t.hadamard and spec.fmt == "int8"
             and spec.block == (1, -1) and spec.scale == "max" and spec == getattr(gemm_t, side_t)):
         return gemm.hadamard
     return 0
