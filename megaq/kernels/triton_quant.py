@@ -37,7 +37,8 @@ call; each call gives 8 elements 16 bits each (`_dither_bits`: a call covers two
 each of four 8-column groups of a 32-column span, the elements one thread holds in the tensor-core
 layout, so no dither crosses threads). The counter depends only on the element's (row, column), so
 every element of every program has its own stream (the public Jetfire code shared one stream across
-CTAs) and every kernel draws the same number for it. (`_uniform_tile`, 8 consecutive elements per
+CTAs) and every kernel draws the same number for it: the Hadamard quantizers by the element's place
+in the payload they write (x.T's for a transposed output), the tile kernel by its place in x. (`_uniform_tile`, 8 consecutive elements per
 call, serves the GEMM's INT8 epilogue and the INT4 kernels.) A device-side flag records NaN/Inf; it is
 read (one sync) only when the caller asks for the check.
 """
@@ -372,29 +373,42 @@ def _bf16_slices(x):
 @triton.jit
 def _hadamard_sums(x, h, AXIS: tl.constexpr, HAD: tl.constexpr, F32_INPUT: tl.constexpr, UPCAST: tl.constexpr):
     """The [BR, BC] chunk x rotated by the ±1 Hadamard block h, unscaled, in FP32: each row (AXIS=1,
-    x · H, BC == HAD) or each column (AXIS=0, H · x: the rows of x.T, BR == HAD); x in FP32 when
-    HAD == 0. FP32 inputs are rotated as three BF16 slices against the exact ±1 matrix."""
+    x · H, BC == HAD), each column (AXIS=0, H · x: the rows of x.T, BR == HAD), or each column as a
+    row of the transposed [BC, BR] tile (AXIS=2, xᵀ · H = (H · x)ᵀ, H being symmetric; BR == HAD); x
+    (transposed for AXIS=2) in FP32 when HAD == 0. FP32 inputs are rotated as three BF16 slices
+    against the exact ±1 matrix."""
     if HAD == 0:
-        y = x.to(tl.float32)
+        if AXIS == 2:
+            y = tl.trans(x).to(tl.float32)
+        else:
+            y = x.to(tl.float32)
     elif UPCAST:  # the interpreter's bf16/fp16 dot is wrong (triton 3.9): compute in fp32
         if AXIS == 1:
             y = tl.dot(x.to(tl.float32), h.to(tl.float32), out_dtype=tl.float32)
-        else:
+        elif AXIS == 0:
             y = tl.dot(h.to(tl.float32), x.to(tl.float32), out_dtype=tl.float32)
+        else:
+            y = tl.dot(tl.trans(x).to(tl.float32), h.to(tl.float32), out_dtype=tl.float32)
     elif F32_INPUT:
         x_hi, x_mid, x_lo = _bf16_slices(x)
         if AXIS == 1:
             y = tl.dot(x_hi, h, out_dtype=tl.float32)
             y = tl.dot(x_mid, h, y, out_dtype=tl.float32)
             y = tl.dot(x_lo, h, y, out_dtype=tl.float32)
-        else:
+        elif AXIS == 0:
             y = tl.dot(h, x_hi, out_dtype=tl.float32)
             y = tl.dot(h, x_mid, y, out_dtype=tl.float32)
             y = tl.dot(h, x_lo, y, out_dtype=tl.float32)
+        else:
+            y = tl.dot(tl.trans(x_hi), h, out_dtype=tl.float32)
+            y = tl.dot(tl.trans(x_mid), h, y, out_dtype=tl.float32)
+            y = tl.dot(tl.trans(x_lo), h, y, out_dtype=tl.float32)
     elif AXIS == 1:
         y = tl.dot(x, h, out_dtype=tl.float32)
-    else:
+    elif AXIS == 0:
         y = tl.dot(h, x, out_dtype=tl.float32)
+    else:
+        y = tl.dot(tl.trans(x), h, out_dtype=tl.float32)
     return y
 
 
@@ -627,8 +641,8 @@ def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax
                              RINT_LIBDEVICE: tl.constexpr, STAGES: tl.constexpr):
     """Pass 2: quantize each tile with the finished abs-max, programs over strips and tiles as in
     pass 1. A strip's scale constants (`_divisor`) are computed once, before its tiles. AXIS=0:
-    q [C, R] (x.T per row, written transposed), s [C, 1]; AXIS=1: q [R, C], s [R, 1]; R, C: padded
-    extents (Hadamard blocks). Dither (`_dither_bits`): by the element's place in x."""
+    q [C, R] (x.T per row), s [C, 1]; AXIS=1: q [R, C], s [R, 1]; R, C: padded extents (Hadamard
+    blocks). Dither (`_dither_bits`): by the element's place in the payload (x.T's for AXIS=0)."""
     h = _load_hadamard(h_ptr, HAD)
     seed = 0
     if STOCHASTIC:
@@ -643,45 +657,41 @@ def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax
         for blk in tl.range(tl.program_id(1), n_blocks, tl.num_programs(1), num_stages=STAGES):
             rows, cols = _strip_tile(strip, blk, AXIS, BR, BC)
             x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
-            y = _hadamard_sums(x, h, AXIS, HAD, x.dtype == tl.float32, UPCAST)
             bits = 0
-            if STOCHASTIC:
-                if AXIS == 0:
-                    col0 = strip * BC
-                else:
-                    col0 = blk * BC
-                bits = _dither_bits(seed, rows, tl.cdiv(C, 32), col0, BR, BC)
             if AXIS == 0:
-                q = _quantize_scaled(y * c[None, :], sn[None, :], rn[None, :], bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-            else:
+                # the tile of x.T, [BC, BR]: its rows are x's columns, scaled per row and stored as
+                # they are (quantizing H · x and storing it transposed held ~250 registers per thread
+                # in per-column constants and the transposed store)
+                y = _hadamard_sums(x, h, 2, HAD, x.dtype == tl.float32, UPCAST)
+                if STOCHASTIC:
+                    bits = _dither_bits(seed, cols, tl.cdiv(R, 32), blk * BR, BC, BR)
                 q = _quantize_scaled(y * c[:, None], sn[:, None], rn[:, None], bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-            _store_payload(q_ptr, q, rows, cols, R, C, AXIS == 0)
+                _store_payload(q_ptr, q, cols, rows, C, R, False)
+            else:
+                y = _hadamard_sums(x, h, 1, HAD, x.dtype == tl.float32, UPCAST)
+                if STOCHASTIC:
+                    bits = _dither_bits(seed, rows, tl.cdiv(C, 32), blk * BC, BR, BC)
+                q = _quantize_scaled(y * c[:, None], sn[:, None], rn[:, None], bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+                _store_payload(q_ptr, q, rows, cols, R, C, False)
 
 
 @triton.jit
-def _quant_from_scales(y, inv_sqrt, rows, cols, pid_c, R, C, s_ptr, rn_ptr, q_ptr, seed,
-                       BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, STOCHASTIC: tl.constexpr,
+def _quant_from_scales(y, inv_sqrt, rows, cols, col_tile, R, C, s_ptr, rn_ptr, q_ptr, seed,
+                       BR: tl.constexpr, BC: tl.constexpr, STOCHASTIC: tl.constexpr,
                        QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
-    """Quantize the [BR, BC] tile of values y · inv_sqrt (y: unscaled Hadamard sums) with the finished
-    scales s and their mantissas' reciprocals rn (`_dual_scales_kernel`; rn as FP32 bits in int32).
-    AXIS=0: q [C, R] (x.T per row, written transposed), scales per column; AXIS=1: q [R, C], scales
-    per row. R, C: padded extents (Hadamard blocks). Dither (`_dither_bits`): by the element's place
-    in x."""
-    if AXIS == 0:
-        s = tl.load(s_ptr + cols, mask=cols < C, other=1.0)
-        rn = tl.load(rn_ptr + cols, mask=cols < C, other=0).to(tl.float32, bitcast=True)
-        p, sn = _power_and_mantissa(s)
-        p, sn, rn = (p * inv_sqrt)[None, :], sn[None, :], rn[None, :]
-    else:
-        s = tl.load(s_ptr + rows, mask=rows < R, other=1.0)
-        rn = tl.load(rn_ptr + rows, mask=rows < R, other=0).to(tl.float32, bitcast=True)
-        p, sn = _power_and_mantissa(s)
-        p, sn, rn = (p * inv_sqrt)[:, None], sn[:, None], rn[:, None]
+    """Quantize the [BR, BC] tile (rows, cols) of an [R, C] payload q, values y · inv_sqrt (y:
+    unscaled Hadamard sums), one scale per row: the finished scales s and their mantissas'
+    reciprocals rn (`_dual_scales_kernel`; rn as FP32 bits in int32). R, C: padded extents (Hadamard
+    blocks); col_tile: the tile's column index. Dither (`_dither_bits`): by the element's place in q."""
+    s = tl.load(s_ptr + rows, mask=rows < R, other=1.0)
+    rn = tl.load(rn_ptr + rows, mask=rows < R, other=0).to(tl.float32, bitcast=True)
+    p, sn = _power_and_mantissa(s)
     bits = 0
     if STOCHASTIC:
-        bits = _dither_bits(seed, rows, tl.cdiv(C, 32), pid_c * BC, BR, BC)
-    q = _quantize_scaled(y * p, sn, rn, bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-    _store_payload(q_ptr, q, rows, cols, R, C, AXIS == 0)
+        bits = _dither_bits(seed, rows, tl.cdiv(C, 32), col_tile * BC, BR, BC)
+    q = _quantize_scaled(y * (p * inv_sqrt)[:, None], sn[:, None], rn[:, None], bits, STOCHASTIC, QMAX,
+                         RINT_LIBDEVICE)
+    _store_payload(q_ptr, q, rows, cols, R, C, False)
 
 
 @triton.jit
@@ -746,10 +756,10 @@ def _dual_quant_kernel(x_ptr, R_in, C_in, Rp, Cp, stride_xr, stride_xc, rn_ptr,
         pid_r, pid_c, rows, cols = _tile_of(tile, n_c, HAD, HAD)
         x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
         _quant_from_scales(_hadamard_sums(x, h, 1, HAD, x.dtype == tl.float32, UPCAST), inv_sqrt, rows, cols,
-                           pid_c, R_in, Cp, s_ptr, rn_ptr, q_ptr, seed, HAD, HAD, 1, STOCHASTIC, QMAX,
-                           RINT_LIBDEVICE)
-        _quant_from_scales(_hadamard_sums(x, h, 0, HAD, x.dtype == tl.float32, UPCAST), inv_sqrt, rows, cols,
-                           pid_c, Rp, C_in, st_ptr, rn_ptr + R_in, qt_ptr, seed_t, HAD, HAD, 0, STOCHASTIC, QMAX,
+                           pid_c, R_in, Cp, s_ptr, rn_ptr, q_ptr, seed, HAD, HAD, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+        # x.T's tile, [HAD, HAD] rows of x's columns (as the two-pass kernel's AXIS=0 pass 2)
+        _quant_from_scales(_hadamard_sums(x, h, 2, HAD, x.dtype == tl.float32, UPCAST), inv_sqrt, cols, rows,
+                           pid_r, C_in, Rp, st_ptr, rn_ptr + R_in, qt_ptr, seed_t, HAD, HAD, STOCHASTIC, QMAX,
                            RINT_LIBDEVICE)
 
 
