@@ -52,6 +52,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600, "seq_len": 1024},
     # GPT-3 XL shape (1.3B), as in ALGORITHMS.md's end-to-end measurements.
     "gpt-1.3b": {"n_layer": 24, "n_head": 16, "n_embd": 2048, "seq_len": 2048},
+    # GPT-3 2.7B shape (Brown et al. 2020, table 2.1): the larger end of issue 9's "1.3B-2.7B".
+    "gpt-2.7b": {"n_layer": 32, "n_head": 32, "n_embd": 2560, "seq_len": 2048},
 }
 PRESET_KEYS = ("n_layer", "n_head", "n_embd", "seq_len")
 
@@ -127,7 +129,8 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     """The GPT architecture (pre-LayerNorm GPT-2: learned positions, GELU MLP)."""
-    preset: Optional[Literal["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-1.3b"]] = Field(
+    preset: Optional[Literal["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-1.3b",
+                                     "gpt-2.7b"]] = Field(
         None, description="Named architecture whose shape fills n_layer, n_head, n_embd and seq_len; "
         "keys given explicitly in `model` override it. See the presets table.")
     vocab_size: Optional[int] = Field(
