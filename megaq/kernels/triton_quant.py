@@ -657,22 +657,22 @@ def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax
         for blk in tl.range(tl.program_id(1), n_blocks, tl.num_programs(1), num_stages=STAGES):
             rows, cols = _strip_tile(strip, blk, AXIS, BR, BC)
             x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
-            bits = 0
             if AXIS == 0:
                 # the tile of x.T, [BC, BR]: its rows are x's columns, scaled per row and stored as
                 # they are (quantizing H · x and storing it transposed held ~250 registers per thread
                 # in per-column constants and the transposed store)
                 y = _hadamard_sums(x, h, 2, HAD, x.dtype == tl.float32, UPCAST)
-                if STOCHASTIC:
-                    bits = _dither_bits(seed, cols, tl.cdiv(R, 32), blk * BR, BC, BR)
-                q = _quantize_scaled(y * c[:, None], sn[:, None], rn[:, None], bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-                _store_payload(q_ptr, q, cols, rows, C, R, False)
+                q_rows, q_cols, q_R, q_C = cols, rows, C, R
             else:
                 y = _hadamard_sums(x, h, 1, HAD, x.dtype == tl.float32, UPCAST)
-                if STOCHASTIC:
-                    bits = _dither_bits(seed, rows, tl.cdiv(C, 32), blk * BC, BR, BC)
-                q = _quantize_scaled(y * c[:, None], sn[:, None], rn[:, None], bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
-                _store_payload(q_ptr, q, rows, cols, R, C, False)
+                q_rows, q_cols, q_R, q_C = rows, cols, R, C
+            bits = 0
+            if STOCHASTIC:   # by the element's place in the payload, whose tile is [TR, TC]
+                TR: tl.constexpr = BC if AXIS == 0 else BR
+                TC: tl.constexpr = BR if AXIS == 0 else BC
+                bits = _dither_bits(seed, q_rows, tl.cdiv(q_C, 32), blk * TC, TR, TC)
+            q = _quantize_scaled(y * c[:, None], sn[:, None], rn[:, None], bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+            _store_payload(q_ptr, q, q_rows, q_cols, q_R, q_C, False)
 
 
 @triton.jit
