@@ -62,7 +62,9 @@ SWEEP = {
     + [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)],
     # both orientations from one call (`hadamard_quantize_dual`: abs-maxes, scales, payloads over
     # [128, 128] tiles), against the two single calls above (`singles_us` of each case)
-    "dual": [dict(QUANT_WARPS=w, QUANT_PER_SM=p) for w in (8, 4) for p in (2, 1)],
+    # (the default 3 load stages take ~150 KB of shared memory per program: one program per SM)
+    "dual": [dict(QUANT_WARPS=w, QUANT_PER_SM=p) for w in (8, 4) for p in (2, 1)]
+    + [dict(QUANT_STAGES=s, QUANT_WARPS=8, QUANT_PER_SM=p) for s in (1, 2) for p in (2, 3)],
 }
 PER_STRIP_SWEEP = {"rows": [], "transposed": [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)], "dual": []}
 QUICK_SWEEP = {name: plans[:2] for name, plans in SWEEP.items()}

@@ -380,6 +380,10 @@ _RESIDENT_TILE = 64         # BR·NCH target (rows of the [BR·NCH, HAD] tile); 
 _PER_SM = 2
 _PERSISTENT_STAGES = 3
 _TWOPASS_STAGES = 3
+# The dual kernels' programs per SM and load stages (three stages of [128, 128] tiles take ~150 KB of
+# shared memory per program).
+_DUAL_PER_SM = 2
+_DUAL_STAGES = 3
 
 
 def _auto_row_kernel(padded_cols: int, hadamard: int, dtype: torch.dtype) -> str:
@@ -523,9 +527,9 @@ def _launch_dual_hadamard(x, hadamard, bits, rounding, generator, check, column_
     inv = 1.0 / math.sqrt(hadamard)
     n_c = Cp // hadamard
     n_tiles = n_c * (Rp // hadamard)
-    grid = (_persistent_programs(n_tiles, dev, _cfg("QUANT_PER_SM", _PER_SM)),)
+    grid = (_persistent_programs(n_tiles, dev, _cfg("QUANT_PER_SM", _DUAL_PER_SM)),)
     nw = _cfg("QUANT_WARPS", 8 if hadamard >= 128 else 4)
-    stages = _pipeline_stages(_cfg("QUANT_STAGES", _PERSISTENT_STAGES), hadamard * hadamard * x.element_size(), hadamard)
+    stages = _pipeline_stages(_cfg("QUANT_STAGES", _DUAL_STAGES), hadamard * hadamard * x.element_size(), hadamard)
     partials = _column_sum_partials(column_sums_out, Rp // hadamard)
     _kernel("triton_quant", "_dual_amax_kernel")[grid](
         x, R, C, x.stride(0), x.stride(1), amax, h, inv, amax if partials is None else partials, n_tiles, n_c,
