@@ -18,8 +18,8 @@ Rounding per width as training uses it: X is rounded to nearest at the linears' 
 stochastically at their output widths (`--widths` runs both roundings at every width given).
 
 `--orientations dual` times `hadamard_quantize_dual` (both orientations from two reads of x) against the
-two single calls (three reads) that CUDA graph captures launched until session 9, and checks that the
-outputs agree.
+two single calls (three reads) that CUDA graph captures launch (`megaq.ops.linear.DUAL_IN_GRAPHS`), and
+checks that the outputs agree.
 
 Time: median of `--iters` CUDA-event timings, each call queued behind ~1 ms of GPU work (kernel time,
 not launch time). Prints one line per case (automatic µs, best plan and its µs) and writes JSON.

@@ -88,14 +88,15 @@ def quantized_gemm(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | Quantize
 
 # Quantize a tensor once for both GEMMs that read it (X: forward and wgrad; ∇Y: dgrad and wgrad)
 # when both operand specs allow it (`_dual_hadamard`): one fused two-kernel call instead of two
-# calls of two kernels. Measured on an H100 (docs/PERFORMANCE.md, session 3): the eager int8 linear
-# step's host time falls from 2.46 to 1.52 ms, but the dual kernels' GPU time is 3-20% above the two
-# single passes' (pass 2 spills registers). So it is used where host time is what costs, and not
-# while a CUDA graph is being captured (train.cuda_graphs), where only GPU time remains.
-# False: never (one quantizer call per GEMM operand, for benchmarking the difference).
+# calls of two kernels. Measured on an H100 (docs/PERFORMANCE.md, sessions 3 and 9): the eager int8
+# linear step's host time falls from 2.46 to 1.52 ms, but the dual kernels' GPU time is 1.06-1.45x the
+# two single calls' (16384 rows, `tools/sweep_quantizers.py --orientations dual`, commit 6da4186). So it
+# is used where host time is what costs, and not while a CUDA graph is being captured
+# (train.cuda_graphs), where only GPU time remains. False: never (one quantizer call per GEMM operand,
+# for benchmarking the difference).
 DUAL_QUANTIZE = True
-# Also while a CUDA graph is captured (and in graph_warmup()): the dual call's GPU time against the two
-# single calls' (`tools/sweep_quantizers.py --orientations dual`).
+# The dual call inside CUDA graph captures too (and in graph_warmup()): off, since it measured slower
+# (H100, 1.3B, micro batch 16: 62,625 tokens/s against 64,709 with the single calls, commit 6da4186).
 DUAL_IN_GRAPHS = False
 # The bias gradient ∇Y.sum(0) summed by the quantizer pass that reads ∇Y for the wgrad operand ∇Yᵀ
 # (`kernels.hadamard_quantize(..., column_sums_out=)`, dual or single, eager or graphed) instead of a
