@@ -668,33 +668,33 @@ def test_interp_stochastic_rounding():
         check_division_exact("cpu")
 
 
-@interp_only
-def test_interp_fixed_point_stochastic_rounding_is_exact_in_its_dither():
+def check_fixed_point_rounding(device: str):
     """Stochastic rounding in 16-bit fixed point (`_quantize_scaled`): for every dither k of 0..2^16-1,
     q = floor((t + k) / 2^16) with t = rint(v · 2^16), so exactly t mod 2^16 of the 2^16 dithers round
     v up: P(up) = 1/4 for 3.25, 3/4 for -3.25 (up is toward +inf), 0 for an integer, 65535/65536 one
     step below an integer, 0 for 2^-17 (a tie of t, below the fixed point's resolution), 19661/65536
     for 0.3 (t rounded to nearest, not truncated); never past ±127, even for |v| a hair above 127 (the
-    scale's rounding)."""
+    scale's rounding). The GPU rounds t with `cvt.rni`, the interpreter with floor and remainder."""
     from triton_probes import fixed_point_stochastic_kernel as kernel
 
     values = torch.tensor([3.25, -3.25, 5.0, -7.0, 6.0 - 2.0 ** -16, 127.0, -127.0, 127.0 + 2.0 ** -12,
                            -(127.0 + 2.0 ** -12), 0.0, 2.0 ** -17, 1.5, 0.3, -0.3], dtype=torch.float32)
     n, dithers = 16, 1 << 16
-    v = torch.zeros(n)
-    v[:len(values)] = values
-    ups = torch.zeros(n, dtype=torch.int64)
+    v = torch.zeros(n, device=device)
+    v[:len(values)] = values.to(device)
+    ups = torch.zeros(n, dtype=torch.int64, device=device)
     q_all = []
     for k0 in range(0, dithers, 4096):   # 4096 dithers per launch, each applied to every value
-        k = torch.arange(k0, k0 + 4096, dtype=torch.int32)
+        k = torch.arange(k0, k0 + 4096, dtype=torch.int32, device=device)
         a = v.repeat(4096)                       # rn = 1: a is v itself
         kk = k.repeat_interleave(n)
-        q = torch.empty(n * 4096, dtype=torch.int8)
-        kernel[(1,)](a, torch.ones(n * 4096), kk, q, N=n * 4096, RINT_LIBDEVICE=False)
+        q = torch.empty(n * 4096, dtype=torch.int8, device=device)
+        kernel[(n * 4096 // 1024,)](a, torch.ones(n * 4096, device=device), kk, q, BLOCK=1024,
+                                    RINT_LIBDEVICE=device != "cpu")
         q = q.view(4096, n).int()
         q_all.append(q)
         ups += (q > torch.floor(v).int()).sum(0)
-    q_all = torch.cat(q_all)
+    q_all, ups = torch.cat(q_all).cpu(), ups.cpu()
     assert int(q_all.max()) <= 127 and int(q_all.min()) >= -127
     # 0.3 · 2^16 = 19660.8 in FP32: t = 19661 (rounded, not truncated), and -0.3 rounds up to 0 on the rest
     expect = {0: 16384, 1: 49152, 2: 0, 3: 0, 4: 65535, 5: 0, 6: 0, 9: 0, 10: 0, 11: 32768, 12: 19661,
@@ -702,6 +702,11 @@ def test_interp_fixed_point_stochastic_rounding_is_exact_in_its_dither():
     for i, e in expect.items():
         assert int(ups[i]) == e, (float(values[i]), int(ups[i]), e)
     assert bool((q_all[:, 7] == 127).all()) and bool((q_all[:, 8] == -127).all())   # clamped, never ±128
+
+
+@interp_only
+def test_interp_fixed_point_stochastic_rounding_is_exact_in_its_dither():
+    check_fixed_point_rounding("cpu")
 
 
 @interp_only
@@ -828,6 +833,12 @@ def test_gpu_column_sums():
 def test_gpu_linear_bias_grad():
     check_linear_bias_grad("cuda", torch.bfloat16, shape=(1000, 768, 1600))
     check_linear_bias_grad("cuda", torch.float32, shape=(4097, 1600, 768))
+
+
+@gpu
+@needs_cuda
+def test_gpu_fixed_point_stochastic_rounding_is_exact_in_its_dither():
+    check_fixed_point_rounding("cuda")
 
 
 @gpu

@@ -8,10 +8,10 @@ from megaq.kernels import triton_quant
 
 
 @triton.jit
-def fixed_point_stochastic_kernel(a_ptr, rn_ptr, k_ptr, q_ptr, N: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
+def fixed_point_stochastic_kernel(a_ptr, rn_ptr, k_ptr, q_ptr, BLOCK: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
     """q = `triton_quant._quantize_scaled` (stochastic, QMAX 127) of the values a with the reciprocals
-    rn and the 16-bit dithers k given, element by element."""
-    i = tl.arange(0, N)
+    rn and the 16-bit dithers k given, element by element (BLOCK elements per program)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rn = tl.load(rn_ptr + i)
     q = triton_quant._quantize_scaled(tl.load(a_ptr + i), rn * 0.0 + 1.0, rn, tl.load(k_ptr + i), True, 127,
                                       RINT_LIBDEVICE)
