@@ -5,13 +5,15 @@ launcher environment discovery, quantization-error probe)."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from conftest import tiny_config
 from distributed_utils import run_distributed
-from megaq.training.distributed import discover, expand_slurm_nodelist, local_world_size
+from megaq.training.distributed import (discover, expand_slurm_nodelist, local_world_size,
+                                        warn_stale_extension_locks)
 from megaq.training.metrics import Throughput, format_duration, peak_tflops
 from megaq.training.schedule import WarmupDecaySchedule
 
@@ -412,3 +414,21 @@ def test_optimizer_groups_split_by_size_train_exactly_like_two_groups(demo_cache
         for whole, split in (runs[:2], runs[2:]):
             assert whole["optimizer_groups"] == 2 and split["optimizer_groups"] > 10
             assert whole["losses"] == split["losses"] and len(split["losses"]) == 4, (world, whole, split)
+
+
+def test_a_stale_torch_extension_build_lock_is_named(tmp_path, caplog):
+    """A build lock left by a killed JIT build makes the next build wait forever; the distributed
+    init names it (older than STALE_EXTENSION_LOCK_SECONDS), and leaves a fresh one alone."""
+    import time
+
+    old_lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    new_lock = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (old_lock, new_lock):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    now = time.time()
+    os.utime(old_lock, (now - 3600, now - 3600))
+    with caplog.at_level("WARNING"):
+        assert warn_stale_extension_locks(str(tmp_path), now=now) == [str(old_lock)]
+    assert str(old_lock) in caplog.text and "60 min old" in caplog.text and str(new_lock) not in caplog.text
+    assert warn_stale_extension_locks(str(tmp_path / "missing"), now=now) == []

@@ -214,12 +214,46 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistributedEnv:
         backend = "nccl"
     else:
         backend = "gloo"
+    warn_stale_extension_locks()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes),
                                rank=info.rank, world_size=info.world_size)
     return info
+
+
+# A JIT build of a torch C++ extension (DeepSpeed builds its CPU shared-memory comm op in
+# `deepspeed.init_distributed`) holds a `lock` file in its build directory; a process killed during
+# the build leaves it, and every later build of that op waits for it forever, silently. Builds take
+# seconds to minutes, so a lock older than this is almost surely left over.
+STALE_EXTENSION_LOCK_SECONDS = 600
+
+
+def warn_stale_extension_locks(root: str | None = None, now: float | None = None) -> list[str]:
+    """Log a warning for each torch extension build lock under `root` (default: torch's extension
+    build root, `TORCH_EXTENSIONS_DIR` or ~/.cache/torch_extensions) older than
+    STALE_EXTENSION_LOCK_SECONDS, naming the file to delete; return their paths."""
+    import glob
+    import time
+
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    now = time.time() if now is None else now
+    stale = []
+    for path in sorted(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))):
+        try:
+            age = now - os.path.getmtime(path)
+        except OSError:   # removed meanwhile: a build finished
+            continue
+        if age > STALE_EXTENSION_LOCK_SECONDS:
+            stale.append(path)
+            logger.warning("torch extension build lock %s is %.0f min old: a build that was killed leaves it, "
+                           "and the next build of that extension (DeepSpeed builds its CPU comm op in "
+                           "init_distributed) waits for it forever. If no build is running, delete it.",
+                           path, age / 60)
+    return stale
 
 
 def configure_cpu_threads(info: DistributedEnv) -> None:
