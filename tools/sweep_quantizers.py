@@ -74,14 +74,15 @@ def quantize_call(x: torch.Tensor, orientation: str, rounding: str):
     """The quantizer as a thunk; stochastic calls draw their seed from a generator seeded alike every
     time, so every plan rounds with the same dither. "dual": (rows, rows of the transpose) from one
     `hadamard_quantize_dual` call; "singles": the same pair from the two single calls."""
+    def gen():
+        return torch.Generator(device=x.device).manual_seed(7) if rounding == "stochastic" else None
+
     def one(transpose: bool):
-        gen = torch.Generator(device=x.device).manual_seed(7) if rounding == "stochastic" else None
-        return kernels.hadamard_quantize(x, HADAMARD, rounding=rounding, generator=gen, check=False,
+        return kernels.hadamard_quantize(x, HADAMARD, rounding=rounding, generator=gen(), check=False,
                                          transpose=transpose)
 
     def dual():
-        gen = torch.Generator(device=x.device).manual_seed(7) if rounding == "stochastic" else None
-        return kernels.hadamard_quantize_dual(x, HADAMARD, rounding=rounding, generator=gen, check=False)
+        return kernels.hadamard_quantize_dual(x, HADAMARD, rounding=rounding, generator=gen(), check=False)
 
     if orientation == "dual":
         return dual

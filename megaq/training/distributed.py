@@ -214,7 +214,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistributedEnv:
         backend = "nccl"
     else:
         backend = "gloo"
-    warn_stale_extension_locks()
+    if info.local_rank == 0:   # one look per node: its ranks share the build directory
+        warn_stale_extension_locks()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
