@@ -306,6 +306,39 @@ def test_metrics_file_gives_speed_and_the_memory_by_phase(tmp_path):
                                         "optimizer_peak": 3.5}
     row = {"model": "gpt2", "seq_len": 1024, "recipe": "bf16", "mode": "eager", "micro_batch": 4, **out}
     assert "| 6.0 | - | 8.0 | - | 2.0 / 4.0 / 6.0 / 3.5 |" in bench.format_table([row])
+    # --profile runs one more step, profiled: the medians stop before it
+    assert bench.read_metrics(path, warmup=1, last_step=2)["tokens_per_s"] == pytest.approx(100.0)
+
+
+def test_profiled_cases_get_a_category_table_and_the_extra_step(tmp_path):
+    args = bench.parse_args(["--models", "gpt2", "--recipes", "bf16@graphs", "--steps", "4", "--profile",
+                             str(tmp_path)])
+    case = bench.Case("gpt2", 1024, "bf16", "graphs", 16)
+    profiled = {"categories": [{"name": "gemm (bf16/fp8)", "us_per_step": 2500.0},
+                               {"name": "attention", "us_per_step": 500.0}],
+                "gpu_us_per_step": 3000.0, "wall_ms_per_step": 3.5}
+    rows = [{"model": "gpt2", "recipe": "bf16", "mode": "graphs", "profile": profiled},
+            {"model": "gpt2", "recipe": "int8", "mode": "graphs",
+             "profile": {**profiled, "categories": [{"name": "quantize", "us_per_step": 700.0}]}},
+            {"model": "gpt2", "recipe": "int4", "mode": "graphs", "error": "out of memory"}]
+    table = bench.format_profile_table(rows)
+    assert "| GPU ms per step | gpt2 bf16@graphs | gpt2 int8@graphs |" in table
+    assert "| gemm (bf16/fp8) | 2.5 | 0.0 |" in table and "| quantize | 0.0 | 0.7 |" in table
+    assert "| all kernels | 3.0 | 3.0 |" in table and "| wall (profiled step) | 3.5 | 3.5 |" in table
+    assert bench.format_profile_table(rows[2:]) == ""
+    # the case's command: steps + 1, the last one profiled into the case's own directory
+    captured = {}
+
+    def fake_run(cmd, **kwargs):
+        captured["cmd"] = cmd
+        raise bench.subprocess.TimeoutExpired(cmd, 1)
+
+    import unittest.mock
+    with unittest.mock.patch.object(bench.subprocess, "run", fake_run):
+        row = bench.run_case(case, args, tmp_path, port=29999)
+    assert row["error"] == "timed out"
+    assert "train.train_steps=5" in captured["cmd"] and "logging.profile_steps=[5,5]" in captured["cmd"]
+    assert f"logging.profile_dir={tmp_path / case.name}" in captured["cmd"]
 
 
 def test_failure_reasons():

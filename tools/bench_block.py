@@ -10,7 +10,8 @@ and variant, on `[seq, batch, width]` BF16 activations and BF16 parameters:
   it (parameters, input, output gradient);
 - saved activations: bytes of the distinct storages autograd keeps for backward (parameters excluded);
 - per-operator breakdown: the GPU kernels of a few profiled steps (torch.profiler) grouped by name
-  into GEMM, LayerNorm, GELU, quantize, attention and other, in ms per step.
+  into the trainer profiler's categories (GEMMs, quantize, attention, LayerNorm, GELU, ...:
+  `megaq.training.profiling.KERNEL_CATEGORIES`), in ms per step.
 
 Variants: `bf16` (the reference), `int8` (recipe int8, data flow off: every linear quantizes its
 BF16 input), `int8_df` (recipe int8 with `data_flow: int8`), `int8_df_int8grad` (the same with the
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -40,6 +40,7 @@ from cuda_timing import event_times  # noqa: E402  (tools/, the script's directo
 from megaq.models.gpt import GPTConfig  # noqa: E402
 from megaq.models.transformer import TransformerBlock  # noqa: E402
 from megaq.ops import dataflow as dataflow_ops  # noqa: E402
+from megaq.training.profiling import KERNEL_CATEGORIES, OTHER, kernel_category  # noqa: E402
 
 HEADS = {768: 12, 1600: 25, 2048: 16, 4096: 32}
 # variant -> (recipe, data flow, LayerNorm backward reads an INT8 incoming gradient, attention saves,
@@ -51,14 +52,6 @@ VARIANTS = {"bf16": ("bf16", "bf16", False, "bf16", True), "int8": ("int8", "bf1
             "int8_df_attn8": ("int8", "int8", False, "int8", True),
             "int8_df_int8grad": ("int8", "int8", True, "bf16", True),
             "int4": ("int4", "bf16", False, "bf16", True)}
-# kernel name -> operator group; first match wins (our INT8 LayerNorm/GELU kernels contain "quant")
-GROUPS = [
-    ("layernorm", re.compile(r"layer_?norm|GammaBeta", re.I)),
-    ("gelu", re.compile(r"gelu", re.I)),
-    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
-    ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|_scaled_mm|matmul|_int_mm|wgmma", re.I)),
-    ("quantize", re.compile(r"quant|amax|hadamard|_dequant", re.I)),
-]
 
 
 def build(width: int, seq: int, variant: str) -> TransformerBlock:
@@ -121,15 +114,15 @@ def breakdown(blk, x, g, steps: int = 3) -> dict[str, float]:
         for _ in range(steps):
             step(blk, x, g)
         torch.cuda.synchronize()
-    groups = {name: 0.0 for name, _ in GROUPS} | {"other": 0.0}
+    groups: dict[str, float] = {}
     for evt in prof.key_averages():
         device_us = getattr(evt, "self_device_time_total", None)
         if device_us is None:
             device_us = evt.self_cuda_time_total
         if not device_us:
             continue
-        group = next((name for name, pattern in GROUPS if pattern.search(evt.key)), "other")
-        groups[group] += device_us / 1000.0 / steps
+        group = kernel_category(evt.key)
+        groups[group] = groups.get(group, 0.0) + device_us / 1000.0 / steps
     return groups
 
 
@@ -153,7 +146,8 @@ def run(width: int, seq: int, batch: int, variant: str, warmup: int, iters: int,
 
 def table(results: list[dict]) -> str:
     base = {(r["width"]): r for r in results if r["variant"] == "bf16"}
-    cols = [name for name, _ in GROUPS] + ["other"]
+    found = {c for r in results for c in r.get("breakdown_ms", {})}
+    cols = [name for name, _ in KERNEL_CATEGORIES + [(OTHER, None)] if name in found]
     lines = ["| width | tokens | variant | ms | vs BF16 | peak MiB | vs BF16 | saved MiB | vs BF16 | "
              + " | ".join(f"{c} ms" for c in cols) + " |",
              "|" + " --- |" * (9 + len(cols))]

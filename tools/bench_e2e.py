@@ -150,11 +150,11 @@ def summarize_failure(returncode: int | None, output: str) -> str:
     return errors[-1][:300] if errors else f"exit code {returncode}"
 
 
-def read_metrics(path: Path, warmup: int) -> dict:
-    """Medians over the logged steps after `warmup` (all steps when there are no more)."""
+def read_metrics(path: Path, warmup: int, last_step: int | None = None) -> dict:
+    """Medians over the logged steps after `warmup` (all steps when there are no more), up to `last_step`."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     phase_rows = [r for r in rows if "perf/tokens_per_s" not in r]
-    rows = [r for r in rows if "perf/tokens_per_s" in r]
+    rows = [r for r in rows if "perf/tokens_per_s" in r and (last_step is None or r["step"] <= last_step)]
     if not rows:
         raise ValueError(f"{path}: no step was logged")
     steady = [r for r in rows if r["step"] > warmup] or rows
@@ -175,8 +175,13 @@ def read_metrics(path: Path, warmup: int) -> dict:
 def run_case(case: Case, args: argparse.Namespace, workdir: Path, port: int) -> dict:
     metrics = workdir / f"{case.name}.jsonl"
     log = workdir / f"{case.name}.log"
-    overrides = case.overrides() + [
-        f"model.vocab_size={args.vocab_size}", f"train.train_steps={args.steps}", "train.eval_interval=0",
+    # --profile: one more step, profiled, after the measured ones (and left out of their medians)
+    profile_dir = Path(args.profile) / case.name if args.profile else None
+    steps = args.steps + (1 if profile_dir else 0)
+    profiling = [f"logging.profile_steps=[{steps},{steps}]", f"logging.profile_dir={profile_dir}"] \
+        if profile_dir else []
+    overrides = case.overrides() + profiling + [
+        f"model.vocab_size={args.vocab_size}", f"train.train_steps={steps}", "train.eval_interval=0",
         f"checkpoint.dir={workdir / 'checkpoints'}", "checkpoint.save_interval=0", "checkpoint.save_at_end=false",
         "checkpoint.auto_resume=false", "logging.log_interval=1", "logging.tensorboard_dir=null",
         f"logging.metrics_file={metrics}", "quant.log_error_interval=0", *args.override]
@@ -204,9 +209,15 @@ def run_case(case: Case, args: argparse.Namespace, workdir: Path, port: int) -> 
         row["log_tail"] = output[-3000:]
         return row
     try:
-        row.update(read_metrics(metrics, args.warmup))
+        row.update(read_metrics(metrics, args.warmup, last_step=args.steps))
     except (OSError, ValueError) as e:
         row["error"] = f"no metrics: {e}"
+    if profile_dir:
+        summaries = sorted(profile_dir.glob("kernels_steps_*.json"))
+        if summaries:
+            row["profile"] = json.loads(summaries[-1].read_text())
+        else:
+            row["profile_error"] = f"no kernel summary in {profile_dir}"
     return row
 
 
@@ -253,6 +264,28 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_profile_table(rows: list[dict]) -> str:
+    """GPU ms per optimizer step by kernel category, one column per profiled case."""
+    profiled = [r for r in rows if r.get("profile")]
+    if not profiled:
+        return ""
+    order: list[str] = []
+    for r in profiled:
+        for c in r["profile"]["categories"]:
+            if c["name"] not in order:
+                order.append(c["name"])
+    per_case = [{c["name"]: c["us_per_step"] / 1000 for c in r["profile"]["categories"]} for r in profiled]
+    heads = [f"{r['model']} {r['recipe']}@{r['mode']}" for r in profiled]
+    lines = ["| GPU ms per step | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for name in order:
+        lines.append(f"| {name} | " + " | ".join(f"{c.get(name, 0.0):.1f}" for c in per_case) + " |")
+    lines.append("| all kernels | " + " | ".join(f"{r['profile']['gpu_us_per_step'] / 1000:.1f}"
+                                              for r in profiled) + " |")
+    lines.append("| wall (profiled step) | " + " | ".join(f"{r['profile'].get('wall_ms_per_step', 0.0):.1f}"
+                                                      for r in profiled) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="gpt2", help="comma-separated model presets")
@@ -279,6 +312,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--memory-snapshots", help="write each case's allocator snapshot (segments and blocks at the "
                                                "end of the trainer's memory-measured step) into this directory")
+    ap.add_argument("--profile", help="profile one extra step per case (after the measured ones, left out of the "
+                    "medians) with torch.profiler into DIR/<case> (logging.profile_steps) and print the GPU time "
+                    "per kernel category")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be positive and --warmup non-negative")
@@ -313,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": environment(), "results": rows}, indent=1) + "\n")
     print("\n" + format_table(rows))
+    profile_table = format_profile_table(rows)
+    if profile_table:
+        print("\n" + profile_table)
     return 1 if any("error" in r for r in rows) else 0
 
 

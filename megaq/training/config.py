@@ -438,6 +438,26 @@ class LoggingConfig(_Section):
                                         "per log step and evaluation; appended to on resume); None: none.")
     peak_tflops: Optional[float] = Field(None, gt=0, description="Peak dense BF16 TFLOP/s of one GPU, "
                                          "for MFU; default: looked up from the GPU's name.")
+    profile_steps: Optional[tuple[int, int]] = Field(
+        None, description="[first, last]: profile these optimizer steps (1-based, inclusive) on rank 0 with "
+        "torch.profiler, as Megatron's --profile does. Writes a Chrome/Perfetto trace and the GPU time per "
+        "step by kernel category (GEMMs, quantizers, attention, LayerNorm, optimizer, ...) into "
+        "logging.profile_dir and logs that table (megaq.training.profiling). With CUDA graphs pick steps "
+        "after the first (the capture step). The profiled steps run slower; leave them out of timings.")
+    profile_dir: Optional[str] = Field(None, description="Directory of the profiler's trace and kernel "
+                                       "summary; required with logging.profile_steps.")
+
+    @model_validator(mode="after")
+    def _check_profile(self) -> "LoggingConfig":
+        if self.profile_steps is not None:
+            first, last = self.profile_steps
+            if first < 1 or last < first:
+                raise ValueError(f"logging.profile_steps={list(self.profile_steps)} must be [first, last] with "
+                                 f"1 <= first <= last")
+            if not self.profile_dir:
+                raise ValueError("logging.profile_steps is set but logging.profile_dir is not: name the "
+                                 "directory the trace goes to")
+        return self
 
 
 class MegaqConfig(BaseModel):

@@ -40,6 +40,7 @@ from megaq.training.engine import (apply_config_to_optimizer, build_training_eng
 from megaq.training.metrics import (CommBytesPerStep, Throughput, count_deepspeed_collectives,
                                     current_device_peak_tflops)
 from megaq.training.memory import MemoryPhases
+from megaq.training.profiling import StepProfiler
 from megaq.training.progress import ProgressReporter, setup_console_logging
 from megaq.training.quant_error import QuantErrorProbe
 from megaq.training.signals import EXIT_RESUMABLE, StopRequest
@@ -203,6 +204,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
                                 metrics_file=cfg.logging.metrics_file)
     probe = QuantErrorProbe(engine.module, cfg.quant.log_error_interval if rank == 0 else 0)
     memory = MemoryPhases(at_step=2 if rank == 0 else 0)
+    profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.profile_dir, enabled=rank == 0)
     step_losses: list[torch.Tensor] = []
     last_saved_step = step if resumed_from else None
 
@@ -229,6 +231,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
                 measuring = _probing(probe, run.block_graphs) if probe.due(step + 1) else contextlib.nullcontext()
                 loss_sum = torch.zeros((), device=device)
                 lr = engine.get_lr()[0]  # the rate this step's update uses
+                profiler.step_begins(step + 1)
                 with measuring:
                     for _ in range(layout.gradient_accumulation_steps):
                         batch = next(batches)
@@ -244,6 +247,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
                 step += 1
                 step_loss = _dp_mean(loss_sum / layout.gradient_accumulation_steps)
                 step_losses.append(step_loss)
+                throughput.exclude(profiler.step_done(step))  # writing the trace is not training time
                 throughput.step_done(step)
                 comm_bytes.step_done()
                 memory_scalars = memory.report(step)
@@ -286,6 +290,8 @@ def _train(cfg: MegaqConfig, env) -> dict:
                                    f"(resumable: run the same command again)")
                     break
     finally:
+        profiler.close()
+        summary["profile"] = profiler.summary
         reporter.close()
         weight_cache.set_enabled(False)
         summary["final_step"] = step
