@@ -317,3 +317,26 @@ def _block_against_fp32_reference(C, H, T, B, device):
         e_on, e_off = _rel(on[key], ref[key]), _rel(off[key], ref[key])
         print(f"block {key}: relative error, int8 saves {e_on:.4f}, bf16 saves {e_off:.4f}")
         assert e_on <= 1.5 * e_off + 0.005, (key, e_on, e_off)
+
+
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2), (1,)])
+def test_split_heads_gives_autograds_views_and_gradient(used):
+    """split_heads: the same q, k, v views as view-permute-unbind, and the same ∇qkv in one stacked
+    pass, also when some of q, k, v get no gradient (zeros for them)."""
+    from megaq.ops import split_heads
+
+    T, B, h, d = 7, 3, 5, 8
+    base = torch.randn(T, B, 3 * h * d, dtype=torch.float64)
+    grads = [torch.randn(B, h, T, d, dtype=torch.float64) for _ in range(3)]
+    results = []
+    for split in (split_heads, lambda t, n: _qkv_views(t, n, d)):
+        qkv = base.clone().requires_grad_(True)
+        views = split(qkv, h)
+        assert all(v.shape == (B, h, T, d) and v.data_ptr() >= qkv.data_ptr() for v in views)
+        sum((views[i] * grads[i]).sum() for i in used).backward()
+        results.append(([v.detach() for v in views], qkv.grad))
+    (ours, our_grad), (ref, ref_grad) = results
+    assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(ours, ref))
+    assert torch.equal(our_grad, ref_grad) and our_grad.is_contiguous()
+    with pytest.raises(ValueError, match="not 3 x 4 heads"):
+        split_heads(torch.zeros(2, 2, 30), 4)

@@ -26,7 +26,7 @@ from torch import nn
 
 from megaq.nn import ColumnParallelLinear, LayerNorm, ParallelDropout, RowParallelLinear
 from megaq.ops import (Int8Operand, causal_attention, data_flow_format, dataflow_linear, gelu_operand,
-                       layernorm_operand)
+                       layernorm_operand, split_heads)
 from megaq.parallel import get_tensor_parallel_world_size, tp_rng_fork
 
 if TYPE_CHECKING:
@@ -67,9 +67,8 @@ class CausalSelfAttention(nn.Module):
         """Causal attention over this rank's heads: ``qkv [T, B, 3 * C/tp]`` (full T even under
         sequence parallelism) -> ``[T, B, C/tp]``."""
         seq, batch, _ = qkv.shape
-        # [T, B, 3, h, d] -> [3, B, h, T, d]: SDPA's layout, batch and heads leading.
-        q, k, v = qkv.view(seq, batch, 3, self.n_head_local, self.head_dim) \
-                     .permute(2, 1, 3, 0, 4).unbind(0)
+        # [T, B, 3, h, d] -> [3, B, h, T, d]: SDPA's layout, batch and heads leading (views).
+        q, k, v = split_heads(qkv, self.n_head_local)
         dropout_p = self.dropout if self.training else 0.0
         # The attention probabilities are this rank's heads only: draw their mask per rank.
         with tp_rng_fork() if dropout_p > 0.0 else contextlib.nullcontext():
@@ -117,9 +116,9 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.data_flow == "int8":
             return self._forward_int8(x)
-        x = x + self.resid_dropout(self.attn(self.ln_attn(x)))
-        x = x + self.resid_dropout(self.mlp(self.ln_mlp(x)))
-        return x
+        a = self.resid_dropout(self.attn(self.ln_attn(x)))
+        x, h = self.ln_mlp(x, residual=a)        # x + a, and its LayerNorm, in one kernel on GPUs
+        return x + self.resid_dropout(self.mlp(h))
 
     def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.operand_format

@@ -5,16 +5,19 @@ the (replicated) weight and bias on one rank is a partial sum; ``copy_to_tp_regi
 parameters all-reduces it in the backward pass. Doing it inside autograd (rather than after the
 backward pass) keeps it correct whatever DeepSpeed does with gradients once they are computed.
 
-The normalization itself is ``torch.nn.functional.layer_norm``, already one fused kernel on GPUs.
-(The INT8 LayerNorm of the INT8 data flow lives in ``megaq.ops``.)
+The normalization is ``megaq.ops.layer_norm`` / ``add_layernorm``: on GPUs one Triton kernel forward and
+one backward, with the pre-LayerNorm block's residual add fused in (``forward(x, residual)``); the
+torch composition elsewhere. (The INT8 LayerNorm of the INT8 data flow lives in ``megaq.ops`` too.)
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megaq.ops.layernorm import add_layernorm, layer_norm
 from megaq.parallel import copy_to_tp_region, mark_sequence_parallel
 
 
@@ -37,12 +40,15 @@ class LayerNorm(nn.Module):
             if self.bias is not None:
                 self.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        """LayerNorm(x); with `residual`: (x + residual, LayerNorm(x + residual)), the add fused in."""
         weight, bias = self.weight, self.bias
         if self.sequence_parallel:
             weight = copy_to_tp_region(weight)
             bias = copy_to_tp_region(bias) if bias is not None else None
-        return F.layer_norm(x, (self.dim,), weight, bias, self.eps)
+        if residual is None:
+            return layer_norm(x, weight, bias, self.eps)
+        return add_layernorm(x, residual, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, eps={self.eps}, bias={self.bias is not None}, "
