@@ -316,7 +316,7 @@ def test_profiled_cases_get_a_category_table_and_the_extra_step(tmp_path):
     case = bench.Case("gpt2", 1024, "bf16", "graphs", 16)
     profiled = {"categories": [{"name": "gemm (bf16/fp8)", "us_per_step": 2500.0},
                                {"name": "attention", "us_per_step": 500.0}],
-                "gpu_us_per_step": 3000.0, "wall_ms_per_step": 3.5}
+                "gpu_us_per_step": 3000.0, "wall_ms_per_step": 3.5, "gpu_idle_ms_per_step": 0.4}
     rows = [{"model": "gpt2", "recipe": "bf16", "mode": "graphs", "profile": profiled},
             {"model": "gpt2", "recipe": "int8", "mode": "graphs",
              "profile": {**profiled, "categories": [{"name": "quantize", "us_per_step": 700.0}]}},
@@ -325,6 +325,7 @@ def test_profiled_cases_get_a_category_table_and_the_extra_step(tmp_path):
     assert "| GPU ms per step | gpt2 bf16@graphs | gpt2 int8@graphs |" in table
     assert "| gemm (bf16/fp8) | 2.5 | 0.0 |" in table and "| quantize | 0.0 | 0.7 |" in table
     assert "| all kernels | 3.0 | 3.0 |" in table and "| wall (profiled step) | 3.5 | 3.5 |" in table
+    assert "| GPU idle between kernels | 0.4 | 0.4 |" in table
     assert bench.format_profile_table(rows[2:]) == ""
     # the case's command: steps + 1, the last one profiled into the case's own directory
     captured = {}

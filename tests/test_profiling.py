@@ -10,8 +10,8 @@ import pytest
 from conftest import tiny_config
 from distributed_utils import run_distributed
 from megaq.training.config import config_from_dict
-from megaq.training.profiling import (OTHER, StepProfiler, device_events, format_summary, kernel_category,
-                                      summarize)
+from megaq.training.profiling import (OTHER, StepProfiler, device_busy, device_events, format_summary,
+                                      kernel_category, runtime_calls, summarize)
 
 # Kernel names as they appear in H100 traces of the trainer (torch 2.11, cuBLAS 13, Triton 3.6)
 KERNELS = {
@@ -88,6 +88,21 @@ def test_summary_counts_device_events_per_step_only():
         summarize([], steps=0)
 
 
+def test_busy_time_merges_overlapping_kernels_and_runtime_calls_are_totalled():
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "a", "ts": 0.0, "dur": 10.0},
+        {"ph": "X", "cat": "kernel", "name": "b", "ts": 5.0, "dur": 10.0},      # overlaps a (two streams)
+        {"ph": "X", "cat": "gpu_memset", "name": "Memset", "ts": 30.0, "dur": 5.0},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 100.0},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 1.0, "dur": 7.0},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 20.0, "dur": 3.0},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 25.0, "dur": 4.0}]}
+    assert device_busy(trace) == (20.0, 35.0)          # 0-15 and 30-35 busy; 15-30 idle
+    assert device_busy({"traceEvents": []}) == (0.0, 0.0)
+    assert runtime_calls(trace) == [{"name": "cudaGraphLaunch", "us": 10.0, "calls": 2},
+                                    {"name": "cudaStreamSynchronize", "us": 4.0, "calls": 1}]
+
+
 def test_step_profiler_writes_a_trace_and_a_summary_for_its_window_only(tmp_path):
     import torch
 
@@ -102,6 +117,7 @@ def test_step_profiler_writes_a_trace_and_a_summary_for_its_window_only(tmp_path
     profiler.close()
     summary = profiler.summary
     assert summary["profiled_steps"] == [2, 3] and summary["steps"] == 2 and summary["wall_ms_per_step"] > 0
+    assert summary["gpu_idle_ms_per_step"] == 0.0 and isinstance(summary["runtime_calls"], list)  # CPU: no GPU
     trace_file, summary_file = (tmp_path / "prof" / "trace_steps_2-3.json.gz", tmp_path / "prof" / "kernels_steps_2-3.json")
     assert summary["files"] == [str(trace_file), str(summary_file)]
     with gzip.open(trace_file) as f:

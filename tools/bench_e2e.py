@@ -281,6 +281,8 @@ def format_profile_table(rows: list[dict]) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{c.get(name, 0.0):.1f}" for c in per_case) + " |")
     lines.append("| all kernels | " + " | ".join(f"{r['profile']['gpu_us_per_step'] / 1000:.1f}"
                                               for r in profiled) + " |")
+    lines.append("| GPU idle between kernels | " + " | ".join(f"{r['profile'].get('gpu_idle_ms_per_step', 0.0):.1f}"
+                                                          for r in profiled) + " |")
     lines.append("| wall (profiled step) | " + " | ".join(f"{r['profile'].get('wall_ms_per_step', 0.0):.1f}"
                                                       for r in profiled) + " |")
     return "\n".join(lines)

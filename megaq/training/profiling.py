@@ -71,6 +71,37 @@ def device_events(trace: dict) -> Iterable[tuple[str, float]]:
             yield str(event.get("name", "?")), float(event.get("dur", 0.0))
 
 
+def device_busy(trace: dict) -> tuple[float, float]:
+    """(µs some GPU kernel, copy or memset ran, µs from the first device event's start to the last's end):
+    the difference is the time the GPU sat idle, waiting for the host (launches, Python, syncs)."""
+    spans = sorted((float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + float(e.get("dur", 0.0)))
+                   for e in trace.get("traceEvents", [])
+                   if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENT_CATEGORIES)
+    if not spans:
+        return 0.0, 0.0
+    busy, (start, end) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > end:
+            busy += end - start
+            start, end = a, b
+        else:
+            end = max(end, b)
+    busy += end - start
+    return busy, max(b for _, b in spans) - spans[0][0]
+
+
+def runtime_calls(trace: dict, top: int = 12) -> list[dict]:
+    """The CUDA runtime / driver calls of the window by total host time (launches, graph launches,
+    synchronizations, copies), the `top` longest, in µs."""
+    table: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            table[str(e.get("name", "?"))][0] += float(e.get("dur", 0.0))
+            table[str(e.get("name", "?"))][1] += 1
+    ordered = sorted(table.items(), key=lambda item: -item[1][0])[:top]
+    return [{"name": name, "us": us, "calls": count} for name, (us, count) in ordered]
+
+
 def summarize(events: Iterable[tuple[str, float]], steps: int, top: int = 25) -> dict:
     """GPU microseconds per step by category and by kernel name (the `top` longest), with counts."""
     if steps < 1:
@@ -98,7 +129,8 @@ def summarize(events: Iterable[tuple[str, float]], steps: int, top: int = 25) ->
 def format_summary(summary: dict) -> str:
     lines = [f"GPU time per step over {summary['steps']} profiled step(s): "
              f"{summary['gpu_us_per_step'] / 1000:.1f} ms of kernels"
-             + (f", {summary['wall_ms_per_step']:.1f} ms wall" if summary.get("wall_ms_per_step") else ""),
+             + (f", {summary['wall_ms_per_step']:.1f} ms wall" if summary.get("wall_ms_per_step") else "")
+             + (f", GPU idle {summary['gpu_idle_ms_per_step']:.1f} ms" if "gpu_idle_ms_per_step" in summary else ""),
              f"  {'category':<20} {'ms/step':>9} {'share':>7} {'calls':>8}"]
     for row in summary["categories"]:
         lines.append(f"  {row['name']:<20} {row['us_per_step'] / 1000:9.2f} {100 * row['share']:6.1f}% "
@@ -169,6 +201,10 @@ class StepProfiler:
         with open(raw) as f:
             trace = json.load(f)
         summary = summarize(device_events(trace), steps)
+        busy, span = device_busy(trace)
+        summary["gpu_busy_ms_per_step"] = busy / 1000.0 / steps
+        summary["gpu_idle_ms_per_step"] = (span - busy) / 1000.0 / steps
+        summary["runtime_calls"] = runtime_calls(trace)
         summary["wall_ms_per_step"] = 1000.0 * wall_seconds / steps
         summary["profiled_steps"] = [self.first, self.last]
         final = self.directory / f"trace_{tag}.json.gz"
