@@ -111,12 +111,14 @@ def test_step_profiler_writes_a_trace_and_a_summary_for_its_window_only(tmp_path
     for step in range(1, 5):
         profiler.step_begins(step)
         for _ in range(3):
-            a = torch.tanh(a @ a)
+            with profiler.phase("forward"):
+                a = torch.tanh(a @ a)
         assert (profiler._profiler is not None) == (step in (2, 3))
         profiler.step_done(step)
     profiler.close()
     summary = profiler.summary
     assert summary["profiled_steps"] == [2, 3] and summary["steps"] == 2 and summary["wall_ms_per_step"] > 0
+    assert set(summary["host_ms_per_step"]) == {"forward"} and summary["host_ms_per_step"]["forward"] > 0
     assert summary["gpu_idle_ms_per_step"] == 0.0 and isinstance(summary["runtime_calls"], list)  # CPU: no GPU
     trace_file, summary_file = (tmp_path / "prof" / "trace_steps_2-3.json.gz", tmp_path / "prof" / "kernels_steps_2-3.json")
     assert summary["files"] == [str(trace_file), str(summary_file)]
@@ -163,5 +165,6 @@ def test_the_trainer_profiles_the_steps_it_is_told(demo_cache, tmp_path):
     summary = run_distributed(_pretrain, 1, cfg, timeout=300)[0]
     assert len(summary["losses"]) == 3
     assert summary["profile"]["profiled_steps"] == [2, 3]
+    assert set(summary["profile"]["host_ms_per_step"]) == {"forward", "backward", "optimizer"}
     assert (tmp_path / "prof" / "trace_steps_2-3.json.gz").is_file()
     assert (tmp_path / "prof" / "kernels_steps_2-3.json").is_file()

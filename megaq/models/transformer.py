@@ -147,5 +147,7 @@ def _column_parallel(linear: ColumnParallelLinear, x: Int8Operand, int8_output: 
 def _row_parallel(linear: RowParallelLinear, x: "Int8Operand | torch.Tensor") -> torch.Tensor:
     """`linear` on this rank's input features: partial products summed over the TP ranks, then the
     replicated bias (as RowParallelLinear.forward)."""
+    if get_tensor_parallel_world_size() == 1:   # nothing to reduce: the bias in the GEMM's epilogue
+        return dataflow_linear(x, linear.weight, linear.bias, linear.recipe)
     y = linear.comm.reduce_from_tp_region(dataflow_linear(x, linear.weight, None, linear.recipe))
     return y + linear.bias if linear.bias is not None else y

@@ -152,7 +152,8 @@ class RowParallelLinear(_ParallelLinear):
 
     Each rank computes a partial product over its slice of ``in``; the partial outputs are summed
     by an all-reduce (or, with ``sequence_parallel``, a reduce-scatter along the sequence). The
-    bias is replicated and added once, after the reduction.
+    bias is replicated and added once, after the reduction (in the GEMM's epilogue when there is
+    no reduction: one rank per TP group).
 
     Args:
         input_is_parallel: the input already holds this rank's ``in/tp`` features (the output of
@@ -180,6 +181,10 @@ class RowParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x)
+        if get_tensor_parallel_world_size() == 1:
+            # nothing to reduce: the bias goes into the GEMM's epilogue (and, under INT8, its gradient
+            # into the ∇Y quantizer) instead of a broadcast add and a sum over the tokens of its own
+            return quantized_linear(x, self.weight, self.bias, self.recipe)
         y = quantized_linear(x, self.weight, None, self.recipe)
         if self.sequence_parallel:
             y = self.comm.reduce_scatter_to_sequence_parallel_region(y)

@@ -18,6 +18,7 @@ name decides its category. The summary is built from the exported trace file (it
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import json
 import logging
@@ -55,6 +56,7 @@ KERNEL_CATEGORIES: list[tuple[str, re.Pattern]] = [
 ]
 OTHER = "other"
 _DEVICE_EVENT_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+_PHASE_PREFIX = "megaq/"
 
 
 def kernel_category(name: str) -> str:
@@ -100,6 +102,16 @@ def runtime_calls(trace: dict, top: int = 12) -> list[dict]:
             table[str(e.get("name", "?"))][1] += 1
     ordered = sorted(table.items(), key=lambda item: -item[1][0])[:top]
     return [{"name": name, "us": us, "calls": count} for name, (us, count) in ordered]
+
+
+def host_phases(trace: dict) -> dict[str, float]:
+    """Host µs spent in each `StepProfiler.phase` range ("megaq/forward", ...) of the window."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    for e in trace.get("traceEvents", []):
+        name = str(e.get("name", ""))
+        if e.get("ph") == "X" and e.get("cat") == "user_annotation" and name.startswith(_PHASE_PREFIX):
+            totals[name.removeprefix(_PHASE_PREFIX)] += float(e.get("dur", 0.0))
+    return dict(totals)
 
 
 def summarize(events: Iterable[tuple[str, float]], steps: int, top: int = 25) -> dict:
@@ -185,6 +197,13 @@ class StepProfiler:
         logger.info(format_summary(self.summary))
         return time.perf_counter() - t0
 
+    def phase(self, name: str):
+        """A named range of the trace (forward, backward, optimizer) while the window is open; else nothing."""
+        if self._profiler is None:
+            return contextlib.nullcontext()
+        import torch
+        return torch.profiler.record_function(_PHASE_PREFIX + name)
+
     def close(self) -> None:
         """Stops a window that training left before its last step (an error, a stop signal), writing nothing."""
         if self._profiler is not None:
@@ -205,6 +224,7 @@ class StepProfiler:
         summary["gpu_busy_ms_per_step"] = busy / 1000.0 / steps
         summary["gpu_idle_ms_per_step"] = (span - busy) / 1000.0 / steps
         summary["runtime_calls"] = runtime_calls(trace)
+        summary["host_ms_per_step"] = {name: us / 1000.0 / steps for name, us in host_phases(trace).items()}
         summary["wall_ms_per_step"] = 1000.0 * wall_seconds / steps
         summary["profiled_steps"] = [self.first, self.last]
         final = self.directory / f"trace_{tag}.json.gz"

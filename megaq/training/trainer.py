@@ -235,12 +235,12 @@ def _train(cfg: MegaqConfig, env) -> dict:
                 with measuring:
                     for _ in range(layout.gradient_accumulation_steps):
                         batch = next(batches)
-                        with memory.phase(step + 1, "forward"):
+                        with memory.phase(step + 1, "forward"), profiler.phase("forward"):
                             loss = engine(batch["input_ids"].to(device, non_blocking=True),
                                           batch["labels"].to(device, non_blocking=True))
-                        with memory.phase(step + 1, "backward"):
+                        with memory.phase(step + 1, "backward"), profiler.phase("backward"):
                             engine.backward(loss)
-                        with memory.phase(step + 1, "optimizer"):
+                        with memory.phase(step + 1, "optimizer"), profiler.phase("optimizer"):
                             engine.step()  # updates at the last micro batch of the step only
                         loss_sum += loss.detach().float()
                 weight_cache.weights_updated()  # the optimizer stepped: cached quantized weights are stale
