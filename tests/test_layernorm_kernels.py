@@ -116,13 +116,16 @@ def check_op_matches_torch_composition(monkeypatch, dtype, device):
         leaves = [t.detach().clone().requires_grad_(True) for t in (x.view(shape), r.view(shape), w, b)]
         s, y = add_layernorm(*leaves, 1e-5)
         z = layer_norm(s, leaves[2], leaves[3], 1e-5)       # the no-residual form, on s
-        (y * dy.view(shape)).sum().add((s * ds_in.view(shape)).sum()).add(z.square().sum()).backward()
-        results.append([s, y, z] + [t.grad for t in leaves])
-    names = ["s", "y", "layer_norm(s)", "dx", "dresidual", "dw", "db"]
+        c, u = add_layernorm(s, None, leaves[2], leaves[3], 1e-5)   # carrying s on: its gradient fused
+        loss = (y * dy.view(shape)).sum() + (s * ds_in.view(shape)).sum() + z.square().sum()
+        (loss + (c * y).sum() + u.sum()).backward()
+        results.append([s, y, z, c, u] + [t.grad for t in leaves])
+    names = ["s", "y", "layer_norm(s)", "carried s", "layer_norm(s) 2", "dx", "dresidual", "dw", "db"]
     for name, got, ref in zip(names, *results):
         assert got.shape == ref.shape, name
         _assert_close(got, ref, dtype, name, spread=1e-2 if dtype == torch.bfloat16 else 1e-4)
-    assert torch.equal(results[0][3], results[0][4])     # s = x + r: one gradient for both
+    assert torch.equal(results[0][5], results[0][6])     # s = x + r: one gradient for both
+    assert torch.equal(results[0][3], results[0][0])     # the carried s is s
 
 
 # --------------------------------------------------------------------------------------------------

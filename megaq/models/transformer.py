@@ -116,8 +116,11 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.data_flow == "int8":
             return self._forward_int8(x)
-        a = self.resid_dropout(self.attn(self.ln_attn(x)))
-        x, h = self.ln_mlp(x, residual=a)        # x + a, and its LayerNorm, in one kernel on GPUs
+        # On GPUs each LayerNorm is one kernel forward and one backward, with the residual stream's add
+        # (and, in backward, the sum of the stream's two gradients) fused in: megaq.ops.add_layernorm
+        x, h = self.ln_attn(x, carry=True)
+        a = self.resid_dropout(self.attn(h))
+        x, h = self.ln_mlp(x, residual=a)
         return x + self.resid_dropout(self.mlp(h))
 
     def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,13 +40,14 @@ class LayerNorm(nn.Module):
             if self.bias is not None:
                 self.bias.zero_()
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        """LayerNorm(x); with `residual`: (x + residual, LayerNorm(x + residual)), the add fused in."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, carry: bool = False):
+        """LayerNorm(x); with `residual`: (x + residual, LayerNorm(x + residual)), the add fused in;
+        with `carry` (and no residual): (x, LayerNorm(x)), x's later gradient fused into this backward."""
         weight, bias = self.weight, self.bias
         if self.sequence_parallel:
             weight = copy_to_tp_region(weight)
             bias = copy_to_tp_region(bias) if bias is not None else None
-        if residual is None:
+        if residual is None and not carry:
             return layer_norm(x, weight, bias, self.eps)
         return add_layernorm(x, residual, weight, bias, self.eps)
 
