@@ -11,7 +11,7 @@ from conftest import tiny_config
 from distributed_utils import run_distributed
 from megaq.training.config import config_from_dict
 from megaq.training.profiling import (OTHER, StepProfiler, device_busy, device_events, format_summary,
-                                      kernel_category, runtime_calls, summarize)
+                                      idle_by_phase, kernel_category, runtime_calls, summarize)
 
 # Kernel names as they appear in H100 traces of the trainer (torch 2.11, cuBLAS 13, Triton 3.6)
 KERNELS = {
@@ -98,6 +98,10 @@ def test_busy_time_merges_overlapping_kernels_and_runtime_calls_are_totalled():
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 20.0, "dur": 3.0},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 25.0, "dur": 4.0}]}
     assert device_busy(trace) == (20.0, 35.0)          # 0-15 and 30-35 busy; 15-30 idle
+    trace["traceEvents"] += [{"ph": "X", "cat": "user_annotation", "name": "megaq/backward", "ts": 12.0, "dur": 6.0},
+                             {"ph": "X", "cat": "user_annotation", "name": "other", "ts": 14.0, "dur": 9.0},
+                             {"ph": "X", "cat": "kernel", "name": "c", "ts": 40.0, "dur": 1.0}]
+    assert idle_by_phase(trace) == {"backward": 15.0, "outside": 5.0}   # gaps 15-30 (in backward), 35-40
     assert device_busy({"traceEvents": []}) == (0.0, 0.0)
     assert runtime_calls(trace) == [{"name": "cudaGraphLaunch", "us": 10.0, "calls": 2},
                                     {"name": "cudaStreamSynchronize", "us": 4.0, "calls": 1}]

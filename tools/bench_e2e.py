@@ -283,9 +283,9 @@ def format_profile_table(rows: list[dict]) -> str:
                                               for r in profiled) + " |")
     lines.append("| GPU idle between kernels | " + " | ".join(f"{r['profile'].get('gpu_idle_ms_per_step', 0.0):.1f}"
                                                           for r in profiled) + " |")
-    for phase in ("forward", "backward", "optimizer"):
-        lines.append(f"| host in {phase} (ms) | " + " | ".join(
-            f"{(r['profile'].get('host_ms_per_step') or {}).get(phase, 0.0):.1f}" for r in profiled) + " |")
+    for phase in ("forward", "backward", "optimizer", "outside"):
+        lines.append(f"| GPU idle, host in {phase} | " + " | ".join(
+            f"{(r['profile'].get('gpu_idle_ms_by_phase') or {}).get(phase, 0.0):.1f}" for r in profiled) + " |")
     lines.append("| wall (profiled step) | " + " | ".join(f"{r['profile'].get('wall_ms_per_step', 0.0):.1f}"
                                                       for r in profiled) + " |")
     return "\n".join(lines)

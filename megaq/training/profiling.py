@@ -73,23 +73,43 @@ def device_events(trace: dict) -> Iterable[tuple[str, float]]:
             yield str(event.get("name", "?")), float(event.get("dur", 0.0))
 
 
-def device_busy(trace: dict) -> tuple[float, float]:
-    """(µs some GPU kernel, copy or memset ran, µs from the first device event's start to the last's end):
-    the difference is the time the GPU sat idle, waiting for the host (launches, Python, syncs)."""
+def _busy_intervals(trace: dict) -> list[tuple[float, float]]:
+    """The merged [start, end) µs intervals in which some GPU kernel, copy or memset ran."""
     spans = sorted((float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + float(e.get("dur", 0.0)))
                    for e in trace.get("traceEvents", [])
                    if e.get("ph") == "X" and e.get("cat") in _DEVICE_EVENT_CATEGORIES)
-    if not spans:
-        return 0.0, 0.0
-    busy, (start, end) = 0.0, spans[0]
-    for a, b in spans[1:]:
-        if a > end:
-            busy += end - start
-            start, end = a, b
+    merged: list[list[float]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
         else:
-            end = max(end, b)
-    busy += end - start
-    return busy, max(b for _, b in spans) - spans[0][0]
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def device_busy(trace: dict) -> tuple[float, float]:
+    """(µs some GPU kernel, copy or memset ran, µs from the first device event's start to the last's end):
+    the difference is the time the GPU sat idle, waiting for the host (launches, Python, syncs)."""
+    intervals = _busy_intervals(trace)
+    if not intervals:
+        return 0.0, 0.0
+    return sum(b - a for a, b in intervals), intervals[-1][1] - intervals[0][0]
+
+
+def idle_by_phase(trace: dict) -> dict[str, float]:
+    """The GPU's idle µs between kernels, by the `StepProfiler.phase` range the host was in when each
+    gap began ("outside" when in none): which part of the step leaves the GPU waiting."""
+    intervals = _busy_intervals(trace)
+    phases = sorted((float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + float(e.get("dur", 0.0)),
+                     str(e["name"]).removeprefix(_PHASE_PREFIX))
+                    for e in trace.get("traceEvents", [])
+                    if e.get("ph") == "X" and e.get("cat") == "user_annotation"
+                    and str(e.get("name", "")).startswith(_PHASE_PREFIX))
+    totals: dict[str, float] = collections.defaultdict(float)
+    for (_, gap_start), (gap_end, _) in zip(intervals, intervals[1:]):
+        where = next((name for a, b, name in phases if a <= gap_start < b), "outside")
+        totals[where] += gap_end - gap_start
+    return dict(totals)
 
 
 def runtime_calls(trace: dict, top: int = 12) -> list[dict]:
@@ -225,6 +245,7 @@ class StepProfiler:
         summary["gpu_idle_ms_per_step"] = (span - busy) / 1000.0 / steps
         summary["runtime_calls"] = runtime_calls(trace)
         summary["host_ms_per_step"] = {name: us / 1000.0 / steps for name, us in host_phases(trace).items()}
+        summary["gpu_idle_ms_by_phase"] = {name: us / 1000.0 / steps for name, us in idle_by_phase(trace).items()}
         summary["wall_ms_per_step"] = 1000.0 * wall_seconds / steps
         summary["profiled_steps"] = [self.first, self.last]
         final = self.directory / f"trace_{tag}.json.gz"
