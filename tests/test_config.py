@@ -123,6 +123,10 @@ def test_deepspeed_config_is_filled_from_train():
     assert "bf16" not in ds and "fp16" not in ds  # FP32 on CPU
     assert ds["wall_clock_breakdown"] is True and ds["zero_optimization"] == {"stage": 1}
     assert build_deepspeed_config(cfg, layout, "bf16")["bf16"] == {"enabled": True}
+    # DeepSpeed's throughput timer (a device sync per micro batch) is off unless the config sets it
+    assert ds["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+    timed = config_from_dict(with_(timers={"throughput": {"enabled": True}}))
+    assert build_deepspeed_config(timed, resolve_layout(timed, 1), "fp32")["timers"] == {"throughput": {"enabled": True}}
     clash = config_from_dict(with_(gradient_clipping=2.0))
     with pytest.raises(ConfigError, match="gradient_clipping=2.0 disagrees with train.grad_clip"):
         build_deepspeed_config(clash, resolve_layout(clash, 1), "fp32")
