@@ -146,9 +146,27 @@ def test_graphed_blocks_train_like_eager_blocks(recipe, cached, data_flow):
             for name, g in grads_g.items():
                 assert torch.isfinite(g).all(), name
                 assert _rel(g, grads_e[name]) < 1e-2, (step, name, _rel(g, grads_e[name]))
+            if cached and step >= 2:   # the refresh after steps 2 and 3 replayed its captured graph
+                assert graphs._refresh_graph is not None
+                _assert_cached_weights_are_fresh()
             for opt in opts:
                 opt.step()
             weight_cache.weights_updated()
+
+
+def _assert_cached_weights_are_fresh():
+    """Every cached weight operand is bit for bit a fresh quantization of the weight as it is now."""
+    from megaq.ops import weight_cache
+    from megaq.ops.linear import quantize_operand
+
+    count = 0
+    for ref in weight_cache._State.weights:
+        weight = ref()
+        for (spec, hadamard, transpose, _, _), entry in weight.__dict__.get(weight_cache._ATTRIBUTE, {}).items():
+            fresh = quantize_operand(weight, spec, False, transpose, hadamard)
+            assert torch.equal(entry.operand.data, fresh.data) and torch.equal(entry.operand.scale, fresh.scale)
+            count += 1
+    assert count > 0
 
 
 @gpu

@@ -307,6 +307,42 @@ def test_weight_cache_quantizes_once_per_step_and_follows_updates(recipe, monkey
     assert not weight_cache.enabled() and "_megaq_quantized_weight" not in w_leaf.__dict__
 
 
+def test_weight_cache_requantize_all_is_what_a_refresh_does_and_leaves_epochs_to_mark_fresh():
+    """The pieces of the CUDA-graphed refresh (megaq.training.cuda_graphs): `requantize_all` rewrites
+    every entry in place with what `refresh_stale` would write, without touching the epochs (a capture
+    runs nothing); `mark_fresh` then settles them; `signature` changes when an entry is added."""
+    from megaq.ops import weight_cache
+    from megaq.ops.linear import refresh_cached_weights, requantize_all_cached_weights
+
+    x, w, b, gy = _problem(77, 384, 200)
+    with weight_cache.caching():
+        w_leaf = w.clone().requires_grad_(True)
+        _run_with("int8", x, w_leaf, b, gy)
+        entries = w_leaf.__dict__["_megaq_quantized_weight"]
+        signature = weight_cache.signature()
+        assert refresh_cached_weights() == 0                   # made in this epoch: nothing to redo
+        assert len(signature) == len(entries) == 2 and not weight_cache.stale()
+        with torch.no_grad():
+            w_leaf.mul_(-0.5)
+        weight_cache.weights_updated()
+        assert weight_cache.stale()
+        assert requantize_all_cached_weights() == 2
+        assert weight_cache.stale() and all(e.epoch != weight_cache._State.epoch for e in entries.values())
+        replayed = {key: (e.operand.data.clone(), e.operand.scale.clone()) for key, e in entries.items()}
+        weight_cache.mark_fresh()
+        assert not weight_cache.stale() and refresh_cached_weights() == 0
+        for entry in entries.values():
+            entry.epoch = -1                                   # force the eager path to redo them
+        weight_cache._State.refreshed_epoch = -1
+        assert refresh_cached_weights() == 2
+        for key, e in entries.items():
+            assert torch.equal(e.operand.data, replayed[key][0]) and torch.equal(e.operand.scale, replayed[key][1])
+        assert weight_cache.signature() == signature
+        other = w.clone().requires_grad_(True)
+        _run_with("int8", x, other, b, gy)
+        assert len(weight_cache.signature()) == 4
+
+
 def _run_with(recipe, x, w_leaf, b, gy):
     """`_run` with a persistent weight leaf (the cache lives on the weight tensor)."""
     x, b = (t.clone().requires_grad_(True) for t in (x, b))

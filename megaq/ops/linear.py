@@ -61,10 +61,18 @@ def weight_operand(weight: torch.Tensor, spec: GemmSpec, check: bool,
     return cached if cached is not None else quantize()
 
 
+def _requantize_weight(weight, spec, hadamard, transpose):
+    return quantize_operand(weight, spec, False, transpose, hadamard)
+
+
 def refresh_cached_weights() -> int:
     """Bring every stale cached weight operand up to date in place (before a CUDA graph replay)."""
-    return weight_cache.refresh_stale(
-        lambda weight, spec, hadamard, transpose: quantize_operand(weight, spec, False, transpose, hadamard))
+    return weight_cache.refresh_stale(_requantize_weight)
+
+
+def requantize_all_cached_weights() -> int:
+    """Requantize every cached weight operand in place, epochs untouched (what a CUDA graph captures)."""
+    return weight_cache.requantize_all(_requantize_weight)
 
 
 def quantized_gemm(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | QuantizedTensor, spec: GemmSpec,

@@ -121,6 +121,50 @@ def _refresh(entry: _Entry, quantize) -> None:
     entry.epoch = _State.epoch
 
 
+def stale() -> bool:
+    """Whether some entry may be stale (the cache is on and the weights changed since the last refresh)."""
+    return _State.enabled and _State.refreshed_epoch != _State.epoch
+
+
+def signature() -> tuple:
+    """What a captured refresh (`requantize_all` in a CUDA graph) depends on: each entry's weight,
+    key and the addresses of the weight and of its buffers. A replay is valid while this is unchanged."""
+    out = []
+    for ref in _State.weights:
+        weight = ref()
+        if weight is None:
+            continue
+        for key, entry in weight.__dict__.get(_ATTRIBUTE, {}).items():
+            out.append((id(weight), weight.data_ptr(), key, entry.operand.data.data_ptr(),
+                        entry.operand.scale.data_ptr()))
+    return tuple(out)
+
+
+def requantize_all(requantize) -> int:
+    """Requantize every entry in place, stale or not, leaving the epochs alone: the work a CUDA graph
+    captures once and replays after each optimizer step (then `mark_fresh()`). Returns the count."""
+    count = 0
+    for ref in _State.weights:
+        weight = ref()
+        if weight is None:
+            continue
+        for (spec, hadamard, transpose, _, _), entry in weight.__dict__.get(_ATTRIBUTE, {}).items():
+            fresh = requantize(weight, spec, hadamard, transpose)
+            entry.operand.data.copy_(fresh.data)
+            entry.operand.scale.copy_(fresh.scale)
+            count += 1
+    return count
+
+
+def mark_fresh() -> None:
+    """Every entry is current (a replayed `requantize_all` brought them up to date)."""
+    for ref in _State.weights:
+        weight = ref()
+        for entry in (weight.__dict__.get(_ATTRIBUTE, {}).values() if weight is not None else ()):
+            entry.epoch = _State.epoch
+    _State.refreshed_epoch = _State.epoch
+
+
 def refresh_stale(requantize) -> int:
     """Requantize every stale entry in place; `requantize(weight, spec, hadamard, transpose)` makes
     a fresh operand. Returns how many were refreshed. (A CUDA graph replay runs no Python, so the
