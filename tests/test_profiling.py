@@ -11,7 +11,8 @@ from conftest import tiny_config
 from distributed_utils import run_distributed
 from megaq.training.config import config_from_dict
 from megaq.training.profiling import (OTHER, StepProfiler, device_busy, device_events, format_summary,
-                                      idle_by_phase, kernel_category, runtime_calls, summarize)
+                                      idle_by_phase, kernel_category, longest_gaps, runtime_calls,
+                                      summarize)
 
 # Kernel names as they appear in H100 traces of the trainer (torch 2.11, cuBLAS 13, Triton 3.6)
 KERNELS = {
@@ -102,6 +103,8 @@ def test_busy_time_merges_overlapping_kernels_and_runtime_calls_are_totalled():
                              {"ph": "X", "cat": "user_annotation", "name": "other", "ts": 14.0, "dur": 9.0},
                              {"ph": "X", "cat": "kernel", "name": "c", "ts": 40.0, "dur": 1.0}]
     assert idle_by_phase(trace) == {"backward": 15.0, "outside": 5.0}   # gaps 15-30 (in backward), 35-40
+    # at the gap's midpoint (22.5) the host is inside aten::mm, "other" and a graph launch, outermost first
+    assert longest_gaps(trace, top=1) == [{"us": 15.0, "host": ["aten::mm", "other", "cudaGraphLaunch"]}]
     assert device_busy({"traceEvents": []}) == (0.0, 0.0)
     assert runtime_calls(trace) == [{"name": "cudaGraphLaunch", "us": 10.0, "calls": 2},
                                     {"name": "cudaStreamSynchronize", "us": 4.0, "calls": 1}]

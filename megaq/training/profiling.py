@@ -124,6 +124,22 @@ def runtime_calls(trace: dict, top: int = 12) -> list[dict]:
     return [{"name": name, "us": us, "calls": count} for name, (us, count) in ordered]
 
 
+def longest_gaps(trace: dict, top: int = 10) -> list[dict]:
+    """The `top` longest GPU idle gaps: µs, and the host ops running at their midpoint (outermost
+    first): what the host was doing while the GPU waited."""
+    intervals = _busy_intervals(trace)
+    gaps = sorted(((b2 - a1, a1, b2) for (_, a1), (b2, _) in zip(intervals, intervals[1:])), reverse=True)[:top]
+    host = [(float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + float(e.get("dur", 0.0)), str(e.get("name", "?")))
+            for e in trace.get("traceEvents", [])
+            if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime", "python_function")]
+    out = []
+    for length, start, end in gaps:
+        middle = (start + end) / 2
+        running = sorted((a, -b, name) for a, b, name in host if a <= middle < b)
+        out.append({"us": length, "host": [name for _, _, name in running][:6]})
+    return out
+
+
 def host_phases(trace: dict) -> dict[str, float]:
     """Host µs spent in each `StepProfiler.phase` range ("megaq/forward", ...) of the window."""
     totals: dict[str, float] = collections.defaultdict(float)
@@ -245,6 +261,7 @@ class StepProfiler:
         summary["gpu_idle_ms_per_step"] = (span - busy) / 1000.0 / steps
         summary["runtime_calls"] = runtime_calls(trace)
         summary["host_ms_per_step"] = {name: us / 1000.0 / steps for name, us in host_phases(trace).items()}
+        summary["longest_gaps"] = longest_gaps(trace)
         summary["gpu_idle_ms_by_phase"] = {name: us / 1000.0 / steps for name, us in idle_by_phase(trace).items()}
         summary["wall_ms_per_step"] = 1000.0 * wall_seconds / steps
         summary["profiled_steps"] = [self.first, self.last]
