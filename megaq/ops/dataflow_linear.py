@@ -62,6 +62,7 @@ from .. import kernels
 from ..kernels import dataflow as dataflow_kernels
 from ..quant import QuantizedTensor, block_hadamard
 from .dataflow import Int8GradSlot, Int8Operand, carrier_like
+from . import linear as linear_ops
 from .linear import quantize_gemm_operand, quantize_operand, quantized_gemm, weight_operand
 from .recipe import Recipe, get_recipe
 
@@ -142,18 +143,29 @@ class _DataFlowLinear(torch.autograd.Function):
                                            out_block=INT8_OUTPUT_BLOCK, out_rounding="stochastic")
                 grad_x = torch.zeros((), dtype=ctx.x_dtype, device=grad_y.device).expand(ctx.x_shape)
                 ctx.grad_slot.put(grad_q, grad_x)
+        bias_sum = None   # FP32 ∇Y.sum(0), from the pass that quantizes ∇Yᵀ for the wgrad (as megaq.ops.linear)
         if ctx.needs_input_grad[3]:
             # wgrad from the saved operand: ∇Yᵀ · X̃ over tokens, then H back on the [out, C'] result
             xq = QuantizedTensor(data, scale, *ctx.xq_meta)
             if ctx.rebuild_format is not None:
                 xq = dataflow_kernels.gelu_quantize(xq, *ctx.rebuild_format)
-            grad_w = quantized_gemm(grad_y, kernels.dequantize(xq, ctx.x_dtype), recipe.wgrad,
+            gy_cols, wgrad = grad_y, recipe.wgrad
+            if (linear_ops.FUSE_BIAS_GRAD and ctx.has_bias and ctx.needs_input_grad[4]
+                    and grad_y.dtype in (torch.bfloat16, torch.float16)
+                    and wgrad.is_quantized and wgrad.hadamard and wgrad.a.scale != "lsq"):
+                bias_sum = torch.empty(grad_y.shape[1], dtype=torch.float32, device=grad_y.device)
+                gy_cols = kernels.hadamard_quantize(
+                    grad_y, wgrad.hadamard, wgrad.a.block, bits=wgrad.a.bits, rounding=wgrad.a.rounding,
+                    check=recipe.check_finite, transpose=True, column_sums_out=bias_sum)
+            grad_w = quantized_gemm(gy_cols, kernels.dequantize(xq, ctx.x_dtype), wgrad,
                                     recipe.check_finite, transpose_a=True, transpose_b=True)
             if ctx.hadamard:
                 grad_w = block_hadamard(grad_w.float(), ctx.hadamard)
             grad_w = grad_w[:, :in_features].to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[4]:
-            grad_b = grad_y.float().sum(0).to(grad_y.dtype)
+            if bias_sum is None:
+                bias_sum = grad_y.sum(0, dtype=torch.float32)   # FP32 sums, no FP32 copy of ∇Y
+            grad_b = bias_sum.to(grad_y.dtype)
         return grad_x, None, None, grad_w, grad_b, None, None, None, None, None
 
 
