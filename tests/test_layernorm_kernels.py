@@ -145,6 +145,10 @@ def test_path_choice_and_bad_input(monkeypatch):
     assert torch.equal(s, x + 1) and torch.equal(y, torch.zeros(4, 8))
     monkeypatch.setattr(dispatch, "_use_triton", lambda *t: True)
     assert ln_kernels.kernels_supported(x) and ln_kernels.kernels_supported(x.bfloat16())
+    from megaq.ops import layernorm as ln_ops
+    assert ln_ops._use_kernels(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):      # autocast's LayerNorm is FP32: its own path
+        assert not ln_ops._use_kernels(x)
     assert not ln_kernels.kernels_supported(torch.zeros(2, ln_kernels.MAX_WIDTH + 1))
     assert not ln_kernels.kernels_supported(x.double())
     with pytest.raises(ValueError, match="x and residual must match"):

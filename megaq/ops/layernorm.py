@@ -8,8 +8,8 @@ the next branch: eagerly that is an add kernel, a LayerNorm kernel, and in backw
 input-gradient and weight-gradient kernels plus an add of the stream's two gradients. On the GPU
 (`megaq.kernels.layernorm`: Triton, CUDA graph safe) the add is part of the LayerNorm's read and the
 stream's incoming gradient part of its backward's write: two kernels per LayerNorm, fwd and bwd.
-Elsewhere (CPU, widths over `megaq.kernels.layernorm.MAX_WIDTH`, and inside torch.compile, whose
-inductor fuses the composition with its neighbours) the torch composition runs, with the same results
+Elsewhere (CPU, widths over `megaq.kernels.layernorm.MAX_WIDTH`, inside torch.compile, whose
+inductor fuses the composition with its neighbours, and under autocast) the torch composition runs, with the same results
 up to FP32 summation order.
 """
 
@@ -47,8 +47,10 @@ def add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: tor
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
-    # under torch.compile the torch composition: inductor fuses it with its neighbours itself
-    return ln_kernels.kernels_supported(x) and not torch.compiler.is_compiling()
+    # under torch.compile the torch composition: inductor fuses it with its neighbours itself; under
+    # autocast too, whose LayerNorm runs in FP32 (the kernels return x's dtype)
+    return (ln_kernels.kernels_supported(x) and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(x.device.type))
 
 
 class _AddLayerNorm(torch.autograd.Function):
