@@ -114,11 +114,27 @@ def cached_weight(weight: torch.Tensor, spec: OperandSpec, hadamard: int, transp
     return entry.operand
 
 
-def _refresh(entry: _Entry, quantize) -> None:
+def _refresh(entry: _Entry, quantize, stamp: bool = True) -> None:
+    """Overwrite the entry's buffers with `quantize()`; `stamp`: it is now current (a CUDA graph
+    capture runs nothing, so `requantize_all` leaves the epochs to `mark_fresh`)."""
     fresh = quantize()
     entry.operand.data.copy_(fresh.data)
     entry.operand.scale.copy_(fresh.scale)
-    entry.epoch = _State.epoch
+    if stamp:
+        entry.epoch = _State.epoch
+
+
+def _live_entries():
+    """(weight, key, entry) of every entry whose weight is alive; drops the references to dead weights."""
+    alive = []
+    for ref in _State.weights:
+        weight = ref()
+        if weight is None:
+            continue
+        alive.append(ref)
+        for key, entry in list(weight.__dict__.get(_ATTRIBUTE, {}).items()):
+            yield weight, key, entry
+    _State.weights = alive
 
 
 def stale() -> bool:
@@ -129,39 +145,24 @@ def stale() -> bool:
 def signature() -> tuple:
     """What a captured refresh (`requantize_all` in a CUDA graph) depends on: each entry's weight,
     key and the addresses of the weight and of its buffers. A replay is valid while this is unchanged."""
-    out = []
-    for ref in _State.weights:
-        weight = ref()
-        if weight is None:
-            continue
-        for key, entry in weight.__dict__.get(_ATTRIBUTE, {}).items():
-            out.append((id(weight), weight.data_ptr(), key, entry.operand.data.data_ptr(),
-                        entry.operand.scale.data_ptr()))
-    return tuple(out)
+    return tuple((id(weight), weight.data_ptr(), key, entry.operand.data.data_ptr(), entry.operand.scale.data_ptr())
+                 for weight, key, entry in _live_entries())
 
 
 def requantize_all(requantize) -> int:
     """Requantize every entry in place, stale or not, leaving the epochs alone: the work a CUDA graph
     captures once and replays after each optimizer step (then `mark_fresh()`). Returns the count."""
     count = 0
-    for ref in _State.weights:
-        weight = ref()
-        if weight is None:
-            continue
-        for (spec, hadamard, transpose, _, _), entry in weight.__dict__.get(_ATTRIBUTE, {}).items():
-            fresh = requantize(weight, spec, hadamard, transpose)
-            entry.operand.data.copy_(fresh.data)
-            entry.operand.scale.copy_(fresh.scale)
-            count += 1
+    for weight, (spec, hadamard, transpose, _, _), entry in _live_entries():
+        _refresh(entry, lambda: requantize(weight, spec, hadamard, transpose), stamp=False)
+        count += 1
     return count
 
 
 def mark_fresh() -> None:
     """Every entry is current (a replayed `requantize_all` brought them up to date)."""
-    for ref in _State.weights:
-        weight = ref()
-        for entry in (weight.__dict__.get(_ATTRIBUTE, {}).values() if weight is not None else ()):
-            entry.epoch = _State.epoch
+    for _, _, entry in _live_entries():
+        entry.epoch = _State.epoch
     _State.refreshed_epoch = _State.epoch
 
 
@@ -172,16 +173,9 @@ def refresh_stale(requantize) -> int:
     if not _State.enabled or _State.refreshed_epoch == _State.epoch:
         return 0
     refreshed = 0
-    alive = []
-    for ref in _State.weights:
-        weight = ref()
-        if weight is None:
-            continue
-        alive.append(ref)
-        for (spec, hadamard, transpose, _, _), entry in weight.__dict__.get(_ATTRIBUTE, {}).items():
-            if entry.epoch != _State.epoch:
-                _refresh(entry, lambda: requantize(weight, spec, hadamard, transpose))
-                refreshed += 1
-    _State.weights = alive
+    for weight, (spec, hadamard, transpose, _, _), entry in _live_entries():
+        if entry.epoch != _State.epoch:
+            _refresh(entry, lambda: requantize(weight, spec, hadamard, transpose))
+            refreshed += 1
     _State.refreshed_epoch = _State.epoch
     return refreshed
