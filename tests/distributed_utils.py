@@ -10,8 +10,8 @@
     results = run_distributed(check, 2, 3.0)      # [result of rank 0, result of rank 1]
 
 Each child sets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK, uses one CPU thread (CI has
-two cores), initializes the default gloo group, calls ``fn(rank, world_size, *args)`` and
-destroys the group. If a child raises, ``run_distributed`` raises with the child's traceback; if
+two cores), initializes the default gloo group, calls ``fn(rank, world_size, *args)``, waits for
+the other ranks and destroys the group. If a child raises, ``run_distributed`` raises with the child's traceback; if
 the run exceeds ``timeout`` seconds (a deadlocked collective), the children are killed and it
 raises ``TimeoutError``.
 """
@@ -46,6 +46,12 @@ def _child(rank: int, world_size: int, port: int, result_dir: str, timeout: floa
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+        # every rank past its last collective before any closes its gloo connections: a rank that
+        # destroyed the group while a peer still finished a collective made that peer abort at exit
+        # ("terminate called without an active exception", SIGABRT; seen in CI on
+        # test_optimizer_groups_split_by_size_train_exactly_like_two_groups). Only on success: a
+        # failed rank would leave the others waiting here.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
