@@ -87,19 +87,20 @@ def _busy_intervals(trace: dict) -> list[tuple[float, float]]:
     return [(a, b) for a, b in merged]
 
 
-def device_busy(trace: dict) -> tuple[float, float]:
+def device_busy(trace: dict, intervals: Optional[list] = None) -> tuple[float, float]:
     """(µs some GPU kernel, copy or memset ran, µs from the first device event's start to the last's end):
-    the difference is the time the GPU sat idle, waiting for the host (launches, Python, syncs)."""
-    intervals = _busy_intervals(trace)
+    the difference is the time the GPU sat idle, waiting for the host (launches, Python, syncs).
+    `intervals`: `_busy_intervals(trace)` when the caller has it already."""
+    intervals = _busy_intervals(trace) if intervals is None else intervals
     if not intervals:
         return 0.0, 0.0
     return sum(b - a for a, b in intervals), intervals[-1][1] - intervals[0][0]
 
 
-def idle_by_phase(trace: dict) -> dict[str, float]:
+def idle_by_phase(trace: dict, intervals: Optional[list] = None) -> dict[str, float]:
     """The GPU's idle µs between kernels, by the `StepProfiler.phase` range the host was in when each
     gap began ("outside" when in none): which part of the step leaves the GPU waiting."""
-    intervals = _busy_intervals(trace)
+    intervals = _busy_intervals(trace) if intervals is None else intervals
     phases = sorted((float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + float(e.get("dur", 0.0)),
                      str(e["name"]).removeprefix(_PHASE_PREFIX))
                     for e in trace.get("traceEvents", [])
@@ -124,10 +125,10 @@ def runtime_calls(trace: dict, top: int = 12) -> list[dict]:
     return [{"name": name, "us": us, "calls": count} for name, (us, count) in ordered]
 
 
-def longest_gaps(trace: dict, top: int = 10) -> list[dict]:
+def longest_gaps(trace: dict, top: int = 10, intervals: Optional[list] = None) -> list[dict]:
     """The `top` longest GPU idle gaps: µs, and the host ops running at their midpoint (outermost
     first): what the host was doing while the GPU waited."""
-    intervals = _busy_intervals(trace)
+    intervals = _busy_intervals(trace) if intervals is None else intervals
     gaps = sorted(((b2 - a1, a1, b2) for (_, a1), (b2, _) in zip(intervals, intervals[1:])), reverse=True)[:top]
     host = [(float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + float(e.get("dur", 0.0)), str(e.get("name", "?")))
             for e in trace.get("traceEvents", [])
@@ -256,13 +257,15 @@ class StepProfiler:
         with open(raw) as f:
             trace = json.load(f)
         summary = summarize(device_events(trace), steps)
-        busy, span = device_busy(trace)
+        intervals = _busy_intervals(trace)
+        busy, span = device_busy(trace, intervals)
         summary["gpu_busy_ms_per_step"] = busy / 1000.0 / steps
         summary["gpu_idle_ms_per_step"] = (span - busy) / 1000.0 / steps
         summary["runtime_calls"] = runtime_calls(trace)
         summary["host_ms_per_step"] = {name: us / 1000.0 / steps for name, us in host_phases(trace).items()}
-        summary["longest_gaps"] = longest_gaps(trace)
-        summary["gpu_idle_ms_by_phase"] = {name: us / 1000.0 / steps for name, us in idle_by_phase(trace).items()}
+        summary["longest_gaps"] = longest_gaps(trace, intervals=intervals)
+        summary["gpu_idle_ms_by_phase"] = {name: us / 1000.0 / steps
+                                           for name, us in idle_by_phase(trace, intervals).items()}
         summary["wall_ms_per_step"] = 1000.0 * wall_seconds / steps
         summary["profiled_steps"] = [self.first, self.last]
         final = self.directory / f"trace_{tag}.json.gz"
