@@ -62,8 +62,8 @@ from .. import kernels
 from ..kernels import dataflow as dataflow_kernels
 from ..quant import QuantizedTensor, block_hadamard
 from .dataflow import Int8GradSlot, Int8Operand, carrier_like
-from . import linear as linear_ops
-from .linear import quantize_gemm_operand, quantize_operand, quantized_gemm, weight_operand
+from .linear import (fused_bias_sum_buffer, quantize_gemm_operand, quantize_grad_y_t, quantize_operand,
+                     quantized_gemm, weight_operand)
 from .recipe import Recipe, get_recipe
 
 INT8_OUTPUT_BLOCK = (1, 128)
@@ -149,14 +149,9 @@ class _DataFlowLinear(torch.autograd.Function):
             xq = QuantizedTensor(data, scale, *ctx.xq_meta)
             if ctx.rebuild_format is not None:
                 xq = dataflow_kernels.gelu_quantize(xq, *ctx.rebuild_format)
-            gy_cols, wgrad = grad_y, recipe.wgrad
-            if (linear_ops.FUSE_BIAS_GRAD and ctx.has_bias and ctx.needs_input_grad[4]
-                    and grad_y.dtype in (torch.bfloat16, torch.float16)
-                    and wgrad.is_quantized and wgrad.hadamard and wgrad.a.scale != "lsq"):
-                bias_sum = torch.empty(grad_y.shape[1], dtype=torch.float32, device=grad_y.device)
-                gy_cols = kernels.hadamard_quantize(
-                    grad_y, wgrad.hadamard, wgrad.a.block, bits=wgrad.a.bits, rounding=wgrad.a.rounding,
-                    check=recipe.check_finite, transpose=True, column_sums_out=bias_sum)
+            wgrad = recipe.wgrad
+            bias_sum = fused_bias_sum_buffer(grad_y, wgrad, ctx.has_bias and ctx.needs_input_grad[4])
+            gy_cols = grad_y if bias_sum is None else quantize_grad_y_t(grad_y, wgrad, recipe.check_finite, bias_sum)
             grad_w = quantized_gemm(gy_cols, kernels.dequantize(xq, ctx.x_dtype), wgrad,
                                     recipe.check_finite, transpose_a=True, transpose_b=True)
             if ctx.hadamard:

@@ -65,6 +65,26 @@ def _requantize_weight(weight, spec, hadamard, transpose):
     return quantize_operand(weight, spec, False, transpose, hadamard)
 
 
+def fused_bias_sum_buffer(grad_y: torch.Tensor, wgrad: GemmSpec, wanted: bool) -> torch.Tensor | None:
+    """An FP32 `[out]` buffer for the bias gradient ∇Y.sum(0) when the quantizer of the wgrad operand ∇Yᵀ
+    can sum it in the same pass (`FUSE_BIAS_GRAD`, an INT8 Hadamard wgrad), else None (a torch sum).
+    16-bit ∇Y only: the in-kernel sum was checked on the GPU for BF16 inputs (tools/bench_kernels.py
+    bias_sum_fusion, H100); FP32 inputs keep the torch sum until the GPU tests have run on them."""
+    if not (FUSE_BIAS_GRAD and wanted and grad_y.dtype in (torch.bfloat16, torch.float16)
+            and wgrad.is_quantized and wgrad.hadamard and wgrad.a.scale != "lsq"):
+        return None
+    return torch.empty(grad_y.shape[1], dtype=torch.float32, device=grad_y.device)
+
+
+def quantize_grad_y_t(grad_y: torch.Tensor, wgrad: GemmSpec, check: bool,
+                      bias_sum: torch.Tensor) -> QuantizedTensor:
+    """The wgrad operand ∇Yᵀ (what quantized_gemm would make), its pass also summing ∇Y's columns into
+    `bias_sum` (from `fused_bias_sum_buffer`)."""
+    return kernels.hadamard_quantize(grad_y, wgrad.hadamard, wgrad.a.block, bits=wgrad.a.bits,
+                                     rounding=wgrad.a.rounding, check=check, transpose=True,
+                                     column_sums_out=bias_sum)
+
+
 def refresh_cached_weights() -> int:
     """Bring every stale cached weight operand up to date in place (before a CUDA graph replay)."""
     return weight_cache.refresh_stale(_requantize_weight)
@@ -187,13 +207,9 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
         both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1]
         had = _dual_hadamard(grad_y, recipe.dgrad, "a", recipe.wgrad, "a") if both else 0
         wgrad = recipe.wgrad
-        bias_sum = None   # FP32 ∇Y.sum(0), filled by the quantizer of ∇Yᵀ
-        # 16-bit ∇Y only: the in-kernel sum was checked on the GPU for BF16 inputs (tools/bench_kernels.py
-        # bias_sum_fusion, H100); FP32 inputs keep the torch sum until the GPU tests have run on them
-        if (FUSE_BIAS_GRAD and ctx.has_bias and ctx.needs_input_grad[2] and ctx.needs_input_grad[1]
-                and grad_y.dtype in (torch.bfloat16, torch.float16)
-                and wgrad.is_quantized and wgrad.hadamard and wgrad.a.scale != "lsq"):
-            bias_sum = torch.empty(grad_y.shape[1], dtype=torch.float32, device=grad_y.device)
+        # FP32 ∇Y.sum(0), filled by the quantizer of ∇Yᵀ
+        bias_sum = fused_bias_sum_buffer(grad_y, wgrad, ctx.has_bias and ctx.needs_input_grad[2]
+                                         and ctx.needs_input_grad[1])
         if had:  # ∇Y for dgrad and ∇Yᵀ for wgrad from one quantizer pass over ∇Y
             spec = recipe.dgrad.a
             gy_rows, gy_cols = kernels.hadamard_quantize_dual(
@@ -208,10 +224,7 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
             # wgrad: ∇W = ∇Yᵀ · X, operands ∇Yᵀ [out, tokens] and Xᵀ [in, tokens]
             x_operand = QuantizedTensor(*saved_x, *ctx.qx_meta) if len(saved_x) == 2 else saved_x[0]
             if bias_sum is not None and not had:
-                # ∇Yᵀ quantized here (what quantized_gemm would do) so that its pass also sums the bias gradient
-                gy_cols = kernels.hadamard_quantize(
-                    grad_y, wgrad.hadamard, wgrad.a.block, bits=wgrad.a.bits, rounding=wgrad.a.rounding,
-                    check=recipe.check_finite, transpose=True, column_sums_out=bias_sum)
+                gy_cols = quantize_grad_y_t(grad_y, wgrad, recipe.check_finite, bias_sum)
             grad_w = quantized_gemm(gy_cols, x_operand, recipe.wgrad, recipe.check_finite,
                                     transpose_a=True, transpose_b=True,
                                     out_dtype=weight.dtype).to(weight.dtype)
