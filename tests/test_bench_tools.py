@@ -481,6 +481,25 @@ def test_quantizer_sweep_times_the_dual_call_against_the_two_single_calls(tmp_pa
     assert "output as theirs" in proc.stdout
 
 
+def test_quantizer_sweep_times_the_delayed_call_against_the_two_pass_call(tmp_path):
+    import subprocess
+
+    from conftest import subprocess_env
+
+    out = tmp_path / "sweep.json"
+    env = subprocess_env(MEGAQ_KERNELS="triton", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "sweep_quantizers.py"), "--tokens", "256",
+                           "--widths", "200", "--orientations", "delayed", "--quick", "--iters", "1", "--warmup", "0",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["orientation"], r["rounding"]) for r in rows] == [("delayed", "nearest"), ("delayed", "stochastic")]
+    for r in rows:   # a prediction equal to the abs-max gives the two-pass output; every plan agrees
+        assert r["vs_twopass"]["ok"] and r["twopass_us"] > 0 and r["auto_us"] > 0, r
+        assert len(r["plans"]) == 2 and all(p["ok"] and p["us"] > 0 for p in r["plans"]), r
+    assert "output as its" in proc.stdout
+
+
 def test_quantizer_sweep_flags_a_plan_whose_output_differs():
     from types import SimpleNamespace
 

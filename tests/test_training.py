@@ -403,6 +403,24 @@ def test_cached_weights_train_exactly_like_requantized_ones(demo_cache):
     assert cached["losses"] == plain["losses"] and len(cached["losses"]) == 4
 
 
+def test_delayed_scaling_trains_like_int8_and_logs_its_overflow_fraction(demo_cache, tmp_path):
+    """quant.recipe int8_delayed: the wgrad operands' scales come from earlier micro batches. The run
+    follows int8's losses closely (not exactly: other scales), and the metrics file gets the fraction of
+    features whose abs-max passed the prediction at every log step."""
+    import json
+
+    metrics = tmp_path / "metrics.jsonl"
+    cfgs = [tiny_config(demo_cache, quant={"recipe": recipe}, train={"train_steps": 6},
+                        logging={"log_interval": 1, "metrics_file": str(metrics) if recipe == "int8_delayed" else None})
+            for recipe in ("int8_delayed", "int8")]
+    delayed, plain = run_distributed(_pretrain_all, 1, cfgs, timeout=300)[0]
+    assert delayed["losses"][0] == plain["losses"][0]   # before any update: the forward is int8's
+    assert max(abs(a - b) for a, b in zip(delayed["losses"], plain["losses"])) < 0.02 * plain["losses"][0]
+    fractions = [row["quant/delayed_overflow_fraction"] for row in map(json.loads, metrics.read_text().splitlines())
+                 if "quant/delayed_overflow_fraction" in row]
+    assert len(fractions) == 6 and all(0.0 <= f < 1.0 for f in fractions), fractions
+
+
 def test_optimizer_groups_split_by_size_train_exactly_like_two_groups(demo_cache):
     """train.optimizer_group_params splits AdamW's groups (ZeRO-1 then flattens and updates them one
     at a time): an update is per parameter, so the run's losses are those of the two unsplit groups,

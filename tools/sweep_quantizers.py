@@ -17,6 +17,11 @@ Widths: GPT-2 124M (768; fc1's 3072; qkv's 2304) and a 1.3B model (2048; qkv's 6
 Rounding per width as training uses it: X is rounded to nearest at the linears' input widths, ∇Y
 stochastically at their output widths (`--widths` runs both roundings at every width given).
 
+`--orientations delayed` times `hadamard_quantize_delayed` (rows of x.T with scales predicted from an
+earlier call: the int8_delayed recipe's wgrad operands, one read of x) with the transposed plans, against
+the two-pass call of the same orientation, and checks that with the prediction equal to the abs-max (the
+same x again) its output is the two-pass output.
+
 `--orientations dual` times `hadamard_quantize_dual` (both orientations from two reads of x) against the
 two single calls (three reads) that CUDA graph captures launch (`megaq.ops.linear.DUAL_IN_GRAPHS`), and
 checks that the outputs agree.
@@ -66,7 +71,10 @@ SWEEP = {
     "dual": [dict(QUANT_WARPS=w, QUANT_PER_SM=p) for w in (8, 4) for p in (2, 1)]
     + [dict(QUANT_STAGES=s, QUANT_WARPS=8, QUANT_PER_SM=p) for s in (1, 2) for p in (2, 3)],
 }
-PER_STRIP_SWEEP = {"rows": [], "transposed": [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)], "dual": []}
+# the one-pass delayed-scaling kernel runs on the two-pass grid: the same plans
+SWEEP["delayed"] = SWEEP["transposed"]
+PER_STRIP_SWEEP = {"rows": [], "transposed": [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)], "dual": [],
+                   "delayed": [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)]}
 QUICK_SWEEP = {name: plans[:2] for name, plans in SWEEP.items()}
 
 
@@ -86,6 +94,15 @@ def quantize_call(x: torch.Tensor, orientation: str, rounding: str):
 
     if orientation == "dual":
         return dual
+    if orientation == "delayed":
+        from megaq.quant import DelayedAmax
+        state = DelayedAmax(x.shape[1], 0.95, x.device)
+
+        def delayed():
+            return kernels.hadamard_quantize_delayed(x, HADAMARD, state, rounding=rounding, generator=gen(),
+                                                     check=False, transpose=True)
+        delayed()   # seeds the prediction with x's own abs-maxes, which later calls keep
+        return delayed
     if orientation == "singles":
         return lambda: (one(False), one(True))
     return lambda: one(orientation == "transposed")
@@ -135,6 +152,12 @@ def run_case(tokens: int, width: int, orientation: str, rounding: str, plans: li
         row["singles_us"] = time_us(singles, iters, warmup, device)
         against = compare(ref, singles()) if rounding == "nearest" else compare(ref[0], singles()[0])
         row["vs_singles"] = against
+    if orientation == "delayed":
+        # the two-pass call of the same orientation: its time, and its output (the same as the delayed
+        # call's, whose prediction is x's own abs-max)
+        twopass = quantize_call(x, "transposed", rounding)
+        row["twopass_us"] = time_us(twopass, iters, warmup, device)
+        row["vs_twopass"] = compare(ref, twopass())
     for plan in plans:
         entry = {"plan": plan}
         try:
@@ -156,7 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=16384, help="rows of every input")
     ap.add_argument("--widths", help="comma-separated widths, each in both roundings (default: the cases above)")
     ap.add_argument("--orientations", default="rows,transposed",
-                    help="of rows,transposed,dual (dual: both from one call, timed against the two single calls)")
+                    help="of rows,transposed,dual,delayed (dual: both from one call, timed against the two "
+                    "single calls; delayed: x.T with predicted scales, timed against the two-pass call)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="two plans per orientation")
@@ -194,12 +218,16 @@ def main(argv=None) -> int:
             bad = [p["plan"] for p in row["plans"] if p.get("ok") is False]
             vs = (f" | singles {row['singles_us']:8.1f} µs, output {'as theirs' if row['vs_singles']['ok'] else 'DIFFERS'}"
                   if "singles_us" in row else "")
+            if "twopass_us" in row:
+                vs = (f" | two-pass {row['twopass_us']:8.1f} µs, output "
+                      f"{'as its' if row['vs_twopass']['ok'] else 'DIFFERS'}")
             print(f"{width:>6} {orientation:<10} {rounding:<10} auto {row['auto_us']:8.1f} µs{vs} | "
                   + (f"best {best['us']:8.1f} µs ({best['speedup']:.2f}×) {json.dumps(best['plan'])}" if best
                      else "no plan ran") + (f" | {len(bad)} plans outside tolerance" if bad else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": environment(), "results": rows}, indent=1) + "\n")
-    ok = all("best" in r for r in rows) and all(r["vs_singles"]["ok"] for r in rows if "vs_singles" in r)
+    ok = (all("best" in r for r in rows) and all(r["vs_singles"]["ok"] for r in rows if "vs_singles" in r)
+          and all(r["vs_twopass"]["ok"] for r in rows if "vs_twopass" in r))
     return 0 if ok else 1
 
 

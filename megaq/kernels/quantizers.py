@@ -7,6 +7,8 @@ Public functions (re-exported by `megaq.kernels`):
     quantize_dual(x2d, block, block_t, ...) -> (q of x, q of x.T)      both orientations
     hadamard_quantize(x2d, hadamard, block=(1, -1), ..., transpose=False, column_sums_out=None)
     hadamard_quantize_dual(x2d, hadamard, bits=8, ..., column_sums_out=None)
+    hadamard_quantize_delayed(x2d, hadamard, state, ..., transpose=False, column_sums_out=None)
+        per-row scales predicted by a megaq.quant.DelayedAmax (one read of x2d)
         -> (rotated x per row, rotated x.T per row); column_sums_out receives x2d.sum(0) in FP32
     dequantize(qt, dtype=torch.float32)
 
@@ -211,6 +213,30 @@ def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int,
     return q.QuantizedTensor(_pack(data, bits), scale, block, bits, (R, Cp))
 
 
+def _twopass_grid(R: int, C: int, axis: int, hadamard: int, dev, element_size: int):
+    """The two-pass kernels' tile [BR, BC], grid, strips and blocks per strip, and load stages."""
+    ov = dispatch._CONFIG_OVERRIDE or {}
+    if axis == 0:
+        BR = hadamard or ov.get("QUANT_ROWS", 64)
+        BC = ov.get("QUANT_COLS", 64 if hadamard else 128)
+    else:
+        BC = hadamard or ov.get("QUANT_COLS", 128)
+        BR = ov.get("QUANT_ROWS", 64)
+    # strips: the tile columns (axis 0) or rows (axis 1) that share scales; programs take strips in turn
+    # and split each strip's tiles among grid[1] programs
+    n_strips, n_blocks = (_cdiv(C, BC), _cdiv(R, BR)) if axis == 0 else (_cdiv(R, BR), _cdiv(C, BC))
+    programs = _persistent_programs(n_strips * n_blocks, dev, ov.get("QUANT_PER_SM", _PER_SM))
+    # programs per strip rounded down: the grid never spills past one wave of `programs`. Rounding up
+    # measured slower wherever it changes the count (H100, 16384 rows, x.T, `tools/sweep_quantizers.py
+    # --per-strip`: 2048 columns stochastic 112 -> 152 µs, 8192 376 -> 418, 6144 371 -> 414); the one
+    # width where more programs won, 6144 (96 strips: 192 programs, 299 µs at 8 per strip), is left as
+    # measured, not made a rule.
+    per_strip = ov.get("QUANT_PER_STRIP", programs // n_strips)
+    grid = (min(n_strips, programs), max(1, min(n_blocks, per_strip)))
+    stages = _pipeline_stages(ov.get("QUANT_STAGES", _TWOPASS_STAGES), BR * BC * element_size, hadamard)
+    return BR, BC, grid, n_strips, n_blocks, stages, ov.get("QUANT_WARPS", 4)
+
+
 def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0, block=None,
                     column_sums_out: torch.Tensor | None = None):
     """Per-row (axis=1) or per-column-written-transposed (axis=0) quantization over a full 2-D grid:
@@ -233,44 +259,74 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
     stochastic = rounding == "stochastic"
     seed = _seed_tensor(dev, generator) if stochastic else dummy
     flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
-    ov = dispatch._CONFIG_OVERRIDE or {}
-    if hadamard:
-        h = _rotation_matrix(hadamard, x.dtype, dev)
-    else:
-        h = dummy
-    if axis == 0:
-        BR = hadamard or ov.get("QUANT_ROWS", 64)
-        BC = ov.get("QUANT_COLS", 64 if hadamard else 128)
-    else:
-        BC = hadamard or ov.get("QUANT_COLS", 128)
-        BR = ov.get("QUANT_ROWS", 64)
+    h = _rotation_matrix(hadamard, x.dtype, dev) if hadamard else dummy
     inv = 1.0 / math.sqrt(hadamard) if hadamard else 1.0
-    # strips: the tile columns (axis 0) or rows (axis 1) that share scales; programs take strips in turn
-    # and split each strip's tiles among grid[1] programs
-    n_strips, n_blocks = (_cdiv(C, BC), _cdiv(R, BR)) if axis == 0 else (_cdiv(R, BR), _cdiv(C, BC))
-    programs = _persistent_programs(n_strips * n_blocks, dev, ov.get("QUANT_PER_SM", _PER_SM))
-    # programs per strip rounded down: the grid never spills past one wave of `programs`. Rounding up
-    # measured slower wherever it changes the count (H100, 16384 rows, x.T, `tools/sweep_quantizers.py
-    # --per-strip`: 2048 columns stochastic 112 -> 152 µs, 8192 376 -> 418, 6144 371 -> 414); the one
-    # width where more programs won, 6144 (96 strips: 192 programs, 299 µs at 8 per strip), is left as
-    # measured, not made a rule.
-    per_strip = ov.get("QUANT_PER_STRIP", programs // n_strips)
-    grid = (min(n_strips, programs), max(1, min(n_blocks, per_strip)))
-    nw = ov.get("QUANT_WARPS", 4)
-    stages = _pipeline_stages(ov.get("QUANT_STAGES", _TWOPASS_STAGES), BR * BC * x.element_size(), hadamard)
+    BR, BC, grid, n_strips, n_blocks, stages, nw = _twopass_grid(R, C, axis, hadamard, dev, x.element_size())
     assert column_sums_out is None or axis == 0, "pass 1 sums columns only where its strips are columns"
     partials = _column_sum_partials(column_sums_out, grid[1])
     _kernel("triton_quant", "_amax_partial_kernel")[grid](
         x, R_in, C_in, x.stride(0), x.stride(1), amax, h, inv, flag if check else dummy,
-        dummy if partials is None else partials, n_strips, n_blocks,
+        dummy if partials is None else partials, n_strips, n_blocks, dummy,
         BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=check,
         COLSUM=partials is not None, STAGES=stages, num_warps=nw)
     _add_column_sum_partials(partials, column_sums_out)
     _check_flag(flag, x, "quantize input")
     _kernel("triton_quant", "_quant_given_amax_kernel")[grid](
         x, R, C, R_in, C_in, x.stride(0), x.stride(1), amax, data, scale, h, inv, seed, n_strips, n_blocks,
-        BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), STOCHASTIC=stochastic,
+        dummy, dummy, dummy, dummy, BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), STOCHASTIC=stochastic,
         QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(), STAGES=stages, num_warps=nw)
+    ext = R if axis == 0 else C
+    blk = block if block is not None else (1, ext)
+    return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, out_shape)
+
+
+def _launch_delayed(x, axis, state, bits, rounding, generator, check, hadamard: int, block,
+                    column_sums_out: torch.Tensor | None):
+    """Delayed-scaling quantization (`megaq.quant.delayed`) on the two-pass grid, three launches whatever
+    the state (one CUDA graph serves the first call and the later ones; the device flag `state.valid`
+    decides): pass 1 (`_amax_partial_kernel` with SKIP) finds the exact abs-maxes into `state.track`
+    only on a state's first call and otherwise returns at once; pass 2 (`_quant_given_amax_kernel` with
+    DELAYED) quantizes with the prediction (or that exact abs-max), tracks the true one and folds in the
+    NaN/Inf check and the column sums, so that after the first call x is read once; then
+    `_delayed_update_kernel` updates the prediction."""
+    q = _quant()
+    R_in, C_in = x.shape
+    dev = x.device
+    if state.pred.device != dev:
+        raise ValueError(f"delayed-scaling state is on {state.pred.device}, the operand on {dev}")
+    track = state.track.view(torch.int32)
+    if hadamard and x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        x = x.float()
+    R = _cdiv(R_in, hadamard) * hadamard if (hadamard and axis == 0) else R_in
+    C = _cdiv(C_in, hadamard) * hadamard if (hadamard and axis == 1) else C_in
+    n = C if axis == 0 else R
+    state.check_rows(n, "delayed-scaling quantizer")
+    out_shape = (C, R) if axis == 0 else (R, C)
+    data = torch.empty(out_shape, dtype=torch.int8, device=dev)
+    scale = torch.empty((n, 1), dtype=torch.float32, device=dev)
+    dummy = _placeholder(dev, torch.int8)
+    stochastic = rounding == "stochastic"
+    seed = _seed_tensor(dev, generator) if stochastic else dummy
+    flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
+    h = _rotation_matrix(hadamard, x.dtype, dev) if hadamard else dummy
+    inv = 1.0 / math.sqrt(hadamard) if hadamard else 1.0
+    BR, BC, grid, n_strips, n_blocks, stages, nw = _twopass_grid(R, C, axis, hadamard, dev, x.element_size())
+    assert column_sums_out is None or axis == 0, "the kernel sums columns only where its strips are columns"
+    partials = _column_sum_partials(column_sums_out, grid[1])
+    _kernel("triton_quant", "_amax_partial_kernel")[grid](
+        x, R_in, C_in, x.stride(0), x.stride(1), track, h, inv, dummy, dummy, n_strips, n_blocks, state.valid,
+        BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=False, COLSUM=False,
+        STAGES=stages, SKIP=True, num_warps=nw)
+    _kernel("triton_quant", "_quant_given_amax_kernel")[grid](
+        x, R, C, R_in, C_in, x.stride(0), x.stride(1), state.pred.view(torch.int32), data, scale, h, inv, seed,
+        n_strips, n_blocks, track, flag if check else dummy, dummy if partials is None else partials,
+        state.valid, BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), STOCHASTIC=stochastic,
+        QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(), STAGES=stages, DELAYED=True, CHECK=check,
+        COLSUM=partials is not None, num_warps=nw)
+    _add_column_sum_partials(partials, column_sums_out)
+    _kernel("triton_quant", "_delayed_update_kernel")[(1,)](
+        state.pred, state.track, state.counts, state.valid, state.rows, state.decay, BLOCK=1024, num_warps=4)
+    _check_flag(flag, x, "quantize input")
     ext = R if axis == 0 else C
     blk = block if block is not None else (1, ext)
     return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, out_shape)
@@ -479,6 +535,35 @@ def hadamard_quantize(x2d: torch.Tensor, hadamard: int, block: tuple[int, int] =
         q.check_finite(view, "hadamard_quantize input")
     rotated = q.block_hadamard(q.pad_to_multiple(view.float(), hadamard), hadamard)
     return quantize(rotated, block, bits, rounding, generator, check=False)
+
+
+def hadamard_quantize_delayed(x2d: torch.Tensor, hadamard: int, state, bits: int = 8, rounding: str = "nearest",
+                              generator: torch.Generator | None = None, check: bool = True,
+                              transpose: bool = False, column_sums_out: torch.Tensor | None = None):
+    """`hadamard_quantize(x2d, hadamard, (1, -1), ...)` with delayed scaling: each row of the rotated
+    `x2d` (of `x2d.T` when `transpose`) is scaled by the abs-max that `state` (a
+    `megaq.quant.DelayedAmax` with one entry per such row) predicts from earlier calls, values past it
+    clip, and the prediction is updated in place (`megaq.quant.quantize_rows_delayed`). On the Triton
+    path one read of `x2d` after the state's first call, instead of two. column_sums_out: as in
+    `hadamard_quantize`."""
+    q = _quant()
+    view = x2d.t() if transpose else x2d
+    if view.dim() != 2:
+        raise ValueError(f"hadamard_quantize_delayed input must be 2-D; got shape {tuple(view.shape)}")
+    if hadamard not in q.SUPPORTED_HADAMARD_BLOCKS:
+        raise ValueError(f"Hadamard block must be one of {q.SUPPORTED_HADAMARD_BLOCKS}; got {hadamard}")
+    _check_args(view, bits, rounding)
+    if bits != 8:
+        raise ValueError(f"delayed scaling is defined for INT8 operands; got bits={bits}")
+    state.check_rows(view.shape[0], "hadamard_quantize_delayed")
+    fused = dispatch._use_triton(x2d) and _triton_quantizable(x2d) and hadamard >= 16
+    column_sums_out = _column_sums_for_kernel(x2d, column_sums_out, fused and transpose, "single")
+    if not fused:
+        return _ref().hadamard_quantize_delayed(x2d, hadamard, state, bits, rounding, generator, check,
+                                                transpose)
+    Cp = _cdiv(view.shape[1], hadamard) * hadamard
+    return _launch_delayed(x2d, 0 if transpose else 1, state, bits, rounding, generator, check, hadamard,
+                           (1, Cp), column_sums_out)
 
 
 def hadamard_quantize_dual(x2d: torch.Tensor, hadamard: int, bits: int = 8, rounding: str = "nearest",

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import QuantizedTensor, quantize_blockwise
+from ..quant import (DelayedAmax, QuantizedTensor, block_hadamard, check_finite, pad_to_multiple,
+                     quantize_blockwise, quantize_rows_delayed)
 
 
 def quantize(x: torch.Tensor, block: tuple[int, int], bits: int = 8, rounding: str = "nearest",
@@ -16,6 +17,18 @@ def quantize(x: torch.Tensor, block: tuple[int, int], bits: int = 8, rounding: s
              transpose: bool = False) -> QuantizedTensor:
     """Block-quantize `x` (or `x.T` when `transpose`)."""
     return quantize_blockwise(x.t() if transpose else x, block, bits, rounding, generator, check)
+
+
+def hadamard_quantize_delayed(x: torch.Tensor, hadamard: int, state: DelayedAmax, bits: int = 8,
+                              rounding: str = "nearest", generator: torch.Generator | None = None,
+                              check: bool = True, transpose: bool = False) -> QuantizedTensor:
+    """Rotate the rows of `x` (of `x.T` when `transpose`), zero padded to whole Hadamard blocks, then
+    quantize them per row with delayed scaling."""
+    view = x.t() if transpose else x
+    if check:
+        check_finite(view, "hadamard_quantize_delayed input")
+    rotated = block_hadamard(pad_to_multiple(view.float(), hadamard), hadamard)
+    return quantize_rows_delayed(rotated, state, bits, rounding, generator)
 
 
 def scaled_mm(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.float32,

@@ -596,10 +596,10 @@ def _strip_scales(strip, R, C, AXIS: tl.constexpr, BR: tl.constexpr, BC: tl.cons
 
 @triton.jit
 def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_ptr, inv_sqrt, flag_ptr,
-                         colsum_ptr, n_strips, n_blocks,
+                         colsum_ptr, n_strips, n_blocks, skip_ptr,
                          BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
                          UPCAST: tl.constexpr, CHECK: tl.constexpr, COLSUM: tl.constexpr,
-                         STAGES: tl.constexpr):
+                         STAGES: tl.constexpr, SKIP: tl.constexpr = False):
     """Pass 1 of a per-row (AXIS=1) or per-column (AXIS=0) quantization over [BR, BC] tiles: program
     (i, j) takes the strips (`_strip_tile`) i, i + grid[0], ... and, in each, the tiles j, j + grid[1],
     ... (loads STAGES deep in flight), rotates each along the reduced axis by the Hadamard block when
@@ -609,9 +609,15 @@ def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_pt
     COLSUM (AXIS=0 only): also the FP32 sums of x's columns over the rows this program read, stored
     (not added: no atomics, the result does not depend on scheduling) to colsum[j, strip columns];
     the caller adds the grid[1] rows. The bias gradient of a linear from the pass that already reads
-    ∇Y for its wgrad operand ∇Yᵀ."""
+    ∇Y for its wgrad operand ∇Yᵀ.
+
+    SKIP: no strip at all where skip[0] != 0 (delayed scaling with a valid prediction: the pass is
+    only needed to seed it, and one captured CUDA graph serves both cases)."""
     h = _load_hadamard(h_ptr, HAD)
-    for strip in tl.range(tl.program_id(0), n_strips, tl.num_programs(0)):
+    strips = n_strips
+    if SKIP:
+        strips = tl.where(tl.load(skip_ptr) != 0, 0, n_strips)
+    for strip in tl.range(tl.program_id(0), strips, tl.num_programs(0)):
         if AXIS == 0:
             m = tl.zeros([BC], tl.float32)
         else:
@@ -635,25 +641,48 @@ def _amax_partial_kernel(x_ptr, R_in, C_in, stride_xr, stride_xc, amax_ptr, h_pt
 
 @triton.jit
 def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax_ptr, q_ptr, s_ptr,
-                             h_ptr, inv_sqrt, seed_ptr, n_strips, n_blocks,
+                             h_ptr, inv_sqrt, seed_ptr, n_strips, n_blocks, track_ptr, flag_ptr, colsum_ptr,
+                             valid_ptr,
                              BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
                              UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr,
-                             RINT_LIBDEVICE: tl.constexpr, STAGES: tl.constexpr):
+                             RINT_LIBDEVICE: tl.constexpr, STAGES: tl.constexpr,
+                             DELAYED: tl.constexpr = False, CHECK: tl.constexpr = False,
+                             COLSUM: tl.constexpr = False):
     """Pass 2: quantize each tile with the finished abs-max, programs over strips and tiles as in
     pass 1. A strip's scale constants (`_divisor`) are computed once, before its tiles. AXIS=0:
     q [C, R] (x.T per row), s [C, 1]; AXIS=1: q [R, C], s [R, 1]; R, C: padded extents (Hadamard
-    blocks). Dither (`_dither_bits`): by the element's place in the payload (x.T's for AXIS=0)."""
+    blocks). Dither (`_dither_bits`): by the element's place in the payload (x.T's for AXIS=0).
+
+    DELAYED (`megaq.quant.delayed`): where valid[0] != 0, amax is a prediction, not this call's
+    abs-max, and this is the only pass over x; else (the prediction's first call) pass 1 has just put
+    the exact abs-max in track, which is used instead. Values past the abs-max clip to ±QMAX (clamped
+    before the fixed-point stochastic rounding, whose int32 would overflow far out), and the true
+    abs-max per payload row is folded into track with atomics (FP32 bits in int32) for
+    `_delayed_update_kernel`. CHECK and COLSUM are then pass 1's NaN/Inf flag and column sums
+    (COLSUM: AXIS=0 only), done here."""
     h = _load_hadamard(h_ptr, HAD)
     seed = 0
     if STOCHASTIC:
         seed = tl.load(seed_ptr)
+    TR: tl.constexpr = BC if AXIS == 0 else BR
+    TC: tl.constexpr = BR if AXIS == 0 else BC
+    if DELAYED:
+        predicted = tl.load(valid_ptr) != 0
     for strip in tl.range(tl.program_id(0), n_strips, tl.num_programs(0)):
         idx, n = _strip_scales(strip, R, C, AXIS, BR, BC)
-        s = _scale_from_amax(tl.load(amax_ptr + idx, mask=idx < n, other=0).to(tl.float32, bitcast=True), QMAX)
+        amax = tl.load(amax_ptr + idx, mask=idx < n, other=0)
+        if DELAYED:
+            amax = tl.where(predicted, amax, tl.load(track_ptr + idx, mask=idx < n, other=0))
+        s = _scale_from_amax(amax.to(tl.float32, bitcast=True), QMAX)
         if tl.program_id(1) == 0:
             tl.store(s_ptr + idx, s, mask=idx < n)
         p, sn, rn = _divisor(s)
         c = p * inv_sqrt
+        if DELAYED:
+            m = tl.zeros([TR], tl.float32)
+            limit = sn * QMAX
+        if COLSUM:
+            csum = tl.zeros([BC], tl.float32)
         for blk in tl.range(tl.program_id(1), n_blocks, tl.num_programs(1), num_stages=STAGES):
             rows, cols = _strip_tile(strip, blk, AXIS, BR, BC)
             x = _load_tile(x_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc)
@@ -668,11 +697,47 @@ def _quant_given_amax_kernel(x_ptr, R, C, R_in, C_in, stride_xr, stride_xc, amax
                 q_rows, q_cols, q_R, q_C = rows, cols, R, C
             bits = 0
             if STOCHASTIC:   # by the element's place in the payload, whose tile is [TR, TC]
-                TR: tl.constexpr = BC if AXIS == 0 else BR
-                TC: tl.constexpr = BR if AXIS == 0 else BC
                 bits = _dither_bits(seed, q_rows, tl.cdiv(q_C, 32), blk * TC, TR, TC)
-            q = _quantize_scaled(y * c[:, None], sn[:, None], rn[:, None], bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+            a = y * c[:, None]
+            if DELAYED:
+                ay = tl.abs(y)
+                if CHECK:
+                    _raise_flag(_nonfinite(ay), flag_ptr)
+                m = tl.maximum(m, tl.max(ay, axis=1))
+                a = tl.minimum(tl.maximum(a, -limit[:, None]), limit[:, None])
+            if COLSUM:
+                csum += tl.sum(x.to(tl.float32), axis=0)
+            q = _quantize_scaled(a, sn[:, None], rn[:, None], bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
             _store_payload(q_ptr, q, q_rows, q_cols, q_R, q_C, False)
+        if DELAYED:
+            tl.atomic_max(track_ptr + idx, (m * inv_sqrt).to(tl.int32, bitcast=True), mask=idx < n)
+        if COLSUM:
+            tl.store(colsum_ptr + tl.program_id(1) * C_in + idx, csum, mask=idx < C_in)
+
+
+@triton.jit
+def _delayed_update_kernel(pred_ptr, track_ptr, counts_ptr, valid_ptr, n, decay, BLOCK: tl.constexpr):
+    """After a delayed-scaling pass (`megaq.quant.delayed.update_prediction`), one program:
+    pred <- max(track, decay * pred) (pred is 0 before the first call, so that seeds it), track <- 0,
+    valid <- 1; where valid was set, the rows whose track exceeded pred and all rows are added to
+    counts[0] and counts[1]. A non-finite track (NaN/Inf input, caught by the check where it is on)
+    keeps the old prediction: one bad call must not poison every later scale. One program, so that
+    valid is read before it is written."""
+    count = tl.load(valid_ptr) != 0
+    over = tl.zeros([BLOCK], tl.int64)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < n
+        t = tl.load(track_ptr + offs, mask=live, other=0.0)
+        p = tl.load(pred_ptr + offs, mask=live, other=0.0)
+        t = tl.where(t <= 3.4028234663852886e38, t, p)
+        over += ((t > p) & live).to(tl.int64)
+        tl.store(pred_ptr + offs, tl.maximum(t, p * decay), mask=live)
+        tl.store(track_ptr + offs, tl.zeros([BLOCK], tl.float32), mask=live)
+    if count:
+        tl.store(counts_ptr, tl.load(counts_ptr) + tl.sum(over, axis=0))
+        tl.store(counts_ptr + 1, tl.load(counts_ptr + 1) + n)
+    tl.store(valid_ptr, 1)
 
 
 @triton.jit

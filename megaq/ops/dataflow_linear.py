@@ -63,7 +63,7 @@ from ..kernels import dataflow as dataflow_kernels
 from ..quant import QuantizedTensor, block_hadamard
 from .dataflow import Int8GradSlot, Int8Operand, carrier_like
 from .linear import (fused_bias_sum_buffer, quantize_gemm_operand, quantize_grad_y_t, quantize_operand,
-                     quantized_gemm, weight_operand)
+                     quantized_gemm, weight_operand, wgrad_delayed_states)
 from .recipe import Recipe, get_recipe
 
 INT8_OUTPUT_BLOCK = (1, 128)
@@ -120,6 +120,9 @@ class _DataFlowLinear(torch.autograd.Function):
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         # INT8 ∇X only where the dgrad GEMM is an integer one
         ctx.grad_slot = grad_slot if recipe.dgrad.is_quantized else None
+        # delayed scaling: the wgrad operands' predictions (Xᵀ's rows: X̃'s padded features)
+        ctx.delayed = wgrad_delayed_states(weight, recipe, in_rows=xq.shape[1]) if ctx.needs_input_grad[3] \
+            else (None, None)
         return y
 
     @staticmethod
@@ -151,9 +154,12 @@ class _DataFlowLinear(torch.autograd.Function):
                 xq = dataflow_kernels.gelu_quantize(xq, *ctx.rebuild_format)
             wgrad = recipe.wgrad
             bias_sum = fused_bias_sum_buffer(grad_y, wgrad, ctx.has_bias and ctx.needs_input_grad[4])
-            gy_cols = grad_y if bias_sum is None else quantize_grad_y_t(grad_y, wgrad, recipe.check_finite, bias_sum)
+            delayed_a, delayed_b = ctx.delayed
+            gy_cols = grad_y if bias_sum is None else quantize_grad_y_t(grad_y, wgrad, recipe.check_finite, bias_sum,
+                                                                        delayed_a)
             grad_w = quantized_gemm(gy_cols, kernels.dequantize(xq, ctx.x_dtype), wgrad,
-                                    recipe.check_finite, transpose_a=True, transpose_b=True)
+                                    recipe.check_finite, transpose_a=True, transpose_b=True,
+                                    delayed_a=delayed_a, delayed_b=delayed_b)
             if ctx.hadamard:
                 grad_w = block_hadamard(grad_w.float(), ctx.hadamard)
             grad_w = grad_w[:, :in_features].to(weight.dtype)

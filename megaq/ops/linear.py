@@ -14,16 +14,22 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..quant import QuantizedTensor, block_hadamard, check_finite, lsq_quantize, pad_to_multiple
-from . import weight_cache
+from ..quant import DelayedAmax, QuantizedTensor, block_hadamard, check_finite, lsq_quantize, pad_to_multiple
+from . import delayed_scaling, weight_cache
 from .int4_linear import Int4QuantizedLinear
 from .recipe import GemmSpec, OperandSpec, Recipe, get_recipe
 
 
 def quantize_operand(x: torch.Tensor, spec: OperandSpec, check: bool, transpose: bool = False,
-                     hadamard: int = 0) -> QuantizedTensor:
+                     hadamard: int = 0, delayed: DelayedAmax | None = None) -> QuantizedTensor:
     """Quantize a GEMM operand `[rows, reduction]` (or `x.T` when `transpose`) per its spec, after a
-    block Hadamard rotation of the reduction axis when `hadamard` > 0."""
+    block Hadamard rotation of the reduction axis when `hadamard` > 0. A "delayed" spec takes its
+    scales from (and updates) the prediction `delayed` (`wgrad_delayed_states`)."""
+    if spec.scale == "delayed":
+        if delayed is None:
+            raise ValueError("an operand with scale 'delayed' needs its prediction state (wgrad_delayed_states)")
+        return kernels.hadamard_quantize_delayed(x, hadamard, delayed, bits=spec.bits, rounding=spec.rounding,
+                                                 check=check, transpose=transpose)
     if spec.scale == "lsq":
         src = x.t() if transpose else x
         if check:
@@ -39,12 +45,25 @@ def quantize_operand(x: torch.Tensor, spec: OperandSpec, check: bool, transpose:
 
 
 def quantize_gemm_operand(x: torch.Tensor, spec: GemmSpec, side: str, check: bool,
-                          transpose: bool = False) -> QuantizedTensor:
+                          transpose: bool = False, delayed: DelayedAmax | None = None) -> QuantizedTensor:
     """Operand `side` ("a" or "b") of the quantized GEMM `spec`, `[rows, reduction]` (or `x.T` when
     `transpose`): quantized per its operand spec after the GEMM's reduction-axis rotation, if any
     (zero padded to whole Hadamard blocks, which leaves the product unchanged because both operands
-    are padded alike; fused with the quantizer)."""
-    return quantize_operand(x, getattr(spec, side), check, transpose, hadamard=spec.hadamard)
+    are padded alike; fused with the quantizer). `delayed`: the operand's prediction, for a "delayed" spec."""
+    return quantize_operand(x, getattr(spec, side), check, transpose, hadamard=spec.hadamard, delayed=delayed)
+
+
+def wgrad_delayed_states(weight: torch.Tensor, recipe: Recipe,
+                         in_rows: int | None = None) -> tuple[DelayedAmax | None, DelayedAmax | None]:
+    """The predictions of the wgrad operands ∇Yᵀ (one per output feature) and Xᵀ (one per input
+    feature, or `in_rows` where the operand is padded) of the layer owning `weight` `[out, in]`, each
+    None unless its spec is "delayed"."""
+    wgrad = recipe.wgrad
+    a = (delayed_scaling.state_for(weight, "wgrad.a", weight.shape[0], recipe.delayed_decay)
+         if wgrad.a.scale == "delayed" else None)
+    b = (delayed_scaling.state_for(weight, "wgrad.b", in_rows or weight.shape[1], recipe.delayed_decay)
+         if wgrad.b.scale == "delayed" else None)
+    return a, b
 
 
 def weight_operand(weight: torch.Tensor, spec: GemmSpec, check: bool,
@@ -77,9 +96,13 @@ def fused_bias_sum_buffer(grad_y: torch.Tensor, wgrad: GemmSpec, wanted: bool) -
 
 
 def quantize_grad_y_t(grad_y: torch.Tensor, wgrad: GemmSpec, check: bool,
-                      bias_sum: torch.Tensor) -> QuantizedTensor:
+                      bias_sum: torch.Tensor, delayed: DelayedAmax | None = None) -> QuantizedTensor:
     """The wgrad operand ∇Yᵀ (what quantized_gemm would make), its pass also summing ∇Y's columns into
-    `bias_sum` (from `fused_bias_sum_buffer`)."""
+    `bias_sum` (from `fused_bias_sum_buffer`). `delayed`: its prediction, for a "delayed" spec."""
+    if wgrad.a.scale == "delayed":
+        return kernels.hadamard_quantize_delayed(grad_y, wgrad.hadamard, delayed, bits=wgrad.a.bits,
+                                                 rounding=wgrad.a.rounding, check=check, transpose=True,
+                                                 column_sums_out=bias_sum)
     return kernels.hadamard_quantize(grad_y, wgrad.hadamard, wgrad.a.block, bits=wgrad.a.bits,
                                      rounding=wgrad.a.rounding, check=check, transpose=True,
                                      column_sums_out=bias_sum)
@@ -98,19 +121,21 @@ def requantize_all_cached_weights() -> int:
 def quantized_gemm(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | QuantizedTensor, spec: GemmSpec,
                    check: bool = True, transpose_a: bool = False, transpose_b: bool = False,
                    out_dtype: torch.dtype = torch.float32,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, delayed_a: DelayedAmax | None = None,
+                   delayed_b: DelayedAmax | None = None) -> torch.Tensor:
     """`A · Bᵀ (+ bias)` in `out_dtype` (bf16 specs: in the inputs' dtype), both operands
     `[rows, reduction]`; the output conversion and the bias run in the GEMM's epilogue.
 
     `transpose_a/b` say the operand is given as its transpose `[reduction, rows]`, which lets the
     quantizer write the reduction-major layout in the same pass instead of a separate transpose.
-    An operand may arrive already quantized for this GEMM (`quantize_gemm_operand`)."""
+    An operand may arrive already quantized for this GEMM (`quantize_gemm_operand`). `delayed_a/b`:
+    the operands' predictions where their specs are "delayed" (`wgrad_delayed_states`)."""
     if not spec.is_quantized:
         a = a.t() if transpose_a else a
         b = b.t() if transpose_b else b
         return F.linear(a, b, bias)
-    qa = a if isinstance(a, QuantizedTensor) else quantize_gemm_operand(a, spec, "a", check, transpose_a)
-    qb = b if isinstance(b, QuantizedTensor) else quantize_gemm_operand(b, spec, "b", check, transpose_b)
+    qa = a if isinstance(a, QuantizedTensor) else quantize_gemm_operand(a, spec, "a", check, transpose_a, delayed_a)
+    qb = b if isinstance(b, QuantizedTensor) else quantize_gemm_operand(b, spec, "b", check, transpose_b, delayed_b)
     return kernels.scaled_mm(qa, qb, out_dtype=out_dtype, bias=bias)
 
 
@@ -184,11 +209,15 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.x_dtype = x2d.dtype
         saved_x = None
+        # delayed scaling: the backward gets ∇Yᵀ's prediction from here, where `weight` is the layer's own
+        ctx.delayed_a = None
         if ctx.needs_input_grad[1]:
+            ctx.delayed_a, delayed_b = wgrad_delayed_states(weight, recipe)
             if recipe.wgrad.is_quantized:
                 # wgrad: ∇W = ∇Yᵀ · X, operand Xᵀ [in, tokens]
                 if qx is None:
-                    qx = quantize_gemm_operand(x2d, recipe.wgrad, "b", recipe.check_finite, transpose=True)
+                    qx = quantize_gemm_operand(x2d, recipe.wgrad, "b", recipe.check_finite, transpose=True,
+                                               delayed=delayed_b)
                 ctx.qx_meta = (qx.block, qx.bits, qx.shape)
                 saved_x = (qx.data, qx.scale)
             else:
@@ -224,10 +253,10 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
             # wgrad: ∇W = ∇Yᵀ · X, operands ∇Yᵀ [out, tokens] and Xᵀ [in, tokens]
             x_operand = QuantizedTensor(*saved_x, *ctx.qx_meta) if len(saved_x) == 2 else saved_x[0]
             if bias_sum is not None and not had:
-                gy_cols = quantize_grad_y_t(grad_y, wgrad, recipe.check_finite, bias_sum)
+                gy_cols = quantize_grad_y_t(grad_y, wgrad, recipe.check_finite, bias_sum, ctx.delayed_a)
             grad_w = quantized_gemm(gy_cols, x_operand, recipe.wgrad, recipe.check_finite,
                                     transpose_a=True, transpose_b=True,
-                                    out_dtype=weight.dtype).to(weight.dtype)
+                                    out_dtype=weight.dtype, delayed_a=ctx.delayed_a).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             if bias_sum is None:
                 bias_sum = grad_y.sum(0, dtype=torch.float32)
@@ -245,6 +274,10 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         raise ValueError(f"quantized_linear: input features {x.shape[-1]} != weight in_features "
                          f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
     x2d = x.reshape(-1, x.shape[-1])
+    if not torch.is_grad_enabled():
+        # inside an autograd Function, needs_input_grad follows requires_grad even under no_grad: without
+        # this the forward would quantize Xᵀ for a wgrad that never comes (and move delayed predictions)
+        weight = weight.detach()
     fn = Int4QuantizedLinear if recipe.int4_backward is not None else _PerGemmQuantizedLinear
     y = fn.apply(x2d, weight, bias, recipe)
     return y.reshape(*x.shape[:-1], weight.shape[0])

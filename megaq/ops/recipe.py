@@ -24,7 +24,9 @@ from typing import Any, Mapping
 from ..quant import HQ_SCALE_MODES, LSS_MODES, ROUNDING_MODES, SUPPORTED_HADAMARD_BLOCKS
 
 FORMATS = ("bf16", "int8", "int4")
-SCALE_MODES = ("max",) + tuple(m for m in HQ_SCALE_MODES if m != "row")  # "max" | "lsq"
+# "max": this call's abs-max; "lsq": a per-tensor LSQ step (INT4); "delayed": an abs-max predicted from
+# earlier calls (the wgrad operands; megaq.quant.delayed)
+SCALE_MODES = ("max",) + tuple(m for m in HQ_SCALE_MODES if m != "row") + ("delayed",)
 
 
 class RecipeError(ValueError):
@@ -43,7 +45,8 @@ class OperandSpec:
     fmt: str = "bf16"
     block: tuple[int, int] = (1, -1)
     rounding: str = "nearest"
-    scale: str = "max"  # "max": amax/qmax per block; "lsq": per-tensor LSQ step (INT4 only)
+    scale: str = "max"  # "max": amax/qmax per block; "lsq": per-tensor LSQ step (INT4 only);
+                        # "delayed": the abs-max predicted from earlier calls (wgrad operands, INT8 per row)
 
     def validate(self, where: str) -> None:
         _check_choice(f"{where}.fmt", self.fmt, FORMATS)
@@ -53,6 +56,9 @@ class OperandSpec:
             raise RecipeError(f"{where}.block must be two positive ints or -1; got {self.block!r}")
         if self.scale == "lsq" and self.fmt != "int4":
             raise RecipeError(f"{where}.scale 'lsq' is only defined for fmt 'int4'")
+        if self.scale == "delayed" and (self.fmt != "int8" or tuple(self.block) != (1, -1)):
+            raise RecipeError(f"{where}.scale 'delayed' is defined for fmt 'int8' with one scale per row, "
+                              f"block [1, -1]; got fmt {self.fmt!r}, block {list(self.block)}")
 
     @property
     def bits(self) -> int:
@@ -104,11 +110,25 @@ class Recipe:
     wgrad: GemmSpec = field(default_factory=GemmSpec)
     int4_backward: Int4Backward | None = None
     check_finite: bool = True  # NaN/Inf check on quantizer inputs (one reduction per operand)
+    # delayed scaling (operands with scale "delayed"): the prediction decays by this factor per call
+    # unless the call's abs-max is larger (megaq.quant.delayed)
+    delayed_decay: float = 0.95
 
     def __post_init__(self) -> None:
         self.forward.validate("forward")
         self.dgrad.validate("dgrad")
         self.wgrad.validate("wgrad")
+        for where in ("forward.a", "forward.b", "dgrad.a", "dgrad.b"):
+            gemm, side = where.split(".")
+            if getattr(getattr(self, gemm), side).scale == "delayed":
+                # their rows are tokens (new every call) or weight rows (quantized once per step anyway)
+                raise RecipeError(f"{where}.scale 'delayed' is not supported: only the wgrad operands, "
+                                  "whose rows are features seen again every call, can use a prediction")
+        if (self.wgrad.a.scale == "delayed" or self.wgrad.b.scale == "delayed") and not self.wgrad.hadamard:
+            raise RecipeError("wgrad operands with scale 'delayed' need a Hadamard rotation (wgrad.hadamard > 0): "
+                              "the one-pass kernel is the rotated quantizer's")
+        if not 0.0 <= self.delayed_decay <= 1.0:
+            raise RecipeError(f"delayed_decay must be in [0, 1]; got {self.delayed_decay!r}")
         if self.int4_backward is not None:
             self.int4_backward.validate("int4_backward")
             if self.forward.a.fmt != "int4" or not self.forward.hadamard:
@@ -154,6 +174,15 @@ def _int8_hadamard(name: str, block: int) -> Recipe:
                   GemmSpec(OperandSpec("int8", row, "stochastic"), OperandSpec("int8", row), hadamard=block))
 
 
+def _int8_delayed(name: str, block: int) -> Recipe:
+    """`_int8_hadamard` with delayed scaling of the wgrad operands Xᵀ and ∇Yᵀ: their per-feature scales
+    come from earlier calls' abs-maxes, so their quantizer reads the tensor once instead of twice."""
+    base = _int8_hadamard(name, block)
+    delayed = dataclasses.replace(base.wgrad, a=dataclasses.replace(base.wgrad.a, scale="delayed"),
+                                  b=dataclasses.replace(base.wgrad.b, scale="delayed"))
+    return dataclasses.replace(base, wgrad=delayed)
+
+
 def _int4(name: str, scale: str, lss: str, hadamard: int = 32) -> Recipe:
     """HQ forward: Hadamard-rotated INT4 with a per-row ("max") or LSQ per-tensor ("lsq") scale."""
     row = (1, -1)
@@ -168,6 +197,7 @@ def _int4(name: str, scale: str, lss: str, hadamard: int = 32) -> Recipe:
 RECIPE_PRESETS: dict[str, Recipe] = {
     "bf16": Recipe("bf16"),
     "int8": _int8_hadamard("int8", 128),
+    "int8_delayed": _int8_delayed("int8_delayed", 128),
     "int8_block128": _int8_blockwise("int8_block128", (1, 128), (128, 128)),
     "int8_block32": _int8_blockwise("int8_block32", (1, 32), (32, 32)),
     "int8_jetfire": _int8_square("int8_jetfire", 32),

@@ -44,7 +44,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from megaq.ops import weight_cache
+from megaq.ops import delayed_scaling, weight_cache
 from megaq.ops.linear import graph_warmup, refresh_cached_weights, requantize_all_cached_weights
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class _BlockGraph:
         self.static_grads: tuple | None = None     # (grad input, grads of the trainable params), each or None
         self.awaiting_backward = False
         self.saves_input = True       # whether the block's backward reads its input (found in the warm-up)
+        self.aliases: list[torch.Tensor] = []     # the parameter aliases captured through (see _capture)
         # Where the replays read the input: static_input, or an unowned alias of its memory once that
         # memory went back to the pool (see _release_unsaved_output); None before the capture.
         self.input_view: torch.Tensor | None = None
@@ -233,6 +234,10 @@ class BlockGraphs:
         params = [[p for _, p in block.named_parameters()] for block in self.blocks]
         aliases = [[p.detach().requires_grad_(p.requires_grad) for p in ps] for ps in params]
         graphs = [_BlockGraph(i, ps) for i, ps in enumerate(params)]
+        for g, alias in zip(graphs, aliases):
+            # what the captured kernels read that lives on the aliases (cached weight operands, delayed-
+            # scaling predictions: megaq.ops.weight_cache, megaq.ops.delayed_scaling) lives as long as the graphs
+            g.aliases = alias
 
         def run(i: int, x: torch.Tensor) -> torch.Tensor:
             with self.suspended():
@@ -262,6 +267,9 @@ class BlockGraphs:
             del out, x
         gc.collect()   # the first warm-up's autograd graphs (the saved-tensor hooks made them cycles)
         torch.cuda.current_stream().wait_stream(side)
+        # delayed scaling: the warm-up's backward ran on all-ones output gradients, nothing like the real
+        # ones; forget its predictions, so that the first replay seeds them from real data
+        delayed_scaling.reset_all()
         torch.cuda.synchronize()
         # The warm-up ran eagerly outside the graphs' pool: hand its cached segments back before the
         # capture, so that the pool takes that memory over instead of adding to it (the process's

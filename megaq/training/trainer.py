@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megaq.data import DataIterator, ResumableSampler, collate_samples
-from megaq.ops import get_recipe, weight_cache
+from megaq.ops import delayed_scaling, get_recipe, weight_cache
 from megaq.parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
                             get_data_parallel_world_size, initialize_model_parallel, model_parallel_seed)
 from megaq.training.checkpoint import CheckpointError, CheckpointManager, resolve_checkpoint
@@ -267,6 +267,9 @@ def _train(cfg: MegaqConfig, env) -> dict:
                             f"find the first quantizer input that holds NaN/Inf")
                     reporter.train_step(step, loss_value, lr, _grad_norm(engine), throughput.report())
                     reporter.scalars(comm_bytes.report(), step)
+                    clipped, quantized = delayed_scaling.take_overflow_counts()
+                    if quantized:   # delayed scaling: how often a feature's abs-max passed its prediction
+                        reporter.scalars({"quant/delayed_overflow_fraction": clipped / quantized}, step)
 
                 if cfg.train.eval_interval and data.valid is not None and (
                         step % cfg.train.eval_interval == 0 or step == layout.train_steps):
