@@ -165,6 +165,19 @@ def test_linear_first_call_is_int8_and_later_calls_stay_within_its_bounds():
 
 
 @parent_only
+def test_states_live_on_their_weight_and_reset_per_weight():
+    from megaq.ops.delayed_scaling import reset_states_of, state_for
+
+    w1, w2 = torch.zeros(8, 4), torch.zeros(8, 4)
+    a1 = state_for(w1, "wgrad.a", 8, 0.95)
+    assert state_for(w1, "wgrad.a", 8, 0.95) is a1 and state_for(w2, "wgrad.a", 8, 0.95) is not a1
+    for state in (a1, state_for(w2, "wgrad.a", 8, 0.95)):
+        quantize_rows_delayed(torch.ones(8, 16), state)
+    assert reset_states_of([w1]) == 1
+    assert int(a1.valid) == 0 and int(state_for(w2, "wgrad.a", 8, 0.95).valid) == 1
+
+
+@parent_only
 def test_recipe_validation_names_the_problem():
     with pytest.raises(RecipeError, match="forward.a.scale 'delayed' is not supported"):
         get_recipe({"preset": "int8", "forward": {"a": {"scale": "delayed"}}})

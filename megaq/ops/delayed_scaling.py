@@ -24,7 +24,7 @@ import torch
 from ..quant import DelayedAmax
 
 _ATTRIBUTE = "_megaq_delayed_amax"
-_STATES: list[weakref.ref] = []   # every state made, for take_overflow_counts() and reset_all()
+_STATES: list[weakref.ref] = []   # every state made, for take_overflow_counts()
 
 
 def state_for(weight: torch.Tensor, operand: str, rows: int, decay: float) -> DelayedAmax:
@@ -66,7 +66,12 @@ def take_overflow_counts() -> tuple[int, int]:
     return over, total
 
 
-def reset_all() -> None:
-    """Forget every prediction: the next call of each operand quantizes with its exact abs-max again."""
-    for s in _live():
-        s.reset()
+def reset_states_of(weights) -> int:
+    """Forget the predictions kept on these weight tensors (e.g. the aliases a CUDA graph warm-up ran
+    through); other layers' and other models' predictions stay. Returns how many were reset."""
+    count = 0
+    for weight in weights:
+        for state in getattr(weight, _ATTRIBUTE, {}).values():
+            state.reset()
+            count += 1
+    return count

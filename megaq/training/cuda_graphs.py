@@ -269,7 +269,7 @@ class BlockGraphs:
         torch.cuda.current_stream().wait_stream(side)
         # delayed scaling: the warm-up's backward ran on all-ones output gradients, nothing like the real
         # ones; forget its predictions, so that the first replay seeds them from real data
-        delayed_scaling.reset_all()
+        delayed_scaling.reset_states_of(alias for g in graphs for alias in g.aliases)
         torch.cuda.synchronize()
         # The warm-up ran eagerly outside the graphs' pool: hand its cached segments back before the
         # capture, so that the pool takes that memory over instead of adding to it (the process's
