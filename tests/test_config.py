@@ -207,7 +207,7 @@ def test_shipped_configs_are_valid(path, tmp_path):
 
 
 def test_gpt2_configs_have_gpt2_124m_shape():
-    for name, recipe in (("gpt2_bf16", "bf16"), ("gpt2_int8", "int8"), ("gpt2_int4", "int4")):
+    for name, recipe in (("gpt2_bf16", "bf16"), ("gpt2_int8", "int8_delayed"), ("gpt2_int4", "int4")):
         cfg = load_config(REPO / "configs" / f"{name}.json")
         assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.seq_len) == (12, 768, 12, 1024)
         assert cfg.quant.recipe == recipe
