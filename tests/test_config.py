@@ -122,7 +122,11 @@ def test_deepspeed_config_is_filled_from_train():
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
     assert "bf16" not in ds and "fp16" not in ds  # FP32 on CPU
     assert ds["wall_clock_breakdown"] is True and ds["zero_optimization"] == {"stage": 1}
-    assert build_deepspeed_config(cfg, layout, "bf16")["bf16"] == {"enabled": True}
+    # BF16 without DeepSpeed's per-parameter overflow scan (megaq checks the gradient norm instead);
+    # a config's own bf16 section is kept as given
+    assert build_deepspeed_config(cfg, layout, "bf16")["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    own = config_from_dict(with_(bf16={"enabled": True}))
+    assert build_deepspeed_config(own, resolve_layout(own, 1), "bf16")["bf16"] == {"enabled": True}
     # DeepSpeed's throughput timer (a device sync per micro batch) is off unless the config sets it
     assert ds["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
     timed = config_from_dict(with_(timers={"throughput": {"enabled": True}}))

@@ -28,6 +28,52 @@ def _pretrain_all(rank, world_size, cfg_dicts):
     return [pretrain(config_from_dict(c)) for c in cfg_dicts]
 
 
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are all NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _pretrain_with_nan_gradients_at(rank, world_size, cfg_dict, micro_batch: int, deepspeed_skips: bool):
+    """pretrain() with micro batch number `micro_batch` (1-based, training forwards only) giving NaN
+    gradients; returns the FloatingPointError's message (or None), the checkpoints on disk and the
+    summary. `deepspeed_skips=False` makes the trainer treat DeepSpeed as not skipping such steps (what it
+    is in megaq's BF16 configs on GPUs; on the CPU's FP32 DeepSpeed does skip them)."""
+    from megaq.models import GPT
+    from megaq.training import trainer
+    from megaq.training.config import config_from_dict
+
+    if not deepspeed_skips:
+        trainer.deepspeed_skips_nonfinite_steps = lambda ds_config: False
+
+    real_forward, calls = GPT.forward, [0]
+
+    def forward(self, input_ids, labels=None):
+        out = real_forward(self, input_ids, labels)
+        if self.training and labels is not None and torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == micro_batch:
+                out = _NanGradient.apply(out)
+        return out
+
+    GPT.forward = forward
+    summary = error = None
+    try:
+        summary = trainer.pretrain(config_from_dict(cfg_dict))
+    except FloatingPointError as e:
+        error = str(e)
+    finally:
+        GPT.forward = real_forward
+    ckpt = cfg_dict["checkpoint"]["dir"]
+    return error, sorted(n for n in os.listdir(ckpt) if n.startswith("step_")), summary
+
+
 def _fell(losses: list[float]) -> bool:
     return sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
 
@@ -419,6 +465,48 @@ def test_delayed_scaling_trains_like_int8_and_logs_its_overflow_fraction(demo_ca
     fractions = [row["quant/delayed_overflow_fraction"] for row in map(json.loads, metrics.read_text().splitlines())
                  if "quant/delayed_overflow_fraction" in row]
     assert len(fractions) == 6 and all(0.0 <= f < 1.0 for f in fractions), fractions
+
+
+def test_nonfinite_gradients_stop_the_run_before_a_checkpoint_of_them(demo_cache, tmp_path):
+    """A step whose gradients are NaN (DeepSpeed without its overflow check: FP32 here, megaq's BF16
+    default on GPUs) raises FloatingPointError at the next check, a log step or a checkpoint, naming the
+    steps and the last good checkpoint; no checkpoint of the NaN weights is written. Log every 4 steps and
+    save every 2: the NaN comes in step 3 (micro batches 5-6), the save at step 4 refuses."""
+    cfg = tiny_config(demo_cache, train={"train_steps": 8}, logging={"log_interval": 4},
+                      checkpoint={"dir": str(tmp_path / "ckpt"), "save_interval": 2})
+    error, saved, _ = run_distributed(_pretrain_with_nan_gradients_at, 1, cfg, 5, False, timeout=300)[0]
+    assert error is not None and "gradient norm was NaN/Inf at step 3" in error, error   # a float norm here
+    assert "step_00000002" in error
+    assert saved == ["step_00000002"]
+    # where DeepSpeed skips the step itself (FP32 here), the run goes on to its end
+    cfg["checkpoint"]["dir"] = str(tmp_path / "ckpt2")
+    error, saved, summary = run_distributed(_pretrain_with_nan_gradients_at, 1, cfg, 5, True, timeout=300)[0]
+    assert error is None and summary["final_step"] == 8 and saved[-1] == "step_00000008"
+    assert all(math.isfinite(v) for v in summary["losses"])
+
+
+def test_nonfinite_gradient_guard_folds_tensor_norms_without_syncing_and_names_the_steps():
+    from types import SimpleNamespace
+
+    from megaq.training.config import deepspeed_skips_nonfinite_steps
+    from megaq.training.nonfinite import NonfiniteGradients
+
+    norms = iter([torch.tensor(1.0), torch.tensor(2.0), torch.tensor(float("inf")), torch.tensor(1.0)])
+    engine = SimpleNamespace(get_global_grad_norm=lambda: next(norms))
+    guard = NonfiniteGradients(enabled=True)
+    guard.step_done(engine, 1)
+    guard.step_done(engine, 2)
+    guard.check(2, None)                       # finite so far
+    guard.step_done(engine, 3)
+    guard.step_done(engine, 4)                 # finite again: the flag stays set
+    with pytest.raises(FloatingPointError, match=r"at a step in 3\.\.4.*checkpoint is ckpt/step_2"):
+        guard.check(4, "ckpt/step_2")
+    off = NonfiniteGradients(enabled=False)
+    off.step_done(SimpleNamespace(get_global_grad_norm=lambda: torch.tensor(float("nan"))), 1)
+    off.check(1, None)
+    assert not deepspeed_skips_nonfinite_steps({"bf16": {"enabled": True, "check_grad_overflow": False}})
+    assert deepspeed_skips_nonfinite_steps({"bf16": {"enabled": True}})
+    assert deepspeed_skips_nonfinite_steps({"fp16": {"enabled": True}}) and deepspeed_skips_nonfinite_steps({})
 
 
 def test_optimizer_groups_split_by_size_train_exactly_like_two_groups(demo_cache):

@@ -793,6 +793,17 @@ def validate_communication(cfg: MegaqConfig, layout: Layout, ds_config: dict, de
         raise ConfigError(str(err)) from None
 
 
+def deepspeed_skips_nonfinite_steps(ds_config: dict) -> bool:
+    """Whether DeepSpeed itself skips an optimizer step whose gradient norm is NaN/Inf: in FP16 and FP32
+    (its ZeRO optimizer checks the norm it clips with; "OVERFLOW! Skipping step"), and in BF16 unless
+    `check_grad_overflow` is false (DeepSpeed's default: true; megaq's BF16 configs: false)."""
+    for key in ("bf16", "bfloat16"):
+        section = ds_config.get(key) or {}
+        if section.get("enabled"):
+            return bool(section.get("check_grad_overflow", True))
+    return True
+
+
 def build_deepspeed_config(cfg: MegaqConfig, layout: Layout, precision: str) -> dict:
     """The dict for ``deepspeed.initialize(config=...)``: the user's DeepSpeed keys plus what megaq
     derives (batch sizes, precision, clipping)."""
@@ -806,7 +817,13 @@ def build_deepspeed_config(cfg: MegaqConfig, layout: Layout, precision: str) -> 
     ds["gradient_clipping"] = cfg.train.grad_clip
     if not any(k in ds for k in ("bf16", "bfloat16", "fp16")):
         if precision == "bf16":
-            ds["bf16"] = {"enabled": True}
+            # DeepSpeed's BF16 overflow check scans every parameter's gradient with ~6 small kernels each
+            # and synchronizes the device: ~50 ms of host time per 1.3B step during which the GPU waits
+            # (with its per-group norm checks, 145 ms of GPU idle per step; docs/PERFORMANCE.md). BF16 has
+            # no loss scale to back off, so megaq checks the gradient norm DeepSpeed computes anyway
+            # instead, without a sync (NonfiniteGradients in megaq.training.trainer): a non-finite
+            # step stops the run before any checkpoint of it. A config's own "bf16" section keeps its choice.
+            ds["bf16"] = {"enabled": True, "check_grad_overflow": False}
         elif precision == "fp16":
             ds["fp16"] = {"enabled": True}
     # megaq passes a torch.optim.AdamW; ZeRO would refuse it as "untested" otherwise.

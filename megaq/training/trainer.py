@@ -30,9 +30,8 @@ from megaq.ops import delayed_scaling, get_recipe, weight_cache
 from megaq.parallel import (destroy_model_parallel, get_data_parallel_group, get_data_parallel_rank,
                             get_data_parallel_world_size, initialize_model_parallel, model_parallel_seed)
 from megaq.training.checkpoint import CheckpointError, CheckpointManager, resolve_checkpoint
-from megaq.training.config import (MegaqConfig, build_deepspeed_config, resolve_layout,
-                                   validate_communication,
-                                   resolve_precision)
+from megaq.training.config import (MegaqConfig, build_deepspeed_config, deepspeed_skips_nonfinite_steps,
+                                   resolve_layout, resolve_precision, validate_communication)
 from megaq.training.data import prepare_data
 from megaq.training.distributed import configure_cpu_threads, destroy_distributed, init_distributed
 from megaq.training.engine import (apply_config_to_optimizer, build_training_engine,
@@ -40,6 +39,7 @@ from megaq.training.engine import (apply_config_to_optimizer, build_training_eng
 from megaq.training.metrics import (CommBytesPerStep, Throughput, count_deepspeed_collectives,
                                     current_device_peak_tflops)
 from megaq.training.memory import MemoryPhases
+from megaq.training.nonfinite import NonfiniteGradients
 from megaq.training.profiling import StepProfiler
 from megaq.training.progress import ProgressReporter, setup_console_logging
 from megaq.training.quant_error import QuantErrorProbe
@@ -207,11 +207,13 @@ def _train(cfg: MegaqConfig, env) -> dict:
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.profile_dir, enabled=rank == 0)
     step_losses: list[torch.Tensor] = []
     last_saved_step = step if resumed_from else None
+    nonfinite = NonfiniteGradients(enabled=not deepspeed_skips_nonfinite_steps(ds_config))
 
     def save(at_step: int) -> None:
         nonlocal last_saved_step
         if manager.directory is None or last_saved_step == at_step:
             return
+        nonfinite.check(at_step, summary.get("last_checkpoint"))   # never save non-finite weights
         t0 = time.perf_counter()
         with comm_bytes.excluded():
             path = manager.save(engine, at_step, {"consumed_samples": batches.consumed_samples,
@@ -245,6 +247,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
                         loss_sum += loss.detach().float()
                 weight_cache.weights_updated()  # the optimizer stepped: cached quantized weights are stale
                 step += 1
+                nonfinite.step_done(engine, step)
                 step_loss = _dp_mean(loss_sum / layout.gradient_accumulation_steps)
                 step_losses.append(step_loss)
                 throughput.exclude(profiler.step_done(step))  # writing the trace is not training time
@@ -259,6 +262,7 @@ def _train(cfg: MegaqConfig, env) -> dict:
                     summary["quant_errors"][step] = errors
 
                 if step % cfg.logging.log_interval == 0 or step in (1, layout.train_steps):
+                    nonfinite.check(step, summary.get("last_checkpoint"))
                     loss_value = float(step_loss.item())
                     if not math.isfinite(loss_value):
                         raise FloatingPointError(
