@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -237,47 +238,81 @@ def _twopass_grid(R: int, C: int, axis: int, hadamard: int, dev, element_size: i
     return BR, BC, grid, n_strips, n_blocks, stages, ov.get("QUANT_WARPS", 4)
 
 
+@dataclass
+class _TwoPassLaunch:
+    """What the two-pass grid's kernels (and the one-pass delayed-scaling kernel on the same grid) take
+    besides their own buffers: the input (FP32 where the rotation needs it), its extents (R, C padded to
+    whole Hadamard blocks along the reduced axis), the payload and scales to fill, the seed, the NaN
+    flag (None without the check), the rotation, and the grid (`_twopass_grid`)."""
+    x: torch.Tensor
+    R_in: int
+    C_in: int
+    R: int
+    C: int
+    n: int                     # rows of the payload: one scale each
+    data: torch.Tensor
+    scale: torch.Tensor
+    dummy: torch.Tensor
+    seed: torch.Tensor
+    flag: torch.Tensor | None
+    h: torch.Tensor
+    inv: float
+    BR: int
+    BC: int
+    grid: tuple[int, int]
+    n_strips: int
+    n_blocks: int
+    stages: int
+    num_warps: int
+
+    @classmethod
+    def plan(cls, x, axis, rounding, generator, check, hadamard: int) -> "_TwoPassLaunch":
+        R_in, C_in = x.shape
+        dev = x.device
+        if hadamard and x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            x = x.float()
+        R = _cdiv(R_in, hadamard) * hadamard if (hadamard and axis == 0) else R_in
+        C = _cdiv(C_in, hadamard) * hadamard if (hadamard and axis == 1) else C_in
+        n = C if axis == 0 else R
+        dummy = _placeholder(dev, torch.int8)
+        return cls(x, R_in, C_in, R, C, n,
+                   torch.empty((C, R) if axis == 0 else (R, C), dtype=torch.int8, device=dev),
+                   torch.empty((n, 1), dtype=torch.float32, device=dev), dummy,
+                   _seed_tensor(dev, generator) if rounding == "stochastic" else dummy,
+                   torch.zeros(1, dtype=torch.int32, device=dev) if check else None,
+                   _rotation_matrix(hadamard, x.dtype, dev) if hadamard else dummy,
+                   1.0 / math.sqrt(hadamard) if hadamard else 1.0,
+                   *_twopass_grid(R, C, axis, hadamard, dev, x.element_size()))
+
+    def result(self, axis, bits, block):
+        ext = self.R if axis == 0 else self.C
+        blk = block if block is not None else (1, ext)
+        return _quant().QuantizedTensor(_pack(self.data, bits), self.scale, blk, bits, tuple(self.data.shape))
+
+
 def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0, block=None,
                     column_sums_out: torch.Tensor | None = None):
     """Per-row (axis=1) or per-column-written-transposed (axis=0) quantization over a full 2-D grid:
     pass 1 folds tile abs-maxes into a per-row/column buffer with atomics, pass 2 re-reads the
     tiles and quantizes. Hadamard rotation (zero padded) along the reduced axis when hadamard > 0.
     column_sums_out (axis=0): receives x.sum(0) in FP32 from pass 1 (`_column_sum_partials`)."""
-    q = _quant()
-    R_in, C_in = x.shape
-    dev = x.device
-    if hadamard and x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        x = x.float()
-    R = _cdiv(R_in, hadamard) * hadamard if (hadamard and axis == 0) else R_in
-    C = _cdiv(C_in, hadamard) * hadamard if (hadamard and axis == 1) else C_in
-    n = C if axis == 0 else R
-    amax = torch.zeros(n, dtype=torch.int32, device=dev)
-    out_shape = (C, R) if axis == 0 else (R, C)
-    data = torch.empty(out_shape, dtype=torch.int8, device=dev)
-    scale = torch.empty((n, 1), dtype=torch.float32, device=dev)
-    dummy = _placeholder(dev, torch.int8)
-    stochastic = rounding == "stochastic"
-    seed = _seed_tensor(dev, generator) if stochastic else dummy
-    flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
-    h = _rotation_matrix(hadamard, x.dtype, dev) if hadamard else dummy
-    inv = 1.0 / math.sqrt(hadamard) if hadamard else 1.0
-    BR, BC, grid, n_strips, n_blocks, stages, nw = _twopass_grid(R, C, axis, hadamard, dev, x.element_size())
+    L = _TwoPassLaunch.plan(x, axis, rounding, generator, check, hadamard)
+    amax = torch.zeros(L.n, dtype=torch.int32, device=L.x.device)
     assert column_sums_out is None or axis == 0, "pass 1 sums columns only where its strips are columns"
-    partials = _column_sum_partials(column_sums_out, grid[1])
-    _kernel("triton_quant", "_amax_partial_kernel")[grid](
-        x, R_in, C_in, x.stride(0), x.stride(1), amax, h, inv, flag if check else dummy,
-        dummy if partials is None else partials, n_strips, n_blocks, dummy,
-        BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=check,
-        COLSUM=partials is not None, STAGES=stages, num_warps=nw)
+    partials = _column_sum_partials(column_sums_out, L.grid[1])
+    _kernel("triton_quant", "_amax_partial_kernel")[L.grid](
+        L.x, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), amax, L.h, L.inv, L.flag if check else L.dummy,
+        L.dummy if partials is None else partials, L.n_strips, L.n_blocks, L.dummy,
+        BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=check,
+        COLSUM=partials is not None, STAGES=L.stages, num_warps=L.num_warps)
     _add_column_sum_partials(partials, column_sums_out)
-    _check_flag(flag, x, "quantize input")
-    _kernel("triton_quant", "_quant_given_amax_kernel")[grid](
-        x, R, C, R_in, C_in, x.stride(0), x.stride(1), amax, data, scale, h, inv, seed, n_strips, n_blocks,
-        dummy, dummy, dummy, dummy, BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), STOCHASTIC=stochastic,
-        QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(), STAGES=stages, num_warps=nw)
-    ext = R if axis == 0 else C
-    blk = block if block is not None else (1, ext)
-    return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, out_shape)
+    _check_flag(L.flag, x, "quantize input")
+    _kernel("triton_quant", "_quant_given_amax_kernel")[L.grid](
+        L.x, L.R, L.C, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), amax, L.data, L.scale, L.h, L.inv, L.seed,
+        L.n_strips, L.n_blocks, L.dummy, L.dummy, L.dummy, L.dummy, BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard,
+        UPCAST=_interpreting(), STOCHASTIC=rounding == "stochastic", QMAX=_qmax(bits),
+        RINT_LIBDEVICE=_rint_libdevice(), STAGES=L.stages, num_warps=L.num_warps)
+    return L.result(axis, bits, block)
 
 
 def _launch_delayed(x, axis, state, bits, rounding, generator, check, hadamard: int, block,
@@ -289,47 +324,29 @@ def _launch_delayed(x, axis, state, bits, rounding, generator, check, hadamard: 
     DELAYED) quantizes with the prediction (or that exact abs-max), tracks the true one and folds in the
     NaN/Inf check and the column sums, so that after the first call x is read once; then
     `_delayed_update_kernel` updates the prediction."""
-    q = _quant()
-    R_in, C_in = x.shape
-    dev = x.device
-    if state.pred.device != dev:
-        raise ValueError(f"delayed-scaling state is on {state.pred.device}, the operand on {dev}")
+    if state.pred.device != x.device:
+        raise ValueError(f"delayed-scaling state is on {state.pred.device}, the operand on {x.device}")
+    L = _TwoPassLaunch.plan(x, axis, rounding, generator, check, hadamard)
+    state.check_rows(L.n, "delayed-scaling quantizer")
     track = state.track.view(torch.int32)
-    if hadamard and x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        x = x.float()
-    R = _cdiv(R_in, hadamard) * hadamard if (hadamard and axis == 0) else R_in
-    C = _cdiv(C_in, hadamard) * hadamard if (hadamard and axis == 1) else C_in
-    n = C if axis == 0 else R
-    state.check_rows(n, "delayed-scaling quantizer")
-    out_shape = (C, R) if axis == 0 else (R, C)
-    data = torch.empty(out_shape, dtype=torch.int8, device=dev)
-    scale = torch.empty((n, 1), dtype=torch.float32, device=dev)
-    dummy = _placeholder(dev, torch.int8)
-    stochastic = rounding == "stochastic"
-    seed = _seed_tensor(dev, generator) if stochastic else dummy
-    flag = torch.zeros(1, dtype=torch.int32, device=dev) if check else None
-    h = _rotation_matrix(hadamard, x.dtype, dev) if hadamard else dummy
-    inv = 1.0 / math.sqrt(hadamard) if hadamard else 1.0
-    BR, BC, grid, n_strips, n_blocks, stages, nw = _twopass_grid(R, C, axis, hadamard, dev, x.element_size())
     assert column_sums_out is None or axis == 0, "the kernel sums columns only where its strips are columns"
-    partials = _column_sum_partials(column_sums_out, grid[1])
-    _kernel("triton_quant", "_amax_partial_kernel")[grid](
-        x, R_in, C_in, x.stride(0), x.stride(1), track, h, inv, dummy, dummy, n_strips, n_blocks, state.valid,
-        BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=False, COLSUM=False,
-        STAGES=stages, SKIP=True, num_warps=nw)
-    _kernel("triton_quant", "_quant_given_amax_kernel")[grid](
-        x, R, C, R_in, C_in, x.stride(0), x.stride(1), state.pred.view(torch.int32), data, scale, h, inv, seed,
-        n_strips, n_blocks, track, flag if check else dummy, dummy if partials is None else partials,
-        state.valid, BR=BR, BC=BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), STOCHASTIC=stochastic,
-        QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(), STAGES=stages, DELAYED=True, CHECK=check,
-        COLSUM=partials is not None, num_warps=nw)
+    partials = _column_sum_partials(column_sums_out, L.grid[1])
+    _kernel("triton_quant", "_amax_partial_kernel")[L.grid](
+        L.x, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), track, L.h, L.inv, L.dummy, L.dummy, L.n_strips,
+        L.n_blocks, state.valid, BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=False,
+        COLSUM=False, STAGES=L.stages, SKIP=True, num_warps=L.num_warps)
+    _kernel("triton_quant", "_quant_given_amax_kernel")[L.grid](
+        L.x, L.R, L.C, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), state.pred.view(torch.int32), L.data, L.scale,
+        L.h, L.inv, L.seed, L.n_strips, L.n_blocks, track, L.flag if check else L.dummy,
+        L.dummy if partials is None else partials, state.valid, BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard,
+        UPCAST=_interpreting(), STOCHASTIC=rounding == "stochastic", QMAX=_qmax(bits),
+        RINT_LIBDEVICE=_rint_libdevice(), STAGES=L.stages, DELAYED=True, CHECK=check,
+        COLSUM=partials is not None, num_warps=L.num_warps)
     _add_column_sum_partials(partials, column_sums_out)
     _kernel("triton_quant", "_delayed_update_kernel")[(1,)](
         state.pred, state.track, state.counts, state.valid, state.rows, state.decay, BLOCK=1024, num_warps=4)
-    _check_flag(flag, x, "quantize input")
-    ext = R if axis == 0 else C
-    blk = block if block is not None else (1, ext)
-    return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, out_shape)
+    _check_flag(L.flag, x, "quantize input")
+    return L.result(axis, bits, block)
 
 
 def _check_column_sums_out(out: torch.Tensor, x2d: torch.Tensor) -> None:
