@@ -266,7 +266,7 @@ class QuantConfig(_Section):
     """Precision of the linear layers (recipes are defined in megaq.ops)."""
     recipe: Union[str, dict] = Field(
         "bf16", description="Recipe of the transformer blocks' linear layers (QKV, out-projection, fc1, "
-        "fc2): a preset name (bf16, int8, int8_jetfire, int4, ...) or a mapping "
+        "fc2): a preset name (bf16, int8, int8_delayed, int8_jetfire, int4, ...; docs/NUMERICS.md) or a mapping "
         "{\"preset\": ..., overrides} (see megaq.ops.get_recipe).")
     lm_head_recipe: Union[str, dict] = Field("bf16", description="Recipe of the output layer (lm_head).")
     data_flow: Literal["bf16", "int8"] = Field(
