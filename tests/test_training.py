@@ -210,12 +210,18 @@ def _pretrain_quantized_tp(rank, world_size, cfg_dicts):
 
 
 def test_tensor_parallel_runs_under_int8_and_int4(demo_cache):
+    """TP=2 (with sequence parallelism under the INT8 recipes): every quantized linear works on its shard,
+    delayed scaling's predictions included (one per shard's features)."""
     cfgs = [tiny_config(demo_cache, parallel={"tensor_parallel": 2, "sequence_parallel": True},
                         quant={"recipe": "int8", "log_error_interval": 2}, train={"train_steps": 3}),
             tiny_config(demo_cache, parallel={"tensor_parallel": 2}, quant={"recipe": "int4"},
-                        train={"train_steps": 3}, zero_optimization={"stage": 0})]
-    int8, int4 = run_distributed(_pretrain_quantized_tp, 2, cfgs, timeout=300)[0]
-    for summary in (int8, int4):
+                        train={"train_steps": 3}, zero_optimization={"stage": 0}),
+            tiny_config(demo_cache, parallel={"tensor_parallel": 2, "sequence_parallel": True},
+                        quant={"recipe": "int8_delayed"}, train={"train_steps": 3})]
+    int8, int4, delayed = run_distributed(_pretrain_quantized_tp, 2, cfgs, timeout=300)[0]
+    assert delayed["losses"][0] == int8["losses"][0]   # the first forward is int8's
+    assert max(abs(a - b) for a, b in zip(delayed["losses"], int8["losses"])) < 0.02 * int8["losses"][0]
+    for summary in (int8, int4, delayed):
         assert summary["final_step"] == 3 and all(math.isfinite(x) for x in summary["losses"])
         assert summary["losses"][0] == pytest.approx(math.log(257), rel=0.05)  # starts near uniform
     # Rank 0 measured every quantized linear layer's forward error at step 2: small, not zero.
