@@ -11,7 +11,7 @@ Per call, with `pred` the prediction (one FP32 per row) and `amax` this call's t
 - the payload is `clamp(round(v / (pred / qmax)), -qmax, qmax)`: values past a stale prediction clip;
 - the prediction becomes `max(amax, decay · pred)`: it follows growth at once (after one call) and
   forgets a past peak geometrically;
-- rows where `amax > pred` are counted (`overflow_rows`), so the clipping is observable.
+- rows where `amax > pred` are counted (`DelayedAmax.counts`), so the clipping is observable.
 The first call of a state has no prediction: it uses the exact abs-max (what the undelayed quantizer
 does) and seeds the prediction with it.
 
@@ -62,8 +62,8 @@ class DelayedAmax:
                              f"has {rows}; one state serves one operand of one layer")
 
     def reset(self) -> None:
-        """Forget the prediction: the next call uses the exact abs-max again (e.g. after loading a
-        checkpoint, whose weights the old prediction did not come from)."""
+        """Forget the prediction: the next call uses the exact abs-max again (e.g. after a CUDA graph's
+        warm-up, whose inputs were not the real ones)."""
         self.pred.zero_()
         self.track.zero_()
         self.valid.zero_()
