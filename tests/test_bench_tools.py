@@ -556,3 +556,26 @@ def test_results_name_the_checkouts_commit_and_not_an_enclosing_ones(tmp_path, m
     monkeypatch.setenv("MEGAQ_COMMIT", "abc1234")
     assert env.checkout_commit(nested) == "abc1234" and env.checkout_commit(plain) == "abc1234"
     assert env.environment(nested)["commit"] == "abc1234"
+
+
+# ---------------------------------------------------------------------------------------------------
+# tools/bench_block.py (GPU-only; its table from results here)
+
+def test_block_table_reports_graphed_times_against_graphed_bf16():
+    spec = importlib.util.spec_from_file_location("bench_block", REPO_ROOT / "tools" / "bench_block.py")
+    bench_block = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_block)
+
+    def row(variant, ms, ms_graphs=None):
+        r = {"width": 4096, "seq": 2048, "batch": 8, "variant": variant, "ms": ms,
+             "peak_bytes": 2**30, "saved_bytes": 2**29}
+        if ms_graphs is not None:
+            r["ms_graphs"] = ms_graphs
+        return r
+
+    plain = bench_block.table([row("bf16", 10.0), row("int8", 8.0)])
+    assert "graphs ms" not in plain and "| 4096 | 16384 | int8 | 8.00 | 1.25× | 1024 |" in plain
+    graphed = bench_block.table([row("bf16", 10.0, 9.0), row("int8", 8.0, 6.0), row("int4", 20.0)])
+    assert "| graphs ms | vs BF16 |" in graphed
+    assert "| 4096 | 16384 | int8 | 8.00 | 1.25× | 6.00 | 1.50× | 1024 |" in graphed
+    assert "| 4096 | 16384 | int4 | 20.00 | 0.50× | — | — | 1024 |" in graphed

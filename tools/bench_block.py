@@ -129,7 +129,20 @@ def breakdown(blk, x, g, steps: int = 3) -> dict[str, float]:
     return groups
 
 
-def run(width: int, seq: int, batch: int, variant: str, warmup: int, iters: int, profile: bool) -> dict:
+def graphed_times(width: int, seq: int, variant: str, x, g, warmup: int, iters: int) -> list[float]:
+    """Step times of a fresh block whose forward and backward replay CUDA graphs, as the trainer runs
+    its blocks (`train.cuda_graphs`: megaq.training.cuda_graphs.BlockGraphs; the first call captures)."""
+    from megaq.training.cuda_graphs import BlockGraphs
+    blk = build(width, seq, variant)
+    BlockGraphs([blk])
+    step(blk, x, g)        # warm-up and capture, outside the timed calls
+    times = event_times(functools.partial(step, blk, x, g), iters, warmup)
+    del blk
+    return times
+
+
+def run(width: int, seq: int, batch: int, variant: str, warmup: int, iters: int, profile: bool,
+        graphs: bool = False) -> dict:
     blk = build(width, seq, variant)
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(seq, batch, width, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
@@ -142,7 +155,11 @@ def run(width: int, seq: int, batch: int, variant: str, warmup: int, iters: int,
            "peak_bytes": peak_memory(blk, x, g), "saved_bytes": saved_bytes(blk, x)}
     if profile:
         out["breakdown_ms"] = breakdown(blk, x, g)
-    del blk, x, g
+    del blk
+    if graphs:
+        times = graphed_times(width, seq, variant, x, g, warmup, iters)
+        out["ms_graphs"], out["ms_graphs_all"] = statistics.median(times), times
+    del x, g
     torch.cuda.empty_cache()
     return out
 
@@ -151,15 +168,20 @@ def table(results: list[dict]) -> str:
     base = {(r["width"]): r for r in results if r["variant"] == "bf16"}
     found = {c for r in results for c in r.get("breakdown_ms", {})}
     cols = [name for name, _ in KERNEL_CATEGORIES + [(OTHER, None)] if name in found]
-    lines = ["| width | tokens | variant | ms | vs BF16 | peak MiB | vs BF16 | saved MiB | vs BF16 | "
-             + " | ".join(f"{c} ms" for c in cols) + " |",
-             "|" + " --- |" * (9 + len(cols))]
+    graphed = any("ms_graphs" in r for r in results)
+    lines = ["| width | tokens | variant | ms | vs BF16 | " + ("graphs ms | vs BF16 | " if graphed else "")
+             + "peak MiB | vs BF16 | saved MiB | vs BF16 | " + " | ".join(f"{c} ms" for c in cols) + " |",
+             "|" + " --- |" * (9 + 2 * graphed + len(cols))]
     for r in results:
         b = base.get(r["width"])
         ratio = lambda key, inverse=False: (f"{(b[key] / r[key] if inverse else r[key] / b[key]):.2f}×"
                                             if b else "—")
         parts = [str(r["width"]), str(r["seq"] * r["batch"]), r["variant"], f"{r['ms']:.2f}",
-                 ratio("ms", inverse=True), f"{r['peak_bytes'] / 2**20:.0f}", ratio("peak_bytes"),
+                 ratio("ms", inverse=True)]
+        if graphed:
+            parts += ([f"{r['ms_graphs']:.2f}", ratio("ms_graphs", inverse=True)] if "ms_graphs" in r
+                      else ["—", "—"])
+        parts += [f"{r['peak_bytes'] / 2**20:.0f}", ratio("peak_bytes"),
                  f"{r['saved_bytes'] / 2**20:.0f}", ratio("saved_bytes")]
         bd = r.get("breakdown_ms", {})
         parts += [f"{bd[c]:.2f}" if c in bd else "—" for c in cols]
@@ -176,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-profile", action="store_true", help="skip the per-operator breakdown")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time each block replayed from CUDA graphs, as train.cuda_graphs runs it")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -191,10 +215,11 @@ def main(argv=None) -> int:
     results = []
     for width in (int(w) for w in args.widths.split(",")):
         for variant in variants:
-            r = run(width, args.seq, batch, variant, args.warmup, args.iters, not args.no_profile)
+            r = run(width, args.seq, batch, variant, args.warmup, args.iters, not args.no_profile, args.graphs)
             results.append(r)
-            print(f"width {width} {variant}: {r['ms']:.2f} ms, peak {r['peak_bytes'] / 2**20:.0f} MiB, "
-                  f"saved {r['saved_bytes'] / 2**20:.0f} MiB", flush=True)
+            print(f"width {width} {variant}: {r['ms']:.2f} ms"
+                  + (f" (graphs {r['ms_graphs']:.2f} ms)" if "ms_graphs" in r else "")
+                  + f", peak {r['peak_bytes'] / 2**20:.0f} MiB, saved {r['saved_bytes'] / 2**20:.0f} MiB", flush=True)
             if args.json:       # after every run: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(table(results))
