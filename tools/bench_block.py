@@ -170,7 +170,7 @@ def table(results: list[dict]) -> str:
     cols = [name for name, _ in KERNEL_CATEGORIES + [(OTHER, None)] if name in found]
     graphed = any("ms_graphs" in r for r in results)
     lines = ["| width | tokens | variant | ms | vs BF16 | " + ("graphs ms | vs BF16 | " if graphed else "")
-             + "peak MiB | vs BF16 | saved MiB | vs BF16 | " + " | ".join(f"{c} ms" for c in cols) + " |",
+             + "peak MiB | vs BF16 | saved MiB | vs BF16 |" + "".join(f" {c} ms |" for c in cols),
              "|" + " --- |" * (9 + 2 * graphed + len(cols))]
     for r in results:
         b = base.get(r["width"])
