@@ -506,6 +506,18 @@ def quantize_dual(x2d: torch.Tensor, block: tuple[int, int], block_t: tuple[int,
             quantize(x2d, block_t, bits, rounding, generator, check, True))
 
 
+def _rotated_view(x2d: torch.Tensor, hadamard: int, transpose: bool, name: str) -> torch.Tensor:
+    """The tensor whose rows a Hadamard quantizer rotates (`x2d`, or `x2d.T` when `transpose`), after
+    checking that it is 2-D and that the Hadamard block is one the rotation supports."""
+    view = x2d.t() if transpose else x2d
+    if view.dim() != 2:
+        raise ValueError(f"{name} input must be 2-D; got shape {tuple(view.shape)}")
+    blocks = _quant().SUPPORTED_HADAMARD_BLOCKS
+    if hadamard not in blocks:
+        raise ValueError(f"Hadamard block must be one of {blocks}; got {hadamard}")
+    return view
+
+
 def hadamard_quantize(x2d: torch.Tensor, hadamard: int, block: tuple[int, int] = (1, -1), bits: int = 8,
                       rounding: str = "nearest", generator: torch.Generator | None = None,
                       check: bool = True, transpose: bool = False,
@@ -520,11 +532,7 @@ def hadamard_quantize(x2d: torch.Tensor, hadamard: int, block: tuple[int, int] =
     kernel's choosing. The fused `transpose` path sums in its first pass over x2d (no extra read) where
     x2d is wide enough for that to pay (`_COLUMN_SUMS_MIN_COLS`); every other path with torch."""
     q = _quant()
-    view = x2d.t() if transpose else x2d
-    if view.dim() != 2:
-        raise ValueError(f"hadamard_quantize input must be 2-D; got shape {tuple(view.shape)}")
-    if hadamard not in q.SUPPORTED_HADAMARD_BLOCKS:
-        raise ValueError(f"Hadamard block must be one of {q.SUPPORTED_HADAMARD_BLOCKS}; got {hadamard}")
+    view = _rotated_view(x2d, hadamard, transpose, "hadamard_quantize")
     R, C_in = view.shape
     Cp = math.ceil(C_in / hadamard) * hadamard
     br, bc = q.resolve_block(block, (R, Cp))
@@ -563,12 +571,7 @@ def hadamard_quantize_delayed(x2d: torch.Tensor, hadamard: int, state, bits: int
     clip, and the prediction is updated in place (`megaq.quant.quantize_rows_delayed`). On the Triton
     path one read of `x2d` after the state's first call, instead of two. column_sums_out: as in
     `hadamard_quantize`."""
-    q = _quant()
-    view = x2d.t() if transpose else x2d
-    if view.dim() != 2:
-        raise ValueError(f"hadamard_quantize_delayed input must be 2-D; got shape {tuple(view.shape)}")
-    if hadamard not in q.SUPPORTED_HADAMARD_BLOCKS:
-        raise ValueError(f"Hadamard block must be one of {q.SUPPORTED_HADAMARD_BLOCKS}; got {hadamard}")
+    view = _rotated_view(x2d, hadamard, transpose, "hadamard_quantize_delayed")
     _check_args(view, bits, rounding)
     if bits != 8:
         raise ValueError(f"delayed scaling is defined for INT8 operands; got bits={bits}")
