@@ -178,6 +178,37 @@ def test_states_live_on_their_weight_and_reset_per_weight():
 
 
 @parent_only
+def test_predictions_round_trip_through_a_state_dict_by_parameter_name():
+    from megaq.ops.delayed_scaling import load_state_dict, state_dict
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 32))
+
+    def train_step(m, seed):
+        for p in m.parameters():
+            p.grad = None
+        x = torch.randn(160, 64, generator=torch.Generator().manual_seed(seed))
+        h = quantized_linear(x, m[0].weight, m[0].bias, "int8_delayed")
+        quantized_linear(h, m[1].weight, m[1].bias, "int8_delayed").square().sum().backward()
+        return [p.grad.clone() for p in m.parameters()]
+
+    a, b = model(), model()
+    for seed in range(3):
+        train_step(a, seed)
+    saved = state_dict(a)
+    assert sorted(saved) == ["0.weight:wgrad.a", "0.weight:wgrad.b", "1.weight:wgrad.a", "1.weight:wgrad.b"]
+    assert load_state_dict(b, saved) == 4
+    torch.manual_seed(5)
+    grads_a = train_step(a, 9)
+    torch.manual_seed(5)
+    grads_b = train_step(b, 9)   # with a's predictions: the same scales, the same gradients
+    assert all(torch.equal(ga, gb) for ga, gb in zip(grads_a, grads_b))
+    with pytest.raises(ValueError, match="no parameter 'extra.weight'"):
+        load_state_dict(b, {"extra.weight:wgrad.a": saved["0.weight:wgrad.a"]})
+
+
+@parent_only
 def test_recipe_validation_names_the_problem():
     with pytest.raises(RecipeError, match="forward.a.scale 'delayed' is not supported"):
         get_recipe({"preset": "int8", "forward": {"a": {"scale": "delayed"}}})

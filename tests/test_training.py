@@ -115,10 +115,12 @@ def test_data_parallel_zero_1_2_3_train_and_agree(demo_cache, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Resume
 
-def test_resume_continues_the_same_loss_sequence(demo_cache, tmp_path):
+@pytest.mark.parametrize("recipe", ["int8", "int8_delayed"])
+def test_resume_continues_the_same_loss_sequence(demo_cache, tmp_path, recipe):
     """N steps straight == k steps, stop, resume, N-k steps: bit for bit on CPU FP32, with dropout
-    and the INT8 recipe's stochastic rounding (so the RNG states must be restored too), DP=2."""
-    common = dict(model={"dropout": 0.1}, quant={"recipe": "int8"},
+    and the INT8 recipe's stochastic rounding (so the RNG states must be restored too), DP=2; with
+    delayed scaling the checkpoint also carries each rank's predictions."""
+    common = dict(model={"dropout": 0.1}, quant={"recipe": recipe},
                   train={"train_steps": 6, "decay_steps": 6, "micro_batch_size": 2, "global_batch_size": 8})
     straight = tiny_config(demo_cache, checkpoint={"dir": str(tmp_path / "a"), "save_at_end": False}, **common)
     first = tiny_config(demo_cache, checkpoint={"dir": str(tmp_path / "b")}, **common)
@@ -130,6 +132,8 @@ def test_resume_continues_the_same_loss_sequence(demo_cache, tmp_path):
     assert b2["resumed_from"].endswith("step_00000003") and b2["start_step"] == 3
     assert b1["losses"] == a["losses"][:3]
     assert b2["losses"] == a["losses"][3:], (a["losses"], b1["losses"], b2["losses"])
+    predictions = sorted((tmp_path / "b" / "step_00000003").glob("megaq_delayed_rank*.pt"))
+    assert len(predictions) == (2 if recipe == "int8_delayed" else 0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,8 +8,11 @@ buffers, whose addresses a graph capture then keeps. The forward looks up both o
 hands the backward its own through the autograd context (the backward's saved weight may be another
 tensor object under saved-tensor hooks).
 
-Predictions are not checkpointed: they are statistics of recent activations and gradients, and a resumed
-run rebuilds them with one exact (two-pass) quantization per operand.
+Checkpoints keep them (`state_dict` / `load_state_dict`, one file per rank: each data-parallel rank
+predicts from its own data), so that a resumed run quantizes exactly as the uninterrupted one would.
+Under CUDA graphs the states live on the parameter aliases the graphs were captured through
+(megaq.training.cuda_graphs), which `state_dict` does not see: such a run is checkpointed without them,
+and a resumed one seeds them again with one exact (two-pass) quantization per operand.
 
 `take_overflow_counts()` sums, over every live state, the rows whose abs-max passed their prediction
 since the last call: how often values clipped (the trainer logs the fraction).
@@ -64,6 +67,36 @@ def take_overflow_counts() -> tuple[int, int]:
         over, total = over + int(summed[0]), total + int(summed[1])
         torch._foreach_zero_(counts)
     return over, total
+
+
+def state_dict(model: torch.nn.Module) -> dict[str, dict]:
+    """The predictions kept on `model`'s parameters, on the CPU, by "parameter name:operand"."""
+    saved = {}
+    for name, weight in model.named_parameters():
+        for (operand, rows, decay), state in getattr(weight, _ATTRIBUTE, {}).items():
+            saved[f"{name}:{operand}"] = {"rows": rows, "decay": decay, "pred": state.pred.cpu(),
+                                          "valid": state.valid.cpu()}
+    return saved
+
+
+def load_state_dict(model: torch.nn.Module, saved: dict[str, dict]) -> int:
+    """Restore predictions saved by `state_dict` onto `model`'s parameters of the same names. Returns
+    how many were restored; an entry whose parameter is missing or has another shape raises ValueError
+    (a checkpoint of another model)."""
+    params = dict(model.named_parameters())
+    for key, entry in saved.items():
+        name, _, operand = key.rpartition(":")
+        weight = params.get(name)
+        if weight is None:
+            raise ValueError(f"delayed-scaling state {key!r}: the model has no parameter {name!r}")
+        state = state_for(weight, operand, int(entry["rows"]), float(entry["decay"]))
+        if tuple(entry["pred"].shape) != (state.rows,):
+            raise ValueError(f"delayed-scaling state {key!r}: {tuple(entry['pred'].shape)} predictions for "
+                             f"{state.rows} rows")
+        state.pred.copy_(entry["pred"])
+        state.valid.copy_(entry["valid"])
+        state.track.zero_()
+    return len(saved)
 
 
 def reset_states_of(weights) -> int:

@@ -7,6 +7,8 @@ Layout of `checkpoint.dir` (a file system all ranks share):
     step_00000100/              one committed checkpoint
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's files
         megaq_rng_rank00000.pt  RNG states of global rank 0 (python, numpy, torch CPU/CUDA, TP stream)
+        megaq_delayed_rank00000.pt  global rank 0's delayed-scaling predictions (megaq.ops.delayed_scaling),
+                                where the recipe has them
         megaq_state.json        step, consumed samples, parallel layout, the run's configuration
         megaq_complete.json     manifest (every file and its size), written last: the commit marker
     step_00000200.tmp/          a save in progress (or one a crash interrupted): never loaded
@@ -35,6 +37,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from megaq.ops import delayed_scaling
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -55,6 +59,10 @@ def tag_for_step(step: int) -> str:
 
 def rng_file_name(rank: int) -> str:
     return f"megaq_rng_rank{rank:05d}.pt"
+
+
+def delayed_file_name(rank: int) -> str:
+    return f"megaq_delayed_rank{rank:05d}.pt"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,6 +300,9 @@ class CheckpointManager:
         start = time.perf_counter()
         engine.save_checkpoint(str(self.directory), tag=tmp.name, save_latest=False)
         _atomic_torch_save(capture_rng_state(), tmp / rng_file_name(self.rank))
+        predictions = delayed_scaling.state_dict(engine.module)
+        if predictions:
+            _atomic_torch_save(predictions, tmp / delayed_file_name(self.rank))
         self.barrier()  # every rank's files are on disk
 
         if self.rank == 0:
@@ -344,12 +355,20 @@ class CheckpointManager:
                                               load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {info.path}")
+        same_world = info.state.get("layout", {}).get("world_size") == self.layout.get("world_size")
         rng_path = info.path / rng_file_name(self.rank)
-        if info.state.get("layout", {}).get("world_size") == self.layout.get("world_size") and rng_path.is_file():
+        if same_world and rng_path.is_file():
             restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False))
         else:
             logger.warning("checkpoint %s has no RNG state for rank %d of this world size; random "
                            "streams start fresh", info.path, self.rank)
+        delayed_path = info.path / delayed_file_name(self.rank)
+        if same_world and delayed_path.is_file():
+            try:
+                delayed_scaling.load_state_dict(engine.module, torch.load(delayed_path, map_location="cpu",
+                                                                          weights_only=True))
+            except ValueError as e:
+                raise CheckpointError(f"checkpoint {info.path}: {e}") from None
         return info.state
 
 
