@@ -318,6 +318,31 @@ def test_interp_delayed_rows_and_bf16():
 
 
 @interp_only
+def test_interp_abs_max_pass_skips_itself_once_the_prediction_is_valid():
+    """Pass 1 with SKIP reads the device flag: it fills the abs-maxes while the prediction is unseeded
+    and touches nothing after (the one read of x that delayed scaling saves)."""
+    from megaq.kernels import quantizers
+    from megaq.kernels.dispatch import _interpreting, _kernel
+
+    x = random_input((200, 72), "cpu", seed=6)
+    launch = quantizers._TwoPassLaunch.plan(x, 0, "nearest", None, False, 32)
+    for valid, filled in ((0, True), (1, False)):
+        amax = torch.zeros(72, dtype=torch.int32)
+        flag = torch.tensor([valid], dtype=torch.int32)
+        _kernel("triton_quant", "_amax_partial_kernel")[launch.grid](
+            x, 200, 72, x.stride(0), x.stride(1), amax, launch.h, launch.inv, launch.dummy, launch.dummy,
+            launch.n_strips, launch.n_blocks, flag, BR=launch.BR, BC=launch.BC, AXIS=0, HAD=32,
+            UPCAST=_interpreting(), CHECK=False, COLSUM=False, STAGES=launch.stages, SKIP=True,
+            num_warps=launch.num_warps)
+        expect = _rotated(x, 32).abs().amax(1)
+        if filled:
+            got = amax.view(torch.float32)
+            assert float(((got - expect).abs() / expect).max()) <= 1e-6
+        else:
+            assert int(amax.count_nonzero()) == 0
+
+
+@interp_only
 def test_interp_delayed_stochastic_clips():
     check_stochastic_clips_without_wrapping((160, 48), 32, "cpu")
 
