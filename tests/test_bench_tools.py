@@ -442,7 +442,9 @@ def test_bench_kernels_profile_shapes_parse_and_name_bad_ones():
 # ---------------------------------------------------------------------------------------------------
 # tools/sweep_quantizers.py (its GPU sweep; here the Triton kernels under the interpreter)
 
-def test_quantizer_sweep_runs_plans_and_checks_them_against_the_automatic_choice(tmp_path):
+def _run_quantizer_sweep(tmp_path, *options: str) -> tuple[list[dict], str]:
+    """sweep_quantizers.py on 256 x 200 inputs under the interpreter, two plans per orientation, one
+    timing each: (its JSON results, its stdout); it must exit 0."""
     import subprocess
 
     from conftest import subprocess_env
@@ -450,54 +452,38 @@ def test_quantizer_sweep_runs_plans_and_checks_them_against_the_automatic_choice
     out = tmp_path / "sweep.json"
     env = subprocess_env(MEGAQ_KERNELS="triton", TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "sweep_quantizers.py"), "--tokens", "256",
-                           "--widths", "200", "--quick", "--iters", "1", "--warmup", "0", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
+                           "--widths", "200", *options, "--quick", "--iters", "1", "--warmup", "0",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(out.read_text())["results"]
+    return json.loads(out.read_text())["results"], proc.stdout
+
+
+def test_quantizer_sweep_runs_plans_and_checks_them_against_the_automatic_choice(tmp_path):
+    rows, stdout = _run_quantizer_sweep(tmp_path)
     assert {(r["orientation"], r["rounding"]) for r in rows} == {
         (o, r) for o in ("rows", "transposed") for r in ("nearest", "stochastic")}
     for r in rows:   # every plan ran, matched the automatic choice (same dither for stochastic) and was timed
         assert len(r["plans"]) == 2 and all(p["ok"] and p["us"] > 0 for p in r["plans"]), r
         assert r["best"]["us"] > 0 and r["width"] == 200 and r["tokens"] == 256
-    assert "200 transposed stochastic" in proc.stdout
+    assert "200 transposed stochastic" in stdout
 
 
 def test_quantizer_sweep_times_the_dual_call_against_the_two_single_calls(tmp_path):
-    import subprocess
-
-    from conftest import subprocess_env
-
-    out = tmp_path / "sweep.json"
-    env = subprocess_env(MEGAQ_KERNELS="triton", TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "sweep_quantizers.py"), "--tokens", "256",
-                           "--widths", "200", "--orientations", "dual", "--quick", "--iters", "1", "--warmup", "0",
-                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(out.read_text())["results"]
+    rows, stdout = _run_quantizer_sweep(tmp_path, "--orientations", "dual")
     assert [(r["orientation"], r["rounding"]) for r in rows] == [("dual", "nearest"), ("dual", "stochastic")]
     for r in rows:   # the pair agrees with the single calls' and with every plan's; all were timed
         assert r["vs_singles"]["ok"] and r["singles_us"] > 0 and r["auto_us"] > 0, r
         assert len(r["plans"]) == 2 and all(p["ok"] and p["us"] > 0 for p in r["plans"]), r
-    assert "output as theirs" in proc.stdout
+    assert "output as theirs" in stdout
 
 
 def test_quantizer_sweep_times_the_delayed_call_against_the_two_pass_call(tmp_path):
-    import subprocess
-
-    from conftest import subprocess_env
-
-    out = tmp_path / "sweep.json"
-    env = subprocess_env(MEGAQ_KERNELS="triton", TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "sweep_quantizers.py"), "--tokens", "256",
-                           "--widths", "200", "--orientations", "delayed", "--quick", "--iters", "1", "--warmup", "0",
-                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(out.read_text())["results"]
+    rows, stdout = _run_quantizer_sweep(tmp_path, "--orientations", "delayed")
     assert [(r["orientation"], r["rounding"]) for r in rows] == [("delayed", "nearest"), ("delayed", "stochastic")]
     for r in rows:   # a prediction equal to the abs-max gives the two-pass output; every plan agrees
         assert r["vs_twopass"]["ok"] and r["twopass_us"] > 0 and r["auto_us"] > 0, r
         assert len(r["plans"]) == 2 and all(p["ok"] and p["us"] > 0 for p in r["plans"]), r
-    assert "output as its" in proc.stdout
+    assert "output as its" in stdout
 
 
 def test_quantizer_sweep_flags_a_plan_whose_output_differs():

@@ -155,8 +155,7 @@ def test_graphed_blocks_train_like_eager_blocks(recipe, cached, data_flow):
 
 
 # INT8_NEAREST with delayed scaling of the wgrad operands
-INT8_DELAYED_NEAREST = {"preset": "int8_delayed", "check_finite": False, "dgrad": {"a": {"rounding": "nearest"}},
-                        "wgrad": {"a": {"rounding": "nearest"}}}
+INT8_DELAYED_NEAREST = {**INT8_NEAREST, "preset": "int8_delayed"}
 
 
 @gpu
