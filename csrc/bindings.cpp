@@ -209,7 +209,7 @@ torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::T
               dims(out.strides()));
   const int64_t ldc = M == 1 ? N : out.stride(0);
   TORCH_CHECK(ldc >= N, "int8_gemm: out row stride ", num(ldc), " < N = ", num(N));
-  TORCH_CHECK(tile >= 0 && tile <= MEGAQ_INT8_TILE_128x128_I2F, "int8_gemm: unknown tile ", num(tile));
+  TORCH_CHECK(tile >= 0 && tile <= MEGAQ_INT8_TILE_128x128_SERIAL, "int8_gemm: unknown tile ", num(tile));
 
   const c10::cuda::CUDAGuard guard(a.device());
   const cudaError_t ready = megaq_int8_gemm_check_device();

@@ -12,8 +12,7 @@ Sections
      blk32    1×32 · 32×32;  jet32  32×32 · 32×32 (Jetfire)
    TOPS = 2MNK / median time; ratio to BF16 on the same shape in the same run. The megaq columns
    run the Triton kernel (MEGAQ_INT8_GEMM=triton); `<variant>_cuda` the sm_90 CUDA kernel of
-   csrc/int8_gemm (MEGAQ_INT8_GEMM=cuda) for rowcol, blk128 and blk128r, where it is available;
-   `<variant>_cuda_i2f` the same CUDA block-128 kernel converting its partial sums with I2F (tile 4).
+   csrc/int8_gemm (MEGAQ_INT8_GEMM=cuda) for rowcol, blk128 and blk128r, where it is available.
    --sweep times a list of tile configurations per variant on two shapes first and uses the best.
 2. Quantize kernels: bandwidth (bytes read + written / median time) on 16384×4096 BF16; the dual
    Hadamard quantizer (x and xᵀ at once) against two single calls at 8192×4096 and 16384×1600.
@@ -110,7 +109,6 @@ def quantize_variant(name, x, w, check=True):
 
 
 CUDA_GEMM_VARIANTS = ("rowcol", "blk128", "blk128r")   # the plans csrc/int8_gemm runs
-CUDA_TILE_I2F = 4   # MEGAQ_INT8_TILE_128x128_I2F in csrc/int8_gemm/int8_gemm.h
 
 
 def int8_gemm_path(choice):
@@ -194,15 +192,6 @@ def gemm_section(args, results):
                         fn = lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16)  # noqa
                         fn()
                         row[v + "_cuda"] = flop / bench_ms(fn) / 1e9
-                    if v in ("blk128", "blk128r"):
-                        # the same kernel promoting through the I2F conversion pipe (tile 4), for
-                        # comparison with the default's magic-number conversion
-                        args = (qa.int_values().contiguous(), qb.int_values().contiguous(), qa.scale.float(),
-                                qb.scale.float())
-                        fn = lambda: cuda_ext.int8_gemm(*args, mode="block128", scale_b_rows=qb.block[0],  # noqa
-                                                        out_dtype=torch.bfloat16, tile=CUDA_TILE_I2F)
-                        fn()
-                        row[v + "_cuda_i2f"] = flop / bench_ms(fn) / 1e9
             except Exception as e:
                 row[v + "_error"] = repr(e)[:300]
                 traceback.print_exc()
@@ -850,8 +839,8 @@ def int4_section(args, results):
 
 def print_table(results):
     print("\n## GEMM TOPS (median; ratio to cuBLAS BF16 in brackets)")
-    cols = ["bf16", "int_mm", "fp8_rowwise", "rowcol", "rowcol_cuda", "blk128", "blk128_cuda",
-            "blk128_cuda_i2f", "blk128r", "blk128r_cuda", "blk128r_cuda_i2f", "blk32", "jet32"]
+    cols = ["bf16", "int_mm", "fp8_rowwise", "rowcol", "rowcol_cuda", "blk128", "blk128_cuda", "blk128r",
+            "blk128r_cuda", "blk32", "jet32"]
     print("| M,N,K | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for r in results.get("gemm", []):

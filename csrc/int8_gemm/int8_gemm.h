@@ -61,8 +61,6 @@ enum MegaqInt8GemmTile {
   MEGAQ_INT8_TILE_128x128 = 2,         // ROWCOL: 6 stages; BLOCK128: two INT32 accumulator sets
                                        // per consumer (block k+1 in flight while k is promoted)
   MEGAQ_INT8_TILE_128x128_SERIAL = 3,  // BLOCK128: one accumulator set, promote after each block
-  MEGAQ_INT8_TILE_128x128_I2F = 4,     // BLOCK128: as 128x128, converting the partials with I2F (the
-                                       // conversion pipe) instead of the magic-number add (comparison)
 };
 
 // cudaSuccess when the current device runs the kernel (sm_90 with this build's sm_90a code);

@@ -17,8 +17,7 @@
 //       ROWCOL: one INT32 accumulation over all of K, kept in flight one K-block deep (wait_group 1);
 //               epilogue float(acc) * sa[m] * sb[n] (+ bias).
 //       BLOCK128 (tile 128x128): two INT32 accumulator sets. Block k+1's wgmmas are issued into one set
-//               before block k's set is promoted (INT32 -> FP32 by the magic number, see
-//               partial_to_float, + FFMA into the FP32 sum with sa * sb), so the
+//               before block k's set is promoted (I2F + FFMA into the FP32 sum with sa * sb), so the
 //               promotion overlaps tensor-core work of the same warpgroup (and of the other one).
 //       BLOCK128 SERIAL: one set; issue, wait, promote (for comparison; the other warpgroup's wgmmas are
 //               the only overlap, as in DeepGEMM's FP8 kernel).
@@ -387,25 +386,8 @@ __device__ __forceinline__ void store_tile_rows(const Value& value, const float*
   }
 }
 
-// INT32 -> FP32 of a K-block's partial sum. The conversion instruction (I2FP.F32.S32) issues to the
-// SM's conversion pipe, 16 results per clock per SM: a 128 x 128 tile converts 16,384 partials per
-// K-block of 128, 1,024 clocks, twice the 512 its wgmmas take, so with I2F the promotion, not the
-// tensor cores, set the kernel's rate (H100: ~62% of the same tile without promotion). The magic-number
-// form is an integer add (64 per clock) and an FP32 add (128 per clock), exact for |x| < 2^22: the bits
-// 0x4B400000 + x are the float 1.5 * 2^23 + x (one ulp = 1 there), and subtracting 1.5 * 2^23 is exact.
-// A K-block's partial is at most 128 * 128 * 128 = 2^21 in magnitude. Same value as __int2float_rn, so
-// both forms give bit-identical outputs.
-template <bool MAGIC>
-__device__ __forceinline__ float partial_to_float(int x) {
-  if constexpr (MAGIC) {
-    return __int_as_float(x + 0x4B400000) - 12582912.0f;
-  } else {
-    return __int2float_rn(x);
-  }
-}
-
 // BLOCK128 promotion of one K-block: v += float(acc) * sa[m, kb] * sb[n, kb], scales from the stage.
-template <int BN, bool SB_VEC, bool MAGIC>
+template <int BN, bool SB_VEC>
 __device__ __forceinline__ void promote(const int (&acc)[BN / 2], float (&v)[BN / 2], const float* sa_s,
                                         const float* sb_s, const Fragment& f) {
   const float sa0 = sa_s[f.row], sa1 = sa_s[f.row + 8];
@@ -414,19 +396,19 @@ __device__ __forceinline__ void promote(const int (&acc)[BN / 2], float (&v)[BN 
     const float s0 = sa0 * sb, s1 = sa1 * sb;
 #pragma unroll
     for (int i = 0; i < BN / 8; ++i) {
-      v[4 * i + 0] = fmaf(partial_to_float<MAGIC>(acc[4 * i + 0]), s0, v[4 * i + 0]);
-      v[4 * i + 1] = fmaf(partial_to_float<MAGIC>(acc[4 * i + 1]), s0, v[4 * i + 1]);
-      v[4 * i + 2] = fmaf(partial_to_float<MAGIC>(acc[4 * i + 2]), s1, v[4 * i + 2]);
-      v[4 * i + 3] = fmaf(partial_to_float<MAGIC>(acc[4 * i + 3]), s1, v[4 * i + 3]);
+      v[4 * i + 0] = fmaf(__int2float_rn(acc[4 * i + 0]), s0, v[4 * i + 0]);
+      v[4 * i + 1] = fmaf(__int2float_rn(acc[4 * i + 1]), s0, v[4 * i + 1]);
+      v[4 * i + 2] = fmaf(__int2float_rn(acc[4 * i + 2]), s1, v[4 * i + 2]);
+      v[4 * i + 3] = fmaf(__int2float_rn(acc[4 * i + 3]), s1, v[4 * i + 3]);
     }
   } else {
 #pragma unroll
     for (int i = 0; i < BN / 8; ++i) {
       const float2 sb = *reinterpret_cast<const float2*>(sb_s + 8 * i + f.col);
-      v[4 * i + 0] = fmaf(partial_to_float<MAGIC>(acc[4 * i + 0]), sa0 * sb.x, v[4 * i + 0]);
-      v[4 * i + 1] = fmaf(partial_to_float<MAGIC>(acc[4 * i + 1]), sa0 * sb.y, v[4 * i + 1]);
-      v[4 * i + 2] = fmaf(partial_to_float<MAGIC>(acc[4 * i + 2]), sa1 * sb.x, v[4 * i + 2]);
-      v[4 * i + 3] = fmaf(partial_to_float<MAGIC>(acc[4 * i + 3]), sa1 * sb.y, v[4 * i + 3]);
+      v[4 * i + 0] = fmaf(__int2float_rn(acc[4 * i + 0]), sa0 * sb.x, v[4 * i + 0]);
+      v[4 * i + 1] = fmaf(__int2float_rn(acc[4 * i + 1]), sa0 * sb.y, v[4 * i + 1]);
+      v[4 * i + 2] = fmaf(__int2float_rn(acc[4 * i + 2]), sa1 * sb.x, v[4 * i + 2]);
+      v[4 * i + 3] = fmaf(__int2float_rn(acc[4 * i + 3]), sa1 * sb.y, v[4 * i + 3]);
     }
   }
 }
@@ -447,8 +429,7 @@ struct Pipe {   // position in the ring of stages: stage index and the parity of
 
 // MODE: MEGAQ_INT8_ROWCOL / MEGAQ_INT8_BLOCK128. DUAL: two INT32 accumulator sets (BLOCK128).
 // SB_VEC: a B scale per output column (sb_rows = 1) rather than one per 128-column tile (BLOCK128).
-// MAGIC: BLOCK128 promotes with the magic-number conversion (partial_to_float), not I2F.
-template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool MAGIC, typename OutT>
+template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, typename OutT>
 __global__ void __launch_bounds__(THREADS, 1)
     int8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,
                      const __grid_constant__ CUtensorMap tmap_b, const Params p) {
@@ -457,7 +438,6 @@ __global__ void __launch_bounds__(THREADS, 1)
   using L = Layout<BN, STAGES, BLOCKED>;
   static_assert(!DUAL || BLOCKED, "two accumulator sets only pay off with per-block promotion");
   static_assert(!SB_VEC || BLOCKED, "ROWCOL reads its column scales in the epilogue");
-  static_assert(!MAGIC || BLOCKED, "ROWCOL converts once per tile, in the epilogue");
   static_assert(!BLOCKED || BN == 128, "BLOCK128 keeps an FP32 sum plus INT32 sets: 128 columns fit");
 
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -630,7 +610,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       for (int i = 0; i < BN / 2; ++i) v[i] = 0.f;
       auto promote_stage = [&](const int (&acc)[BN / 2], int stage) {
         const float* sa_s = smem_scales + stage * L::SCALES;
-        promote<BN, SB_VEC, MAGIC>(acc, v, sa_s, sa_s + BM, frag);
+        promote<BN, SB_VEC>(acc, v, sa_s, sa_s + BM, frag);
         release(stage);
       };
       if constexpr (DUAL) {
@@ -719,7 +699,7 @@ bool make_map(CUtensorMap* map, EncodeTiled encode, const int8_t* base, int64_t 
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool MAGIC, typename OutT>
+template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, typename OutT>
 cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, const Params& p,
                    int device, cudaStream_t stream) {
   using L = Layout<BN, STAGES, MODE == MEGAQ_INT8_BLOCK128>;
@@ -728,7 +708,7 @@ cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, c
   CUtensorMap map_a, map_b;
   if (!make_map(&map_a, encode, A, p.M, p.K, lda, BM) || !make_map(&map_b, encode, B, p.N, p.K, ldb, BN))
     return cudaErrorInvalidValue;
-  auto kernel = int8_gemm_kernel<BN, STAGES, MODE, DUAL, SB_VEC, MAGIC, OutT>;
+  auto kernel = int8_gemm_kernel<BN, STAGES, MODE, DUAL, SB_VEC, OutT>;
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
@@ -747,14 +727,13 @@ cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, c
 template <typename OutT>
 cudaError_t dispatch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, int mode, int tile,
                      const Params& p, int device, cudaStream_t stream) {
-  constexpr int ROW = MEGAQ_INT8_ROWCOL, BLK = MEGAQ_INT8_BLOCK128;
-  if (mode == ROW) {
+  if (mode == MEGAQ_INT8_ROWCOL) {
     switch (tile) {
       case MEGAQ_INT8_TILE_AUTO:
       case MEGAQ_INT8_TILE_128x256:
-        return launch<256, 4, ROW, false, false, false, OutT>(A, B, lda, ldb, p, device, stream);
+        return launch<256, 4, MEGAQ_INT8_ROWCOL, false, false, OutT>(A, B, lda, ldb, p, device, stream);
       case MEGAQ_INT8_TILE_128x128:
-        return launch<128, 6, ROW, false, false, false, OutT>(A, B, lda, ldb, p, device, stream);
+        return launch<128, 6, MEGAQ_INT8_ROWCOL, false, false, OutT>(A, B, lda, ldb, p, device, stream);
       default:
         return cudaErrorInvalidValue;
     }
@@ -763,14 +742,11 @@ cudaError_t dispatch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb,
   switch (tile) {
     case MEGAQ_INT8_TILE_AUTO:
     case MEGAQ_INT8_TILE_128x128:
-      return sb_vec ? launch<128, 6, BLK, true, true, true, OutT>(A, B, lda, ldb, p, device, stream)
-                    : launch<128, 6, BLK, true, false, true, OutT>(A, B, lda, ldb, p, device, stream);
+      return sb_vec ? launch<128, 6, MEGAQ_INT8_BLOCK128, true, true, OutT>(A, B, lda, ldb, p, device, stream)
+                    : launch<128, 6, MEGAQ_INT8_BLOCK128, true, false, OutT>(A, B, lda, ldb, p, device, stream);
     case MEGAQ_INT8_TILE_128x128_SERIAL:
-      return sb_vec ? launch<128, 6, BLK, false, true, true, OutT>(A, B, lda, ldb, p, device, stream)
-                    : launch<128, 6, BLK, false, false, true, OutT>(A, B, lda, ldb, p, device, stream);
-    case MEGAQ_INT8_TILE_128x128_I2F:
-      return sb_vec ? launch<128, 6, BLK, true, true, false, OutT>(A, B, lda, ldb, p, device, stream)
-                    : launch<128, 6, BLK, true, false, false, OutT>(A, B, lda, ldb, p, device, stream);
+      return sb_vec ? launch<128, 6, MEGAQ_INT8_BLOCK128, false, true, OutT>(A, B, lda, ldb, p, device, stream)
+                    : launch<128, 6, MEGAQ_INT8_BLOCK128, false, false, OutT>(A, B, lda, ldb, p, device, stream);
     default:
       return cudaErrorInvalidValue;
   }
