@@ -189,6 +189,40 @@ def test_graphed_delayed_scaling_follows_the_eager_predictions(data_flow):
     assert 0 < clipped < quantized
 
 
+@gpu
+def test_graphed_run_starts_from_restored_predictions_and_checkpoints_them():
+    """Predictions loaded before the capture (a resumed run) are the ones the graphs start from: the
+    capture's warm-up does not leave its own in their place, and after a replayed step the graphed and
+    the eager model hold the same predictions, which `state_dict` reads through the parameters."""
+    from megaq.ops import delayed_scaling
+
+    source, _, _, _ = _models(INT8_DELAYED_NEAREST)
+    for step in range(2):
+        _loss_and_grads(source, *_batch(10 + step))
+    saved = delayed_scaling.state_dict(source)
+    assert len(saved) == 2 * 4 * 3
+    for entry in saved.values():   # well above any abs-max to come: the decayed prediction must win
+        entry["pred"] = entry["pred"] * 4
+    eager, graphed, graphs, _ = _models(INT8_DELAYED_NEAREST)
+    for model in (eager, graphed):
+        assert delayed_scaling.load_state_dict(model, saved) == len(saved)
+    ids, labels = _batch(0)
+    (loss_e, _), (loss_g, _) = (_loss_and_grads(m, ids, labels) for m in (eager, graphed))
+    assert graphs.captured and abs(loss_e - loss_g) < 1e-3 * loss_e
+    after_e, after_g = delayed_scaling.state_dict(eager), delayed_scaling.state_dict(graphed)
+    assert sorted(after_g) == sorted(saved)
+    for key, entry in saved.items():
+        expected = entry["pred"] * 0.95
+        assert _rel(after_e[key]["pred"], expected) < 1e-6, key
+        assert _rel(after_g[key]["pred"], expected) < 1e-6, key
+        assert int(after_g[key]["valid"]) == 1
+    on_aliases = {id(state) for g in graphs.graphs for alias in g.aliases
+                  for state in getattr(alias, delayed_scaling._ATTRIBUTE, {}).values()}
+    on_params = {id(state) for p in graphed.parameters()
+                 for state in getattr(p, delayed_scaling._ATTRIBUTE, {}).values()}
+    assert on_aliases == on_params and len(on_params) == len(saved)
+
+
 def _assert_cached_weights_are_fresh():
     """Every cached weight operand is bit for bit a fresh quantization of the weight as it is now."""
     from megaq.ops import weight_cache

@@ -165,16 +165,38 @@ def test_linear_first_call_is_int8_and_later_calls_stay_within_its_bounds():
 
 
 @parent_only
-def test_states_live_on_their_weight_and_reset_per_weight():
-    from megaq.ops.delayed_scaling import reset_states_of, state_for
+def test_states_live_on_their_weight_and_an_alias_can_share_them():
+    from megaq.ops.delayed_scaling import share_states, state_for
 
     w1, w2 = torch.zeros(8, 4), torch.zeros(8, 4)
     a1 = state_for(w1, "wgrad.a", 8, 0.95)
     assert state_for(w1, "wgrad.a", 8, 0.95) is a1 and state_for(w2, "wgrad.a", 8, 0.95) is not a1
-    for state in (a1, state_for(w2, "wgrad.a", 8, 0.95)):
-        quantize_rows_delayed(torch.ones(8, 16), state)
-    assert reset_states_of([w1]) == 1
-    assert int(a1.valid) == 0 and int(state_for(w2, "wgrad.a", 8, 0.95).valid) == 1
+    alias = w1.detach()   # as a CUDA graph's parameter alias: same storage, another tensor object
+    share_states(w1, alias)
+    assert state_for(alias, "wgrad.a", 8, 0.95) is a1
+    b1 = state_for(alias, "wgrad.b", 4, 0.95)   # made through the alias: the parameter sees it too
+    assert state_for(w1, "wgrad.b", 4, 0.95) is b1
+
+
+@parent_only
+def test_a_snapshot_puts_predictions_back_in_place_and_forgets_later_ones():
+    """What a CUDA graph capture does around its warm-up: predictions that existed before come back
+    (same buffers, so captured kernels keep their addresses), ones seeded during it are reset."""
+    from megaq.ops.delayed_scaling import snapshot_states_of, state_for
+
+    w = torch.zeros(8, 4)
+    old = state_for(w, "wgrad.a", 8, 0.95)
+    quantize_rows_delayed(torch.arange(1.0, 129.0).reshape(8, 16), old)
+    before = old.pred.clone()
+    buffer = old.pred
+    restore = snapshot_states_of([w])
+    quantize_rows_delayed(torch.full((8, 16), 1000.0), old)          # the warm-up's made-up values
+    new = state_for(w, "wgrad.b", 8, 0.95)
+    quantize_rows_delayed(torch.ones(8, 16), new)
+    assert not torch.equal(old.pred, before) and int(new.valid) == 1
+    assert restore() == 2
+    assert old.pred is buffer and torch.equal(old.pred, before) and int(old.valid) == 1
+    assert int(new.valid) == 0 and float(new.pred.abs().max()) == 0.0 and int(new.counts.sum()) == 0
 
 
 @parent_only

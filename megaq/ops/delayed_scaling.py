@@ -10,9 +10,11 @@ tensor object under saved-tensor hooks).
 
 Checkpoints keep them (`state_dict` / `load_state_dict`, one file per rank: each data-parallel rank
 predicts from its own data), so that a resumed run quantizes exactly as the uninterrupted one would.
-Under CUDA graphs the states live on the parameter aliases the graphs were captured through
-(megaq.training.cuda_graphs), which `state_dict` does not see: such a run is checkpointed without them,
-and a resumed one seeds them again with one exact (two-pass) quantization per operand.
+Under CUDA graphs the kernels are captured through aliases of the parameters
+(megaq.training.cuda_graphs); `share_states` makes each alias hold its parameter's states (the same
+buffers), so `state_dict` sees what the replays update, and predictions restored from a checkpoint
+before the capture are the ones the graphs start from. The capture's eager warm-up runs on made-up
+output gradients: `snapshot_states_of` puts the predictions back as they were before it.
 
 `take_overflow_counts()` sums, over every live state, the rows whose abs-max passed their prediction
 since the last call: how often values clipped (the trainer logs the fraction).
@@ -21,6 +23,7 @@ since the last call: how often values clipped (the trainer logs the fraction).
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 
@@ -33,10 +36,7 @@ _STATES: list[weakref.ref] = []   # every state made, for take_overflow_counts()
 def state_for(weight: torch.Tensor, operand: str, rows: int, decay: float) -> DelayedAmax:
     """The prediction of operand `operand` (e.g. "wgrad.a") of the layer owning `weight`, with one entry
     per row of the quantized operand; made (on the weight's device) on first use."""
-    states = getattr(weight, _ATTRIBUTE, None)
-    if states is None:
-        states = {}
-        setattr(weight, _ATTRIBUTE, states)
+    states = _states_dict(weight)
     key = (operand, rows, float(decay))
     state = states.get(key)
     if state is None:
@@ -44,6 +44,48 @@ def state_for(weight: torch.Tensor, operand: str, rows: int, decay: float) -> De
         states[key] = state
         _STATES.append(weakref.ref(state))
     return state
+
+
+def _states_dict(weight: torch.Tensor) -> dict:
+    states = getattr(weight, _ATTRIBUTE, None)
+    if states is None:
+        states = {}
+        setattr(weight, _ATTRIBUTE, states)
+    return states
+
+
+def share_states(weight: torch.Tensor, alias: torch.Tensor) -> None:
+    """Make `alias` (a tensor standing in for the parameter `weight`, e.g. one a CUDA graph is captured
+    through) hold the same predictions as `weight`: one set of buffers, states made later through
+    either included."""
+    setattr(alias, _ATTRIBUTE, _states_dict(weight))
+
+
+def snapshot_states_of(weights) -> Callable[[], int]:
+    """Remember the predictions kept on these weight tensors now. The returned function puts them back
+    in place (same buffers, so captured kernels keep their addresses) and resets the states made since;
+    it returns how many states it restored or reset."""
+    weights = list(weights)
+    saved = {id(state): (state.pred.clone(), state.track.clone(), state.counts.clone(), state.valid.clone())
+             for weight in weights for state in getattr(weight, _ATTRIBUTE, {}).values()}
+
+    def restore() -> int:
+        done = set()
+        for weight in weights:
+            for state in getattr(weight, _ATTRIBUTE, {}).values():
+                if id(state) in done:
+                    continue
+                done.add(id(state))
+                before = saved.get(id(state))
+                if before is None:
+                    state.reset()
+                    state.counts.zero_()
+                else:
+                    for buffer, value in zip((state.pred, state.track, state.counts, state.valid), before):
+                        buffer.copy_(value)
+        return len(done)
+
+    return restore
 
 
 def _live() -> list[DelayedAmax]:
@@ -97,14 +139,3 @@ def load_state_dict(model: torch.nn.Module, saved: dict[str, dict]) -> int:
         state.valid.copy_(entry["valid"])
         state.track.zero_()
     return len(saved)
-
-
-def reset_states_of(weights) -> int:
-    """Forget the predictions kept on these weight tensors (e.g. the aliases a CUDA graph warm-up ran
-    through); other layers' and other models' predictions stay. Returns how many were reset."""
-    count = 0
-    for weight in weights:
-        for state in getattr(weight, _ATTRIBUTE, {}).values():
-            state.reset()
-            count += 1
-    return count

@@ -234,10 +234,17 @@ class BlockGraphs:
         params = [[p for _, p in block.named_parameters()] for block in self.blocks]
         aliases = [[p.detach().requires_grad_(p.requires_grad) for p in ps] for ps in params]
         graphs = [_BlockGraph(i, ps) for i, ps in enumerate(params)]
-        for g, alias in zip(graphs, aliases):
+        for g, ps, alias in zip(graphs, params, aliases):
             # what the captured kernels read that lives on the aliases (cached weight operands, delayed-
             # scaling predictions: megaq.ops.weight_cache, megaq.ops.delayed_scaling) lives as long as the graphs
             g.aliases = alias
+            # the predictions are the parameter's own (checkpointed through it, restored before the capture)
+            for p, a in zip(ps, alias):
+                delayed_scaling.share_states(p, a)
+        # the warm-up's backward runs on all-ones output gradients, nothing like the real ones: its
+        # predictions are undone after it (restored ones come back, ones it seeded are forgotten, so that
+        # the first replay seeds them from real data)
+        restore_predictions = delayed_scaling.snapshot_states_of(p for ps in params for p in ps)
 
         def run(i: int, x: torch.Tensor) -> torch.Tensor:
             with self.suspended():
@@ -267,9 +274,7 @@ class BlockGraphs:
             del out, x
         gc.collect()   # the first warm-up's autograd graphs (the saved-tensor hooks made them cycles)
         torch.cuda.current_stream().wait_stream(side)
-        # delayed scaling: the warm-up's backward ran on all-ones output gradients, nothing like the real
-        # ones; forget its predictions, so that the first replay seeds them from real data
-        delayed_scaling.reset_states_of(alias for g in graphs for alias in g.aliases)
+        restore_predictions()
         torch.cuda.synchronize()
         # The warm-up ran eagerly outside the graphs' pool: hand its cached segments back before the
         # capture, so that the pool takes that memory over instead of adding to it (the process's
