@@ -22,6 +22,12 @@ attention keeping INT8 copies of q, k, v and its output for backward: `attention
 `int8_delayed` / `int8_df_delayed` (int8 / int8_df with delayed scaling of the wgrad operands: recipe
 `int8_delayed`, the predictions warmed up by the warm-up steps), `int4` (recipe int4). Recipes run with
 `check_finite` off, as the trainer runs them. Writes JSON; prints a markdown table last.
+
+`--accumulation N` times the block as a trainer with N micro batches per optimizer step runs it: the
+quantized weights are cached across the micro batches (`quant.cache_weights`, on by default in the
+trainer; megaq.ops.weight_cache) and made stale once per N steps, so the weight quantizers run once per
+window. Each timing is then one window of N steps (the first one requantizing the weights), reported
+per step. N = 1 (the default) quantizes the weights in every step.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from cuda_timing import event_times  # noqa: E402  (tools/, the script's directo
 from megaq.models.gpt import GPTConfig  # noqa: E402
 from megaq.models.transformer import TransformerBlock  # noqa: E402
 from megaq.ops import dataflow as dataflow_ops  # noqa: E402
+from megaq.ops import weight_cache  # noqa: E402
 from megaq.training.profiling import KERNEL_CATEGORIES, OTHER, kernel_category  # noqa: E402
 
 HEADS = {768: 12, 1600: 25, 2048: 16, 4096: 32}
@@ -129,35 +136,57 @@ def breakdown(blk, x, g, steps: int = 3) -> dict[str, float]:
     return groups
 
 
-def graphed_times(width: int, seq: int, variant: str, x, g, warmup: int, iters: int) -> list[float]:
+def step_times(blk, x, g, iters: int, warmup: int, accumulation: int) -> list[float]:
+    """Milliseconds per step of forward + backward. accumulation > 1: timed in windows of that many
+    steps with the weight cache on, the weights made stale at the start of each window (as after an
+    optimizer step), each window's time divided by its steps."""
+    if accumulation <= 1:
+        return event_times(functools.partial(step, blk, x, g), iters, warmup)
+
+    def window():
+        weight_cache.weights_updated()
+        for _ in range(accumulation):
+            step(blk, x, g)
+
+    weight_cache.set_enabled(True)
+    try:
+        windows = event_times(window, max(3, -(-iters // accumulation)), max(1, -(-warmup // accumulation)))
+    finally:
+        weight_cache.set_enabled(False)
+    return [t / accumulation for t in windows]
+
+
+def graphed_times(width: int, seq: int, variant: str, x, g, warmup: int, iters: int,
+                  accumulation: int = 1) -> list[float]:
     """Step times of a fresh block whose forward and backward replay CUDA graphs, as the trainer runs
     its blocks (`train.cuda_graphs`: megaq.training.cuda_graphs.BlockGraphs; the first call captures)."""
     from megaq.training.cuda_graphs import BlockGraphs
     blk = build(width, seq, variant)
     BlockGraphs([blk])
+    weight_cache.set_enabled(accumulation > 1)   # captured with the cache as the timed steps run it
     step(blk, x, g)        # warm-up and capture, outside the timed calls
-    times = event_times(functools.partial(step, blk, x, g), iters, warmup)
+    times = step_times(blk, x, g, iters, warmup, accumulation)
     del blk
     return times
 
 
 def run(width: int, seq: int, batch: int, variant: str, warmup: int, iters: int, profile: bool,
-        graphs: bool = False) -> dict:
+        graphs: bool = False, accumulation: int = 1) -> dict:
     blk = build(width, seq, variant)
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(seq, batch, width, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
     g = torch.randn(seq, batch, width, device="cuda", dtype=torch.bfloat16, generator=gen)
     if variant == "int4":          # eagerly host-bound (~3 ms of launches per linear): fewer steps
         warmup, iters = 1, max(3, iters // 5)
-    times = event_times(functools.partial(step, blk, x, g), iters, warmup)
+    times = step_times(blk, x, g, iters, warmup, accumulation)
     out = {"width": width, "heads": HEADS.get(width, width // 64), "seq": seq, "batch": batch,
-           "variant": variant, "ms": statistics.median(times), "ms_all": times,
+           "variant": variant, "accumulation": accumulation, "ms": statistics.median(times), "ms_all": times,
            "peak_bytes": peak_memory(blk, x, g), "saved_bytes": saved_bytes(blk, x)}
     if profile:
         out["breakdown_ms"] = breakdown(blk, x, g)
     del blk
     if graphs:
-        times = graphed_times(width, seq, variant, x, g, warmup, iters)
+        times = graphed_times(width, seq, variant, x, g, warmup, iters, accumulation)
         out["ms_graphs"], out["ms_graphs_all"] = statistics.median(times), times
     del x, g
     torch.cuda.empty_cache()
@@ -186,7 +215,10 @@ def table(results: list[dict]) -> str:
         bd = r.get("breakdown_ms", {})
         parts += [f"{bd[c]:.2f}" if c in bd else "—" for c in cols]
         lines.append("| " + " | ".join(parts) + " |")
-    return "\n".join(lines) + "\n(vs BF16: speed-up for time, fraction for memory)"
+    accumulation = max((r.get("accumulation", 1) for r in results), default=1)
+    note = (f"; ms per step with the weights quantized once per {accumulation} steps" if accumulation > 1
+            else "")
+    return "\n".join(lines) + f"\n(vs BF16: speed-up for time, fraction for memory{note})"
 
 
 def main(argv=None) -> int:
@@ -200,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true", help="skip the per-operator breakdown")
     ap.add_argument("--graphs", action="store_true",
                     help="also time each block replayed from CUDA graphs, as train.cuda_graphs runs it")
+    ap.add_argument("--accumulation", type=int, default=1,
+                    help="micro batches per optimizer step: the weights are quantized once per this many "
+                         "steps (weight cache, as the trainer runs); 1 = in every step")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -209,13 +244,16 @@ def main(argv=None) -> int:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    if args.accumulation < 1:
+        ap.error(f"--accumulation must be >= 1; got {args.accumulation}")
     batch = max(1, args.tokens // args.seq)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "seq": args.seq, "tokens": batch * args.seq}
+            "seq": args.seq, "tokens": batch * args.seq, "accumulation": args.accumulation}
     results = []
     for width in (int(w) for w in args.widths.split(",")):
         for variant in variants:
-            r = run(width, args.seq, batch, variant, args.warmup, args.iters, not args.no_profile, args.graphs)
+            r = run(width, args.seq, batch, variant, args.warmup, args.iters, not args.no_profile, args.graphs,
+                    args.accumulation)
             results.append(r)
             print(f"width {width} {variant}: {r['ms']:.2f} ms"
                   + (f" (graphs {r['ms_graphs']:.2f} ms)" if "ms_graphs" in r else "")
