@@ -158,8 +158,7 @@ std::pair<int64_t, int64_t> check_int8_scale(const torch::Tensor& s, int64_t row
 torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor out,
                         const torch::Tensor& scale_a, const torch::Tensor& scale_b,
                         const std::optional<torch::Tensor>& bias, const std::string& mode,
-                        int64_t scale_b_rows, int64_t tile, int64_t group_m,
-                        const std::optional<torch::Tensor>& gelu_aux) {
+                        int64_t scale_b_rows, int64_t tile, int64_t group_m) {
   check_int8_operand(a, "a");
   check_int8_operand(b, "b");
   TORCH_CHECK(a.device() == b.device(), "int8_gemm: a and b must be on the same device; got ",
@@ -211,22 +210,6 @@ torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::T
   const int64_t ldc = M == 1 ? N : out.stride(0);
   TORCH_CHECK(ldc >= N, "int8_gemm: out row stride ", num(ldc), " < N = ", num(N));
   TORCH_CHECK(tile >= 0 && tile <= MEGAQ_INT8_TILE_128x128_SERIAL, "int8_gemm: unknown tile ", num(tile));
-  int64_t ld_aux = 0;
-  if (gelu_aux.has_value()) {
-    const torch::Tensor& x = *gelu_aux;
-    TORCH_CHECK(out.scalar_type() == torch::kBFloat16, "int8_gemm: the GELU-gradient epilogue (gelu_aux) "
-                "writes bfloat16 only; out is ", out.scalar_type());
-    TORCH_CHECK(x.device() == a.device() && x.scalar_type() == torch::kBFloat16 && x.dim() == 2 &&
-                    x.size(0) == M && x.size(1) == N && (N == 1 || x.stride(1) == 1),
-                "int8_gemm: gelu_aux must be a bfloat16 [", num(M), ", ", num(N), "] tensor with contiguous "
-                "rows on ", a.device().str(), "; got ", x.scalar_type(), " ", dims(x.sizes()), " strides ",
-                dims(x.strides()), " on ", x.device().str());
-    ld_aux = M == 1 ? N : x.stride(0);
-    TORCH_CHECK(ld_aux % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                    ldc % 8 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
-                "int8_gemm: the GELU-gradient epilogue needs 16-byte aligned rows of out and gelu_aux "
-                "(row strides multiples of 8 elements); got ", num(ldc), " and ", num(ld_aux));
-  }
 
   const c10::cuda::CUDAGuard guard(a.device());
   const cudaError_t ready = megaq_int8_gemm_check_device();
@@ -239,8 +222,7 @@ torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::T
       M == 1 ? K : a.stride(0), N == 1 ? K : b.stride(0), mode_id, scale_a.data_ptr<float>(), sa.first,
       sa.second, scale_b.data_ptr<float>(), scale_b_rows, sb.first, sb.second,
       bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr(), out_kind, ldc,
-      gelu_aux.has_value() ? gelu_aux->data_ptr() : nullptr, ld_aux, static_cast<int>(tile),
-      static_cast<int>(group_m), stream);
+      static_cast<int>(tile), static_cast<int>(group_m), stream);
   TORCH_CHECK(err != cudaErrorInvalidValue, "int8_gemm: the kernel refused tile ", num(tile),
               " for mode ", mode, " (or an argument the checks above missed)");
   TORCH_CHECK(err == cudaSuccess, "int8_gemm: CUDA error: ", cudaGetErrorString(err));
@@ -263,12 +245,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemm", &int8_gemm, pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("out"),
         pybind11::arg("scale_a"), pybind11::arg("scale_b"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("mode") = "rowcol", pybind11::arg("scale_b_rows") = 1, pybind11::arg("tile") = 0,
-        pybind11::arg("group_m") = 0, pybind11::arg("gelu_aux") = pybind11::none(),
+        pybind11::arg("group_m") = 0,
         "out = scaled_mm(A, B) (+ bias) on sm_90a wgmma s8 tensor cores (TMA, warp-specialized). "
         "a [M, K], b [N, K] int8, K % 16 == 0; mode 'rowcol' (scales [M] x [N], INT32 over all K) or "
         "'block128' (scales per 128 of K, B scale per row or per 128-row block: scale_b_rows). "
-        "out: preallocated [M, N] float32 / bfloat16. gelu_aux: bfloat16 [M, N] x, then out = "
-        "bf16(scaled_mm) * GELU'(x) (tanh form; bfloat16 out).");
+        "out: preallocated [M, N] float32 / bfloat16.");
   m.def("int8_gemm_supported", &int8_gemm_supported,
         "True when int8_gemm runs on the current CUDA device (sm_90 with sm_90a code in this build).");
 }

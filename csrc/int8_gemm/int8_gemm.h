@@ -19,10 +19,6 @@
 //             with sb_rows = 1 (a scale per row of B = per output column) or a multiple of 128
 //             (one scale per 128 x 128 block of B, DeepSeek-V3's weights).
 // bias: FP32 [N] or null. out: [M, N] with row stride ldc (elements), FP32 or BF16 (out_kind).
-// gelu_aux: null, or BF16 [M, N] with row stride ld_aux (elements): then out (BF16 only) is
-//   bf16(value) * GELU'(gelu_aux[m, n]) (tanh form, FP32 math), the gradient of GELU's input x = gelu_aux
-//   when value is that of its output -- the GELU backward folded into the dgrad GEMM after it. Rows of out
-//   and gelu_aux must be 16-byte aligned (ldc, ld_aux multiples of 8, pointers 16-byte aligned).
 // A NaN or Inf scale makes the affected outputs NaN/Inf (never silently finite).
 //
 // Requirements (the launcher returns cudaErrorInvalidValue otherwise): M, N >= 1 (any tails);
@@ -79,9 +75,8 @@ cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t M, int64_t
                             int64_t lda, int64_t ldb, int mode, const float* scale_a,
                             int64_t sa_stride_m, int64_t sa_stride_kb, const float* scale_b,
                             int64_t sb_rows, int64_t sb_stride_n, int64_t sb_stride_kb,
-                            const float* bias, void* out, int out_kind, int64_t ldc,
-                            const void* gelu_aux, int64_t ld_aux, int tile, int group_m,
-                            cudaStream_t stream);
+                            const float* bias, void* out, int out_kind, int64_t ldc, int tile,
+                            int group_m, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -35,7 +35,6 @@
 #include <cuda_bf16.h>
 
 #include <atomic>
-#include <type_traits>
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MEGAQ_INT8_GEMM_SM90A 1
@@ -76,10 +75,6 @@ struct Params {
   int group_m;
   bool pair_store;   // out rows and pointer allow 2-element vector stores
   bool row_store;    // out rows and pointer are 16-byte aligned: the staged, coalesced epilogue
-  // GELU-gradient epilogue (BF16 out only, with row_store): out = bf16(value) * GELU'(aux), aux [M, N]
-  // BF16 with row stride ld_aux (elements), rows 16-byte aligned. Null: plain output.
-  const __nv_bfloat16* aux;
-  int64_t ld_aux;
 };
 
 template <int BN, int STAGES, bool BLOCKED>
@@ -339,38 +334,6 @@ __device__ __forceinline__ void put_pair<__nv_bfloat16>(uint8_t* p, float v0, fl
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v0, v1);
 }
 
-// d GELU(x) / dx of GELU's tanh form, in FP32 as PyTorch's GeluBackward computes it (same operation
-// order), so that the fused epilogue matches `gelu_backward(dy, x, approximate="tanh")` on the BF16 dy.
-__device__ __forceinline__ float gelu_tanh_derivative(float x) {
-  constexpr float kBeta = 0.7978845608028654f;   // sqrt(2 / pi)
-  constexpr float kKappa = 0.044715f;
-  const float x_sq = x * x;
-  const float x_cube = x_sq * x;
-  const float inner = kBeta * (x + kKappa * x_cube);
-  const float t = tanhf(inner);
-  const float left = 0.5f * x;
-  const float right = 1.0f + t;
-  const float left_derivative = 0.5f * right;
-  const float right_derivative = left * (1.0f - t * t) * kBeta * (1.0f + 3.0f * kKappa * x_sq);
-  return left_derivative + right_derivative;
-}
-
-// The GELU-gradient epilogue on 8 staged BF16 outputs (already rounded, as an unfused GEMM's output
-// would be) and the 8 BF16 GELU inputs of the same place.
-__device__ __forceinline__ int4 times_gelu_grad(int4 staged, int4 aux) {
-  const __nv_bfloat162* d = reinterpret_cast<const __nv_bfloat162*>(&staged);
-  const __nv_bfloat162* x = reinterpret_cast<const __nv_bfloat162*>(&aux);
-  int4 result;
-  __nv_bfloat162* r = reinterpret_cast<__nv_bfloat162*>(&result);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const float2 dv = __bfloat1622float2(d[e]);
-    const float2 xv = __bfloat1622float2(x[e]);
-    r[e] = __floats2bfloat162_rn(dv.x * gelu_tanh_derivative(xv.x), dv.y * gelu_tanh_derivative(xv.y));
-  }
-  return result;
-}
-
 // store_tile with whole-row stores (out rows 16-byte aligned): each warp moves its fragment through
 // its shared-memory staging rows, 4 output rows x up to 512 bytes at a time, and writes them with
 // 16-byte stores that cover whole 32-byte sectors (the fragment layout would write 16 bytes per row).
@@ -410,20 +373,6 @@ __device__ __forceinline__ void store_tile_rows(const Value& value, const float*
           const uint8_t* src = staging + (q / CHUNKS) * pitch + (q % CHUNKS) * 16;
           if (r < p.M && c < p.N) {
             OutT* dst = out + static_cast<int64_t>(r) * p.ldc + c;
-            if constexpr (std::is_same_v<OutT, __nv_bfloat16>) {
-              if (p.aux != nullptr) {   // the GELU-gradient epilogue (the launcher allows BF16 out only)
-                const __nv_bfloat16* x = p.aux + static_cast<int64_t>(r) * p.ld_aux + c;
-                if (c + CHUNK <= p.N) {
-                  *reinterpret_cast<int4*>(dst) =
-                      times_gelu_grad(*reinterpret_cast<const int4*>(src), *reinterpret_cast<const int4*>(x));
-                } else {
-                  for (int e = 0; e < p.N - c; ++e)
-                    dst[e] = __float2bfloat16_rn(__bfloat162float(reinterpret_cast<const OutT*>(src)[e]) *
-                                                 gelu_tanh_derivative(__bfloat162float(x[e])));
-                }
-                continue;
-              }
-            }
             if (c + CHUNK <= p.N) {
               *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(src);
             } else {
@@ -835,9 +784,8 @@ extern "C" cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t
                                        int64_t lda, int64_t ldb, int mode, const float* scale_a,
                                        int64_t sa_stride_m, int64_t sa_stride_kb, const float* scale_b,
                                        int64_t sb_rows, int64_t sb_stride_n, int64_t sb_stride_kb,
-                                       const float* bias, void* out, int out_kind, int64_t ldc,
-                                       const void* gelu_aux, int64_t ld_aux, int tile, int group_m,
-                                       cudaStream_t stream) {
+                                       const float* bias, void* out, int out_kind, int64_t ldc, int tile,
+                                       int group_m, cudaStream_t stream) {
   using namespace megaq::int8_gemm;
   constexpr int64_t kIntMax = 0x7fffffff;
   if (M < 1 || N < 1 || K < 16 || K % 16 != 0 || M > kIntMax || N > kIntMax || K > kIntMax)
@@ -880,11 +828,6 @@ extern "C" cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t
   const int elem = out_kind == MEGAQ_INT8_OUT_F32 ? 4 : 2;
   p.pair_store = ldc % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * elem) == 0;
   p.row_store = (ldc * elem) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  p.aux = static_cast<const __nv_bfloat16*>(gelu_aux);
-  p.ld_aux = ld_aux;
-  if (gelu_aux != nullptr && (out_kind != MEGAQ_INT8_OUT_BF16 || !p.row_store || ld_aux < N ||
-                              (ld_aux * 2) % 16 != 0 || reinterpret_cast<uintptr_t>(gelu_aux) % 16 != 0))
-    return cudaErrorInvalidValue;
   switch (out_kind) {
     case MEGAQ_INT8_OUT_F32:
       return dispatch<float>(A, B, lda, ldb, mode, tile, p, device, stream);

@@ -247,7 +247,7 @@ def _int8_scale(s: torch.Tensor, name: str) -> torch.Tensor:
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, *,
               mode: str = "rowcol", scale_b_rows: int = 1, bias: torch.Tensor | None = None,
               out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
-              tile: int = 0, group_m: int = 0, gelu_aux: torch.Tensor | None = None) -> torch.Tensor:
+              tile: int = 0, group_m: int = 0) -> torch.Tensor:
     """`scaled_mm` of two INT8 operands on Hopper tensor cores (csrc/int8_gemm, sm_90 only).
 
     a: int8 [M, K], b: int8 [N, K], rows K-contiguous, K a multiple of 16, on one CUDA device.
@@ -260,8 +260,6 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
     Scales are used as FP32; bias (any float dtype, [N]) is added in FP32. out_dtype: torch.bfloat16
     or torch.float32; `out` (optional) a preallocated [M, N] tensor of that dtype with contiguous rows.
     tile / group_m: the kernel's tile configuration and raster group (0 = default; for benchmarks).
-    gelu_aux: a bfloat16 [M, N] tensor x with 16-byte aligned rows: the output (bfloat16 only) is then
-    bf16(scaled_mm) · GELU'(x) (tanh form, FP32 math), GELU's backward folded into this GEMM.
     FP32 output of rowcol rounds float(acc) (exact below 2^24) and the product with sa·sb: relative
     error ≤ ~2^-22; block128 adds one FP32 rounding per K-block; bf16 rounds once more."""
     if mode not in _INT8_MODES:
@@ -287,4 +285,4 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
         out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     elif out.dtype != out_dtype or tuple(out.shape) != (m, n):
         raise ValueError(f"int8_gemm: out must be [{m}, {n}] {out_dtype}; got {tuple(out.shape)} {out.dtype}")
-    return ext.int8_gemm(a, b, out, sa, sb, bias, mode, scale_b_rows, tile, group_m, gelu_aux)
+    return ext.int8_gemm(a, b, out, sa, sb, bias, mode, scale_b_rows, tile, group_m)

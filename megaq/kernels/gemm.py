@@ -84,22 +84,15 @@ def _gemm_plan(a, b):
 
 def scaled_mm(a, b, out_dtype: torch.dtype = torch.float32, bias: torch.Tensor | None = None, *,
               out_block: tuple[int, int] = (1, 128), out_rounding: str = "nearest",
-              generator: torch.Generator | None = None, gelu_grad_of: torch.Tensor | None = None):
+              generator: torch.Generator | None = None):
     """`A · Bᵀ` for `QuantizedTensor`s quantized along their shared last dim (K), each with its own
     block scales: Σ_kb s_a[m, kb] s_b[n, kb] Σ_{k∈kb} a[m, k] b[n, k] (+ bias[n]).
 
     out_dtype float32/bfloat16/float16 returns a tensor; `torch.int8` returns the output requantized
     per `out_block` (1 × QB) as a `QuantizedTensor` (the INT8 data flow), rounding `out_rounding`.
-
-    gelu_grad_of: GELU's input x ([M, N]): the result is then `gelu_backward(out, x)` (tanh form) — the
-    gradient of x when the product is that of GELU's output — computed on the output rounded to
-    out_dtype, as the separate backward would. Fused into the GEMM's epilogue (no [M, N] round trip)
-    where the kernel supports it: BF16 output and x with 16-byte aligned rows on the GPU.
     """
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"scaled_mm: reduction sizes differ: A {a.shape} vs B {b.shape}")
-    if gelu_grad_of is not None:
-        return _scaled_mm_gelu_grad(a, b, out_dtype, bias, gelu_grad_of)
     int8_out = out_dtype == torch.int8
     if _native_int4_eligible(a, b, out_dtype):
         from .cuda_ext import int4_gemm
@@ -112,22 +105,6 @@ def scaled_mm(a, b, out_dtype: torch.dtype = torch.float32, bias: torch.Tensor |
             return quantize(out, out_block, 8, out_rounding, generator, check=False)
         return out.to(out_dtype)
     return _gpu_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator)
-
-
-def _scaled_mm_gelu_grad(a, b, out_dtype, bias, x):
-    M, N = a.shape[0], b.shape[0]
-    if out_dtype == torch.int8:
-        raise ValueError("scaled_mm: gelu_grad_of needs a floating-point out_dtype, not torch.int8")
-    if tuple(x.shape) != (M, N):
-        raise ValueError(f"scaled_mm: gelu_grad_of must be the [{M}, {N}] GELU input; got {tuple(x.shape)}")
-    fusable = (out_dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.device == a.data.device
-               and x.stride(-1) == 1 and (M == 1 or x.stride(0) % 8 == 0) and x.data_ptr() % 16 == 0
-               and N % 8 == 0)
-    plan = _gemm_plan(a, b) if fusable and dispatch._use_triton(a.data, b.data) else None
-    if plan is None or (bias is not None and bias.device != a.data.device) or 0 in (M, N, a.shape[1]):
-        out = scaled_mm(a, b, out_dtype, bias)
-        return torch.ops.aten.gelu_backward(out, x.to(out.dtype), approximate="tanh")
-    return _gpu_scaled_mm(a, b, plan, out_dtype, bias, (1, 128), "nearest", None, gelu_aux=x)
 
 
 def _native_int4_eligible(a, b, out_dtype) -> bool:
@@ -190,9 +167,9 @@ def _cuda_int8_mode(a, b, ad, bd, mode, g, ratio_a, ratio_b, out_dtype) -> str |
     return key[0] if choice == "cuda" or key in _CUDA_INT8_AUTO else None
 
 
-def _gpu_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator, gelu_aux=None):
+def _gpu_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator):
     """`scaled_mm` on the GPU (or the interpreter): csrc/int8_gemm where `_cuda_int8_mode` picks it,
-    else the Triton kernel. gelu_aux: the GELU-gradient epilogue's x (BF16 out; `_scaled_mm_gelu_grad`)."""
+    else the Triton kernel."""
     mode, g, ratio_a, ratio_b, sak, sbk = plan
     M, K = a.shape
     N = b.shape[0]
@@ -209,7 +186,7 @@ def _gpu_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generat
     if cuda_mode is not None:
         from .cuda_ext import int8_gemm
         return int8_gemm(ad, bd, sa, sb, mode=cuda_mode, scale_b_rows=b.block[0], bias=bias,
-                         out_dtype=out_dtype, gelu_aux=gelu_aux)
+                         out_dtype=out_dtype)
     cfg = gemm_config(mode, g, M, N, K, dev, b.block[0])
     BM, BN, BK, J = cfg["BM"], cfg["BN"], cfg["BK"], cfg["J"]
     ra, rb = a.block[0], b.block[0]
@@ -243,15 +220,15 @@ def _gpu_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generat
     grid = (_cdiv(M, BM) * _cdiv(N, BN),)
     _kernel("triton_gemm", "_scaled_mm_kernel")[grid](
         a_ptr, a_desc, b_ptr, b_desc, sa, sb, c, cs if cs is not None else dummy,
-        bias.contiguous() if has_bias else dummy, seed, gelu_aux if gelu_aux is not None else dummy,
-        M, N, K, ad.stride(0), bd.stride(0), c.stride(0), gelu_aux.stride(0) if gelu_aux is not None else 0,
+        bias.contiguous() if has_bias else dummy, seed,
+        M, N, K, ad.stride(0), bd.stride(0), c.stride(0),
         sa.stride(0), sak, sb.stride(0), sbk, cs.stride(0) if cs is not None else 0,
         ra, rb, sa.shape[1] if sak else 2 ** 30, sb.shape[1] if sbk else 2 ** 30,
         MODE=0 if mode == "rowcol" else 1, BM=BM, BN=BN, BK=BK, J=J, GROUP_M=cfg["GROUP_M"],
         RATIO_A=ratio_a, RATIO_B=ratio_b, SA_SCALAR=sa_scalar, SB_SCALAR=sb_scalar,
         CVT=cfg["CVT"], HAS_BIAS=has_bias, OUT_MODE=1 if int8_out else 0, OUT_QB=max(qb, 1),
         OUT_STOCHASTIC=stochastic, USE_TMA=use_tma, EVEN_K=K % (BK * J) == 0,
-        RINT_LIBDEVICE=_rint_libdevice(), WS=bool(cfg.get("WS", False)), GELU_GRAD=gelu_aux is not None,
+        RINT_LIBDEVICE=_rint_libdevice(), WS=bool(cfg.get("WS", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if int8_out:
         return _quant().QuantizedTensor(c, cs, (1, qb), 8, (M, N))

@@ -142,40 +142,9 @@ def _block_scale(sa_rows, sa_ptr, sb_cols, sb_ptr, kb, stride_sak, stride_sbk, n
 
 
 @triton.jit
-def _to_out_dtype(v, dtype: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """FP32 v in the output dtype, rounded to nearest even. The interpreter (no LIBDEVICE) truncates
-    FP32 -> BF16 (triton 3.9), so there the rounding is done on the bits first (NaN kept as it is)."""
-    if dtype == tl.bfloat16 and not LIBDEVICE:
-        b = v.to(tl.int32, bitcast=True)
-        r = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-        v = tl.where(v == v, r, v)
-    return v.to(dtype)
-
-
-@triton.jit
-def _gelu_tanh_derivative(x, LIBDEVICE: tl.constexpr):
-    """d GELU(x) / dx of GELU's tanh form in FP32, in PyTorch's GeluBackward operation order. The
-    interpreter has no libdevice: tanh(z) = 1 - 2 / (exp(2z) + 1) there."""
-    k_beta = 0.7978845608028654   # sqrt(2 / pi)
-    k_kappa = 0.044715
-    x_sq = x * x
-    x_cube = x_sq * x
-    inner = k_beta * (x + k_kappa * x_cube)
-    if LIBDEVICE:
-        t = libdevice.tanh(inner)
-    else:
-        t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
-    left = 0.5 * x
-    right = 1.0 + t
-    left_derivative = 0.5 * right
-    right_derivative = left * (1.0 - t * t) * k_beta * (1.0 + 3.0 * k_kappa * x_sq)
-    return left_derivative + right_derivative
-
-
-@triton.jit
 def _scaled_mm_kernel(
-        a_ptr, a_desc, b_ptr, b_desc, sa_ptr, sb_ptr, c_ptr, cs_ptr, bias_ptr, seed_ptr, aux_ptr,
-        M, N, K, stride_am, stride_bn, stride_cm, stride_auxm,
+        a_ptr, a_desc, b_ptr, b_desc, sa_ptr, sb_ptr, c_ptr, cs_ptr, bias_ptr, seed_ptr,
+        M, N, K, stride_am, stride_bn, stride_cm,
         stride_sam, stride_sak, stride_sbn, stride_sbk, stride_csm,
         RA, RB, nkb_a, nkb_b,
         MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, J: tl.constexpr,
@@ -183,7 +152,7 @@ def _scaled_mm_kernel(
         SA_SCALAR: tl.constexpr, SB_SCALAR: tl.constexpr, CVT: tl.constexpr,
         HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr, OUT_QB: tl.constexpr,
         OUT_STOCHASTIC: tl.constexpr, USE_TMA: tl.constexpr, EVEN_K: tl.constexpr,
-        RINT_LIBDEVICE: tl.constexpr, WS: tl.constexpr = False, GELU_GRAD: tl.constexpr = False):
+        RINT_LIBDEVICE: tl.constexpr, WS: tl.constexpr = False):
     pid_n, off_m, off_n, offs_m, offs_n, offs_am, offs_bn = _program_tile(M, N, BM, BN, GROUP_M)
 
     # scale pointers (row part), hoisted out of the K loop
@@ -236,13 +205,7 @@ def _scaled_mm_kernel(
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if OUT_MODE == 0:
-        out = _to_out_dtype(acc, c_ptr.dtype.element_ty, RINT_LIBDEVICE)
-        if GELU_GRAD:   # GELU's backward on the rounded output, as the unfused gelu_backward computes it
-            x = tl.load(aux_ptr + offs_m.to(tl.int64)[:, None] * stride_auxm + offs_n[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-            out = _to_out_dtype(out.to(tl.float32) * _gelu_tanh_derivative(x, RINT_LIBDEVICE),
-                                c_ptr.dtype.element_ty, RINT_LIBDEVICE)
-        tl.store(c_ptrs, out, mask=mask)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
     else:
         NQ: tl.constexpr = BN // OUT_QB
         acc = tl.where(mask_n[None, :], acc, 0.0)

@@ -93,12 +93,7 @@ class MLP(nn.Module):
                                      comm_dtype=cfg.comm_dtype, comm_config=cfg.comm_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if isinstance(self.fc2, RowParallelLinear):
-            # fc2 computes on GELU(h) itself: its quantizers apply GELU as they read h and its dgrad
-            # GEMM's epilogue runs GELU's backward, so GELU(h) and its gradient never go through memory
-            return self.fc2(h, input_activation="gelu_tanh")
-        return self.fc2(F.gelu(h, approximate="tanh"))   # a peer's plain nn.Linear
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class TransformerBlock(nn.Module):

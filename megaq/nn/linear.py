@@ -178,17 +178,14 @@ class RowParallelLinear(_ParallelLinear):
         if not skip_init:
             self.reset_parameters(init_method)
 
-    def forward(self, x: torch.Tensor, input_activation: str | None = None) -> torch.Tensor:
-        """``act(x) W^T + b``; ``input_activation`` names act (None, or "gelu_tanh": the MLP's GELU,
-        which the INT8 recipes fuse into this layer's quantizers and dgrad GEMM:
-        megaq.ops.linear.INPUT_ACTIVATIONS)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x)
         if get_tensor_parallel_world_size() == 1:
             # nothing to reduce: the bias goes into the GEMM's epilogue (and, under INT8, its gradient
             # into the ∇Y quantizer) instead of a broadcast add and a sum over the tokens of its own
-            return quantized_linear(x, self.weight, self.bias, self.recipe, input_activation)
-        y = quantized_linear(x, self.weight, None, self.recipe, input_activation)
+            return quantized_linear(x, self.weight, self.bias, self.recipe)
+        y = quantized_linear(x, self.weight, None, self.recipe)
         if self.sequence_parallel:
             y = self.comm.reduce_scatter_to_sequence_parallel_region(y)
         else:

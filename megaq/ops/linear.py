@@ -20,25 +20,6 @@ from .int4_linear import Int4QuantizedLinear
 from .recipe import GemmSpec, OperandSpec, Recipe, get_recipe
 
 
-# Activations a quantized linear can apply to its input itself (`quantized_linear(...,
-# input_activation=)`): the MLP's fc2 takes fc1's output h and computes on GELU(h), so that GELU's
-# backward runs in the epilogue of fc2's dgrad GEMM (`kernels.scaled_mm(..., gelu_grad_of=h)`): the
-# gradient of GELU's output never goes through memory. The forward applies GELU with torch before the
-# quantizers: folding it into them measured slower on an H100 (docs/PERFORMANCE.md, session 12).
-INPUT_ACTIVATIONS = ("gelu_tanh",)
-# False: GELU's backward as its own kernel after the dgrad GEMM (for benchmarking the difference)
-FUSE_GELU_GRAD = True
-
-
-def apply_activation(x: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """`x` through `activation` (None: x itself), as the unfused model computes it."""
-    if activation is None:
-        return x
-    if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    raise ValueError(f"unknown input activation {activation!r}; expected None or one of {INPUT_ACTIVATIONS}")
-
-
 def quantize_operand(x: torch.Tensor, spec: OperandSpec, check: bool, transpose: bool = False,
                      hadamard: int = 0, delayed: DelayedAmax | None = None) -> QuantizedTensor:
     """Quantize a GEMM operand `[rows, reduction]` (or `x.T` when `transpose`) per its spec, after a
@@ -141,25 +122,21 @@ def quantized_gemm(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | Quantize
                    check: bool = True, transpose_a: bool = False, transpose_b: bool = False,
                    out_dtype: torch.dtype = torch.float32,
                    bias: torch.Tensor | None = None, delayed_a: DelayedAmax | None = None,
-                   delayed_b: DelayedAmax | None = None,
-                   gelu_grad_of: torch.Tensor | None = None) -> torch.Tensor:
+                   delayed_b: DelayedAmax | None = None) -> torch.Tensor:
     """`A · Bᵀ (+ bias)` in `out_dtype` (bf16 specs: in the inputs' dtype), both operands
     `[rows, reduction]`; the output conversion and the bias run in the GEMM's epilogue.
 
     `transpose_a/b` say the operand is given as its transpose `[reduction, rows]`, which lets the
     quantizer write the reduction-major layout in the same pass instead of a separate transpose.
     An operand may arrive already quantized for this GEMM (`quantize_gemm_operand`). `delayed_a/b`:
-    the operands' predictions where their specs are "delayed" (`wgrad_delayed_states`).
-    `gelu_grad_of`: GELU's input x; the result is then GELU's backward applied to the product (the
-    gradient of x), in the GEMM's epilogue where the kernel can (`kernels.scaled_mm`)."""
+    the operands' predictions where their specs are "delayed" (`wgrad_delayed_states`)."""
     if not spec.is_quantized:
         a = a.t() if transpose_a else a
         b = b.t() if transpose_b else b
-        out = F.linear(a, b, bias)
-        return out if gelu_grad_of is None else torch.ops.aten.gelu_backward(out, gelu_grad_of, approximate="tanh")
+        return F.linear(a, b, bias)
     qa = a if isinstance(a, QuantizedTensor) else quantize_gemm_operand(a, spec, "a", check, transpose_a, delayed_a)
     qb = b if isinstance(b, QuantizedTensor) else quantize_gemm_operand(b, spec, "b", check, transpose_b, delayed_b)
-    return kernels.scaled_mm(qa, qb, out_dtype=out_dtype, bias=bias, gelu_grad_of=gelu_grad_of)
+    return kernels.scaled_mm(qa, qb, out_dtype=out_dtype, bias=bias)
 
 
 # Quantize a tensor once for both GEMMs that read it (X: forward and wgrad; ∇Y: dgrad and wgrad)
@@ -219,12 +196,7 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
     Hadamard spec, one dual quantizer call writes both orientations (`DUAL_QUANTIZE`)."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, recipe: Recipe, activation: str | None = None):
-        # activation: the GEMMs' X is activation(x2d) (`quantized_linear(..., input_activation=)`); its
-        # input is kept for the backward, which the dgrad GEMM's epilogue runs
-        saved_input = (x2d,) if activation is not None and ctx.needs_input_grad[0] else ()
-        ctx.unfused_activation = None if FUSE_GELU_GRAD else activation
-        x2d = apply_activation(x2d, activation)
+    def forward(ctx, x2d, weight, bias, recipe: Recipe):
         x_operand, qx = x2d, None
         had = _dual_hadamard(x2d, recipe.forward, "a", recipe.wgrad, "b") if ctx.needs_input_grad[1] else 0
         if had:  # X for the forward GEMM and Xᵀ for wgrad from one quantizer pass over X
@@ -251,13 +223,12 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
             else:
                 saved_x = (x2d,)
         ctx.n_saved_x = 0 if saved_x is None else len(saved_x)
-        ctx.save_for_backward(weight, *(saved_x or ()), *saved_input)
+        ctx.save_for_backward(weight, *(saved_x or ()))
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        weight, *saved = ctx.saved_tensors
-        saved_x, activation_input = saved[:ctx.n_saved_x], (saved[ctx.n_saved_x:] or [None])[0]
+        weight, *saved_x = ctx.saved_tensors
         recipe: Recipe = ctx.recipe
         grad_y = grad_y.contiguous()
         grad_x = grad_w = grad_b = None
@@ -276,11 +247,8 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dgrad: ∇X = ∇Y · W, operands ∇Y [tokens, out] and Wᵀ [in, out]
             w_operand = weight_operand(weight, recipe.dgrad, recipe.check_finite, transpose=True)
-            fused = ctx.unfused_activation is None
-            grad_x = quantized_gemm(gy_rows, w_operand, recipe.dgrad, recipe.check_finite, transpose_b=True,
-                                    out_dtype=ctx.x_dtype, gelu_grad_of=activation_input if fused else None)
-            if not fused:
-                grad_x = torch.ops.aten.gelu_backward(grad_x, activation_input, approximate="tanh")
+            grad_x = quantized_gemm(gy_rows, w_operand, recipe.dgrad, recipe.check_finite,
+                                    transpose_b=True, out_dtype=ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             # wgrad: ∇W = ∇Yᵀ · X, operands ∇Yᵀ [out, tokens] and Xᵀ [in, tokens]
             x_operand = QuantizedTensor(*saved_x, *ctx.qx_meta) if len(saved_x) == 2 else saved_x[0]
@@ -293,20 +261,15 @@ class _PerGemmQuantizedLinear(torch.autograd.Function):
             if bias_sum is None:
                 bias_sum = grad_y.sum(0, dtype=torch.float32)
             grad_b = bias_sum.to(grad_y.dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None
 
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     recipe: Recipe | str, input_activation: str | None = None) -> torch.Tensor:
-    """`act(x) [..., in] · weight[out, in]ᵀ + bias` under `recipe`; the `bf16` recipe is `F.linear`
-    itself. `input_activation`: act (None: identity; "gelu_tanh": GELU's tanh form, the MLP's fc2);
-    the INT8-style recipes run its backward in the dgrad GEMM's epilogue (`INPUT_ACTIVATIONS`)."""
+                     recipe: Recipe | str) -> torch.Tensor:
+    """`x [..., in] · weight[out, in]ᵀ + bias` under `recipe`; the `bf16` recipe is `F.linear` itself."""
     recipe = get_recipe(recipe)
-    if input_activation is not None and input_activation not in INPUT_ACTIVATIONS:
-        raise ValueError(f"quantized_linear: unknown input_activation {input_activation!r}; expected None or "
-                         f"one of {INPUT_ACTIVATIONS}")
     if not recipe.is_quantized:
-        return F.linear(apply_activation(x, input_activation), weight, bias)
+        return F.linear(x, weight, bias)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"quantized_linear: input features {x.shape[-1]} != weight in_features "
                          f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
@@ -315,8 +278,6 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         # inside an autograd Function, needs_input_grad follows requires_grad even under no_grad: without
         # this the forward would quantize Xᵀ for a wgrad that never comes (and move delayed predictions)
         weight = weight.detach()
-    if recipe.int4_backward is not None:
-        y = Int4QuantizedLinear.apply(apply_activation(x2d, input_activation), weight, bias, recipe)
-    else:
-        y = _PerGemmQuantizedLinear.apply(x2d, weight, bias, recipe, input_activation)
+    fn = Int4QuantizedLinear if recipe.int4_backward is not None else _PerGemmQuantizedLinear
+    y = fn.apply(x2d, weight, bias, recipe)
     return y.reshape(*x.shape[:-1], weight.shape[0])
