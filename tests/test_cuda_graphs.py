@@ -397,6 +397,33 @@ def test_trainer_with_cuda_graphs_trains_like_eager(demo_cache):
 
 
 @gpu
+def test_graphed_int8_delayed_run_resumes_where_it_stopped(demo_cache, tmp_path):
+    """The trainer under CUDA graphs with delayed scaling: N steps straight and k steps, checkpoint,
+    resume, N - k steps give the same losses, because the checkpoint carries the predictions the graphs
+    updated (their aliases share the parameters' states) and the resumed capture starts from them."""
+    pytest.importorskip("deepspeed")
+    from megaq.training.config import config_from_dict
+    from megaq.training.trainer import pretrain
+
+    def cfg(directory, steps, save_at_end=True):
+        return config_from_dict(tiny_config(
+            demo_cache, quant={"recipe": "int8_delayed"},
+            checkpoint={"dir": str(tmp_path / directory), "save_at_end": save_at_end},
+            train={"train_steps": steps, "decay_steps": 6, "cuda_graphs": True}))
+
+    straight = pretrain(cfg("a", 6, save_at_end=False))
+    first = pretrain(cfg("b", 3))
+    saved = sorted((tmp_path / "b" / "step_00000003").glob("megaq_delayed_rank*.pt"))
+    assert len(saved) == 1
+    entries = torch.load(saved[0], weights_only=True)
+    assert entries and all(int(e["valid"]) == 1 and float(e["pred"].min()) > 0 for e in entries.values())
+    resumed = pretrain(cfg("b", 6))
+    assert resumed["start_step"] == 3
+    assert first["losses"] == straight["losses"][:3]
+    assert resumed["losses"] == straight["losses"][3:], (straight["losses"], first["losses"], resumed["losses"])
+
+
+@gpu
 def test_capture_uses_the_single_quantizers_and_eager_the_dual_one(monkeypatch):
     """The dual quantizer saves host time but costs GPU time: eager calls use it, captured ones not."""
     from megaq import kernels
