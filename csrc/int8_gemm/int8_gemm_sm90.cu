@@ -35,6 +35,7 @@
 #include <cuda_bf16.h>
 
 #include <atomic>
+#include <type_traits>
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MEGAQ_INT8_GEMM_SM90A 1
@@ -75,26 +76,34 @@ struct Params {
   int group_m;
   bool pair_store;   // out rows and pointer allow 2-element vector stores
   bool row_store;    // out rows and pointer are 16-byte aligned: the staged, coalesced epilogue
+  bool tma_store;    // the kernel writes its tiles with TMA stores (tmap_c; TMA_OUT kernels only)
 };
 
-template <int BN, int STAGES, bool BLOCKED>
+template <int BN, int STAGES, bool BLOCKED, bool TMA_OUT = false>
 struct Layout {
   static constexpr int A_BYTES = BM * BK;
   static constexpr int B_BYTES = BN * BK;
   static constexpr int SCALES = BLOCKED ? BM + BN : 0;   // floats per stage
   static constexpr int A_OFFSET = 0;
   static constexpr int B_OFFSET = STAGES * A_BYTES;
-  static constexpr int SCALE_OFFSET = B_OFFSET + STAGES * B_BYTES;
+  // TMA_OUT: the BF16 output tile, [BM x BN] as BN / 64 column chunks of [BM x 64] (128-byte rows,
+  // 128-byte swizzle), which TMA stores write out while the next tile's main loop runs
+  static constexpr int OUT_BYTES = TMA_OUT ? BM * BN * 2 : 0;
+  static constexpr int OUT_OFFSET = B_OFFSET + STAGES * B_BYTES;
+  static constexpr int SCALE_OFFSET = OUT_OFFSET + OUT_BYTES;
   // epilogue columns of a tile, double-buffered by tile parity: ROWCOL's sb, then the bias
   static constexpr int EPILOGUE_OFFSET = SCALE_OFFSET + STAGES * SCALES * 4;
   // per consumer warp, 4 output rows of up to 512 bytes (+16 against bank conflicts), where the
-  // epilogue turns the fragment layout into whole rows for coalesced 16-byte stores
+  // epilogue turns the fragment layout into whole rows for coalesced 16-byte stores (TMA_OUT kernels
+  // use the output tile's memory for it when they cannot store with TMA)
   static constexpr int STAGING_PITCH = 512 + 16;
-  static constexpr int STAGING_OFFSET = EPILOGUE_OFFSET + 2 * 2 * BN * 4;
-  static constexpr int BARRIER_OFFSET = STAGING_OFFSET + 8 * 4 * STAGING_PITCH;
+  static constexpr int STAGING_OFFSET = TMA_OUT ? OUT_OFFSET : EPILOGUE_OFFSET + 2 * 2 * BN * 4;
+  static constexpr int BARRIER_OFFSET =
+      TMA_OUT ? EPILOGUE_OFFSET + 2 * 2 * BN * 4 : STAGING_OFFSET + 8 * 4 * STAGING_PITCH;
   static constexpr int BYTES = BARRIER_OFFSET + 2 * STAGES * 8;
   static constexpr int ALLOC = BYTES + 1024;   // room to align the dynamic buffer to 1024
   static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzle atoms must stay 1024-aligned");
+  static_assert(!TMA_OUT || 8 * 4 * STAGING_PITCH <= OUT_BYTES, "staging fits in the output tile");
   static_assert(ALLOC <= 227 * 1024, "shared memory per block");
 };
 
@@ -157,6 +166,30 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
       " [%0], [%1, {%3, %4}], [%2];" ::"r"(smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(x), "r"(y)
       : "memory");
+}
+
+// TMA: shared-memory box to coordinates (x = column, y = row) of `map`, in this thread's bulk group.
+// Rows and columns outside the map's extent are not written.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int x, int y) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(smem_u32(src)), "r"(x), "r"(y)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Waits until this thread's bulk groups have read their shared memory (the buffer may be rewritten).
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+// Waits until this thread's bulk groups are complete (their writes done).
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+// Makes this thread's shared-memory writes visible to the TMA engine (the async proxy).
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+// Barrier 2 + w among the 128 threads of consumer warpgroup w.
+__device__ __forceinline__ void warpgroup_sync(int w) {
+  asm volatile("bar.sync %0, 128;" ::"r"(2 + w) : "memory");
 }
 
 // 4-byte global -> shared copy (zero-filled, no read, when !valid); completion is tracked by
@@ -386,6 +419,45 @@ __device__ __forceinline__ void store_tile_rows(const Value& value, const float*
   }
 }
 
+// The TMA_OUT epilogue of consumer warpgroup w: its 64 x BN rows of the tile, converted to BF16
+// into its half of the output tile in shared memory (the 128-byte swizzle of the map: 16-byte chunk j
+// of row r sits at chunk j ^ (r % 8), so that the 8 rows a warp's fragment spans hit different
+// banks), then written by one thread's TMA stores, which complete while the warpgroup goes on to its
+// next tile's main loop. The buffer is rewritten only once the previous stores have read it.
+template <int BN, typename Value>
+__device__ __forceinline__ void store_tile_tma(const Value& value, const float* col_scale, const float* col_bias,
+                                               const CUtensorMap* map, const Fragment& f, int w, uint8_t* tile,
+                                               int m0, int n0) {
+  constexpr int CHUNK_COLS = 64;                   // 128 bytes of BF16: one swizzle row
+  constexpr int CHUNK_BYTES = 64 * CHUNK_COLS * 2;  // 64 rows
+  uint8_t* mine = tile + w * (BN / CHUNK_COLS) * CHUNK_BYTES;
+  const bool leader = threadIdx.x % 128 == 0;
+  if (leader) bulk_wait_read();
+  warpgroup_sync(w);
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i) {
+    const int c = 8 * i + f.col;
+    const float2 s = *reinterpret_cast<const float2*>(col_scale + c);
+    const float2 b = *reinterpret_cast<const float2*>(col_bias + c);
+    const int byte = (c % CHUNK_COLS) * 2;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = f.row - 64 * w + 8 * h;
+      uint8_t* dst = mine + (c / CHUNK_COLS) * CHUNK_BYTES + r * 128 + ((((byte >> 4) ^ (r & 7))) << 4) +
+                     (byte & 15);
+      *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(value(4 * i + 2 * h, h, s.x) + b.x,
+                                                                       value(4 * i + 2 * h + 1, h, s.y) + b.y);
+    }
+  }
+  fence_async_shared();
+  warpgroup_sync(w);
+  if (leader) {
+#pragma unroll
+    for (int k = 0; k < BN / CHUNK_COLS; ++k) tma_store_2d(map, mine + k * CHUNK_BYTES, n0 + k * CHUNK_COLS, m0 + 64 * w);
+    bulk_commit();
+  }
+}
+
 // BLOCK128 promotion of one K-block: v += float(acc) * sa[m, kb] * sb[n, kb], scales from the stage.
 template <int BN, bool SB_VEC>
 __device__ __forceinline__ void promote(const int (&acc)[BN / 2], float (&v)[BN / 2], const float* sa_s,
@@ -429,13 +501,16 @@ struct Pipe {   // position in the ring of stages: stage index and the parity of
 
 // MODE: MEGAQ_INT8_ROWCOL / MEGAQ_INT8_BLOCK128. DUAL: two INT32 accumulator sets (BLOCK128).
 // SB_VEC: a B scale per output column (sb_rows = 1) rather than one per 128-column tile (BLOCK128).
-template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, typename OutT>
+// TMA_OUT (ROWCOL, BF16 out): tiles leave through TMA stores from shared memory when p.tma_store.
+template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool TMA_OUT, typename OutT>
 __global__ void __launch_bounds__(THREADS, 1)
     int8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,
-                     const __grid_constant__ CUtensorMap tmap_b, const Params p) {
+                     const __grid_constant__ CUtensorMap tmap_b,
+                     const __grid_constant__ CUtensorMap tmap_c, const Params p) {
 #ifdef MEGAQ_INT8_GEMM_SM90A
   constexpr bool BLOCKED = MODE == MEGAQ_INT8_BLOCK128;
-  using L = Layout<BN, STAGES, BLOCKED>;
+  static_assert(!TMA_OUT || (!BLOCKED && std::is_same_v<OutT, __nv_bfloat16>), "TMA_OUT: ROWCOL, BF16 out");
+  using L = Layout<BN, STAGES, BLOCKED, TMA_OUT>;
   static_assert(!DUAL || BLOCKED, "two accumulator sets only pay off with per-block promotion");
   static_assert(!SB_VEC || BLOCKED, "ROWCOL reads its column scales in the epilogue");
   static_assert(!BLOCKED || BN == 128, "BLOCK128 keeps an FP32 sum plus INT32 sets: 128 columns fit");
@@ -449,6 +524,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   float* smem_scales = reinterpret_cast<float*>(smem + L::SCALE_OFFSET);
   float* smem_epilogue = reinterpret_cast<float*>(smem + L::EPILOGUE_OFFSET);
   uint8_t* smem_staging = smem + L::STAGING_OFFSET;
+  uint8_t* smem_out = smem + L::OUT_OFFSET;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::BARRIER_OFFSET);
   uint64_t* empty = full + STAGES;
 
@@ -457,6 +533,8 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (threadIdx.x == PRODUCER_WARP * 32) {
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_a)) : "memory");
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_b)) : "memory");
+    if (TMA_OUT && p.tma_store)
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_c)) : "memory");
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full[s], BLOCKED ? 1 + 32 : 1);
@@ -601,9 +679,14 @@ __global__ void __launch_bounds__(THREADS, 1)
       wgmma_wait<0>();
       release(prev);
       park_columns();
-      store(
-          [&](int j, int h, float sb) { return __int2float_rn(acc[j]) * (sa[h] * sb); }, col_scales,
-          col_biases, m0, n0);
+      auto value = [&](int j, int h, float sb) { return __int2float_rn(acc[j]) * (sa[h] * sb); };
+      if constexpr (TMA_OUT) {
+        if (p.tma_store) {
+          store_tile_tma<BN>(value, col_scales, col_biases, &tmap_c, frag, warpgroup, smem_out, m0, n0);
+          continue;
+        }
+      }
+      store(value, col_scales, col_biases, m0, n0);
     } else {
       float v[BN / 2];
 #pragma unroll
@@ -660,6 +743,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       store([&](int j, int, float) { return v[j]; }, col_scales, col_biases, m0, n0);
     }
   }
+  if (TMA_OUT && p.tma_store && threadIdx.x % 128 == 0) bulk_wait_all();   // before the buffer goes away
 #endif  // MEGAQ_INT8_GEMM_SM90A (other targets get an empty kernel; check_device refuses them)
 }
 
@@ -699,16 +783,32 @@ bool make_map(CUtensorMap* map, EncodeTiled encode, const int8_t* base, int64_t 
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, typename OutT>
-cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, const Params& p,
+// A 2-D map of the BF16 output [rows, cols] with row stride ldc elements, boxes of 64 rows x 64 columns
+// (128 bytes: one swizzle row), 128-byte swizzle: what store_tile_tma writes.
+bool make_out_map(CUtensorMap* map, EncodeTiled encode, void* base, int64_t rows, int64_t cols, int64_t ldc) {
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ldc * 2)};
+  const cuuint32_t box[2] = {64, 64};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, base, dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool TMA_OUT, typename OutT>
+cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, Params p,
                    int device, cudaStream_t stream) {
-  using L = Layout<BN, STAGES, MODE == MEGAQ_INT8_BLOCK128>;
+  using L = Layout<BN, STAGES, MODE == MEGAQ_INT8_BLOCK128, TMA_OUT>;
   const EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return cudaErrorNotSupported;
-  CUtensorMap map_a, map_b;
+  CUtensorMap map_a, map_b, map_c;
   if (!make_map(&map_a, encode, A, p.M, p.K, lda, BM) || !make_map(&map_b, encode, B, p.N, p.K, ldb, BN))
     return cudaErrorInvalidValue;
-  auto kernel = int8_gemm_kernel<BN, STAGES, MODE, DUAL, SB_VEC, OutT>;
+  // TMA stores need 16-byte aligned rows (the staged epilogue's condition); else the kernel stores
+  // from registers as the other kernels do
+  p.tma_store = TMA_OUT && p.row_store && make_out_map(&map_c, encode, p.out, p.M, p.N, p.ldc);
+  if (!p.tma_store) map_c = map_a;   // unused
+  auto kernel = int8_gemm_kernel<BN, STAGES, MODE, DUAL, SB_VEC, TMA_OUT, OutT>;
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
@@ -720,20 +820,28 @@ cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, c
   if (err != cudaSuccess) return err;
   const int64_t tiles = ((p.M + BM - 1) / BM) * static_cast<int64_t>((p.N + BN - 1) / BN);
   const int grid = static_cast<int>(tiles < sms ? tiles : sms);
-  kernel<<<grid, THREADS, L::ALLOC, stream>>>(map_a, map_b, p);
+  kernel<<<grid, THREADS, L::ALLOC, stream>>>(map_a, map_b, map_c, p);
   return cudaGetLastError();
 }
 
 template <typename OutT>
 cudaError_t dispatch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, int mode, int tile,
                      const Params& p, int device, cudaStream_t stream) {
-  if (mode == MEGAQ_INT8_ROWCOL) {
+  constexpr int ROW = MEGAQ_INT8_ROWCOL, BLK = MEGAQ_INT8_BLOCK128;
+  constexpr bool BF16_OUT = std::is_same_v<OutT, __nv_bfloat16>;
+  if (mode == ROW) {
     switch (tile) {
       case MEGAQ_INT8_TILE_AUTO:
+        // BF16 out: 3 stages, the output tile leaving through TMA stores under the next tile's main
+        // loop (the 4-stage kernel's synchronous stores took 15-33% of its time at K <= 4096, H100)
+        if constexpr (BF16_OUT)
+          return launch<256, 3, ROW, false, false, true, OutT>(A, B, lda, ldb, p, device, stream);
+        else
+          return launch<256, 4, ROW, false, false, false, OutT>(A, B, lda, ldb, p, device, stream);
       case MEGAQ_INT8_TILE_128x256:
-        return launch<256, 4, MEGAQ_INT8_ROWCOL, false, false, OutT>(A, B, lda, ldb, p, device, stream);
+        return launch<256, 4, ROW, false, false, false, OutT>(A, B, lda, ldb, p, device, stream);
       case MEGAQ_INT8_TILE_128x128:
-        return launch<128, 6, MEGAQ_INT8_ROWCOL, false, false, OutT>(A, B, lda, ldb, p, device, stream);
+        return launch<128, 6, ROW, false, false, false, OutT>(A, B, lda, ldb, p, device, stream);
       default:
         return cudaErrorInvalidValue;
     }
@@ -742,11 +850,11 @@ cudaError_t dispatch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb,
   switch (tile) {
     case MEGAQ_INT8_TILE_AUTO:
     case MEGAQ_INT8_TILE_128x128:
-      return sb_vec ? launch<128, 6, MEGAQ_INT8_BLOCK128, true, true, OutT>(A, B, lda, ldb, p, device, stream)
-                    : launch<128, 6, MEGAQ_INT8_BLOCK128, true, false, OutT>(A, B, lda, ldb, p, device, stream);
+      return sb_vec ? launch<128, 6, BLK, true, true, false, OutT>(A, B, lda, ldb, p, device, stream)
+                    : launch<128, 6, BLK, true, false, false, OutT>(A, B, lda, ldb, p, device, stream);
     case MEGAQ_INT8_TILE_128x128_SERIAL:
-      return sb_vec ? launch<128, 6, MEGAQ_INT8_BLOCK128, false, true, OutT>(A, B, lda, ldb, p, device, stream)
-                    : launch<128, 6, MEGAQ_INT8_BLOCK128, false, false, OutT>(A, B, lda, ldb, p, device, stream);
+      return sb_vec ? launch<128, 6, BLK, false, true, false, OutT>(A, B, lda, ldb, p, device, stream)
+                    : launch<128, 6, BLK, false, false, false, OutT>(A, B, lda, ldb, p, device, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -828,6 +936,7 @@ extern "C" cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t
   const int elem = out_kind == MEGAQ_INT8_OUT_F32 ? 4 : 2;
   p.pair_store = ldc % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * elem) == 0;
   p.row_store = (ldc * elem) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  p.tma_store = false;   // the TMA_OUT launchers decide
   switch (out_kind) {
     case MEGAQ_INT8_OUT_F32:
       return dispatch<float>(A, B, lda, ldb, mode, tile, p, device, stream);
