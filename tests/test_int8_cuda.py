@@ -135,7 +135,7 @@ def test_rowcol_int32_part_is_exact(dev, tile):
 
 
 @gpu
-@pytest.mark.parametrize("tile", [0, 3])
+@pytest.mark.parametrize("tile", [0, 2, 3])
 @pytest.mark.parametrize("sb_rows", [128, 1])
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_block128_matches_fp64(dev, m, n, k, sb_rows, tile):

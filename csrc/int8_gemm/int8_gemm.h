@@ -60,7 +60,8 @@ enum MegaqInt8GemmTile {
   MEGAQ_INT8_TILE_128x256 = 1,         // ROWCOL: 4 stages of 48 KB, stores from registers (AUTO with BF16
                                        // out: 3 stages, and the tile leaves through TMA stores)
   MEGAQ_INT8_TILE_128x128 = 2,         // ROWCOL: 6 stages; BLOCK128: two INT32 accumulator sets
-                                       // per consumer (block k+1 in flight while k is promoted)
+                                       // per consumer (block k+1 in flight while k is promoted), stores
+                                       // from registers (AUTO with BF16 out: 5 stages, TMA stores)
   MEGAQ_INT8_TILE_128x128_SERIAL = 3,  // BLOCK128: one accumulator set, promote after each block
 };
 

@@ -22,9 +22,13 @@
 //       BLOCK128 SERIAL: one set; issue, wait, promote (for comparison; the other warpgroup's wgmmas are
 //               the only overlap, as in DeepGEMM's FP8 kernel).
 //   Epilogue: the tile's column scales and bias are loaded at the start of the tile and parked in shared
-//   memory after the K loop; each warp then stages 4 output rows at a time in shared memory and writes
-//   them with 16-byte stores (whole sectors), or, when out rows are not 16-byte aligned, stores its
-//   fragment directly.
+//   memory after the K loop. BF16 out with 16-byte aligned rows (the default launch, TMA_OUT): each
+//   consumer warpgroup writes its 64 rows into an output tile in shared memory (128-byte swizzle) and
+//   one thread hands it to TMA stores, which drain while the warpgroup runs its next tile's main loop
+//   (stores from registers took 15-33% of the kernel's time at K <= 4096 on an H100: every SM stored its
+//   tile at the same moment, at HBM's write rate); the tile costs a ring stage. Otherwise each warp
+//   stages 4 output rows at a time in shared memory and writes them with 16-byte stores (whole
+//   sectors), or, when out rows are not 16-byte aligned, stores its fragment directly.
 //   Tiles are visited in grouped order (group_m row tiles walk the column tiles together, for L2 reuse).
 // wgmma operand descriptors: K-major, 128-byte swizzle, 8-row core-matrix groups 1024 bytes apart; the
 // k-th 32-byte slice of a 128-byte row starts 32 k bytes into the (1024-aligned) tile.
@@ -509,7 +513,7 @@ __global__ void __launch_bounds__(THREADS, 1)
                      const __grid_constant__ CUtensorMap tmap_c, const Params p) {
 #ifdef MEGAQ_INT8_GEMM_SM90A
   constexpr bool BLOCKED = MODE == MEGAQ_INT8_BLOCK128;
-  static_assert(!TMA_OUT || (!BLOCKED && std::is_same_v<OutT, __nv_bfloat16>), "TMA_OUT: ROWCOL, BF16 out");
+  static_assert(!TMA_OUT || std::is_same_v<OutT, __nv_bfloat16>, "TMA_OUT: BF16 out");
   using L = Layout<BN, STAGES, BLOCKED, TMA_OUT>;
   static_assert(!DUAL || BLOCKED, "two accumulator sets only pay off with per-block promotion");
   static_assert(!SB_VEC || BLOCKED, "ROWCOL reads its column scales in the epilogue");
@@ -740,7 +744,14 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
       }
       park_columns();
-      store([&](int j, int, float) { return v[j]; }, col_scales, col_biases, m0, n0);
+      auto value = [&](int j, int, float) { return v[j]; };
+      if constexpr (TMA_OUT) {
+        if (p.tma_store) {
+          store_tile_tma<BN>(value, col_scales, col_biases, &tmap_c, frag, warpgroup, smem_out, m0, n0);
+          continue;
+        }
+      }
+      store(value, col_scales, col_biases, m0, n0);
     }
   }
   if (TMA_OUT && p.tma_store && threadIdx.x % 128 == 0) bulk_wait_all();   // before the buffer goes away
@@ -849,6 +860,13 @@ cudaError_t dispatch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb,
   const bool sb_vec = p.sb_rows % 128 != 0;   // else one B scale per 128-column tile
   switch (tile) {
     case MEGAQ_INT8_TILE_AUTO:
+      // BF16 out: 5 stages and the TMA-store epilogue, as for ROWCOL
+      if constexpr (BF16_OUT)
+        return sb_vec ? launch<128, 5, BLK, true, true, true, OutT>(A, B, lda, ldb, p, device, stream)
+                      : launch<128, 5, BLK, true, false, true, OutT>(A, B, lda, ldb, p, device, stream);
+      else
+        return sb_vec ? launch<128, 6, BLK, true, true, false, OutT>(A, B, lda, ldb, p, device, stream)
+                      : launch<128, 6, BLK, true, false, false, OutT>(A, B, lda, ldb, p, device, stream);
     case MEGAQ_INT8_TILE_128x128:
       return sb_vec ? launch<128, 6, BLK, true, true, false, OutT>(A, B, lda, ldb, p, device, stream)
                     : launch<128, 6, BLK, true, false, false, OutT>(A, B, lda, ldb, p, device, stream);
