@@ -457,7 +457,8 @@ __device__ __forceinline__ void store_tile_tma(const Value& value, const float* 
   warpgroup_sync(w);
   if (leader) {
 #pragma unroll
-    for (int k = 0; k < BN / CHUNK_COLS; ++k) tma_store_2d(map, mine + k * CHUNK_BYTES, n0 + k * CHUNK_COLS, m0 + 64 * w);
+    for (int k = 0; k < BN / CHUNK_COLS; ++k)
+      tma_store_2d(map, mine + k * CHUNK_BYTES, n0 + k * CHUNK_COLS, m0 + 64 * w);
     bulk_commit();
   }
 }
@@ -505,7 +506,8 @@ struct Pipe {   // position in the ring of stages: stage index and the parity of
 
 // MODE: MEGAQ_INT8_ROWCOL / MEGAQ_INT8_BLOCK128. DUAL: two INT32 accumulator sets (BLOCK128).
 // SB_VEC: a B scale per output column (sb_rows = 1) rather than one per 128-column tile (BLOCK128).
-// TMA_OUT (ROWCOL, BF16 out): tiles leave through TMA stores from shared memory when p.tma_store.
+// TMA_OUT (BF16 out): tiles leave through TMA stores from shared memory when p.tma_store
+// (store_tile_tma), else as in the other kernels.
 template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool TMA_OUT, typename OutT>
 __global__ void __launch_bounds__(THREADS, 1)
     int8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,
