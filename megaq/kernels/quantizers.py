@@ -668,5 +668,5 @@ def dequantize(qt, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     scale = qt.scale.contiguous()
     _kernel("triton_quant", "_dequant_kernel")[(_cdiv(C, BC), _cdiv(R, BR))](
         qt.data.contiguous(), scale, out, R, C, scale.stride(0), GR=gr, GC=gc,
-        BR=BR, BC=BC, num_warps=4)
+        BR=BR, BC=BC, INTERPRETER=_interpreting(), num_warps=4)
     return out

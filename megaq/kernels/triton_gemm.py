@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .triton_quant import _uniform_tile
+from .triton_quant import _cast_out, _uniform_tile
 
 MODE_ROWCOL = 0
 MODE_BLOCKED = 1
@@ -205,7 +205,7 @@ def _scaled_mm_kernel(
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if OUT_MODE == 0:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptrs, _cast_out(acc, c_ptr.dtype.element_ty, not RINT_LIBDEVICE), mask=mask)
     else:
         NQ: tl.constexpr = BN // OUT_QB
         acc = tl.where(mask_n[None, :], acc, 0.0)

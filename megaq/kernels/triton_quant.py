@@ -61,6 +61,17 @@ def _rint(v, RINT_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _cast_out(v, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """FP32 v in `dtype`, rounded to nearest even as on the GPU. The interpreter (triton 3.9) truncates
+    FP32 -> BF16, so there the bits are rounded first (NaN passed through as it is)."""
+    if dtype == tl.bfloat16 and INTERPRETER:
+        b = v.to(tl.int32, bitcast=True)
+        r = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        v = tl.where(v == v, r, v)
+    return v.to(dtype)
+
+
+@triton.jit
 def _scale_from_amax(amax, QMAX: tl.constexpr):
     s = tl.math.div_rn(amax, amax * 0.0 + QMAX)
     return tl.where(amax > 0, s, 1.0)
@@ -840,7 +851,7 @@ def _grid_tile(R, C, BR: tl.constexpr, BC: tl.constexpr):
 
 @triton.jit
 def _dequant_kernel(q_ptr, s_ptr, out_ptr, R, C, s_stride, GR: tl.constexpr, GC: tl.constexpr,
-                    BR: tl.constexpr, BC: tl.constexpr):
+                    BR: tl.constexpr, BC: tl.constexpr, INTERPRETER: tl.constexpr = False):
     """GR/GC: block dims (powers of two, or the whole extent passed as 1 << 30 with one scale)."""
     pid_c, rows, cols, mask = _grid_tile(R, C, BR, BC)
     q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0)
@@ -851,5 +862,5 @@ def _dequant_kernel(q_ptr, s_ptr, out_ptr, R, C, s_stride, GR: tl.constexpr, GC:
         s = tl.load(s_ptr + (rows // GR)[:, None] * s_stride + (cols // GC)[None, :], mask=mask,
                     other=0.0)
         out = q.to(tl.float32) * s
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :],
+             _cast_out(out, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
