@@ -122,18 +122,15 @@ def breakdown(blk, x, g, steps: int = 3, accumulation: int = 1) -> dict[str, flo
     """GPU ms per step by kernel category over `steps` profiled steps (with accumulation > 1: one
     window of that many steps, the weights quantized in its first)."""
     from torch.profiler import ProfilerActivity, profile
-    if accumulation > 1:
-        steps = accumulation
-        weight_cache.set_enabled(True)
-        step(blk, x, g)   # the cache's entries exist before the profiled window
-        weight_cache.weights_updated()
-    try:
+    with weight_cache.caching(accumulation > 1):
+        if accumulation > 1:
+            steps = accumulation
+            step(blk, x, g)   # the cache's entries exist before the profiled window
+            weight_cache.weights_updated()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 step(blk, x, g)
             torch.cuda.synchronize()
-    finally:
-        weight_cache.set_enabled(False)
     groups: dict[str, float] = {}
     for evt in prof.key_averages():
         device_us = getattr(evt, "self_device_time_total", None)
@@ -158,11 +155,8 @@ def step_times(blk, x, g, iters: int, warmup: int, accumulation: int) -> list[fl
         for _ in range(accumulation):
             step(blk, x, g)
 
-    weight_cache.set_enabled(True)
-    try:
+    with weight_cache.caching():
         windows = event_times(window, max(3, -(-iters // accumulation)), max(1, -(-warmup // accumulation)))
-    finally:
-        weight_cache.set_enabled(False)
     return [t / accumulation for t in windows]
 
 
@@ -173,9 +167,9 @@ def graphed_times(width: int, seq: int, variant: str, x, g, warmup: int, iters: 
     from megaq.training.cuda_graphs import BlockGraphs
     blk = build(width, seq, variant)
     BlockGraphs([blk])
-    weight_cache.set_enabled(accumulation > 1)   # captured with the cache as the timed steps run it
-    step(blk, x, g)        # warm-up and capture, outside the timed calls
-    times = step_times(blk, x, g, iters, warmup, accumulation)
+    with weight_cache.caching(accumulation > 1):   # captured with the cache as the timed steps run it
+        step(blk, x, g)    # warm-up and capture, outside the timed calls
+        times = step_times(blk, x, g, iters, warmup, accumulation)
     del blk
     return times
 
