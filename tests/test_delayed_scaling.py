@@ -83,8 +83,10 @@ def test_reference_later_calls_use_the_prediction_clip_and_update_it():
     assert int(grew.sum()) == 20 and bool((q.data[grew].abs() == 127).any())   # the even rows clip
     assert torch.equal(state.pred, torch.maximum(v.abs().amax(1), 0.9 * pred))
     assert state.take_counts() == (20, 40) and state.take_counts() == (0, 0)
+    quantize_rows_delayed(v, state)
     state.reset()
     assert int(state.valid) == 0 and int(state.pred.count_nonzero()) == 0
+    assert state.take_counts() == (0, 0)
 
 
 @parent_only

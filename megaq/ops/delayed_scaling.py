@@ -79,7 +79,6 @@ def snapshot_states_of(weights) -> Callable[[], int]:
                 before = saved.get(id(state))
                 if before is None:
                     state.reset()
-                    state.counts.zero_()
                 else:
                     for buffer, value in zip((state.pred, state.track, state.counts, state.valid), before):
                         buffer.copy_(value)

@@ -62,11 +62,12 @@ class DelayedAmax:
                              f"has {rows}; one state serves one operand of one layer")
 
     def reset(self) -> None:
-        """Forget the prediction: the next call uses the exact abs-max again (e.g. after a CUDA graph's
-        warm-up, whose inputs were not the real ones)."""
+        """Forget the prediction and what was counted against it: the next call uses the exact abs-max
+        again (e.g. after a CUDA graph's warm-up, whose inputs were not the real ones)."""
         self.pred.zero_()
         self.track.zero_()
         self.valid.zero_()
+        self.counts.zero_()
 
     def take_counts(self) -> tuple[int, int]:
         """(overflowed rows, quantized rows) since the last call, and reset them. Synchronizes."""
