@@ -43,6 +43,8 @@ def test_valid_config_and_preset_filling():
     assert again == cfg
     big = config_from_dict(with_(model={"preset": "gpt-2.7b"})).model
     assert (big.n_layer, big.n_head, big.n_embd, big.seq_len) == (32, 32, 2560, 2048)
+    seven = config_from_dict(with_(model={"preset": "gpt-6.7b"})).model
+    assert (seven.n_layer, seven.n_head, seven.n_embd, seven.seq_len) == (32, 32, 4096, 2048)
 
 
 def test_unknown_top_level_key_is_named_with_the_closest_valid_one():

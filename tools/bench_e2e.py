@@ -63,7 +63,7 @@ VARIANTS = {
 }
 MODES = ("eager", "compile", "graphs")
 # Micro batches that fit an 80 GB H100 at sequence 2048 without activation checkpointing.
-DEFAULT_MICRO_BATCH = "gpt2:16,gpt2-xl:4,gpt-1.3b:4,gpt-2.7b:2"
+DEFAULT_MICRO_BATCH = "gpt2:16,gpt2-xl:4,gpt-1.3b:4,gpt-2.7b:2,gpt-6.7b:2"
 
 
 @dataclass(frozen=True)

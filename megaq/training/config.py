@@ -54,6 +54,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "gpt-1.3b": {"n_layer": 24, "n_head": 16, "n_embd": 2048, "seq_len": 2048},
     # GPT-3 2.7B shape (Brown et al. 2020, table 2.1): the larger end of issue 9's "1.3B-2.7B".
     "gpt-2.7b": {"n_layer": 32, "n_head": 32, "n_embd": 2560, "seq_len": 2048},
+    # GPT-3 6.7B shape (same table): the 7B-class width (4096) of issue 5's block benchmark, trained end
+    # to end. Its optimizer state alone (~16 bytes per parameter) needs ZeRO over two or more GPUs.
+    "gpt-6.7b": {"n_layer": 32, "n_head": 32, "n_embd": 4096, "seq_len": 2048},
 }
 PRESET_KEYS = ("n_layer", "n_head", "n_embd", "seq_len")
 
@@ -130,7 +133,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The GPT architecture (pre-LayerNorm GPT-2: learned positions, GELU MLP)."""
     preset: Optional[Literal["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-1.3b",
-                                     "gpt-2.7b"]] = Field(
+                                     "gpt-2.7b", "gpt-6.7b"]] = Field(
         None, description="Named architecture whose shape fills n_layer, n_head, n_embd and seq_len; "
         "keys given explicitly in `model` override it. See the presets table.")
     vocab_size: Optional[int] = Field(
