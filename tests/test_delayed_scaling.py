@@ -354,7 +354,7 @@ def test_interp_abs_max_pass_skips_itself_once_the_prediction_is_valid():
         amax = torch.zeros(72, dtype=torch.int32)
         flag = torch.tensor([valid], dtype=torch.int32)
         _kernel("triton_quant", "_amax_partial_kernel")[launch.grid](
-            x, 200, 72, x.stride(0), x.stride(1), amax, launch.h, launch.inv, launch.dummy, launch.dummy,
+            x, launch.xs, 200, 72, x.stride(0), x.stride(1), amax, launch.h, launch.inv, launch.dummy, launch.dummy,
             launch.n_strips, launch.n_blocks, flag, BR=launch.BR, BC=launch.BC, AXIS=0, HAD=32,
             UPCAST=_interpreting(), CHECK=False, COLSUM=False, STAGES=launch.stages, SKIP=True,
             num_warps=launch.num_warps)

@@ -241,6 +241,61 @@ def check_nan_propagates(device, plan=None):
         assert bool(torch.isnan(dh[0, 1])) and bool(torch.isnan(dh[4, 256:384]).all())
 
 
+def check_requantize_transposed(R, C, hadamard, rounding, delayed, device):
+    """The data flow's wgrad operand Xᵀ from the saved X̃ (`kernels.requantize_transposed`, the
+    quantizer dequantizing as it loads) against `dequantize` + the same quantizer on the BF16 copy:
+    bit for bit (payload, scales and, delayed, the predictions and overflow counts), over three calls
+    whose column abs-maxes move (the first seeds a prediction, the later ones use and pass it). The
+    Philox seeds come from twin generators, so stochastic rounding draws the same dither."""
+    from megaq.quant import DelayedAmax
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn((R, C), generator=g) * 2.0
+    base[:, ::37] *= 12.0                                   # outlier channels
+    states = [DelayedAmax(C, 0.9, device) for _ in range(2)] if delayed else [None, None]
+    gens = [torch.Generator(device=device).manual_seed(5) for _ in range(2)]
+    for factor in (1.0, 1.6, 0.3):
+        x = (base * factor).to(device=device, dtype=torch.bfloat16)
+        xq = kernels.hadamard_quantize(x, hadamard)         # X̃ as a LayerNorm/GELU producer saves it
+        copy = kernels.dequantize(xq, torch.bfloat16)
+        if delayed:
+            want = kernels.hadamard_quantize_delayed(copy, hadamard, states[0], rounding=rounding,
+                                                     generator=gens[0], transpose=True)
+        else:
+            want = kernels.hadamard_quantize(copy, hadamard, rounding=rounding, generator=gens[0], transpose=True)
+        from megaq.kernels import quantizers
+        # the fused path writes no dequantized copy: dequantize must not be called on the way
+        with mock.patch.object(quantizers, "dequantize", side_effect=AssertionError("dequantized copy")):
+            got = kernels.requantize_transposed(xq, hadamard, torch.bfloat16, state=states[1], rounding=rounding,
+                                                generator=gens[1])
+        assert got.block == want.block and got.shape == want.shape and got.bits == want.bits
+        assert torch.equal(got.scale, want.scale), (factor, rel_error(got.scale, want.scale))
+        assert torch.equal(got.data, want.data), (factor, int((got.data != want.data).sum()))
+        if delayed:
+            assert torch.equal(states[1].pred, states[0].pred)
+    if delayed:
+        assert states[1].take_counts() == states[0].take_counts()
+
+
+def check_rotate_back(R, Cp, cols, hadamard, device):
+    """`kd.rotate_back` (the data flow's ∇W out of Hadamard space) against the reference FP32 product:
+    FP32 output within 2^-16 relative (Frobenius; two BF16 parts: <= 2^-17 per product), BF16 output
+    within one BF16 ulp (2^-7 relative) per element."""
+    from megaq.quant import block_hadamard
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((R, Cp), generator=g) * 1e-3
+    x[:, ::29] *= 50.0
+    want = block_hadamard(x.double(), hadamard)[:, :cols]
+    x = x.to(device)
+    got32 = kd.rotate_back(x, hadamard, cols, torch.float32)
+    assert got32.shape == (R, cols) and got32.dtype == torch.float32
+    assert rel_error(got32.cpu().double(), want) <= 2 ** -16
+    got16 = kd.rotate_back(x, hadamard, cols, torch.bfloat16).cpu().double()
+    assert got16.shape == (R, cols)
+    assert bool(((got16 - want).abs() <= want.abs() * 2 ** -7 + 1e-30).all())
+    with pytest.raises(ValueError, match="whole Hadamard blocks"):
+        kd.rotate_back(x[:, :Cp - 1], hadamard, cols, torch.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # CPU: the interpreter subprocess
 def test_triton_dataflow_kernels_under_interpreter():
@@ -315,6 +370,25 @@ def test_interp_nan_propagates():
     check_nan_propagates("cpu")
 
 
+@interp_only
+def test_interp_rotate_back():
+    check_rotate_back(70, 256, 200, 128, "cpu")
+    check_rotate_back(33, 64, 64, 32, "cpu")
+
+
+@pytest.mark.skipif(IN_CHILD, reason="parent-process test")
+def test_reference_rotate_back():
+    check_rotate_back(70, 256, 200, 128, "cpu")
+
+
+@interp_only
+@pytest.mark.parametrize("R,C,hadamard,rounding,delayed", [(200, 96, 32, "nearest", False),
+                                                           (200, 96, 32, "stochastic", True),
+                                                           (77, 256, 128, "nearest", True)])
+def test_interp_requantize_transposed(R, C, hadamard, rounding, delayed):
+    check_requantize_transposed(R, C, hadamard, rounding, delayed, "cpu")
+
+
 # --------------------------------------------------------------------------------------------------
 # CPU reference: the INT8 incoming gradient
 @pytest.mark.skipif(IN_CHILD, reason="parent-process test")
@@ -386,6 +460,19 @@ def test_gpu_nonfinite_input_raises():
 @gpu
 def test_gpu_nan_propagates():
     check_nan_propagates("cuda")
+
+
+@gpu
+def test_gpu_rotate_back():
+    check_rotate_back(16384, 4096, 4096, 128, "cuda")
+    check_rotate_back(6400, 1664, 1600, 128, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("R,C,rounding,delayed", [(4099, 1664, "nearest", False), (16384, 1664, "stochastic", True),
+                                                  (8192, 6400, "nearest", True)])
+def test_gpu_requantize_transposed(R, C, rounding, delayed):
+    check_requantize_transposed(R, C, 128, rounding, delayed, "cuda")
 
 
 @gpu

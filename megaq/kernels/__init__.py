@@ -10,10 +10,10 @@ TRITON_INTERPRET=1).
 from .dispatch import config_override, kernel_mode, triton_available
 from .gemm import scaled_mm
 from .quantizers import (dequantize, hadamard_quantize, hadamard_quantize_delayed, hadamard_quantize_dual, quantize,
-                         quantize_dual)
+                         quantize_dual, requantize_transposed)
 from .int4 import (BitSplitGradient, bit_split_int4, hq_quantize_int4, int4_mm, int4_sampled_gradients)
 
 __all__ = ["quantize", "quantize_dual", "hadamard_quantize", "hadamard_quantize_dual", "hadamard_quantize_delayed",
-           "dequantize",
+           "dequantize", "requantize_transposed",
            "scaled_mm", "kernel_mode", "triton_available", "config_override",
            "hq_quantize_int4", "int4_mm", "bit_split_int4", "int4_sampled_gradients", "BitSplitGradient"]

@@ -15,6 +15,7 @@ plain `block` tiles (`(0, (1, 128))` for `int8_block128`).
         -> (dx, dweight, dbias)             grad2d: a BF16/FP32 tensor or an INT8 QuantizedTensor
     gelu_quantize(h_q, hadamard, block) -> y_q
     gelu_backward(h_q, grad2d) -> dh
+    rotate_back(x2d, hadamard, cols, dtype) -> the rows of x2d out of Hadamard space, cut to cols
 
 Numerics (the reference defines them; the kernels match it up to FP32 summation order):
 - LayerNorm in FP32 on `x_sum = x + residual` rounded to the input dtype (the residual stream is
@@ -220,6 +221,31 @@ def gelu_backward(h_q: QuantizedTensor, grad2d: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
+# the weight gradient out of Hadamard space
+def rotate_back(x2d: torch.Tensor, hadamard: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """`block_hadamard(x2d.float(), hadamard)[:, :cols].to(dtype)`: the rows of `x2d` [R, C'] rotated
+    by the orthonormal block Hadamard (its own inverse: H is symmetric) and cut to `cols` columns —
+    the data flow's weight gradient ∇W = (∇Yᵀ X̃) H from the wgrad GEMM's output. The kernel reads
+    the FP32 rows once and writes `dtype` (the reference: an FP32 product, a copy and a cast), the
+    rotation on the tensor cores with FP32 split in two BF16 parts (error <= 2^-17 relative before
+    the output's rounding)."""
+    R, Cp = x2d.shape
+    if Cp % hadamard or not 0 < cols <= Cp:
+        raise ValueError(f"rotate_back: {Cp} columns are not whole Hadamard blocks of {hadamard}, or cols="
+                         f"{cols} is not in (0, {Cp}]")
+    if not (_use_triton(x2d) and x2d.dtype == torch.float32 and 16 <= hadamard <= 128
+            and dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        return block_hadamard(x2d.float(), hadamard)[:, :cols].to(dtype)
+    x2d = x2d.contiguous()
+    out = torch.empty((R, cols), dtype=dtype, device=x2d.device)
+    h, inv_sqrt = _hadamard_arg(hadamard, x2d.device)
+    br = 64
+    _triton()._rotate_rows_kernel[(math.ceil(cols / hadamard), math.ceil(R / br))](
+        x2d, out, R, Cp, cols, h, inv_sqrt, BR=br, HAD=hadamard, UPCAST=_interpreting(), num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # launch plans
 ROWS = 16   # rows per program of the chunked kernels (>= 16: the Hadamard rotation is a tl.dot)
 # The row-resident kernels hold whole rows in registers: up to this many 128-column chunks per row
@@ -412,5 +438,5 @@ def _launch_gelu_backward(h_q, grad2d):
 
 
 __all__ = ["LayerNormQuantized", "SAVE_BLOCK", "layernorm_quantize", "layernorm_backward",
-           "gelu_quantize", "gelu_backward", "gelu_tanh", "gelu_tanh_grad", "layernorm_forward_math",
+           "gelu_quantize", "gelu_backward", "rotate_back", "gelu_tanh", "gelu_tanh_grad", "layernorm_forward_math",
            "layernorm_backward_math", "quantize_operand_reference"]

@@ -243,7 +243,8 @@ class _TwoPassLaunch:
     """What the two-pass grid's kernels (and the one-pass delayed-scaling kernel on the same grid) take
     besides their own buffers: the input (FP32 where the rotation needs it), its extents (R, C padded to
     whole Hadamard blocks along the reduced axis), the payload and scales to fill, the seed, the NaN
-    flag (None without the check), the rotation, and the grid (`_twopass_grid`)."""
+    flag (None without the check), the rotation, and the grid (`_twopass_grid`). With `row_scales`, x
+    is an INT8 payload read as its BF16 dequantization (`xs`: the scales, one per row; `dequant`)."""
     x: torch.Tensor
     R_in: int
     C_in: int
@@ -264,13 +265,20 @@ class _TwoPassLaunch:
     n_blocks: int
     stages: int
     num_warps: int
+    xs: torch.Tensor
+    dequant: bool
 
     @classmethod
-    def plan(cls, x, axis, rounding, generator, check, hadamard: int) -> "_TwoPassLaunch":
+    def plan(cls, x, axis, rounding, generator, check, hadamard: int,
+             row_scales: torch.Tensor | None = None) -> "_TwoPassLaunch":
         R_in, C_in = x.shape
         dev = x.device
-        if hadamard and x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        dequant = row_scales is not None
+        # the dtype the kernels rotate in: a dequantized payload is BF16, as `dequantize` writes it
+        x_dtype = torch.bfloat16 if dequant else x.dtype
+        if hadamard and not dequant and x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             x = x.float()
+            x_dtype = x.dtype
         R = _cdiv(R_in, hadamard) * hadamard if (hadamard and axis == 0) else R_in
         C = _cdiv(C_in, hadamard) * hadamard if (hadamard and axis == 1) else C_in
         n = C if axis == 0 else R
@@ -280,9 +288,10 @@ class _TwoPassLaunch:
                    torch.empty((n, 1), dtype=torch.float32, device=dev), dummy,
                    _seed_tensor(dev, generator) if rounding == "stochastic" else dummy,
                    torch.zeros(1, dtype=torch.int32, device=dev) if check else None,
-                   _rotation_matrix(hadamard, x.dtype, dev) if hadamard else dummy,
+                   _rotation_matrix(hadamard, x_dtype, dev) if hadamard else dummy,
                    1.0 / math.sqrt(hadamard) if hadamard else 1.0,
-                   *_twopass_grid(R, C, axis, hadamard, dev, x.element_size()))
+                   *_twopass_grid(R, C, axis, hadamard, dev, x.element_size()),
+                   row_scales.reshape(-1) if dequant else _placeholder(dev, torch.float32), dequant)
 
     def result(self, axis, bits, block):
         ext = self.R if axis == 0 else self.C
@@ -291,57 +300,58 @@ class _TwoPassLaunch:
 
 
 def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0, block=None,
-                    column_sums_out: torch.Tensor | None = None):
+                    column_sums_out: torch.Tensor | None = None, row_scales: torch.Tensor | None = None):
     """Per-row (axis=1) or per-column-written-transposed (axis=0) quantization over a full 2-D grid:
     pass 1 folds tile abs-maxes into a per-row/column buffer with atomics, pass 2 re-reads the
     tiles and quantizes. Hadamard rotation (zero padded) along the reduced axis when hadamard > 0.
-    column_sums_out (axis=0): receives x.sum(0) in FP32 from pass 1 (`_column_sum_partials`)."""
-    L = _TwoPassLaunch.plan(x, axis, rounding, generator, check, hadamard)
+    column_sums_out (axis=0): receives x.sum(0) in FP32 from pass 1 (`_column_sum_partials`).
+    row_scales: x is an INT8 payload with these per-row scales, read as its BF16 dequantization."""
+    L = _TwoPassLaunch.plan(x, axis, rounding, generator, check, hadamard, row_scales)
     amax = torch.zeros(L.n, dtype=torch.int32, device=L.x.device)
     assert column_sums_out is None or axis == 0, "pass 1 sums columns only where its strips are columns"
     partials = _column_sum_partials(column_sums_out, L.grid[1])
     _kernel("triton_quant", "_amax_partial_kernel")[L.grid](
-        L.x, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), amax, L.h, L.inv, L.flag if check else L.dummy,
+        L.x, L.xs, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), amax, L.h, L.inv, L.flag if check else L.dummy,
         L.dummy if partials is None else partials, L.n_strips, L.n_blocks, L.dummy,
         BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=check,
-        COLSUM=partials is not None, STAGES=L.stages, num_warps=L.num_warps)
+        COLSUM=partials is not None, STAGES=L.stages, DEQUANT=L.dequant, num_warps=L.num_warps)
     _add_column_sum_partials(partials, column_sums_out)
     _check_flag(L.flag, x, "quantize input")
     _kernel("triton_quant", "_quant_given_amax_kernel")[L.grid](
-        L.x, L.R, L.C, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), amax, L.data, L.scale, L.h, L.inv, L.seed,
-        L.n_strips, L.n_blocks, L.dummy, L.dummy, L.dummy, L.dummy, BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard,
-        UPCAST=_interpreting(), STOCHASTIC=rounding == "stochastic", QMAX=_qmax(bits),
-        RINT_LIBDEVICE=_rint_libdevice(), STAGES=L.stages, num_warps=L.num_warps)
+        L.x, L.xs, L.R, L.C, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), amax, L.data, L.scale, L.h, L.inv,
+        L.seed, L.n_strips, L.n_blocks, L.dummy, L.dummy, L.dummy, L.dummy, BR=L.BR, BC=L.BC, AXIS=axis,
+        HAD=hadamard, UPCAST=_interpreting(), STOCHASTIC=rounding == "stochastic", QMAX=_qmax(bits),
+        RINT_LIBDEVICE=_rint_libdevice(), STAGES=L.stages, DEQUANT=L.dequant, num_warps=L.num_warps)
     return L.result(axis, bits, block)
 
 
 def _launch_delayed(x, axis, state, bits, rounding, generator, check, hadamard: int, block,
-                    column_sums_out: torch.Tensor | None):
+                    column_sums_out: torch.Tensor | None, row_scales: torch.Tensor | None = None):
     """Delayed-scaling quantization (`megaq.quant.delayed`) on the two-pass grid, three launches whatever
     the state (one CUDA graph serves the first call and the later ones; the device flag `state.valid`
     decides): pass 1 (`_amax_partial_kernel` with SKIP) finds the exact abs-maxes into `state.track`
     only on a state's first call and otherwise returns at once; pass 2 (`_quant_given_amax_kernel` with
     DELAYED) quantizes with the prediction (or that exact abs-max), tracks the true one and folds in the
     NaN/Inf check and the column sums, so that after the first call x is read once; then
-    `_delayed_update_kernel` updates the prediction."""
+    `_delayed_update_kernel` updates the prediction. row_scales: as in `_launch_twopass`."""
     if state.pred.device != x.device:
         raise ValueError(f"delayed-scaling state is on {state.pred.device}, the operand on {x.device}")
-    L = _TwoPassLaunch.plan(x, axis, rounding, generator, check, hadamard)
+    L = _TwoPassLaunch.plan(x, axis, rounding, generator, check, hadamard, row_scales)
     state.check_rows(L.n, "delayed-scaling quantizer")
     track = state.track.view(torch.int32)
     assert column_sums_out is None or axis == 0, "the kernel sums columns only where its strips are columns"
     partials = _column_sum_partials(column_sums_out, L.grid[1])
     _kernel("triton_quant", "_amax_partial_kernel")[L.grid](
-        L.x, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), track, L.h, L.inv, L.dummy, L.dummy, L.n_strips,
+        L.x, L.xs, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), track, L.h, L.inv, L.dummy, L.dummy, L.n_strips,
         L.n_blocks, state.valid, BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=False,
-        COLSUM=False, STAGES=L.stages, SKIP=True, num_warps=L.num_warps)
+        COLSUM=False, STAGES=L.stages, SKIP=True, DEQUANT=L.dequant, num_warps=L.num_warps)
     _kernel("triton_quant", "_quant_given_amax_kernel")[L.grid](
-        L.x, L.R, L.C, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), state.pred.view(torch.int32), L.data, L.scale,
-        L.h, L.inv, L.seed, L.n_strips, L.n_blocks, track, L.flag if check else L.dummy,
+        L.x, L.xs, L.R, L.C, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), state.pred.view(torch.int32), L.data,
+        L.scale, L.h, L.inv, L.seed, L.n_strips, L.n_blocks, track, L.flag if check else L.dummy,
         L.dummy if partials is None else partials, state.valid, BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard,
         UPCAST=_interpreting(), STOCHASTIC=rounding == "stochastic", QMAX=_qmax(bits),
         RINT_LIBDEVICE=_rint_libdevice(), STAGES=L.stages, DELAYED=True, CHECK=check,
-        COLSUM=partials is not None, num_warps=L.num_warps)
+        COLSUM=partials is not None, DEQUANT=L.dequant, num_warps=L.num_warps)
     _add_column_sum_partials(partials, column_sums_out)
     _kernel("triton_quant", "_delayed_update_kernel")[(1,)](
         state.pred, state.track, state.counts, state.valid, state.rows, state.decay, BLOCK=1024, num_warps=4)
@@ -584,6 +594,39 @@ def hadamard_quantize_delayed(x2d: torch.Tensor, hadamard: int, state, bits: int
     Cp = _cdiv(view.shape[1], hadamard) * hadamard
     return _launch_delayed(x2d, 0 if transpose else 1, state, bits, rounding, generator, check, hadamard,
                            (1, Cp), column_sums_out)
+
+
+def requantize_transposed(xq, hadamard: int, dtype: torch.dtype = torch.bfloat16, state=None, bits: int = 8,
+                          rounding: str = "nearest", generator: torch.Generator | None = None,
+                          check: bool = True):
+    """The rows of x.T rotated along x's rows and quantized per row, where x = `dequantize(xq, dtype)` and
+    xq is an INT8 payload with one scale per row: `hadamard_quantize(x, hadamard, transpose=True, ...)`,
+    or with a delayed-scaling `state` `hadamard_quantize_delayed(x, hadamard, state, transpose=True, ...)`
+    (the INT8 data flow's wgrad operand Xᵀ from the X̃ its forward saved). On the Triton path (BF16
+    `dtype`) the quantizer's kernels dequantize each tile as they load it, with `dequantize`'s rounding,
+    so the result is the same bit for bit and x is never written: 1 byte read per element where the two
+    calls move 5 (1 read and 2 written, then 2 read back)."""
+    per_row = (xq.bits == 8 and xq.data.dim() == 2 and tuple(xq.data.shape) == tuple(xq.shape)
+               and tuple(xq.block) == (1, xq.shape[1]) and xq.scale.numel() == xq.shape[0])
+    fused = (per_row and dtype == torch.bfloat16 and hadamard in _quant().SUPPORTED_HADAMARD_BLOCKS
+             and hadamard >= 16 and dispatch._use_triton(xq.data))
+    if not fused:
+        x = dequantize(xq, dtype)
+        if state is None:
+            return hadamard_quantize(x, hadamard, bits=bits, rounding=rounding, generator=generator, check=check,
+                                     transpose=True)
+        return hadamard_quantize_delayed(x, hadamard, state, bits=bits, rounding=rounding, generator=generator,
+                                         check=check, transpose=True)
+    data = xq.data.contiguous()
+    _check_args(data, bits, rounding)
+    scales = xq.scale.reshape(-1).float().contiguous()
+    if state is None:
+        return _launch_twopass(data, 0, bits, rounding, generator, check, hadamard=hadamard, row_scales=scales)
+    if bits != 8:
+        raise ValueError(f"delayed scaling is defined for INT8 operands; got bits={bits}")
+    Rp = _cdiv(data.shape[0], hadamard) * hadamard
+    return _launch_delayed(data, 0, state, bits, rounding, generator, check, hadamard, (1, Rp), None,
+                           row_scales=scales)
 
 
 def hadamard_quantize_dual(x2d: torch.Tensor, hadamard: int, bits: int = 8, rounding: str = "nearest",

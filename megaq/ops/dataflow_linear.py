@@ -41,10 +41,14 @@ The GELU's incoming gradient (fc2's dgrad) stays BF16.
 
 wgrad from the saved operand. `∇W = ∇Yᵀ X` reduces over tokens, but X̃ holds X·H (rotated along
 `in`, padded to C' columns). Since H is symmetric, orthonormal and block diagonal,
-`∇Yᵀ X = (∇Yᵀ (X H)) H`: the wgrad GEMM runs on the dequantized X̃ requantized along tokens (the
-recipe's wgrad spec, e.g. its own Hadamard over tokens), and its small `[out, C']` result is rotated
-back once and cut to `in` columns. (A kernel that requantized X̃ᵀ straight from the INT8 payload, FP32
-inside, was measured 1.4-1.6× slower than this dequantize + quantize on the H100 and removed, session 7.)
+`∇Yᵀ X = (∇Yᵀ (X H)) H`: the wgrad GEMM runs on X̃, read as its BF16 dequantization, requantized
+along tokens (the recipe's wgrad spec, e.g. its own Hadamard over tokens), and its `[out, C']` result
+is rotated back and cut to `in` columns in one pass (`dataflow.rotate_back`). For the per-row Hadamard
+wgrad specs the quantizer's kernels dequantize each tile of X̃ as they load it
+(`kernels.requantize_transposed`): bit for bit dequantize + quantize, without writing and reading
+back the BF16 copy. (An earlier kernel that rotated the dequantized values in FP32, three BF16
+products per tile, measured 1.4-1.6× slower than the two passes on the H100, session 7; this one
+rotates the BF16 values with the quantizer's one product.)
 Straight-through estimator through every quantizer, as
 `megaq.ops.linear`: the gradients are those of the quantized product.
 
@@ -60,7 +64,7 @@ import torch
 
 from .. import kernels
 from ..kernels import dataflow as dataflow_kernels
-from ..quant import QuantizedTensor, block_hadamard
+from ..quant import QuantizedTensor
 from .dataflow import Int8GradSlot, Int8Operand, carrier_like
 from .linear import (fused_bias_sum_buffer, quantize_gemm_operand, quantize_grad_y_t, quantize_operand,
                      quantized_gemm, weight_operand, wgrad_delayed_states)
@@ -90,6 +94,20 @@ def data_flow_format(recipe: Recipe | str | dict) -> tuple[int, tuple[int, int]]
         raise ValueError(f"the INT8 data flow without a Hadamard forward needs (1, k) activation tiles "
                          f"(forward.a.block [1, k]); recipe {recipe.name!r} has {list(block)}")
     return fwd.hadamard, block
+
+
+def _wgrad_input_operand(xq: QuantizedTensor, recipe: Recipe, dtype: torch.dtype, delayed_b):
+    """The wgrad GEMM's operand Xᵀ from the saved X̃ (read as its dequantization to `dtype`): quantized
+    straight from the INT8 payload (`kernels.requantize_transposed`, no dequantized copy written) where
+    the wgrad's B spec is the per-row Hadamard INT8 one that computes; otherwise the dequantized X̃,
+    which `quantized_gemm` quantizes per its spec."""
+    wgrad = recipe.wgrad
+    b = wgrad.b
+    if (wgrad.is_quantized and wgrad.hadamard and b.fmt == "int8" and tuple(b.block) == (1, -1)
+            and b.scale in ("max", "delayed")):
+        return kernels.requantize_transposed(xq, wgrad.hadamard, dtype, state=delayed_b if b.scale == "delayed"
+                                             else None, rounding=b.rounding, check=recipe.check_finite)
+    return kernels.dequantize(xq, dtype)
 
 
 class _DataFlowLinear(torch.autograd.Function):
@@ -157,12 +175,13 @@ class _DataFlowLinear(torch.autograd.Function):
             delayed_a, delayed_b = ctx.delayed
             gy_cols = grad_y if bias_sum is None else quantize_grad_y_t(grad_y, wgrad, recipe.check_finite, bias_sum,
                                                                         delayed_a)
-            grad_w = quantized_gemm(gy_cols, kernels.dequantize(xq, ctx.x_dtype), wgrad,
+            grad_w = quantized_gemm(gy_cols, _wgrad_input_operand(xq, recipe, ctx.x_dtype, delayed_b), wgrad,
                                     recipe.check_finite, transpose_a=True, transpose_b=True,
                                     delayed_a=delayed_a, delayed_b=delayed_b)
             if ctx.hadamard:
-                grad_w = block_hadamard(grad_w.float(), ctx.hadamard)
-            grad_w = grad_w[:, :in_features].to(weight.dtype)
+                grad_w = dataflow_kernels.rotate_back(grad_w, ctx.hadamard, in_features, weight.dtype)
+            else:
+                grad_w = grad_w[:, :in_features].to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             if bias_sum is None:
                 bias_sum = grad_y.sum(0, dtype=torch.float32)   # FP32 sums, no FP32 copy of ∇Y
