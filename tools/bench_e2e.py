@@ -60,6 +60,10 @@ VARIANTS = {
     # the same without the INT8 weight cache (its ~2 bytes per parameter; weights requantized every micro batch)
     "int8_df_attn8_nocache": {"recipe": "int8", "data_flow": "int8", "attention_saves": "int8",
                               "cache_weights": "false"},
+    # the data flow under the int8_delayed recipe (one read for each wgrad operand)
+    "int8_df_delayed": {"recipe": "int8_delayed", "data_flow": "int8"},
+    "int8_df_delayed_attn8_nocache": {"recipe": "int8_delayed", "data_flow": "int8", "attention_saves": "int8",
+                                      "cache_weights": "false"},
 }
 MODES = ("eager", "compile", "graphs")
 # Micro batches that fit an 80 GB H100 at sequence 2048 without activation checkpointing.

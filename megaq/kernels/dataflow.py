@@ -227,8 +227,8 @@ def rotate_back(x2d: torch.Tensor, hadamard: int, cols: int, dtype: torch.dtype)
     by the orthonormal block Hadamard (its own inverse: H is symmetric) and cut to `cols` columns —
     the data flow's weight gradient ∇W = (∇Yᵀ X̃) H from the wgrad GEMM's output. The kernel reads
     the FP32 rows once and writes `dtype` (the reference: an FP32 product, a copy and a cast), the
-    rotation on the tensor cores with FP32 split in two BF16 parts (error <= 2^-17 relative before
-    the output's rounding)."""
+    rotation on the tensor cores with FP32 split in two BF16 parts (each input within 2^-16 of itself,
+    before the FP32 sums and the output's rounding)."""
     R, Cp = x2d.shape
     if Cp % hadamard or not 0 < cols <= Cp:
         raise ValueError(f"rotate_back: {Cp} columns are not whole Hadamard blocks of {hadamard}, or cols="
