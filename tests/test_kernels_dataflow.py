@@ -302,6 +302,47 @@ def check_rotate_back(R, Cp, cols, hadamard, device):
         kd.rotate_back(x[:, :Cp - 1], hadamard, cols, torch.float32)
 
 
+def check_dataflow_linear_wgrad(recipe, device):
+    """The data flow's linear end to end (forward + backward, a BF16 input quantized once inside, 200
+    features: padded to 256 in Hadamard space, 96 tokens: padded to 128 along the wgrad's reduction)
+    with its fused wgrad operand and rotation against the same layer with both replaced by the
+    unfused composition (`dequantize` + the transposed quantizer, the FP32 reference rotation, a cut
+    and a cast). Same seeds, so the same stochastic rounding: ∇X and the bias gradient equal bit for
+    bit; ∇W within 2^-7 relative (Frobenius; the two rotations round differently: one BF16 ulp at most)."""
+    from megaq.ops import dataflow_linear
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn((96, 200), generator=g) * 2.0).to(device=device, dtype=torch.bfloat16)
+    w = (torch.randn((160, 200), generator=g) * 0.05).to(device=device, dtype=torch.bfloat16)
+    b = (torch.randn(160, generator=g) * 0.1).to(device=device, dtype=torch.bfloat16)
+    gy = torch.randn((96, 160), generator=g).to(device=device, dtype=torch.bfloat16)
+
+    def grads():
+        torch.manual_seed(7)
+        xx, ww, bb = (t.clone().requires_grad_(True) for t in (x, w, b))
+        dataflow_linear(xx, ww, bb, recipe).backward(gy)
+        return xx.grad, ww.grad, bb.grad
+
+    def unfused_operand(xq, hadamard, dtype, state=None, bits=8, rounding="nearest", generator=None, check=True):
+        copy = kernels.dequantize(xq, dtype)
+        if state is None:
+            return kernels.hadamard_quantize(copy, hadamard, rounding=rounding, generator=generator, check=check,
+                                             transpose=True)
+        return kernels.hadamard_quantize_delayed(copy, hadamard, state, rounding=rounding, generator=generator,
+                                                 check=check, transpose=True)
+
+    def reference_rotation(x2d, hadamard, cols, dtype):
+        from megaq.quant import block_hadamard
+        return block_hadamard(x2d.float(), hadamard)[:, :cols].to(dtype)
+
+    fused = grads()
+    with mock.patch.object(kernels, "requantize_transposed", side_effect=unfused_operand) as operand, \
+            mock.patch.object(kd, "rotate_back", side_effect=reference_rotation) as rotation:
+        unfused = grads()
+    assert operand.call_count == 1 and rotation.call_count == 1     # the linear took both paths
+    assert torch.equal(fused[0], unfused[0]) and torch.equal(fused[2], unfused[2])
+    assert rel_error(fused[1].float(), unfused[1].float()) <= 2 ** -7
+
+
 # --------------------------------------------------------------------------------------------------
 # CPU: the interpreter subprocess
 def test_triton_dataflow_kernels_under_interpreter():
@@ -374,6 +415,17 @@ def test_interp_chunked_kernels(hadamard, block):
 @interp_only
 def test_interp_nan_propagates():
     check_nan_propagates("cpu")
+
+
+@interp_only
+@pytest.mark.parametrize("recipe", ["int8", "int8_delayed"])
+def test_interp_dataflow_linear_wgrad(recipe):
+    check_dataflow_linear_wgrad(recipe, "cpu")
+
+
+@pytest.mark.skipif(IN_CHILD, reason="parent-process test")
+def test_reference_dataflow_linear_wgrad():
+    check_dataflow_linear_wgrad("int8_delayed", "cpu")
 
 
 @interp_only
@@ -466,6 +518,12 @@ def test_gpu_nonfinite_input_raises():
 @gpu
 def test_gpu_nan_propagates():
     check_nan_propagates("cuda")
+
+
+@gpu
+@pytest.mark.parametrize("recipe", ["int8", "int8_delayed"])
+def test_gpu_dataflow_linear_wgrad(recipe):
+    check_dataflow_linear_wgrad(recipe, "cuda")
 
 
 @gpu

@@ -118,9 +118,10 @@ def saved_bytes(blk, x) -> int:
     return sum(storages.values())
 
 
-def breakdown(blk, x, g, steps: int = 3, accumulation: int = 1) -> dict[str, float]:
+def breakdown(blk, x, g, steps: int = 3, accumulation: int = 1, top: int = 0) -> tuple[dict[str, float], list]:
     """GPU ms per step by kernel category over `steps` profiled steps (with accumulation > 1: one
-    window of that many steps, the weights quantized in its first)."""
+    window of that many steps, the weights quantized in its first), and the `top` kernels by time:
+    [name, ms per step, calls per step, category]."""
     from torch.profiler import ProfilerActivity, profile
     with weight_cache.caching(accumulation > 1):
         if accumulation > 1:
@@ -132,6 +133,7 @@ def breakdown(blk, x, g, steps: int = 3, accumulation: int = 1) -> dict[str, flo
                 step(blk, x, g)
             torch.cuda.synchronize()
     groups: dict[str, float] = {}
+    kernels = []
     for evt in prof.key_averages():
         device_us = getattr(evt, "self_device_time_total", None)
         if device_us is None:
@@ -140,7 +142,9 @@ def breakdown(blk, x, g, steps: int = 3, accumulation: int = 1) -> dict[str, flo
             continue
         group = kernel_category(evt.key)
         groups[group] = groups.get(group, 0.0) + device_us / 1000.0 / steps
-    return groups
+        kernels.append([evt.key[:100], device_us / 1000.0 / steps, evt.count / steps, group])
+    kernels.sort(key=lambda k: -k[1])
+    return groups, kernels[:top]
 
 
 def step_times(blk, x, g, iters: int, warmup: int, accumulation: int) -> list[float]:
@@ -175,7 +179,7 @@ def graphed_times(width: int, seq: int, variant: str, x, g, warmup: int, iters: 
 
 
 def run(width: int, seq: int, batch: int, variant: str, warmup: int, iters: int, profile: bool,
-        graphs: bool = False, accumulation: int = 1) -> dict:
+        graphs: bool = False, accumulation: int = 1, top_kernels: int = 0) -> dict:
     blk = build(width, seq, variant)
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(seq, batch, width, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
@@ -187,7 +191,9 @@ def run(width: int, seq: int, batch: int, variant: str, warmup: int, iters: int,
            "variant": variant, "accumulation": accumulation, "ms": statistics.median(times), "ms_all": times,
            "peak_bytes": peak_memory(blk, x, g), "saved_bytes": saved_bytes(blk, x)}
     if profile:
-        out["breakdown_ms"] = breakdown(blk, x, g, accumulation=accumulation)
+        out["breakdown_ms"], kernels = breakdown(blk, x, g, accumulation=accumulation, top=top_kernels)
+        if top_kernels:
+            out["top_kernels"] = kernels
     del blk
     if graphs:
         times = graphed_times(width, seq, variant, x, g, warmup, iters, accumulation)
@@ -239,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--accumulation", type=int, default=1,
                     help="micro batches per optimizer step: the weights are quantized once per this many "
                          "steps (weight cache, as the trainer runs); 1 = in every step")
+    ap.add_argument("--kernels", type=int, default=0,
+                    help="with the breakdown: also list each case's N longest kernels (ms and calls per step)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -257,11 +265,13 @@ def main(argv=None) -> int:
     for width in (int(w) for w in args.widths.split(",")):
         for variant in variants:
             r = run(width, args.seq, batch, variant, args.warmup, args.iters, not args.no_profile, args.graphs,
-                    args.accumulation)
+                    args.accumulation, args.kernels)
             results.append(r)
             print(f"width {width} {variant}: {r['ms']:.2f} ms"
                   + (f" (graphs {r['ms_graphs']:.2f} ms)" if "ms_graphs" in r else "")
                   + f", peak {r['peak_bytes'] / 2**20:.0f} MiB, saved {r['saved_bytes'] / 2**20:.0f} MiB", flush=True)
+            for name, ms, calls, group in r.get("top_kernels", []):
+                print(f"    {ms:7.3f} ms  {calls:5.1f}x  {group:<14} {name}", flush=True)
             if args.json:       # after every run: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(table(results))
