@@ -124,6 +124,19 @@ def test_rowcol_matches_fp64(dev, m, n, k, tile):
 
 
 @gpu
+@pytest.mark.parametrize("m,n,k", [(1000, 6472, 4096), (4099, 1664, 2048), (300, 257, 48)])
+def test_bf16_output_is_the_fp32_output_rounded(dev, m, n, k):
+    """BF16 output (TMA stores where the rows are 16-byte aligned, register stores otherwise) is the FP32
+    output rounded to nearest even, bit for bit: what lets a caller ask the epilogue for BF16 instead
+    of casting an FP32 output (the INT8 data flow's dgrad)."""
+    a, b, g = _operands(m, n, k, dev, seed=m + 3 * n + k)
+    sa, sb = _scales(m, 1, g, dev), _scales(n, 1, g, dev)
+    out32 = cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.float32)
+    out16 = cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.bfloat16)
+    assert torch.equal(out16, out32.bfloat16())
+
+
+@gpu
 @pytest.mark.parametrize("tile", [0, 1, 2])
 def test_rowcol_int32_part_is_exact(dev, tile):
     a, b, _ = _operands(1000, 1000, 1600, dev, seed=3)

@@ -154,8 +154,10 @@ class _DataFlowLinear(torch.autograd.Function):
             # dgrad: ∇X = ∇Y · W, operands ∇Y [tokens, out] and Wᵀ [in, out]
             w_operand = weight_operand(weight, recipe.dgrad, recipe.check_finite, transpose=True)
             if ctx.grad_slot is None:
+                # the activation dtype from the GEMM's epilogue (the same rounding as a cast of its FP32
+                # output, without writing FP32 and reading it back)
                 grad_x = quantized_gemm(grad_y, w_operand, recipe.dgrad, recipe.check_finite,
-                                        transpose_b=True).to(ctx.x_dtype).view(ctx.x_shape)
+                                        transpose_b=True, out_dtype=ctx.x_dtype).view(ctx.x_shape)
             else:
                 # INT8 ∇X from the epilogue, for the LayerNorm's backward through the slot; autograd
                 # carries a zero placeholder (no memory), which the slot accounts for (Int8GradSlot)
