@@ -230,7 +230,7 @@ def rotate_back(x2d: torch.Tensor, hadamard: int, cols: int, dtype: torch.dtype)
     rotation on the tensor cores with FP32 split in two BF16 parts (each input within 2^-16 of itself,
     before the FP32 sums and the output's rounding)."""
     R, Cp = x2d.shape
-    if Cp % hadamard or not 0 < cols <= Cp:
+    if hadamard <= 0 or Cp % hadamard or not 0 < cols <= Cp:
         raise ValueError(f"rotate_back: {Cp} columns are not whole Hadamard blocks of {hadamard}, or cols="
                          f"{cols} is not in (0, {Cp}]")
     if not (_use_triton(x2d) and x2d.dtype == torch.float32 and 16 <= hadamard <= 128

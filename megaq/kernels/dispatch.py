@@ -10,8 +10,9 @@ Layering of megaq.kernels:
                   import of a triton_* module's kernel (`_kernel`) and the helpers the launchers share
                   (Philox seeds, placeholder tensors, the NaN flag, the ±1 Hadamard matrix, `_cdiv` ...).
                   It imports no other megaq.kernels module when it is imported.
-    quantizers    quantize, quantize_dual, hadamard_quantize, hadamard_quantize_dual, dequantize and
-                  their launchers (the kernels of triton_quant).
+    quantizers    quantize, quantize_dual, hadamard_quantize, hadamard_quantize_dual,
+                  hadamard_quantize_delayed, requantize_transposed, dequantize and their launchers
+                  (the kernels of triton_quant).
     gemm          scaled_mm: the Triton kernel (triton_gemm) and its tile configurations
                   (GEMM_CONFIGS), csrc/int8_gemm on sm_90 (`MEGAQ_INT8_GEMM`, `_cuda_int8_mode`),
                   csrc/int4_gemm (`MEGAQ_INT4_GEMM`, `_native_int4_eligible`).
