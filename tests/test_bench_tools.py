@@ -565,3 +565,12 @@ def test_block_table_reports_graphed_times_against_graphed_bf16():
     assert "| graphs ms | vs BF16 |" in graphed
     assert "| 4096 | 16384 | int8 | 8.00 | 1.25× | 6.00 | 1.50× | 1024 |" in graphed
     assert "| 4096 | 16384 | int4 | 20.00 | 0.50× | — | — | 1024 |" in graphed
+
+
+def test_short_case_timeout_warns_only_when_a_quantized_recipe_runs(capsys):
+    bench.parse_args(["--models", "gpt2", "--recipes", "bf16@graphs,int8_delayed@graphs", "--case-timeout", "130"])
+    warning = capsys.readouterr().err
+    assert "--case-timeout 130 s" in warning and "int8_delayed" in warning
+    bench.parse_args(["--models", "gpt2", "--recipes", "bf16@graphs,fp8_tensorwise", "--case-timeout", "130"])
+    bench.parse_args(["--models", "gpt2", "--recipes", "int8_delayed@graphs"])     # the default: 600 s
+    assert capsys.readouterr().err == ""

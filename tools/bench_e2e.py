@@ -70,6 +70,8 @@ VARIANTS = {
                                       "cache_weights": "false"},
 }
 MODES = ("eager", "compile", "graphs")
+# Seconds below which --case-timeout draws a warning when a quantized recipe runs (see the docstring)
+QUANTIZED_START_S = 300
 # Micro batches that fit an 80 GB H100 at sequence 2048 without activation checkpointing.
 DEFAULT_MICRO_BATCH = "gpt2:16,gpt2-xl:4,gpt-1.3b:4,gpt-2.7b:2,gpt-6.7b:2"
 
@@ -342,6 +344,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.recipe_list = parse_recipes(args.recipes, args.compile)
     except ValueError as e:
         ap.error(str(e))
+    quantized = [r for r, _ in args.recipe_list if r != "bf16" and r not in PEERS]
+    if quantized and args.case_timeout < QUANTIZED_START_S:
+        print(f"bench_e2e: warning: --case-timeout {args.case_timeout:g} s is shorter than a quantized case's "
+              f"start-up can be on a fresh machine (extension build, Triton compiles, graph capture: over "
+              f"130 s for 1.3B); {', '.join(quantized)} may time out before their first step", file=sys.stderr)
     return args
 
 
