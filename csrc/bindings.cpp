@@ -154,11 +154,14 @@ std::pair<int64_t, int64_t> check_int8_scale(const torch::Tensor& s, int64_t row
 // a: int8 [M, K], b: int8 [N, K] (K-contiguous rows); mode "rowcol": scale_a [M] / [M, 1], scale_b
 // [N] / [N, 1], one INT32 sum over K; mode "block128": scale_a [M, ceil(K/128)], scale_b
 // [ceil(N/scale_b_rows), ceil(K/128)] (either may be [rows, 1]: one scale per row), promoted to FP32
-// every 128 of K. bias: float32 [N] or None. out: [M, N] float32 / bfloat16 with contiguous rows.
+// every 128 of K. bias: float32 [N] or None. out: [M, N] float32 / bfloat16 with contiguous rows, or
+// int8 (requantized per (1, 128) block of each row, nearest; the scales go to out_scale, float32
+// [M, ceil(N/128)] with contiguous rows).
 torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor out,
                         const torch::Tensor& scale_a, const torch::Tensor& scale_b,
                         const std::optional<torch::Tensor>& bias, const std::string& mode,
-                        int64_t scale_b_rows, int64_t tile, int64_t group_m) {
+                        int64_t scale_b_rows, int64_t tile, int64_t group_m,
+                        const std::optional<torch::Tensor>& out_scale) {
   check_int8_operand(a, "a");
   check_int8_operand(b, "b");
   TORCH_CHECK(a.device() == b.device(), "int8_gemm: a and b must be on the same device; got ",
@@ -200,8 +203,27 @@ torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::T
   switch (out.scalar_type()) {
     case torch::kFloat32: out_kind = MEGAQ_INT8_OUT_F32; break;
     case torch::kBFloat16: out_kind = MEGAQ_INT8_OUT_BF16; break;
+    case torch::kInt8: out_kind = MEGAQ_INT8_OUT_INT8; break;
     default:
-      TORCH_CHECK(false, "int8_gemm: out dtype must be float32 or bfloat16; got ", out.scalar_type());
+      TORCH_CHECK(false, "int8_gemm: out dtype must be float32, bfloat16 or int8; got ", out.scalar_type());
+  }
+  const int64_t out_blocks = (N + 127) / 128;
+  float* out_scale_ptr = nullptr;
+  int64_t ld_out_scale = 0;
+  if (out_kind == MEGAQ_INT8_OUT_INT8) {
+    TORCH_CHECK(out_scale.has_value(), "int8_gemm: int8 out needs out_scale (float32 [M, ceil(N/128)])");
+    const torch::Tensor& os = *out_scale;
+    TORCH_CHECK(os.device() == a.device() && os.scalar_type() == torch::kFloat32 && os.dim() == 2 &&
+                    os.size(0) == M && os.size(1) == out_blocks && (out_blocks == 1 || os.stride(1) == 1),
+                "int8_gemm: out_scale must be a float32 [", num(M), ", ", num(out_blocks), "] tensor with "
+                "contiguous rows on ", a.device().str(), "; got ", os.scalar_type(), " ", dims(os.sizes()),
+                " strides ", dims(os.strides()), " on ", os.device().str());
+    out_scale_ptr = os.data_ptr<float>();
+    ld_out_scale = M == 1 ? out_blocks : os.stride(0);
+    TORCH_CHECK(ld_out_scale >= out_blocks, "int8_gemm: out_scale row stride ", num(ld_out_scale), " < ",
+                num(out_blocks));
+  } else {
+    TORCH_CHECK(!out_scale.has_value(), "int8_gemm: out_scale is for int8 out only; out is ", out.scalar_type());
   }
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N, "int8_gemm: out must be [", num(M),
               ", ", num(N), "]; got ", dims(out.sizes()));
@@ -221,8 +243,8 @@ torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::T
       static_cast<const int8_t*>(a.data_ptr()), static_cast<const int8_t*>(b.data_ptr()), M, N, K,
       M == 1 ? K : a.stride(0), N == 1 ? K : b.stride(0), mode_id, scale_a.data_ptr<float>(), sa.first,
       sa.second, scale_b.data_ptr<float>(), scale_b_rows, sb.first, sb.second,
-      bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr(), out_kind, ldc,
-      static_cast<int>(tile), static_cast<int>(group_m), stream);
+      bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr(), out_kind, ldc, out_scale_ptr,
+      ld_out_scale, static_cast<int>(tile), static_cast<int>(group_m), stream);
   TORCH_CHECK(err != cudaErrorInvalidValue, "int8_gemm: the kernel refused tile ", num(tile),
               " for mode ", mode, " (or an argument the checks above missed)");
   TORCH_CHECK(err == cudaSuccess, "int8_gemm: CUDA error: ", cudaGetErrorString(err));
@@ -245,11 +267,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemm", &int8_gemm, pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("out"),
         pybind11::arg("scale_a"), pybind11::arg("scale_b"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("mode") = "rowcol", pybind11::arg("scale_b_rows") = 1, pybind11::arg("tile") = 0,
-        pybind11::arg("group_m") = 0,
+        pybind11::arg("group_m") = 0, pybind11::arg("out_scale") = pybind11::none(),
         "out = scaled_mm(A, B) (+ bias) on sm_90a wgmma s8 tensor cores (TMA, warp-specialized). "
         "a [M, K], b [N, K] int8, K % 16 == 0; mode 'rowcol' (scales [M] x [N], INT32 over all K) or "
         "'block128' (scales per 128 of K, B scale per row or per 128-row block: scale_b_rows). "
-        "out: preallocated [M, N] float32 / bfloat16.");
+        "out: preallocated [M, N] float32 / bfloat16, or int8 requantized per (1, 128) block of each row "
+        "(nearest) with its scales in out_scale (float32 [M, ceil(N/128)]).");
   m.def("int8_gemm_supported", &int8_gemm_supported,
         "True when int8_gemm runs on the current CUDA device (sm_90 with sm_90a code in this build).");
 }

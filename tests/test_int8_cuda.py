@@ -137,6 +137,62 @@ def test_bf16_output_is_the_fp32_output_rounded(dev, m, n, k):
 
 
 @gpu
+@pytest.mark.parametrize("mode,tile", [("rowcol", 0), ("rowcol", 1), ("rowcol", 2), ("block128", 0),
+                                       ("block128", 3)])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_int8_output_is_the_fp32_output_requantized(dev, m, n, k, mode, tile):
+    """INT8 output (the data flow's epilogue): bit for bit `quantize_blockwise` of the FP32 output with
+    (1, 128) blocks, nearest — values and scales — including the bias, N tails (a last block narrower
+    than 128) and rows past M."""
+    a, b, g = _operands(m, n, k, dev, seed=m + 5 * n + k)
+    if mode == "rowcol":
+        sa, sb, rows = _scales(m, 1, g, dev), _scales(n, 1, g, dev), 1
+    else:
+        nkb = -(-k // 128)
+        sa, sb, rows = _scales(m, nkb, g, dev), _scales(-(-n // 128), nkb, g, dev), 128
+    bias = torch.randn(n, generator=g, device=dev)
+    out32 = cuda_ext.int8_gemm(a, b, sa, sb, mode=mode, scale_b_rows=rows, bias=bias, out_dtype=torch.float32,
+                               tile=tile)
+    q, s = cuda_ext.int8_gemm(a, b, sa, sb, mode=mode, scale_b_rows=rows, bias=bias, out_dtype=torch.int8,
+                              tile=tile)
+    ref = quantize_blockwise(out32, (1, 128))
+    assert q.dtype == torch.int8 and q.shape == (m, n) and s.shape == (m, -(-n // 128))
+    assert torch.equal(s, ref.scale)
+    assert torch.equal(q, ref.data)
+    assert int(q.abs().max()) == 127   # every block's abs-max maps to ±127
+
+
+@gpu
+@pytest.mark.parametrize("pad", [0, 1, 2, 8])
+def test_int8_output_rows_not_16_byte_aligned(dev, pad):
+    """INT8 out into a strided `out` (pad 0: the staged 16-byte stores; else the per-fragment ones):
+    nothing written past N (-128 never comes out of the kernel: it clamps to ±127)."""
+    a, b, g = _operands(300, 301, 384, dev, seed=11 + pad)
+    sa, sb = _scales(300, 1, g, dev), _scales(301, 1, g, dev)
+    ref = quantize_blockwise(cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.float32), (1, 128))
+    width = 320 if pad == 0 else 301 + pad
+    full = torch.full((300, width), -128, device=dev, dtype=torch.int8)
+    q, s = cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.int8, out=full[:, :301])
+    assert q.data_ptr() == full.data_ptr()
+    assert torch.equal(q, ref.data) and torch.equal(s, ref.scale)
+    assert (full[:, 301:] == -128).all()
+
+
+@gpu
+def test_int8_output_nan_and_zero_blocks(dev):
+    """A NaN scale gives its row's blocks NaN scales (never a finite-looking block); an all-zero block
+    gets scale 1 and zeros, as the reference."""
+    a, b, g = _operands(200, 300, 384, dev, seed=12)
+    a[4] = 0
+    sa, sb = _scales(200, 1, g, dev), _scales(300, 1, g, dev)
+    sa[3] = float("nan")
+    q, s = cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.int8)
+    assert torch.isnan(s[3]).all()
+    assert torch.isfinite(s[torch.arange(200, device=dev) != 3]).all()
+    assert (s[4] == 1).all() and (q[4] == 0).all()
+
+
+@gpu
 @pytest.mark.parametrize("tile", [0, 1, 2])
 def test_rowcol_int32_part_is_exact(dev, tile):
     a, b, _ = _operands(1000, 1000, 1600, dev, seed=3)
@@ -241,6 +297,15 @@ def test_bad_inputs_name_the_problem(dev):
         cuda_ext.int8_gemm(a, b, s64, s64, mode="block128", scale_b_rows=64)
     with pytest.raises(ValueError, match="out must be"):
         cuda_ext.int8_gemm(a, b, s64, s64, out=torch.empty(64, 65, device=dev, dtype=torch.bfloat16))
+    ext = cuda_ext.load_extension()
+    q8 = torch.empty(64, 64, dtype=torch.int8, device=dev)
+    with pytest.raises(RuntimeError, match="int8 out needs out_scale"):
+        ext.int8_gemm(a, b, q8, s64, s64, None, "rowcol", 1, 0, 0)
+    with pytest.raises(RuntimeError, match="out_scale must be a float32"):
+        ext.int8_gemm(a, b, q8, s64, s64, None, "rowcol", 1, 0, 0, torch.empty(64, 2, device=dev))
+    with pytest.raises(RuntimeError, match="out_scale is for int8 out only"):
+        ext.int8_gemm(a, b, torch.empty(64, 64, device=dev), s64, s64, None, "rowcol", 1, 0, 0,
+                      torch.empty(64, 1, device=dev))
     with pytest.raises(RuntimeError, match="K <= 133143"):
         big = torch.zeros(1, 133152, dtype=torch.int8, device=dev)
         cuda_ext.int8_gemm(big, big, torch.ones(1, device=dev), torch.ones(1, device=dev))
@@ -267,3 +332,31 @@ def test_scaled_mm_routes_to_the_cuda_kernel(dev, monkeypatch, ablock, bblock):
     assert calls == ["rowcol" if ablock == (1, -1) else "block128"]
     assert _rel(out, triton_out.double()) <= 1e-6
     assert kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+@gpu
+def test_scaled_mm_int8_output_on_the_cuda_kernel(dev, monkeypatch):
+    """scaled_mm(out_dtype=int8) with (1, 128) blocks and nearest rounding runs in the CUDA epilogue;
+    it agrees with the Triton epilogue (the two compute the FP32 value in a different order: scales
+    within 1e-6, at most one INT8 step apart, on almost no elements), and stochastic rounding stays on
+    Triton."""
+    g = torch.Generator(device=dev).manual_seed(2)
+    x = torch.randn(1000, 1600, generator=g, device=dev).bfloat16()
+    w = torch.randn(6400, 1600, generator=g, device=dev).bfloat16()
+    bias = torch.randn(6400, generator=g, device=dev)
+    qa, qb = kernels.quantize(x, (1, -1)), kernels.quantize(w, (1, -1))
+    calls = []
+    real = cuda_ext.int8_gemm
+    monkeypatch.setattr(cuda_ext, "int8_gemm", lambda *a, **k: calls.append(k["out_dtype"]) or real(*a, **k))
+    monkeypatch.setenv("MEGAQ_INT8_GEMM", "triton")
+    ref = kernels.scaled_mm(qa, qb, out_dtype=torch.int8, bias=bias)
+    assert calls == []
+    monkeypatch.setenv("MEGAQ_INT8_GEMM", "auto")
+    out = kernels.scaled_mm(qa, qb, out_dtype=torch.int8, bias=bias)
+    assert calls == [torch.int8]
+    assert out.block == ref.block == (1, 128) and out.shape == ref.shape
+    assert float(((out.scale - ref.scale).abs() / ref.scale).max()) <= 1e-6
+    step = (out.data.int() - ref.data.int()).abs()
+    assert int(step.max()) <= 1 and float(step.float().mean()) < 1e-3
+    kernels.scaled_mm(qa, qb, out_dtype=torch.int8, bias=bias, out_rounding="stochastic")
+    assert calls == [torch.int8]   # stochastic: the Triton epilogue

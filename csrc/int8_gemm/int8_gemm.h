@@ -18,13 +18,19 @@
 //             per row over all K), sb[n, kb] = scale_b[(n / sb_rows) * sb_stride_n + kb * sb_stride_kb]
 //             with sb_rows = 1 (a scale per row of B = per output column) or a multiple of 128
 //             (one scale per 128 x 128 block of B, DeepSeek-V3's weights).
-// bias: FP32 [N] or null. out: [M, N] with row stride ldc (elements), FP32 or BF16 (out_kind).
+// bias: FP32 [N] or null. out: [M, N] with row stride ldc (elements), FP32 or BF16 (out_kind), or
+// INT8 requantized per (1, 128) block of each row (out_kind INT8: the INT8 data flow's GEMM epilogue):
+//   s[m, j] = amax_j / 127 (IEEE division; 1 for an all-zero block) with amax_j = max |v[m, n]| over
+//   n in [128 j, 128 j + 128) of the FP32 value v above (bias included), written to
+//   out_scale[m * ld_out_scale + j]; out[m, n] = clamp(rint(v[m, n] / s[m, j]), -127, 127), round to
+//   nearest even -- bit for bit megaq.quant.quantize_blockwise(v, (1, 128)) of the FP32 output. A NaN
+//   in a block makes its scale NaN (the reference's torch.where would give 1), so it never passes.
 // A NaN or Inf scale makes the affected outputs NaN/Inf (never silently finite).
 //
 // Requirements (the launcher returns cudaErrorInvalidValue otherwise): M, N >= 1 (any tails);
 // K >= 16 and K % 16 == 0; lda, ldb (bytes) multiples of 16 and >= K; A and B 16-byte aligned
 // (the TMA engine's rules: it zero-fills the K tail of the last 128-wide K tile, and rows past M / N);
-// ldc >= N.
+// ldc >= N; INT8 out: out_scale non-null, ld_out_scale >= ceil(N / 128).
 //
 // Architecture: sm_90a only (wgmma, setmaxnreg). The file compiles for every target (CI checks
 // sm_80 / sm_89 / sm_90a); elsewhere the kernel body is compiled out and megaq_int8_gemm_check_device
@@ -51,6 +57,7 @@ enum MegaqInt8GemmMode {
 enum MegaqInt8GemmOut {
   MEGAQ_INT8_OUT_F32 = 0,
   MEGAQ_INT8_OUT_BF16 = 1,
+  MEGAQ_INT8_OUT_INT8 = 2,   // INT8 + FP32 scales per (1, 128) block of a row (needs out_scale)
 };
 
 // Tile configurations (M x N of one CTA's output tile). AUTO picks per mode; the others exist for
@@ -77,8 +84,8 @@ cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t M, int64_t
                             int64_t lda, int64_t ldb, int mode, const float* scale_a,
                             int64_t sa_stride_m, int64_t sa_stride_kb, const float* scale_b,
                             int64_t sb_rows, int64_t sb_stride_n, int64_t sb_stride_kb,
-                            const float* bias, void* out, int out_kind, int64_t ldc, int tile,
-                            int group_m, cudaStream_t stream);
+                            const float* bias, void* out, int out_kind, int64_t ldc, float* out_scale,
+                            int64_t ld_out_scale, int tile, int group_m, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

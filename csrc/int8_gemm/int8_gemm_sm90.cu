@@ -28,7 +28,10 @@
 //   (stores from registers took 15-33% of the kernel's time at K <= 4096 on an H100: every SM stored its
 //   tile at the same moment, at HBM's write rate); the tile costs a ring stage. Otherwise each warp
 //   stages 4 output rows at a time in shared memory and writes them with 16-byte stores (whole
-//   sectors), or, when out rows are not 16-byte aligned, stores its fragment directly.
+//   sectors), or, when out rows are not 16-byte aligned, stores its fragment directly. INT8 out (the
+//   data flow's fc1): the fragment becomes its FP32 values in place, each row's 128-column blocks get
+//   their abs-max (a lane quad holds a block row) and scale, and the requantized bytes leave through
+//   the same staging rows (store_tile_int8).
 //   Tiles are visited in grouped order (group_m row tiles walk the column tiles together, for L2 reuse).
 // wgmma operand descriptors: K-major, 128-byte swizzle, 8-row core-matrix groups 1024 bytes apart; the
 // k-th 32-byte slice of a 128-byte row starts 32 k bytes into the (1024-aligned) tile.
@@ -77,6 +80,8 @@ struct Params {
   const float* bias;
   void* out;
   int64_t ldc;
+  float* out_scale;        // INT8 out: the (1, 128) blocks' scales, [M, ceil(N / 128)] with row stride
+  int64_t ld_out_scale;    // ld_out_scale (elements)
   int group_m;
   bool pair_store;   // out rows and pointer allow 2-element vector stores
   bool row_store;    // out rows and pointer are 16-byte aligned: the staged, coalesced epilogue
@@ -463,6 +468,143 @@ __device__ __forceinline__ void store_tile_tma(const Value& value, const float* 
   }
 }
 
+// INT8 out (the data flow's epilogue, int8_gemm.h): max that keeps a NaN (fmaxf would drop it, and
+// the block's scale would come out finite)
+__device__ __forceinline__ float max_keep_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// v / s (IEEE division, as the reference's) rounded to nearest even and clamped to [-127, 127]
+__device__ __forceinline__ signed char quantize_q8(float v, float s) {
+  return static_cast<signed char>(fminf(fmaxf(rintf(__fdiv_rn(v, s)), -127.f), 127.f));
+}
+
+__device__ __forceinline__ float as_float(int bits) { return __int_as_float(bits); }
+__device__ __forceinline__ float as_float(float v) { return v; }
+__device__ __forceinline__ void set_float(int& bits, float v) { bits = __float_as_int(v); }
+__device__ __forceinline__ void set_float(float& x, float v) { x = v; }
+
+// Turns the fragment into the tile's final FP32 values in place: acc[j] = value(j) + bias (ROWCOL's
+// INT32 accumulators hold the float's bits afterwards), so that the INT8 epilogue's two passes over
+// them (abs-max, then quantize) need no second set of registers.
+template <int BN, typename T, typename Value>
+__device__ __forceinline__ void finish_values(T (&acc)[BN / 2], const Value& value, const float* col_scale,
+                                              const float* col_bias) {
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i) {
+    const int c = 8 * i + 2 * (threadIdx.x % 4);
+    const float2 sc = *reinterpret_cast<const float2*>(col_scale + c);
+    const float2 b = *reinterpret_cast<const float2*>(col_bias + c);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // the FP32 / BF16 epilogues' expression, so that the values are theirs bit for bit
+      const float v0 = value(4 * i + 2 * h, h, sc.x) + b.x;
+      const float v1 = value(4 * i + 2 * h + 1, h, sc.y) + b.y;
+      set_float(acc[4 * i + 2 * h], v0);
+      set_float(acc[4 * i + 2 * h + 1], v1);
+    }
+  }
+}
+
+// The tile at (m0, n0) as INT8 with a scale per (1, 128) block of each row, from its final FP32
+// values v (finish_values; columns past N hold zeros: their scale and bias read 0). Each 128-column
+// block of a fragment row lives in one lane quad (32 values per lane): the abs-max is reduced in the
+// lane, then over the quad by two shuffles; lane 0 of the quad writes the scale. Stores go through
+// the warp's staging rows as 16-byte stores (as store_tile_rows) when out rows are 16-byte aligned,
+// else straight from the fragment.
+template <int BN, typename T>
+__device__ __forceinline__ void store_tile_int8(const T (&v)[BN / 2], const Params& p, const Fragment& f,
+                                                int m0, int n0, uint8_t* staging, int pitch) {
+  constexpr int NQ = BN / 128;   // scale blocks per tile row
+  constexpr int IPQ = 128 / 8;   // fragment column groups (i) per block
+  static_assert(BN % 128 == 0 && BN <= 512, "INT8 out: whole 128-column blocks, staged rows <= 512 bytes");
+  const int lane = threadIdx.x % 32;
+  float s[2][NQ];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) s[h][q] = 0.f;
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      s[h][i / IPQ] = max_keep_nan(s[h][i / IPQ], fabsf(as_float(v[4 * i + 2 * h])));
+      s[h][i / IPQ] = max_keep_nan(s[h][i / IPQ], fabsf(as_float(v[4 * i + 2 * h + 1])));
+    }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) {
+      float a = s[h][q];
+      a = max_keep_nan(a, __shfl_xor_sync(0xffffffffu, a, 1));
+      a = max_keep_nan(a, __shfl_xor_sync(0xffffffffu, a, 2));
+      s[h][q] = (a > 0.f || a != a) ? __fdiv_rn(a, 127.f) : 1.f;
+      const int r = m0 + f.row + 8 * h;
+      if (lane % 4 == 0 && r < p.M && n0 + 128 * q < p.N)
+        p.out_scale[static_cast<int64_t>(r) * p.ld_out_scale + n0 / 128 + q] = s[h][q];
+    }
+  }
+  auto pair = [&](int i, int h) {
+    return make_char2(quantize_q8(as_float(v[4 * i + 2 * h]), s[h][i / IPQ]),
+                      quantize_q8(as_float(v[4 * i + 2 * h + 1]), s[h][i / IPQ]));
+  };
+  int8_t* out = static_cast<int8_t*>(p.out);
+  if (p.row_store) {
+    constexpr int CHUNKS = BN / 16;   // 16-byte stores per row
+    const int g = lane / 4;
+    const int slab = m0 + f.row - g;   // first of this warp's 16 rows
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        if (g / 4 == half) {   // lanes holding rows slab + 8 h + 4 half + (g % 4)
+          uint8_t* row = staging + (g % 4) * pitch;
+#pragma unroll
+          for (int i = 0; i < BN / 8; ++i) *reinterpret_cast<char2*>(row + 8 * i + f.col) = pair(i, h);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int q = lane; q < 4 * CHUNKS; q += 32) {
+          const int r = slab + 8 * h + 4 * half + q / CHUNKS;
+          const int c = n0 + (q % CHUNKS) * 16;
+          const uint8_t* src = staging + (q / CHUNKS) * pitch + (q % CHUNKS) * 16;
+          if (r < p.M && c < p.N) {
+            int8_t* dst = out + static_cast<int64_t>(r) * p.ldc + c;
+            if (c + 16 <= p.N) {
+              *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(src);
+            } else {
+              for (int e = 0; e < p.N - c; ++e) dst[e] = static_cast<int8_t>(src[e]);
+            }
+          }
+        }
+        __syncwarp();
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+      const int c = n0 + 8 * i + f.col;
+      if (c >= p.N) continue;
+      const bool both = c + 1 < p.N;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = m0 + f.row + 8 * h;
+        if (r >= p.M) continue;
+        const char2 q = pair(i, h);
+        int8_t* dst = out + static_cast<int64_t>(r) * p.ldc + c;
+        if (both && p.pair_store) {
+          *reinterpret_cast<char2*>(dst) = q;
+        } else {
+          dst[0] = q.x;
+          if (both) dst[1] = q.y;
+        }
+      }
+    }
+  }
+}
+
 // BLOCK128 promotion of one K-block: v += float(acc) * sa[m, kb] * sb[n, kb], scales from the stage.
 template <int BN, bool SB_VEC>
 __device__ __forceinline__ void promote(const int (&acc)[BN / 2], float (&v)[BN / 2], const float* sa_s,
@@ -686,6 +828,11 @@ __global__ void __launch_bounds__(THREADS, 1)
       release(prev);
       park_columns();
       auto value = [&](int j, int h, float sb) { return __int2float_rn(acc[j]) * (sa[h] * sb); };
+      if constexpr (std::is_same_v<OutT, int8_t>) {
+        finish_values<BN>(acc, value, col_scales, col_biases);
+        store_tile_int8<BN>(acc, p, frag, m0, n0, staging, L::STAGING_PITCH);
+        continue;
+      }
       if constexpr (TMA_OUT) {
         if (p.tma_store) {
           store_tile_tma<BN>(value, col_scales, col_biases, &tmap_c, frag, warpgroup, smem_out, m0, n0);
@@ -747,6 +894,11 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
       park_columns();
       auto value = [&](int j, int, float) { return v[j]; };
+      if constexpr (std::is_same_v<OutT, int8_t>) {
+        finish_values<BN>(v, value, col_scales, col_biases);
+        store_tile_int8<BN>(v, p, frag, m0, n0, staging, L::STAGING_PITCH);
+        continue;
+      }
       if constexpr (TMA_OUT) {
         if (p.tma_store) {
           store_tile_tma<BN>(value, col_scales, col_biases, &tmap_c, frag, warpgroup, smem_out, m0, n0);
@@ -912,8 +1064,9 @@ extern "C" cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t
                                        int64_t lda, int64_t ldb, int mode, const float* scale_a,
                                        int64_t sa_stride_m, int64_t sa_stride_kb, const float* scale_b,
                                        int64_t sb_rows, int64_t sb_stride_n, int64_t sb_stride_kb,
-                                       const float* bias, void* out, int out_kind, int64_t ldc, int tile,
-                                       int group_m, cudaStream_t stream) {
+                                       const float* bias, void* out, int out_kind, int64_t ldc,
+                                       float* out_scale, int64_t ld_out_scale, int tile, int group_m,
+                                       cudaStream_t stream) {
   using namespace megaq::int8_gemm;
   constexpr int64_t kIntMax = 0x7fffffff;
   if (M < 1 || N < 1 || K < 16 || K % 16 != 0 || M > kIntMax || N > kIntMax || K > kIntMax)
@@ -953,7 +1106,11 @@ extern "C" cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t
   p.out = out;
   p.ldc = ldc;
   p.group_m = group_m > 0 ? group_m : DEFAULT_GROUP_M;
-  const int elem = out_kind == MEGAQ_INT8_OUT_F32 ? 4 : 2;
+  p.out_scale = out_scale;
+  p.ld_out_scale = ld_out_scale;
+  if (out_kind == MEGAQ_INT8_OUT_INT8 && (out_scale == nullptr || ld_out_scale < (N + 127) / 128))
+    return cudaErrorInvalidValue;
+  const int elem = out_kind == MEGAQ_INT8_OUT_F32 ? 4 : out_kind == MEGAQ_INT8_OUT_BF16 ? 2 : 1;
   p.pair_store = ldc % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * elem) == 0;
   p.row_store = (ldc * elem) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   p.tma_store = false;   // the TMA_OUT launchers decide
@@ -962,6 +1119,8 @@ extern "C" cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t
       return dispatch<float>(A, B, lda, ldb, mode, tile, p, device, stream);
     case MEGAQ_INT8_OUT_BF16:
       return dispatch<__nv_bfloat16>(A, B, lda, ldb, mode, tile, p, device, stream);
+    case MEGAQ_INT8_OUT_INT8:
+      return dispatch<int8_t>(A, B, lda, ldb, mode, tile, p, device, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -247,7 +247,7 @@ def _int8_scale(s: torch.Tensor, name: str) -> torch.Tensor:
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, *,
               mode: str = "rowcol", scale_b_rows: int = 1, bias: torch.Tensor | None = None,
               out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
-              tile: int = 0, group_m: int = 0) -> torch.Tensor:
+              tile: int = 0, group_m: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`scaled_mm` of two INT8 operands on Hopper tensor cores (csrc/int8_gemm, sm_90 only).
 
     a: int8 [M, K], b: int8 [N, K], rows K-contiguous, K a multiple of 16, on one CUDA device.
@@ -259,13 +259,18 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
                      [rows, 1] = one scale per row), scale_b_rows 1 (per row of B) or a multiple of 128.
     Scales are used as FP32; bias (any float dtype, [N]) is added in FP32. out_dtype: torch.bfloat16
     or torch.float32; `out` (optional) a preallocated [M, N] tensor of that dtype with contiguous rows.
+    out_dtype torch.int8 (the INT8 data flow's epilogue) returns `(q, scales)`: the FP32 result
+    requantized per (1, 128) block of each row, nearest — bit for bit
+    `megaq.quant.quantize_blockwise(fp32_out, (1, 128))`, except that a block holding a NaN gets a NaN
+    scale (the reference's would be 1) — as int8 [M, N] and float32 scales [M, ceil(N/128)].
     tile / group_m: the kernel's tile configuration and raster group (0 = default; for benchmarks).
     FP32 output of rowcol rounds float(acc) (exact below 2^24) and the product with sa·sb: relative
     error ≤ ~2^-22; block128 adds one FP32 rounding per K-block; bf16 rounds once more."""
     if mode not in _INT8_MODES:
         raise ValueError(f"int8_gemm: mode must be one of {list(_INT8_MODES)}; got {mode!r}")
-    if out_dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"int8_gemm: out_dtype must be torch.float32 or torch.bfloat16; got {out_dtype}")
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        raise ValueError(f"int8_gemm: out_dtype must be torch.float32, torch.bfloat16 or torch.int8; got "
+                         f"{out_dtype}")
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"int8_gemm: operands must be 2-D; got {tuple(a.shape)} and {tuple(b.shape)}")
     if not (a.is_cuda and b.is_cuda):
@@ -285,4 +290,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
         out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     elif out.dtype != out_dtype or tuple(out.shape) != (m, n):
         raise ValueError(f"int8_gemm: out must be [{m}, {n}] {out_dtype}; got {tuple(out.shape)} {out.dtype}")
+    if out_dtype == torch.int8:
+        out_scale = torch.empty((m, -(-n // 128)), dtype=torch.float32, device=a.device)
+        ext.int8_gemm(a, b, out, sa, sb, bias, mode, scale_b_rows, tile, group_m, out_scale)
+        return out, out_scale
     return ext.int8_gemm(a, b, out, sa, sb, bias, mode, scale_b_rows, tile, group_m)

@@ -89,7 +89,9 @@ def scaled_mm(a, b, out_dtype: torch.dtype = torch.float32, bias: torch.Tensor |
     block scales: Σ_kb s_a[m, kb] s_b[n, kb] Σ_{k∈kb} a[m, k] b[n, k] (+ bias[n]).
 
     out_dtype float32/bfloat16/float16 returns a tensor; `torch.int8` returns the output requantized
-    per `out_block` (1 × QB) as a `QuantizedTensor` (the INT8 data flow), rounding `out_rounding`.
+    per `out_block` (1 × QB) as a `QuantizedTensor` (the INT8 data flow), rounding `out_rounding`. On
+    sm_90 the (1, 128) nearest case runs in the CUDA kernel's epilogue, which gives a block holding a
+    NaN a NaN scale (the reference and the Triton epilogue give it scale 1).
     """
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"scaled_mm: reduction sizes differ: A {a.shape} vs B {b.shape}")
@@ -134,17 +136,20 @@ _INT8_GEMM_CHOICES = ("auto", "cuda", "triton")
 _CUDA_INT8_AUTO = {("rowcol", "-"), ("block128", "block"), ("block128", "row")}
 
 
-def _cuda_int8_mode(a, b, ad, bd, mode, g, ratio_a, ratio_b, out_dtype) -> str | None:
+def _cuda_int8_mode(a, b, ad, bd, mode, g, ratio_a, ratio_b, out_dtype, int8_out_plain=False) -> str | None:
     """"rowcol" / "block128" when the sm_90 CUDA kernel (megaq.kernels.cuda_ext.int8_gemm) runs this
     GEMM, else None (Triton). `MEGAQ_INT8_GEMM=auto|cuda|triton` (default auto): auto takes the CUDA
     kernel for the plans in _CUDA_INT8_AUTO, cuda for every plan it supports (and fails where the
     kernel is unavailable), triton never. The CUDA kernel supports rowcol and K-blocks of 128 with one A
-    scale per row (per K-block), B scales per row or per 128-row block, FP32/BF16 output, K % 16 == 0.
+    scale per row (per K-block), B scales per row or per 128-row block, FP32/BF16 output, or INT8 output
+    requantized per (1, 128) block with nearest rounding (`int8_out_plain`), K % 16 == 0.
     While config_override sets GEMM keys (Triton tile settings) auto stays on Triton."""
     choice = os.environ.get("MEGAQ_INT8_GEMM", "auto").strip().lower() or "auto"
     if choice not in _INT8_GEMM_CHOICES:
         raise ValueError(f"MEGAQ_INT8_GEMM must be one of {list(_INT8_GEMM_CHOICES)}; got {choice!r}")
-    if choice == "triton" or out_dtype not in (torch.float32, torch.bfloat16) or ad.device.type != "cuda":
+    if choice == "triton" or ad.device.type != "cuda":
+        return None
+    if out_dtype not in (torch.float32, torch.bfloat16) and not (out_dtype == torch.int8 and int8_out_plain):
         return None
     if choice == "auto" and any(k in (dispatch._CONFIG_OVERRIDE or {}) for k in _GEMM_KEYS):
         return None
@@ -182,11 +187,17 @@ def _gpu_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generat
         mode, g = "blocked", 128            # keep INT32 partials from overflowing
         ratio_a = ratio_b = 1
         sak = sbk = 0
-    cuda_mode = _cuda_int8_mode(a, b, ad, bd, mode, g, ratio_a, ratio_b, out_dtype)
+    # the CUDA kernel's INT8 epilogue: (1, 128) blocks, nearest rounding (stochastic stays on Triton)
+    int8_out_plain = out_dtype == torch.int8 and out_rounding == "nearest" \
+        and _quant().resolve_block(out_block, (M, N)) == (1, 128)
+    cuda_mode = _cuda_int8_mode(a, b, ad, bd, mode, g, ratio_a, ratio_b, out_dtype, int8_out_plain)
     if cuda_mode is not None:
         from .cuda_ext import int8_gemm
-        return int8_gemm(ad, bd, sa, sb, mode=cuda_mode, scale_b_rows=b.block[0], bias=bias,
-                         out_dtype=out_dtype)
+        out = int8_gemm(ad, bd, sa, sb, mode=cuda_mode, scale_b_rows=b.block[0], bias=bias,
+                        out_dtype=out_dtype)
+        if out_dtype == torch.int8:
+            return _quant().QuantizedTensor(out[0], out[1], (1, 128), 8, (M, N))
+        return out
     cfg = gemm_config(mode, g, M, N, K, dev, b.block[0])
     BM, BN, BK, J = cfg["BM"], cfg["BN"], cfg["BK"], cfg["J"]
     ra, rb = a.block[0], b.block[0]
