@@ -344,6 +344,23 @@ def test_fused_residual_layernorm_sends_the_gradient_to_both_inputs():
     assert _rel(xs.grad, xd.grad + gs.double()) < 0.01    # measured 0.004 (INT8 saved input)
 
 
+def test_carried_stream_gradient_is_summed_in_the_layernorm_backward():
+    """`carry`: x comes back as the stream (the same tensor), and its later gradient is added to the
+    LayerNorm's ∇x inside the backward: exactly what autograd's sum of x's two uses gives."""
+    x, g, _ = _act(40, 384, torch.float32, seed=8)
+    w, b = _ln_params(384)
+    gs = torch.randn(40, 384, generator=torch.Generator().manual_seed(9))
+    xs = x.clone().requires_grad_(True)
+    stream, h = layernorm_operand(xs, w, b, 1e-5, 128, (1, -1), carry=True)
+    assert torch.equal(stream, x) and isinstance(h.carrier, torch.Tensor)
+    torch.autograd.backward([stream, h.carrier], [gs, g])
+    xu = x.clone().requires_grad_(True)
+    hu = layernorm_operand(xu, w, b, 1e-5, 128, (1, -1))
+    torch.autograd.backward([xu * 1, hu.carrier], [gs, g])   # two uses of x: autograd adds
+    assert torch.allclose(xs.grad, xu.grad, rtol=0, atol=1e-6)
+    assert not torch.equal(xs.grad, gs)                       # the LayerNorm's part is in it
+
+
 # --------------------------------------------------------------------------------------------------
 # The LayerNorm backward reading the consuming linear's INT8 gradient (INT8_LAYERNORM_GRAD)
 import megaq.ops.dataflow as dataflow_ops  # noqa: E402

@@ -22,9 +22,11 @@
 // INT8 requantized per (1, 128) block of each row (out_kind INT8: the INT8 data flow's GEMM epilogue):
 //   s[m, j] = amax_j / 127 (IEEE division; 1 for an all-zero block) with amax_j = max |v[m, n]| over
 //   n in [128 j, 128 j + 128) of the FP32 value v above (bias included), written to
-//   out_scale[m * ld_out_scale + j]; out[m, n] = clamp(rint(v[m, n] / s[m, j]), -127, 127), round to
-//   nearest even -- bit for bit megaq.quant.quantize_blockwise(v, (1, 128)) of the FP32 output. A NaN
-//   in a block makes its scale NaN (the reference's torch.where would give 1), so it never passes.
+//   out_scale[m * ld_out_scale + j]; out[m, n] = rint(clamp(v[m, n] * r[m, j], -127, 127)), round to
+//   nearest even, with r = 1 / s (IEEE). The scales are those of megaq.quant.quantize_blockwise(v,
+//   (1, 128)) bit for bit; the values differ from its v / s only within 1.5 ulp of a rounding tie (one
+//   INT8 step, ~1e-5 of them). A NaN in a block makes its scale NaN (the reference's torch.where would
+//   give 1), so it never passes.
 // A NaN or Inf scale makes the affected outputs NaN/Inf (never silently finite).
 //
 // Requirements (the launcher returns cudaErrorInvalidValue otherwise): M, N >= 1 (any tails);

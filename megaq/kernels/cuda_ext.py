@@ -260,9 +260,11 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
     Scales are used as FP32; bias (any float dtype, [N]) is added in FP32. out_dtype: torch.bfloat16
     or torch.float32; `out` (optional) a preallocated [M, N] tensor of that dtype with contiguous rows.
     out_dtype torch.int8 (the INT8 data flow's epilogue) returns `(q, scales)`: the FP32 result
-    requantized per (1, 128) block of each row, nearest — bit for bit
-    `megaq.quant.quantize_blockwise(fp32_out, (1, 128))`, except that a block holding a NaN gets a NaN
-    scale (the reference's would be 1) — as int8 [M, N] and float32 scales [M, ceil(N/128)].
+    requantized per (1, 128) block of each row, nearest — the scales of
+    `megaq.quant.quantize_blockwise(fp32_out, (1, 128))` bit for bit, the values times the reciprocal
+    scale (one step apart from the reference's division within 1.5 ulp of a tie), and a NaN scale for
+    a block holding a NaN (the reference's would be 1) — as int8 [M, N] and float32 scales
+    [M, ceil(N/128)].
     tile / group_m: the kernel's tile configuration and raster group (0 = default; for benchmarks).
     FP32 output of rowcol rounds float(acc) (exact below 2^24) and the product with sa·sb: relative
     error ≤ ~2^-22; block128 adds one FP32 rounding per K-block; bf16 rounds once more."""

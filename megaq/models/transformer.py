@@ -127,7 +127,8 @@ class TransformerBlock(nn.Module):
         fmt = self.operand_format
         check = self.attn.qkv.recipe.check_finite
         ln = self.ln_attn
-        h = layernorm_operand(x, ln.weight, ln.bias, ln.eps, *fmt, check=check)
+        # carry: the stream's gradient from the second LayerNorm is summed in this one's backward
+        x, h = layernorm_operand(x, ln.weight, ln.bias, ln.eps, *fmt, carry=True, check=check)
         y = self.attn.attend(_column_parallel(self.attn.qkv, h))
         a = self.resid_dropout(_row_parallel(self.attn.out_proj, y))
         ln = self.ln_mlp

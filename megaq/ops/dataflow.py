@@ -292,7 +292,7 @@ def _qt_meta(q: QuantizedTensor):
 
 class _LayerNormOperand(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, hadamard, block, check, box, grad_slot):
+    def forward(ctx, x, residual, weight, bias, eps, hadamard, block, check, box, grad_slot, carry):
         C = x.shape[-1]
         out = dataflow_kernels.layernorm_quantize(
             x.reshape(-1, C), weight, bias, eps, hadamard, block,
@@ -304,34 +304,39 @@ class _LayerNormOperand(torch.autograd.Function):
         ctx.shape, ctx.x_dtype = x.shape, x.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
         ctx.grad_slot = grad_slot
+        ctx.stream_out = residual is not None or carry
         box.append(out.y_q)
         carrier = carrier_like(x.shape, x.dtype, x.device)
-        if residual is None:
+        if not ctx.stream_out:
             return carrier
-        return out.x_sum.view(x.shape), carrier
+        # the residual stream goes on from here: x + residual, or x itself (`carry`)
+        return (out.x_sum.view(x.shape) if residual is not None else x), carrier
 
     @staticmethod
     def backward(ctx, *grads):
         data, scale, mean, rstd, w = ctx.saved_tensors
         x_q = QuantizedTensor(data, scale, *ctx.x_meta)
         C = ctx.shape[-1]
-        grad_sum = grads[0].reshape(-1, C) if ctx.has_residual else None
+        grad_sum = grads[0].reshape(-1, C) if ctx.stream_out else None
         grad_y = ctx.grad_slot.take(grads[-1]) if ctx.grad_slot is not None else grads[-1].reshape(-1, C)
         dx, dw, db = dataflow_kernels.layernorm_backward(x_q, mean, rstd, w if ctx.has_weight else None,
                                                          grad_y, grad_sum, out_dtype=ctx.x_dtype)
         dx = dx.view(ctx.shape)
         grad_w = dw.to(w.dtype) if ctx.has_weight and ctx.needs_input_grad[2] else None
         grad_b = db.to(ctx.b_dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return dx, dx if ctx.has_residual else None, grad_w, grad_b, None, None, None, None, None, None
+        return dx, dx if ctx.has_residual else None, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def layernorm_operand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                       eps: float, hadamard: int, block: tuple[int, int], *,
-                      residual: torch.Tensor | None = None, check: bool = True):
+                      residual: torch.Tensor | None = None, carry: bool = False, check: bool = True):
     """LayerNorm of `x` (the BF16/FP32 residual stream; `x + residual` when `residual` is given,
     fused) written straight into the consuming GEMM's INT8 operand format `(hadamard, block)`.
 
-    Returns the `Int8Operand`, or `(x + residual, Int8Operand)` with a residual. Saved for backward:
+    Returns the `Int8Operand`, or `(x + residual, Int8Operand)` with a residual, or `(x, Int8Operand)`
+    with `carry` (no residual): the residual stream carried on through this op, so that its later
+    gradient is added inside the LayerNorm's backward kernel instead of by autograd after it (one
+    pass over the stream's gradient fewer). Saved for backward:
     the INT8 (1, 128) copy of the LayerNorm input and per-row FP32 mean/rstd only. Backward: the
     LayerNorm gradient from the dequantized saved input (FP32 inside), with the residual stream's
     gradient added in the same pass; it is returned to both `x` and `residual`, in `x`'s dtype.
@@ -340,8 +345,8 @@ def layernorm_operand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     box: list = []
     slot = Int8GradSlot() if INT8_LAYERNORM_GRAD else None
     out = _LayerNormOperand.apply(x, residual, weight, bias, float(eps), int(hadamard), tuple(block),
-                                  bool(check), box, slot)
-    if residual is None:
+                                  bool(check), box, slot, bool(carry))
+    if residual is None and not carry:
         return Int8Operand(out, box[0], int(hadamard), slot)
     x_sum, carrier = out
     return x_sum, Int8Operand(carrier, box[0], int(hadamard), slot)
