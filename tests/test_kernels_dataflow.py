@@ -298,6 +298,13 @@ def check_rotate_back(R, Cp, cols, hadamard, device):
     assert got16.shape == (R, cols)
     err16 = (got16 - want).abs()
     assert bool((err16 <= want.abs() * 2 ** -8 + 2 ** -15 * S).all()), float(((err16 - want.abs() * 2 ** -8) / S).max())
+    # a BF16 input (the data flow's wgrad GEMM writes ∇W̃ in the weight's dtype): the same bounds
+    # against the FP64 rotation of that BF16 input
+    xb = x.bfloat16()
+    want_b = block_hadamard(xb.cpu().double(), hadamard)[:, :cols]
+    gotb = kd.rotate_back(xb, hadamard, cols, torch.bfloat16).cpu().double()
+    errb = (gotb - want_b).abs()
+    assert bool((errb <= want_b.abs() * 2 ** -8 + 2 ** -15 * S).all()), float(((errb - want_b.abs() * 2 ** -8) / S).max())
     with pytest.raises(ValueError, match="whole Hadamard blocks"):
         kd.rotate_back(x[:, :Cp - 1], hadamard, cols, torch.float32)
 

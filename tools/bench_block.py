@@ -20,7 +20,9 @@ LayerNorm backward reading the INT8 gradient the next linear's dgrad wrote:
 INT8 input for backward instead of recomputing it from the GELU's: `RECOMPUTE_GELU_OPERAND` off), `int8_attn8` / `int8_df_attn8` (int8 / int8_df with
 attention keeping INT8 copies of q, k, v and its output for backward: `attention_saves: int8`),
 `int8_delayed` / `int8_df_delayed` (int8 / int8_df with delayed scaling of the wgrad operands: recipe
-`int8_delayed`, the predictions warmed up by the warm-up steps), `int4` (recipe int4). Recipes run with
+`int8_delayed`, the predictions warmed up by the warm-up steps), `int8_df_delayed_attn8` (with INT8
+attention saves) and `int8_df_delayed_attn8_keepgelu` (and fc2 keeping its INT8 input: the GELU's
+recompute traded for the bytes the attention saves free), `int4` (recipe int4). Recipes run with
 `check_finite` off, as the trainer runs them. Writes JSON; prints a markdown table last.
 
 `--accumulation N` times the block as a trainer with N micro batches per optimizer step runs it: the
@@ -61,6 +63,8 @@ VARIANTS = {"bf16": ("bf16", "bf16", False, "bf16", True), "int8": ("int8", "bf1
             "int8_df_int8grad": ("int8", "int8", True, "bf16", True),
             "int8_delayed": ("int8_delayed", "bf16", False, "bf16", True),
             "int8_df_delayed": ("int8_delayed", "int8", False, "bf16", True),
+            "int8_df_delayed_attn8": ("int8_delayed", "int8", False, "int8", True),
+            "int8_df_delayed_attn8_keepgelu": ("int8_delayed", "int8", False, "int8", False),
             "int4": ("int4", "bf16", False, "bf16", True)}
 
 

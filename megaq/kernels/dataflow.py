@@ -226,14 +226,14 @@ def rotate_back(x2d: torch.Tensor, hadamard: int, cols: int, dtype: torch.dtype)
     """`block_hadamard(x2d.float(), hadamard)[:, :cols].to(dtype)`: the rows of `x2d` [R, C'] rotated
     by the orthonormal block Hadamard (its own inverse: H is symmetric) and cut to `cols` columns —
     the data flow's weight gradient ∇W = (∇Yᵀ X̃) H from the wgrad GEMM's output. The kernel reads
-    the FP32 rows once and writes `dtype` (the reference: an FP32 product, a copy and a cast), the
-    rotation on the tensor cores with FP32 split in two BF16 parts (each input within 2^-16 of itself,
-    before the FP32 sums and the output's rounding)."""
+    the rows (FP32, BF16 or FP16) once and writes `dtype` (the reference: an FP32 product, a copy and
+    a cast), the rotation on the tensor cores with FP32 split in two BF16 parts (each input within
+    2^-16 of itself, before the FP32 sums and the output's rounding)."""
     R, Cp = x2d.shape
     if hadamard <= 0 or Cp % hadamard or not 0 < cols <= Cp:
         raise ValueError(f"rotate_back: {Cp} columns are not whole Hadamard blocks of {hadamard}, or cols="
                          f"{cols} is not in (0, {Cp}]")
-    if not (_use_triton(x2d) and x2d.dtype == torch.float32 and 16 <= hadamard <= 128
+    if not (_use_triton(x2d) and x2d.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= hadamard <= 128
             and dtype in (torch.float32, torch.bfloat16, torch.float16)):
         return block_hadamard(x2d.float(), hadamard)[:, :cols].to(dtype)
     x2d = x2d.contiguous()

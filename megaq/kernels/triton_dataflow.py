@@ -565,13 +565,13 @@ def _layernorm_backward_resident_kernel(xq_ptr, xqs_ptr, n_blk, mean_ptr, rstd_p
 @triton.jit
 def _rotate_rows_kernel(x_ptr, out_ptr, R, Cp, C_out, h_ptr, inv_sqrt,
                         BR: tl.constexpr, HAD: tl.constexpr, UPCAST: tl.constexpr):
-    """out[:, :C_out] = (x · H)[:, :C_out] in out's dtype, each row of the FP32 x [R, Cp] rotated by
+    """out[:, :C_out] = (x · H)[:, :C_out] in out's dtype, each row of x [R, Cp] (FP32/BF16/FP16) rotated by
     the orthonormal Hadamard block (h: the ±1 matrix; Cp a multiple of HAD) on the tensor cores: one
     [BR, HAD] tile per program, FP32 as two BF16 parts (`_rotate`)."""
     rows = tl.program_id(1) * BR + tl.arange(0, BR)
     cols = tl.program_id(0) * HAD + tl.arange(0, HAD)
     rmask = rows < R
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * Cp + cols[None, :], mask=rmask[:, None], other=0.0)
-    y = _rotate(x, _load_hadamard(h_ptr, HAD), inv_sqrt, UPCAST)
+    y = _rotate(x.to(tl.float32), _load_hadamard(h_ptr, HAD), inv_sqrt, UPCAST)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * C_out + cols[None, :],
              _cast_out(y, out_ptr.dtype.element_ty, UPCAST), mask=rmask[:, None] & (cols < C_out)[None, :])
