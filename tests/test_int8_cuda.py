@@ -321,6 +321,15 @@ def test_bad_inputs_name_the_problem(dev):
         cuda_ext.int8_gemm(big, big, torch.ones(1, device=dev), torch.ones(1, device=dev))
 
 
+def _record_cuda_calls(monkeypatch, key: str) -> list:
+    """Calls of cuda_ext.int8_gemm from here on, as the value of their keyword `key` each (the call
+    still runs)."""
+    calls = []
+    real = cuda_ext.int8_gemm
+    monkeypatch.setattr(cuda_ext, "int8_gemm", lambda *a, **k: calls.append(k[key]) or real(*a, **k))
+    return calls
+
+
 @gpu
 @pytest.mark.parametrize("ablock,bblock", [((1, -1), (1, -1)), ((1, 128), (128, 128)), ((1, 128), (1, 128))])
 def test_scaled_mm_routes_to_the_cuda_kernel(dev, monkeypatch, ablock, bblock):
@@ -331,9 +340,7 @@ def test_scaled_mm_routes_to_the_cuda_kernel(dev, monkeypatch, ablock, bblock):
     w = torch.randn(384, 1600, generator=g, device=dev).bfloat16()
     bias = torch.randn(384, generator=g, device=dev)
     qa, qb = kernels.quantize(x, ablock), kernels.quantize(w, bblock)
-    calls = []
-    real = cuda_ext.int8_gemm
-    monkeypatch.setattr(cuda_ext, "int8_gemm", lambda *a, **k: calls.append(k["mode"]) or real(*a, **k))
+    calls = _record_cuda_calls(monkeypatch, "mode")
     monkeypatch.setenv("MEGAQ_INT8_GEMM", "triton")
     triton_out = kernels.scaled_mm(qa, qb, out_dtype=torch.float32, bias=bias)
     assert calls == []
@@ -355,9 +362,7 @@ def test_scaled_mm_int8_output_on_the_cuda_kernel(dev, monkeypatch):
     w = torch.randn(6400, 1600, generator=g, device=dev).bfloat16()
     bias = torch.randn(6400, generator=g, device=dev)
     qa, qb = kernels.quantize(x, (1, -1)), kernels.quantize(w, (1, -1))
-    calls = []
-    real = cuda_ext.int8_gemm
-    monkeypatch.setattr(cuda_ext, "int8_gemm", lambda *a, **k: calls.append(k["out_dtype"]) or real(*a, **k))
+    calls = _record_cuda_calls(monkeypatch, "out_dtype")
     monkeypatch.setenv("MEGAQ_INT8_GEMM", "triton")
     ref = kernels.scaled_mm(qa, qb, out_dtype=torch.int8, bias=bias)
     assert calls == []

@@ -233,8 +233,8 @@ def rotate_back(x2d: torch.Tensor, hadamard: int, cols: int, dtype: torch.dtype)
     if hadamard <= 0 or Cp % hadamard or not 0 < cols <= Cp:
         raise ValueError(f"rotate_back: {Cp} columns are not whole Hadamard blocks of {hadamard}, or cols="
                          f"{cols} is not in (0, {Cp}]")
-    if not (_use_triton(x2d) and x2d.dtype in (torch.float32, torch.bfloat16, torch.float16) and 16 <= hadamard <= 128
-            and dtype in (torch.float32, torch.bfloat16, torch.float16)):
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if not (_use_triton(x2d) and x2d.dtype in floats and 16 <= hadamard <= 128 and dtype in floats):
         return block_hadamard(x2d.float(), hadamard)[:, :cols].to(dtype)
     x2d = x2d.contiguous()
     out = torch.empty((R, cols), dtype=dtype, device=x2d.device)
