@@ -321,6 +321,16 @@ def test_bad_inputs_name_the_problem(dev):
         cuda_ext.int8_gemm(big, big, torch.ones(1, device=dev), torch.ones(1, device=dev))
 
 
+def _quantized_linear_operands(dev, out_features: int, ablock, bblock, seed: int):
+    """A linear's operands as scaled_mm takes them: 1000 tokens x 1600 features (BF16, quantized with
+    `ablock`), the weight [out_features, 1600] (quantized with `bblock`) and an FP32 bias."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(1000, 1600, generator=g, device=dev).bfloat16()
+    w = torch.randn(out_features, 1600, generator=g, device=dev).bfloat16()
+    bias = torch.randn(out_features, generator=g, device=dev)
+    return kernels.quantize(x, ablock), kernels.quantize(w, bblock), bias
+
+
 def _record_cuda_calls(monkeypatch, key: str) -> list:
     """Calls of cuda_ext.int8_gemm from here on, as the value of their keyword `key` each (the call
     still runs)."""
@@ -335,11 +345,7 @@ def _record_cuda_calls(monkeypatch, key: str) -> list:
 def test_scaled_mm_routes_to_the_cuda_kernel(dev, monkeypatch, ablock, bblock):
     """MEGAQ_INT8_GEMM=cuda sends every supported plan to csrc/int8_gemm (and its result matches the
     Triton kernel's), =triton never does."""
-    g = torch.Generator(device=dev).manual_seed(1)
-    x = torch.randn(1000, 1600, generator=g, device=dev).bfloat16()
-    w = torch.randn(384, 1600, generator=g, device=dev).bfloat16()
-    bias = torch.randn(384, generator=g, device=dev)
-    qa, qb = kernels.quantize(x, ablock), kernels.quantize(w, bblock)
+    qa, qb, bias = _quantized_linear_operands(dev, 384, ablock, bblock, seed=1)
     calls = _record_cuda_calls(monkeypatch, "mode")
     monkeypatch.setenv("MEGAQ_INT8_GEMM", "triton")
     triton_out = kernels.scaled_mm(qa, qb, out_dtype=torch.float32, bias=bias)
@@ -357,11 +363,7 @@ def test_scaled_mm_int8_output_on_the_cuda_kernel(dev, monkeypatch):
     it agrees with the Triton epilogue (the two compute the FP32 value in a different order: scales
     within 1e-6, at most one INT8 step apart, on almost no elements), and stochastic rounding stays on
     Triton."""
-    g = torch.Generator(device=dev).manual_seed(2)
-    x = torch.randn(1000, 1600, generator=g, device=dev).bfloat16()
-    w = torch.randn(6400, 1600, generator=g, device=dev).bfloat16()
-    bias = torch.randn(6400, generator=g, device=dev)
-    qa, qb = kernels.quantize(x, (1, -1)), kernels.quantize(w, (1, -1))
+    qa, qb, bias = _quantized_linear_operands(dev, 6400, (1, -1), (1, -1), seed=2)
     calls = _record_cuda_calls(monkeypatch, "out_dtype")
     monkeypatch.setenv("MEGAQ_INT8_GEMM", "triton")
     ref = kernels.scaled_mm(qa, qb, out_dtype=torch.int8, bias=bias)

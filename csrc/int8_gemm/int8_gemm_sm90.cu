@@ -497,10 +497,10 @@ __device__ __forceinline__ void set_float(float& x, float v) { x = v; }
 // them (abs-max, then quantize) need no second set of registers.
 template <int BN, typename T, typename Value>
 __device__ __forceinline__ void finish_values(T (&acc)[BN / 2], const Value& value, const float* col_scale,
-                                              const float* col_bias) {
+                                              const float* col_bias, const Fragment& f) {
 #pragma unroll
   for (int i = 0; i < BN / 8; ++i) {
-    const int c = 8 * i + 2 * (threadIdx.x % 4);
+    const int c = 8 * i + f.col;
     const float2 sc = *reinterpret_cast<const float2*>(col_scale + c);
     const float2 b = *reinterpret_cast<const float2*>(col_bias + c);
 #pragma unroll
@@ -780,11 +780,27 @@ __global__ void __launch_bounds__(THREADS, 1)
   };
 
   uint8_t* staging = smem_staging + warp * 4 * L::STAGING_PITCH;
-  auto store = [&](const auto& value, const float* col_scales, const float* col_biases, int m0, int n0) {
-    if (p.row_store)
-      store_tile_rows<BN, OutT>(value, col_scales, col_biases, p, frag, m0, n0, staging, L::STAGING_PITCH);
-    else
-      store_tile<BN, OutT>(value, col_scales, col_biases, p, frag, m0, n0);
+  // The tile's epilogue, from its fragment `vals` (ROWCOL's INT32 accumulators or BLOCK128's FP32 sums)
+  // and `value` (fragment element -> FP32 before the bias): INT8 out requantizes it (store_tile_int8,
+  // which reuses `vals` for the final values); BF16 out with TMA leaves through TMA stores; else the
+  // staged rows or the direct fragment stores. Only the branch of this kernel's OutT is instantiated.
+  auto store = [&](auto& vals, const auto& value, const float* col_scales, const float* col_biases, int m0,
+                   int n0) {
+    if constexpr (std::is_same_v<OutT, int8_t>) {
+      finish_values<BN>(vals, value, col_scales, col_biases, frag);
+      store_tile_int8<BN>(vals, p, frag, m0, n0, staging, L::STAGING_PITCH);
+    } else {
+      if constexpr (TMA_OUT) {
+        if (p.tma_store) {
+          store_tile_tma<BN>(value, col_scales, col_biases, &tmap_c, frag, warpgroup, smem_out, m0, n0);
+          return;
+        }
+      }
+      if (p.row_store)
+        store_tile_rows<BN, OutT>(value, col_scales, col_biases, p, frag, m0, n0, staging, L::STAGING_PITCH);
+      else
+        store_tile<BN, OutT>(value, col_scales, col_biases, p, frag, m0, n0);
+    }
   };
 
   Pipe pipe;
@@ -835,18 +851,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       release(prev);
       park_columns();
       auto value = [&](int j, int h, float sb) { return __int2float_rn(acc[j]) * (sa[h] * sb); };
-      if constexpr (std::is_same_v<OutT, int8_t>) {
-        finish_values<BN>(acc, value, col_scales, col_biases);
-        store_tile_int8<BN>(acc, p, frag, m0, n0, staging, L::STAGING_PITCH);
-        continue;
-      }
-      if constexpr (TMA_OUT) {
-        if (p.tma_store) {
-          store_tile_tma<BN>(value, col_scales, col_biases, &tmap_c, frag, warpgroup, smem_out, m0, n0);
-          continue;
-        }
-      }
-      store(value, col_scales, col_biases, m0, n0);
+      store(acc, value, col_scales, col_biases, m0, n0);
     } else {
       float v[BN / 2];
 #pragma unroll
@@ -901,18 +906,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
       park_columns();
       auto value = [&](int j, int, float) { return v[j]; };
-      if constexpr (std::is_same_v<OutT, int8_t>) {
-        finish_values<BN>(v, value, col_scales, col_biases);
-        store_tile_int8<BN>(v, p, frag, m0, n0, staging, L::STAGING_PITCH);
-        continue;
-      }
-      if constexpr (TMA_OUT) {
-        if (p.tma_store) {
-          store_tile_tma<BN>(value, col_scales, col_biases, &tmap_c, frag, warpgroup, smem_out, m0, n0);
-          continue;
-        }
-      }
-      store(value, col_scales, col_biases, m0, n0);
+      store(v, value, col_scales, col_biases, m0, n0);
     }
   }
   if (TMA_OUT && p.tma_store && threadIdx.x % 128 == 0) bulk_wait_all();   // before the buffer goes away
