@@ -197,6 +197,58 @@ INT8_LAYERNORM_GRAD = False
 RECOMPUTE_GELU_OPERAND = True
 
 
+# True (default, with RECOMPUTE_GELU_OPERAND): fc2's backward computes the GELU's backward as well,
+# in one kernel with the rebuild of its wgrad operand (`dataflow.gelu_backward_operand`: the GELU's
+# INT8 input read once instead of twice, one launch fewer), and hands the result to the GELU's
+# backward through a `GeluGradSlot`. Read when the GELU's forward runs.
+FUSED_GELU_BACKWARD = True
+
+
+def _is_placeholder(grad: torch.Tensor, placeholder: torch.Tensor | None, version: int | None) -> bool:
+    """Whether autograd delivered exactly `placeholder` (same storage, shape, strides, dtype and
+    version counter), i.e. nothing was added to it or written into it on the way."""
+    return (placeholder is not None and grad.data_ptr() == placeholder.data_ptr()
+            and grad.shape == placeholder.shape and grad.stride() == placeholder.stride()
+            and grad.dtype == placeholder.dtype and grad._version == version)
+
+
+def zero_placeholder(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero gradient of `shape` that takes no memory (one zero, zero strides): what a backward hands
+    autograd where the real gradient travels through a slot."""
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+class GeluGradSlot:
+    """Hands the GELU's input gradient from fc2's backward to the GELU's backward
+    (`FUSED_GELU_BACKWARD`). fc2 computes ∇h = GELU'(h)·∇y itself, together with its wgrad operand
+    (both read the GELU's INT8 input h), `put`s ∇h here and hands autograd a zero placeholder for ∇y
+    (no memory: ∇y is freed as soon as ∇h exists). The GELU's backward then `take`s the slot's ∇h,
+    plus GELU'(h)·(whatever else autograd delivered) when it is not the untouched placeholder (other
+    consumers of the GELU's output: the backward is linear in ∇y). As `Int8GradSlot`: not valid
+    where something between fc2 and the GELU scales gradients; one slot per GELU forward call."""
+
+    __slots__ = ("_dh", "_placeholder", "_version")
+
+    def __init__(self):
+        self._dh = self._placeholder = self._version = None
+
+    def put(self, dh: torch.Tensor, placeholder: torch.Tensor) -> None:
+        if self._dh is not None:
+            raise RuntimeError("GeluGradSlot: a second gradient for one GELU output (one consumer per slot)")
+        self._dh, self._placeholder, self._version = dh, placeholder, placeholder._version
+
+    def take(self, grad: torch.Tensor, h_q: QuantizedTensor) -> torch.Tensor:
+        """The GELU's input gradient `[rows, N]` for the incoming `grad`."""
+        dh, placeholder, version = self._dh, self._placeholder, self._version
+        self._dh = self._placeholder = self._version = None
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        if dh is None:
+            return dataflow_kernels.gelu_backward(h_q, grad2d)
+        if _is_placeholder(grad, placeholder, version):
+            return dh
+        return dh + dataflow_kernels.gelu_backward(h_q, grad2d.to(dh.dtype))
+
+
 class Int8GradSlot:
     """Hands INT8 gradients from data-flow linears' backwards to the backward of the LayerNorm whose
     operand they consumed — autograd edges carry dense tensors only.
@@ -228,9 +280,7 @@ class Int8GradSlot:
         """The LayerNorm's incoming gradient `[rows, C]`: the INT8 ∇X, or a dense FP32 tensor."""
         parts, placeholder, version = self._parts, self._placeholder, self._version
         self._parts, self._placeholder, self._version = [], None, None
-        if (len(parts) == 1 and grad.data_ptr() == placeholder.data_ptr() and grad.shape == placeholder.shape
-                and grad.stride() == placeholder.stride() and grad.dtype == placeholder.dtype
-                and grad._version == version):
+        if len(parts) == 1 and _is_placeholder(grad, placeholder, version):
             return parts[0]
         dense = grad.reshape(-1, grad.shape[-1])
         if not parts:
@@ -260,13 +310,17 @@ class Int8Operand(NamedTuple):
     `source`: set by the GELU producer (with `RECOMPUTE_GELU_OPERAND`) — the INT8 input `q` is a
     deterministic function of (`gelu_quantize(source, hadamard, block)`, nearest rounding). The
     consuming linear then keeps `source` for its wgrad instead of `q` and rebuilds `q` in backward:
-    the GELU keeps `source` anyway, so fc2 saves no bytes of its own."""
+    the GELU keeps `source` anyway, so fc2 saves no bytes of its own.
+
+    `gelu_slot`: set with `source` (with `FUSED_GELU_BACKWARD`) — where the consuming linear leaves
+    the GELU's input gradient, computed with the rebuild (`GeluGradSlot`)."""
 
     carrier: torch.Tensor
     q: QuantizedTensor
     hadamard: int
     grad_slot: Int8GradSlot | None = None
     source: QuantizedTensor | None = None
+    gelu_slot: GeluGradSlot | None = None
 
     @property
     def features(self) -> int:
@@ -354,19 +408,22 @@ def layernorm_operand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
 
 class _GeluOperand(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, carrier, h_data, h_scale, h_meta, hadamard, block, box):
+    def forward(ctx, carrier, h_data, h_scale, h_meta, hadamard, block, box, slot):
         h_q = QuantizedTensor(h_data, h_scale, *h_meta)
         box.append(dataflow_kernels.gelu_quantize(h_q, hadamard, block))
         ctx.save_for_backward(h_data, h_scale)       # only the INT8 input
-        ctx.h_meta, ctx.shape = h_meta, carrier.shape
+        ctx.h_meta, ctx.shape, ctx.slot = h_meta, carrier.shape, slot
         return carrier_like(carrier.shape, carrier.dtype, carrier.device)
 
     @staticmethod
     def backward(ctx, grad):
         data, scale = ctx.saved_tensors
         h_q = QuantizedTensor(data, scale, *ctx.h_meta)
-        dh = dataflow_kernels.gelu_backward(h_q, grad.reshape(-1, ctx.shape[-1]))
-        return dh.view(ctx.shape), None, None, None, None, None, None
+        if ctx.slot is not None:
+            dh = ctx.slot.take(grad, h_q)
+        else:
+            dh = dataflow_kernels.gelu_backward(h_q, grad.reshape(-1, ctx.shape[-1]))
+        return dh.view(ctx.shape), None, None, None, None, None, None, None
 
 
 def gelu_operand(h: Int8Operand, hadamard: int, block: tuple[int, int]) -> Int8Operand:
@@ -378,6 +435,8 @@ def gelu_operand(h: Int8Operand, hadamard: int, block: tuple[int, int]) -> Int8O
                          f"got {type(h).__name__}" + (f" with hadamard={h.hadamard}, bits={h.q.bits}"
                                                       if isinstance(h, Int8Operand) else ""))
     box: list = []
+    slot = GeluGradSlot() if RECOMPUTE_GELU_OPERAND and FUSED_GELU_BACKWARD else None
     carrier = _GeluOperand.apply(h.carrier, h.q.data, h.q.scale, _qt_meta(h.q), int(hadamard),
-                                 tuple(block), box)
-    return Int8Operand(carrier, box[0], int(hadamard), source=h.q if RECOMPUTE_GELU_OPERAND else None)
+                                 tuple(block), box, slot)
+    return Int8Operand(carrier, box[0], int(hadamard), source=h.q if RECOMPUTE_GELU_OPERAND else None,
+                       gelu_slot=slot)

@@ -18,8 +18,9 @@ The scales that cross an operator boundary, forward:
 - Saved for backward: each linear's X̃ (INT8, per-token scale), the LayerNorm's INT8 (1, 128) input
   copy + mean/rstd, the GELU's INT8 input. fc2's X̃ is not kept but rebuilt in backward from the
   GELU's input by the GELU kernel itself (`RECOMPUTE_GELU_OPERAND`, bit-identical: nearest
-  rounding). No BF16 activation is saved by the block except SDPA's
-  own q, k, v, output (attention stays BF16).
+  rounding); with `FUSED_GELU_BACKWARD` fc2's backward runs the GELU's backward in the same kernel
+  (one read of the GELU's input for both) and hands ∇h to the GELU through a `GeluGradSlot`.
+  No BF16 activation is saved by the block except SDPA's own q, k, v, output (attention stays BF16).
 
 Backward: an autograd edge carries a dense gradient of the output's shape. Each linear quantizes its
 ∇Y as the recipe's dgrad and wgrad specs say (stochastic rounding), exactly as `megaq.ops.linear`.
@@ -66,7 +67,7 @@ import torch
 from .. import kernels
 from ..kernels import dataflow as dataflow_kernels
 from ..quant import QuantizedTensor
-from .dataflow import Int8GradSlot, Int8Operand, carrier_like
+from .dataflow import GeluGradSlot, Int8GradSlot, Int8Operand, carrier_like, zero_placeholder
 from .linear import (fused_bias_sum_buffer, quantize_gemm_operand, quantize_grad_y_t, quantize_operand,
                      quantized_gemm, weight_operand, wgrad_delayed_states)
 from .recipe import Recipe, get_recipe
@@ -114,7 +115,7 @@ def _wgrad_input_operand(xq: QuantizedTensor, recipe: Recipe, dtype: torch.dtype
 class _DataFlowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xq, hadamard, weight, bias, recipe: Recipe, int8_output, box,
-                grad_slot: Int8GradSlot | None, source: QuantizedTensor | None):
+                grad_slot: Int8GradSlot | None, source: QuantizedTensor | None, gelu_slot: GeluGradSlot | None):
         in_features = weight.shape[1]
         spec = recipe.forward
         if xq is None:
@@ -135,6 +136,7 @@ class _DataFlowLinear(torch.autograd.Function):
         ctx.save_for_backward(kept.data, kept.scale, weight)
         ctx.xq_meta = (kept.block, kept.bits, kept.shape)
         ctx.rebuild_format = (hadamard, xq.block) if source is not None else None
+        ctx.gelu_slot = gelu_slot if source is not None else None
         ctx.recipe, ctx.hadamard, ctx.has_bias = recipe, hadamard, bias is not None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         # INT8 ∇X only where the dgrad GEMM is an integer one
@@ -151,6 +153,7 @@ class _DataFlowLinear(torch.autograd.Function):
         in_features = weight.shape[1]
         grad_y = grad_y.reshape(-1, weight.shape[0]).contiguous()
         grad_x = grad_w = grad_b = None
+        rebuilt = None   # X̃ rebuilt together with the GELU's backward (`GeluGradSlot`)
         if ctx.needs_input_grad[0]:
             # dgrad: ∇X = ∇Y · W, operands ∇Y [tokens, out] and Wᵀ [in, out]
             w_operand = weight_operand(weight, recipe.dgrad, recipe.check_finite, transpose=True)
@@ -159,19 +162,32 @@ class _DataFlowLinear(torch.autograd.Function):
                 # output, without writing FP32 and reading it back)
                 grad_x = quantized_gemm(grad_y, w_operand, recipe.dgrad, recipe.check_finite,
                                         transpose_b=True, out_dtype=ctx.x_dtype).view(ctx.x_shape)
+                if ctx.gelu_slot is not None:
+                    # the GELU's backward here, from the one read of its input that rebuilds X̃; autograd
+                    # carries a zero placeholder to the GELU, and ∇X is freed now, not after the wgrad
+                    source = QuantizedTensor(data, scale, *ctx.xq_meta)
+                    g2d = grad_x.view(-1, grad_x.shape[-1])
+                    if ctx.needs_input_grad[3]:
+                        dh, rebuilt = dataflow_kernels.gelu_backward_operand(source, g2d, *ctx.rebuild_format)
+                    else:
+                        dh = dataflow_kernels.gelu_backward(source, g2d)
+                    grad_x = zero_placeholder(ctx.x_shape, ctx.x_dtype, grad_y.device)
+                    ctx.gelu_slot.put(dh, grad_x)
             else:
                 # INT8 ∇X from the epilogue, for the LayerNorm's backward through the slot; autograd
                 # carries a zero placeholder (no memory), which the slot accounts for (Int8GradSlot)
                 g_operand = quantize_gemm_operand(grad_y, recipe.dgrad, "a", recipe.check_finite)
                 grad_q = kernels.scaled_mm(g_operand, w_operand, out_dtype=torch.int8,
                                            out_block=INT8_OUTPUT_BLOCK, out_rounding="stochastic")
-                grad_x = torch.zeros((), dtype=ctx.x_dtype, device=grad_y.device).expand(ctx.x_shape)
+                grad_x = zero_placeholder(ctx.x_shape, ctx.x_dtype, grad_y.device)
                 ctx.grad_slot.put(grad_q, grad_x)
         bias_sum = None   # FP32 ∇Y.sum(0), from the pass that quantizes ∇Yᵀ for the wgrad (as megaq.ops.linear)
         if ctx.needs_input_grad[3]:
             # wgrad from the saved operand: ∇Yᵀ · X̃ over tokens, then H back on the [out, C'] result
             xq = QuantizedTensor(data, scale, *ctx.xq_meta)
-            if ctx.rebuild_format is not None:
+            if rebuilt is not None:
+                xq = rebuilt
+            elif ctx.rebuild_format is not None:
                 xq = dataflow_kernels.gelu_quantize(xq, *ctx.rebuild_format)
             wgrad = recipe.wgrad
             bias_sum = fused_bias_sum_buffer(grad_y, wgrad, ctx.has_bias and ctx.needs_input_grad[4])
@@ -195,7 +211,7 @@ class _DataFlowLinear(torch.autograd.Function):
             if bias_sum is None:
                 bias_sum = grad_y.sum(0, dtype=torch.float32)   # FP32 sums, no FP32 copy of ∇Y
             grad_b = bias_sum.to(grad_y.dtype)
-        return grad_x, None, None, grad_w, grad_b, None, None, None, None, None
+        return grad_x, None, None, grad_w, grad_b, None, None, None, None, None, None
 
 
 def dataflow_linear(x: torch.Tensor | Int8Operand, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -217,13 +233,13 @@ def dataflow_linear(x: torch.Tensor | Int8Operand, weight: torch.Tensor, bias: t
             raise ValueError(f"dataflow_linear: the input operand (hadamard={x.hadamard}, block="
                              f"{x.q.block}, bits={x.q.bits}) is not recipe {recipe.name!r}'s forward "
                              f"operand (hadamard={hadamard}, block={expected}, bits=8)")
-        value, xq, grad_slot, source = x.carrier, x.q, x.grad_slot, x.source
+        value, xq, grad_slot, source, gelu_slot = x.carrier, x.q, x.grad_slot, x.source, x.gelu_slot
     else:
-        value, xq, grad_slot, source = x, None, None, None
+        value, xq, grad_slot, source, gelu_slot = x, None, None, None, None
     if value.shape[-1] != weight.shape[1]:
         raise ValueError(f"dataflow_linear: input features {value.shape[-1]} != weight in_features "
                          f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
     box: list = []
     y = _DataFlowLinear.apply(value, xq, hadamard, weight, bias, recipe, bool(int8_output), box,
-                              grad_slot, source)
+                              grad_slot, source, gelu_slot)
     return Int8Operand(y, box[0], 0) if int8_output else y
