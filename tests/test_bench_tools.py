@@ -547,10 +547,26 @@ def test_results_name_the_checkouts_commit_and_not_an_enclosing_ones(tmp_path, m
 # ---------------------------------------------------------------------------------------------------
 # tools/bench_block.py (GPU-only; its table from results here)
 
-def test_block_table_reports_graphed_times_against_graphed_bf16():
+def _bench_block():
     spec = importlib.util.spec_from_file_location("bench_block", REPO_ROOT / "tools" / "bench_block.py")
     bench_block = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_block)
+    return bench_block
+
+
+def test_block_variant_switches_name_real_defaults():
+    bench_block = _bench_block()
+    assert bench_block.parse_variant("int8_df_delayed+gelu2+wrot") == ("int8_df_delayed", ["gelu2", "wrot"])
+    assert bench_block.parse_variant("bf16") == ("bf16", [])
+    for bad in ("int8_df+nope", "int9"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            bench_block.parse_variant(bad)
+    for module, attr in bench_block.SWITCHES.values():    # each switch is a data-flow default, on
+        assert getattr(module, attr) is True, (module.__name__, attr)
+
+
+def test_block_table_reports_graphed_times_against_graphed_bf16():
+    bench_block = _bench_block()
 
     def row(variant, ms, ms_graphs=None):
         r = {"width": 4096, "seq": 2048, "batch": 8, "variant": variant, "ms": ms,

@@ -35,6 +35,7 @@ Bounds (random inputs, never all zero; every comparison fails on NaN):
     the order of the noise keeps the ratio near 1).
 """
 
+import importlib
 import os
 from unittest import mock
 
@@ -284,6 +285,44 @@ def check_requantize_transposed(R, C, hadamard, rounding, delayed, device):
         assert states[1].take_counts() == states[0].take_counts()
 
 
+def check_requantize_rotated_back(R, C, hadamard, rounding, delayed, device):
+    """`requantize_transposed(..., rotate_back=True)`: the wgrad operand from X = X̃·H, each tile of the
+    saved X̃ rotated as the kernel loads it (INT8 × ±1, exact, then the scale, one BF16 rounding),
+    against the reference path (FP32 dequantization, FP32 rotation, BF16, the same quantizer) over
+    three calls. The two BF16 copies differ by one ulp on near-ties only, so: scales within 2^-8
+    relative (an abs-max one ulp away) and the predictions likewise; payloads within 1, differing on
+    at most 1% of the elements (stochastic rounding draws the same dither on both sides)."""
+    from megaq.quant import DelayedAmax, block_hadamard
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn((R, C), generator=g) * 2.0
+    base[:, ::37] *= 12.0
+    states = [DelayedAmax(C, 0.9, device) for _ in range(2)] if delayed else [None, None]
+    gens = [torch.Generator(device=device).manual_seed(6) for _ in range(2)]
+    for factor in (1.0, 1.6, 0.3):
+        x = (base * factor).to(device=device, dtype=torch.bfloat16)
+        xq = kernels.hadamard_quantize(x, hadamard)
+        copy = block_hadamard(kernels.dequantize(xq, torch.float32), hadamard).to(torch.bfloat16)
+        assert rel_error(copy.float(), x.float()) < 0.02                       # X̃·H is X again
+        if delayed:
+            want = kernels.hadamard_quantize_delayed(copy, hadamard, states[0], rounding=rounding,
+                                                     generator=gens[0], transpose=True)
+        else:
+            want = kernels.hadamard_quantize(copy, hadamard, rounding=rounding, generator=gens[0], transpose=True)
+        got = kernels.requantize_transposed(xq, hadamard, torch.bfloat16, state=states[1], rounding=rounding,
+                                            generator=gens[1], rotate_back=True)
+        assert got.block == want.block and got.shape == want.shape and got.bits == want.bits
+        scale_err = ((got.scale - want.scale).abs() / want.scale).max()
+        assert float(scale_err) <= 2 ** -8, (factor, float(scale_err))
+        diff = (got.data.int() - want.data.int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.01, \
+            (factor, int(diff.max()), float((diff > 0).float().mean()))
+        if delayed:
+            assert float(((states[1].pred - states[0].pred).abs() / states[0].pred).max()) <= 2 ** -8
+    with pytest.raises(ValueError, match="whole Hadamard blocks"):
+        kernels.requantize_transposed(kernels.quantize(base[:, :hadamard + 8].to(device), (1, -1)), hadamard,
+                                      rotate_back=True)
+
+
 def check_rotate_back(R, Cp, cols, hadamard, device):
     """`kd.rotate_back` (the data flow's ∇W out of Hadamard space) against the FP64 product, per
     element: |error| <= 2^-15 · S for the FP32 output, S = Σ|x| over the element's Hadamard block /
@@ -323,8 +362,10 @@ def check_dataflow_linear_wgrad(recipe, device):
     features: padded to 256 in Hadamard space, 96 tokens: padded to 128 along the wgrad's reduction)
     with its fused wgrad operand and rotation against the same layer with both replaced by the
     unfused composition (`dequantize` + the transposed quantizer, the FP32 reference rotation, a cut
-    and a cast). Same seeds, so the same stochastic rounding: ∇X and the bias gradient equal bit for
-    bit; ∇W within 2^-7 relative (Frobenius; the two rotations round differently: one BF16 ulp at most)."""
+    and a cast), with the rotation on the operand (`ROTATE_WGRAD_OPERAND`) and on ∇W. Same seeds, so
+    the same stochastic rounding: ∇X and the bias gradient equal bit for bit; ∇W within 2^-7 relative
+    (Frobenius; the two rotations round differently: one BF16 ulp at most, before or after the
+    operand's quantization)."""
     from megaq.ops import dataflow_linear
     g = torch.Generator().manual_seed(2)
     x = (torch.randn((96, 200), generator=g) * 2.0).to(device=device, dtype=torch.bfloat16)
@@ -338,8 +379,12 @@ def check_dataflow_linear_wgrad(recipe, device):
         dataflow_linear(xx, ww, bb, recipe).backward(gy)
         return xx.grad, ww.grad, bb.grad
 
-    def unfused_operand(xq, hadamard, dtype, state=None, bits=8, rounding="nearest", generator=None, check=True):
+    def unfused_operand(xq, hadamard, dtype, state=None, bits=8, rounding="nearest", generator=None, check=True,
+                        rotate_back=False):
         copy = kernels.dequantize(xq, dtype)
+        if rotate_back:
+            from megaq.quant import block_hadamard
+            copy = block_hadamard(kernels.dequantize(xq, torch.float32), hadamard).to(dtype)
         if state is None:
             return kernels.hadamard_quantize(copy, hadamard, rounding=rounding, generator=generator, check=check,
                                              transpose=True)
@@ -350,13 +395,19 @@ def check_dataflow_linear_wgrad(recipe, device):
         from megaq.quant import block_hadamard
         return block_hadamard(x2d.float(), hadamard)[:, :cols].to(dtype)
 
-    fused = grads()
-    with mock.patch.object(kernels, "requantize_transposed", side_effect=unfused_operand) as operand, \
-            mock.patch.object(kd, "rotate_back", side_effect=reference_rotation) as rotation:
-        unfused = grads()
-    assert operand.call_count == 1 and rotation.call_count == 1     # the linear took both paths
-    assert torch.equal(fused[0], unfused[0]) and torch.equal(fused[2], unfused[2])
-    assert rel_error(fused[1].float(), unfused[1].float()) <= 2 ** -7
+    linear_module = importlib.import_module("megaq.ops.dataflow_linear")
+    for rotate_operand in (False, True):
+        with mock.patch.object(linear_module, "ROTATE_WGRAD_OPERAND", rotate_operand):
+            fused = grads()
+            with mock.patch.object(kernels, "requantize_transposed", side_effect=unfused_operand) as operand, \
+                    mock.patch.object(kd, "rotate_back", side_effect=reference_rotation) as rotation:
+                unfused = grads()
+        # the linear took the fused paths: the operand's, and the rotation of ∇W unless the operand's
+        assert operand.call_count == 1 and rotation.call_count == (0 if rotate_operand else 1)
+        assert operand.call_args.kwargs.get("rotate_back", False) == rotate_operand
+        assert torch.equal(fused[0], unfused[0]) and torch.equal(fused[2], unfused[2])
+        assert rel_error(fused[1].float(), unfused[1].float()) <= 2 ** -7, rel_error(fused[1].float(),
+                                                                                   unfused[1].float())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,6 +514,13 @@ def test_interp_requantize_transposed(R, C, hadamard, rounding, delayed):
     check_requantize_transposed(R, C, hadamard, rounding, delayed, "cpu")
 
 
+@interp_only
+@pytest.mark.parametrize("R,C,hadamard,rounding,delayed", [(200, 96, 32, "stochastic", False),
+                                                           (77, 256, 128, "nearest", True)])
+def test_interp_requantize_rotated_back(R, C, hadamard, rounding, delayed):
+    check_requantize_rotated_back(R, C, hadamard, rounding, delayed, "cpu")
+
+
 # --------------------------------------------------------------------------------------------------
 # CPU reference: the INT8 incoming gradient
 @pytest.mark.skipif(IN_CHILD, reason="parent-process test")
@@ -553,6 +611,12 @@ def test_gpu_rotate_back():
                                                   (8192, 6400, "nearest", True)])
 def test_gpu_requantize_transposed(R, C, rounding, delayed):
     check_requantize_transposed(R, C, 128, rounding, delayed, "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("R,C,rounding,delayed", [(4099, 1664, "stochastic", False), (16384, 6400, "nearest", True)])
+def test_gpu_requantize_rotated_back(R, C, rounding, delayed):
+    check_requantize_rotated_back(R, C, 128, rounding, delayed, "cuda")
 
 
 @gpu

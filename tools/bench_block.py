@@ -25,6 +25,11 @@ attention saves) and `int8_df_delayed_attn8_keepgelu` (and fc2 keeping its INT8 
 recompute traded for the bytes the attention saves free), `int4` (recipe int4). Recipes run with
 `check_finite` off, as the trainer runs them. Writes JSON; prints a markdown table last.
 
+A variant may carry switches after `+`, each turning one of the data flow's defaults off (SWITCHES):
+`+gelu2` — the GELU's backward and fc2's operand rebuild as two kernels (`FUSED_GELU_BACKWARD` off);
+`+wrot` — ∇W computed in Hadamard space and rotated back after the GEMM (`ROTATE_WGRAD_OPERAND`
+off). E.g. `int8_df_delayed+gelu2+wrot` is the data flow as of commit 640dd8a.
+
 `--accumulation N` times the block as a trainer with N micro batches per optimizer step runs it: the
 quantized weights are cached across the micro batches (`quant.cache_weights`, on by default in the
 trainer; megaq.ops.weight_cache) and made stale once per N steps, so the weight quantizers run once per
@@ -49,6 +54,7 @@ from cuda_timing import event_times  # noqa: E402  (tools/, the script's directo
 from megaq.models.gpt import GPTConfig  # noqa: E402
 from megaq.models.transformer import TransformerBlock  # noqa: E402
 from megaq.ops import dataflow as dataflow_ops  # noqa: E402
+import megaq.ops.dataflow_linear  # noqa: E402,F401  (the module: megaq.ops.dataflow_linear is also a function's name)
 from megaq.ops import weight_cache  # noqa: E402
 from megaq.training.profiling import KERNEL_CATEGORIES, OTHER, kernel_category  # noqa: E402
 
@@ -68,10 +74,28 @@ VARIANTS = {"bf16": ("bf16", "bf16", False, "bf16", True), "int8": ("int8", "bf1
             "int4": ("int4", "bf16", False, "bf16", True)}
 
 
+# switch suffix -> (module, module attribute set to False): the data flow's defaults, one at a time
+SWITCHES = {"gelu2": (dataflow_ops, "FUSED_GELU_BACKWARD"),
+            "wrot": (sys.modules["megaq.ops.dataflow_linear"], "ROTATE_WGRAD_OPERAND")}
+
+
+def parse_variant(variant: str) -> tuple[str, list[str]]:
+    """`base+switch+...` -> (base, switches); ValueError naming what is unknown."""
+    base, *switches = variant.split("+")
+    unknown = [s for s in switches if s not in SWITCHES]
+    if base not in VARIANTS or unknown:
+        raise ValueError(f"unknown variant {variant!r}: base one of {sorted(VARIANTS)}, switches after '+' "
+                         f"from {sorted(SWITCHES)}")
+    return base, switches
+
+
 def build(width: int, seq: int, variant: str) -> TransformerBlock:
-    recipe, data_flow, int8_ln_grad, attention_saves, recompute_gelu = VARIANTS[variant]
+    base, switches = parse_variant(variant)
+    recipe, data_flow, int8_ln_grad, attention_saves, recompute_gelu = VARIANTS[base]
     dataflow_ops.INT8_LAYERNORM_GRAD = int8_ln_grad     # read by each LayerNorm forward
     dataflow_ops.RECOMPUTE_GELU_OPERAND = recompute_gelu  # read by each GELU forward
+    for name, (module, attr) in SWITCHES.items():       # read by each GELU forward / linear backward
+        setattr(module, attr, name not in switches)
     cfg = GPTConfig(vocab_size=256, seq_len=seq, n_layer=1, n_head=HEADS.get(width, width // 64),
                     n_embd=width, recipe={"preset": recipe, "check_finite": False}, data_flow=data_flow,
                     attention_saves=attention_saves)
@@ -257,9 +281,11 @@ def main(argv=None) -> int:
         print("bench_block needs a CUDA GPU", file=sys.stderr)
         return 2
     variants = args.variants.split(",")
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        ap.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    for variant in variants:
+        try:
+            parse_variant(variant)
+        except ValueError as e:
+            ap.error(str(e))
     if args.accumulation < 1:
         ap.error(f"--accumulation must be >= 1; got {args.accumulation}")
     batch = max(1, args.tokens // args.seq)

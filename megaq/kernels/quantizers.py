@@ -214,12 +214,13 @@ def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int,
     return q.QuantizedTensor(_pack(data, bits), scale, block, bits, (R, Cp))
 
 
-def _twopass_grid(R: int, C: int, axis: int, hadamard: int, dev, element_size: int):
-    """The two-pass kernels' tile [BR, BC], grid, strips and blocks per strip, and load stages."""
+def _twopass_grid(R: int, C: int, axis: int, hadamard: int, dev, element_size: int, rotate_in: bool = False):
+    """The two-pass kernels' tile [BR, BC], grid, strips and blocks per strip, load stages and warps.
+    rotate_in (axis 0): the tile one Hadamard block wide, the rows rotated on load (`_load_source_tile`)."""
     ov = dispatch._CONFIG_OVERRIDE or {}
     if axis == 0:
         BR = hadamard or ov.get("QUANT_ROWS", 64)
-        BC = ov.get("QUANT_COLS", 64 if hadamard else 128)
+        BC = hadamard if rotate_in else ov.get("QUANT_COLS", 64 if hadamard else 128)
     else:
         BC = hadamard or ov.get("QUANT_COLS", 128)
         BR = ov.get("QUANT_ROWS", 64)
@@ -235,7 +236,9 @@ def _twopass_grid(R: int, C: int, axis: int, hadamard: int, dev, element_size: i
     per_strip = ov.get("QUANT_PER_STRIP", programs // n_strips)
     grid = (min(n_strips, programs), max(1, min(n_blocks, per_strip)))
     stages = _pipeline_stages(ov.get("QUANT_STAGES", _TWOPASS_STAGES), BR * BC * element_size, hadamard)
-    return BR, BC, grid, n_strips, n_blocks, stages, ov.get("QUANT_WARPS", 4)
+    # rotate_in: the tile twice as wide and a second product on it (not yet swept: 8 warps, as the
+    # resident quantizer for 64 FP32 values per thread)
+    return BR, BC, grid, n_strips, n_blocks, stages, ov.get("QUANT_WARPS", 8 if rotate_in else 4)
 
 
 @dataclass
@@ -244,7 +247,8 @@ class _TwoPassLaunch:
     besides their own buffers: the input (FP32 where the rotation needs it), its extents (R, C padded to
     whole Hadamard blocks along the reduced axis), the payload and scales to fill, the seed, the NaN
     flag (None without the check), the rotation, and the grid (`_twopass_grid`). With `row_scales`, x
-    is an INT8 payload read as its BF16 dequantization (`xs`: the scales, one per row; `dequant`)."""
+    is an INT8 payload read as its BF16 dequantization (`xs`: the scales, one per row; `dequant`), and
+    with `rotate_in` its rows rotated back by the Hadamard block first."""
     x: torch.Tensor
     R_in: int
     C_in: int
@@ -267,10 +271,11 @@ class _TwoPassLaunch:
     num_warps: int
     xs: torch.Tensor
     dequant: bool
+    rotate_in: bool
 
     @classmethod
     def plan(cls, x, axis, rounding, generator, check, hadamard: int,
-             row_scales: torch.Tensor | None = None) -> "_TwoPassLaunch":
+             row_scales: torch.Tensor | None = None, rotate_in: bool = False) -> "_TwoPassLaunch":
         R_in, C_in = x.shape
         dev = x.device
         dequant = row_scales is not None
@@ -290,8 +295,8 @@ class _TwoPassLaunch:
                    torch.zeros(1, dtype=torch.int32, device=dev) if check else None,
                    _rotation_matrix(hadamard, x_dtype, dev) if hadamard else dummy,
                    1.0 / math.sqrt(hadamard) if hadamard else 1.0,
-                   *_twopass_grid(R, C, axis, hadamard, dev, x.element_size()),
-                   row_scales.reshape(-1) if dequant else _placeholder(dev, torch.float32), dequant)
+                   *_twopass_grid(R, C, axis, hadamard, dev, x.element_size(), rotate_in),
+                   row_scales.reshape(-1) if dequant else _placeholder(dev, torch.float32), dequant, rotate_in)
 
     def result(self, axis, bits, block):
         ext = self.R if axis == 0 else self.C
@@ -300,13 +305,15 @@ class _TwoPassLaunch:
 
 
 def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0, block=None,
-                    column_sums_out: torch.Tensor | None = None, row_scales: torch.Tensor | None = None):
+                    column_sums_out: torch.Tensor | None = None, row_scales: torch.Tensor | None = None,
+                    rotate_in: bool = False):
     """Per-row (axis=1) or per-column-written-transposed (axis=0) quantization over a full 2-D grid:
     pass 1 folds tile abs-maxes into a per-row/column buffer with atomics, pass 2 re-reads the
     tiles and quantizes. Hadamard rotation (zero padded) along the reduced axis when hadamard > 0.
     column_sums_out (axis=0): receives x.sum(0) in FP32 from pass 1 (`_column_sum_partials`).
-    row_scales: x is an INT8 payload with these per-row scales, read as its BF16 dequantization."""
-    L = _TwoPassLaunch.plan(x, axis, rounding, generator, check, hadamard, row_scales)
+    row_scales: x is an INT8 payload with these per-row scales, read as its BF16 dequantization (with
+    rotate_in: its rows rotated back by the Hadamard block first)."""
+    L = _TwoPassLaunch.plan(x, axis, rounding, generator, check, hadamard, row_scales, rotate_in)
     amax = torch.zeros(L.n, dtype=torch.int32, device=L.x.device)
     assert column_sums_out is None or axis == 0, "pass 1 sums columns only where its strips are columns"
     partials = _column_sum_partials(column_sums_out, L.grid[1])
@@ -314,29 +321,32 @@ def _launch_twopass(x, axis, bits, rounding, generator, check, hadamard: int = 0
         L.x, L.xs, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), amax, L.h, L.inv, L.flag if check else L.dummy,
         L.dummy if partials is None else partials, L.n_strips, L.n_blocks, L.dummy,
         BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=check,
-        COLSUM=partials is not None, STAGES=L.stages, DEQUANT=L.dequant, num_warps=L.num_warps)
+        COLSUM=partials is not None, STAGES=L.stages, DEQUANT=L.dequant, ROTATE_IN=L.rotate_in,
+        num_warps=L.num_warps)
     _add_column_sum_partials(partials, column_sums_out)
     _check_flag(L.flag, x, "quantize input")
     _kernel("triton_quant", "_quant_given_amax_kernel")[L.grid](
         L.x, L.xs, L.R, L.C, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), amax, L.data, L.scale, L.h, L.inv,
         L.seed, L.n_strips, L.n_blocks, L.dummy, L.dummy, L.dummy, L.dummy, BR=L.BR, BC=L.BC, AXIS=axis,
         HAD=hadamard, UPCAST=_interpreting(), STOCHASTIC=rounding == "stochastic", QMAX=_qmax(bits),
-        RINT_LIBDEVICE=_rint_libdevice(), STAGES=L.stages, DEQUANT=L.dequant, num_warps=L.num_warps)
+        RINT_LIBDEVICE=_rint_libdevice(), STAGES=L.stages, DEQUANT=L.dequant, ROTATE_IN=L.rotate_in,
+        num_warps=L.num_warps)
     return L.result(axis, bits, block)
 
 
 def _launch_delayed(x, axis, state, bits, rounding, generator, check, hadamard: int, block,
-                    column_sums_out: torch.Tensor | None, row_scales: torch.Tensor | None = None):
+                    column_sums_out: torch.Tensor | None, row_scales: torch.Tensor | None = None,
+                    rotate_in: bool = False):
     """Delayed-scaling quantization (`megaq.quant.delayed`) on the two-pass grid, three launches whatever
     the state (one CUDA graph serves the first call and the later ones; the device flag `state.valid`
     decides): pass 1 (`_amax_partial_kernel` with SKIP) finds the exact abs-maxes into `state.track`
     only on a state's first call and otherwise returns at once; pass 2 (`_quant_given_amax_kernel` with
     DELAYED) quantizes with the prediction (or that exact abs-max), tracks the true one and folds in the
     NaN/Inf check and the column sums, so that after the first call x is read once; then
-    `_delayed_update_kernel` updates the prediction. row_scales: as in `_launch_twopass`."""
+    `_delayed_update_kernel` updates the prediction. row_scales, rotate_in: as in `_launch_twopass`."""
     if state.pred.device != x.device:
         raise ValueError(f"delayed-scaling state is on {state.pred.device}, the operand on {x.device}")
-    L = _TwoPassLaunch.plan(x, axis, rounding, generator, check, hadamard, row_scales)
+    L = _TwoPassLaunch.plan(x, axis, rounding, generator, check, hadamard, row_scales, rotate_in)
     state.check_rows(L.n, "delayed-scaling quantizer")
     track = state.track.view(torch.int32)
     assert column_sums_out is None or axis == 0, "the kernel sums columns only where its strips are columns"
@@ -344,14 +354,16 @@ def _launch_delayed(x, axis, state, bits, rounding, generator, check, hadamard: 
     _kernel("triton_quant", "_amax_partial_kernel")[L.grid](
         L.x, L.xs, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), track, L.h, L.inv, L.dummy, L.dummy, L.n_strips,
         L.n_blocks, state.valid, BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=False,
-        COLSUM=False, STAGES=L.stages, SKIP=True, DEQUANT=L.dequant, num_warps=L.num_warps)
+        COLSUM=False, STAGES=L.stages, SKIP=True, DEQUANT=L.dequant, ROTATE_IN=L.rotate_in,
+        num_warps=L.num_warps)
     _kernel("triton_quant", "_quant_given_amax_kernel")[L.grid](
         L.x, L.xs, L.R, L.C, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), state.pred.view(torch.int32), L.data,
         L.scale, L.h, L.inv, L.seed, L.n_strips, L.n_blocks, track, L.flag if check else L.dummy,
         L.dummy if partials is None else partials, state.valid, BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard,
         UPCAST=_interpreting(), STOCHASTIC=rounding == "stochastic", QMAX=_qmax(bits),
         RINT_LIBDEVICE=_rint_libdevice(), STAGES=L.stages, DELAYED=True, CHECK=check,
-        COLSUM=partials is not None, DEQUANT=L.dequant, num_warps=L.num_warps)
+        COLSUM=partials is not None, DEQUANT=L.dequant, ROTATE_IN=L.rotate_in,
+        num_warps=L.num_warps)
     _add_column_sum_partials(partials, column_sums_out)
     _kernel("triton_quant", "_delayed_update_kernel")[(1,)](
         state.pred, state.track, state.counts, state.valid, state.rows, state.decay, BLOCK=1024, num_warps=4)
@@ -598,20 +610,32 @@ def hadamard_quantize_delayed(x2d: torch.Tensor, hadamard: int, state, bits: int
 
 def requantize_transposed(xq, hadamard: int, dtype: torch.dtype = torch.bfloat16, state=None, bits: int = 8,
                           rounding: str = "nearest", generator: torch.Generator | None = None,
-                          check: bool = True):
+                          check: bool = True, rotate_back: bool = False):
     """The rows of x.T rotated along x's rows and quantized per row, where x = `dequantize(xq, dtype)` and
     xq is an INT8 payload with one scale per row: `hadamard_quantize(x, hadamard, transpose=True, ...)`,
     or with a delayed-scaling `state` `hadamard_quantize_delayed(x, hadamard, state, transpose=True, ...)`
     (the INT8 data flow's wgrad operand Xᵀ from the X̃ its forward saved). On the Triton path (BF16
     `dtype`) the quantizer's kernels dequantize each tile as they load it, with `dequantize`'s rounding,
     so the result is the same bit for bit and x is never written: 1 byte read per element where the two
-    calls move 5 (1 read and 2 written, then 2 read back)."""
+    calls move 5 (1 read and 2 written, then 2 read back).
+
+    rotate_back: x is instead the dequantized payload's rows rotated by the orthonormal block Hadamard of
+    size `hadamard` (x̃·H = X: the forward operand X̃ = X·H taken back to the features; xq's columns must
+    be whole blocks), rounded once to `dtype`. The kernels rotate each [hadamard, hadamard] tile as they
+    load it (the INT8 values times ±1 exactly, then the scale); the reference path rotates the FP32
+    dequantization. The two roundings to BF16 differ by one ulp at most, on near-ties."""
     per_row = (xq.bits == 8 and xq.data.dim() == 2 and tuple(xq.data.shape) == tuple(xq.shape)
                and tuple(xq.block) == (1, xq.shape[1]) and xq.scale.numel() == xq.shape[0])
+    if rotate_back and xq.shape[1] % hadamard:
+        raise ValueError(f"requantize_transposed: rotate_back needs whole Hadamard blocks of {hadamard} "
+                         f"columns; the payload has {xq.shape[1]}")
     fused = (per_row and dtype == torch.bfloat16 and hadamard in _quant().SUPPORTED_HADAMARD_BLOCKS
              and hadamard >= 16 and dispatch._use_triton(xq.data))
     if not fused:
-        x = dequantize(xq, dtype)
+        if rotate_back:
+            x = _quant().block_hadamard(dequantize(xq, torch.float32), hadamard).to(dtype)
+        else:
+            x = dequantize(xq, dtype)
         if state is None:
             return hadamard_quantize(x, hadamard, bits=bits, rounding=rounding, generator=generator, check=check,
                                      transpose=True)
@@ -621,12 +645,13 @@ def requantize_transposed(xq, hadamard: int, dtype: torch.dtype = torch.bfloat16
     _check_args(data, bits, rounding)
     scales = xq.scale.reshape(-1).float().contiguous()
     if state is None:
-        return _launch_twopass(data, 0, bits, rounding, generator, check, hadamard=hadamard, row_scales=scales)
+        return _launch_twopass(data, 0, bits, rounding, generator, check, hadamard=hadamard, row_scales=scales,
+                               rotate_in=rotate_back)
     if bits != 8:
         raise ValueError(f"delayed scaling is defined for INT8 operands; got bits={bits}")
     Rp = _cdiv(data.shape[0], hadamard) * hadamard
     return _launch_delayed(data, 0, state, bits, rounding, generator, check, hadamard, (1, Rp), None,
-                           row_scales=scales)
+                           row_scales=scales, rotate_in=rotate_back)
 
 
 def hadamard_quantize_dual(x2d: torch.Tensor, hadamard: int, bits: int = 8, rounding: str = "nearest",

@@ -372,13 +372,25 @@ def _load_tile(x_ptr, rows, cols, R, C, stride_xr, stride_xc):
 
 @triton.jit
 def _load_source_tile(x_ptr, xs_ptr, rows, cols, R, C, stride_xr, stride_xc, DEQUANT: tl.constexpr,
-                      INTERPRETER: tl.constexpr):
+                      INTERPRETER: tl.constexpr, h, inv_sqrt, ROTATE_IN: tl.constexpr):
     """`_load_tile`, or with DEQUANT the tile of an INT8 payload with one FP32 scale per row (xs [R])
     dequantized to BF16 as `_dequant_kernel` rounds it: the quantizer then computes exactly what it
-    would from `dequantize`'s BF16 output, without that tensor being written and read back."""
+    would from `dequantize`'s BF16 output, without that tensor being written and read back.
+
+    ROTATE_IN (with DEQUANT): each row of the tile rotated by the orthonormal Hadamard block (h: the
+    ±1 matrix, inv_sqrt its normalisation; the tile one block wide) before the rounding to BF16 — the
+    payload's rows taken back out of the Hadamard space they were quantized in. The product of the
+    INT8 values with ±1 is exact (integers below 2^24 in FP32; BF16 holds every INT8 value), so the
+    rotated row is one rounding of its exact value times the scale."""
     x = _load_tile(x_ptr, rows, cols, R, C, stride_xr, stride_xc)
     if DEQUANT:
         s = tl.load(xs_ptr + rows, mask=rows < R, other=0.0)
+        if ROTATE_IN:
+            if INTERPRETER:
+                x = tl.dot(x.to(tl.float32), h.to(tl.float32), out_dtype=tl.float32)
+            else:
+                x = tl.dot(x.to(tl.bfloat16), h, out_dtype=tl.float32)
+            s = s * inv_sqrt
         x = _cast_out(x.to(tl.float32) * s[:, None], tl.bfloat16, INTERPRETER)
     return x
 
@@ -623,7 +635,8 @@ def _amax_partial_kernel(x_ptr, xs_ptr, R_in, C_in, stride_xr, stride_xc, amax_p
                          colsum_ptr, n_strips, n_blocks, skip_ptr,
                          BR: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr, HAD: tl.constexpr,
                          UPCAST: tl.constexpr, CHECK: tl.constexpr, COLSUM: tl.constexpr,
-                         STAGES: tl.constexpr, SKIP: tl.constexpr = False, DEQUANT: tl.constexpr = False):
+                         STAGES: tl.constexpr, SKIP: tl.constexpr = False, DEQUANT: tl.constexpr = False,
+                         ROTATE_IN: tl.constexpr = False):
     """Pass 1 of a per-row (AXIS=1) or per-column (AXIS=0) quantization over [BR, BC] tiles: program
     (i, j) takes the strips (`_strip_tile`) i, i + grid[0], ... and, in each, the tiles j, j + grid[1],
     ... (loads STAGES deep in flight), rotates each along the reduced axis by the Hadamard block when
@@ -639,7 +652,8 @@ def _amax_partial_kernel(x_ptr, xs_ptr, R_in, C_in, stride_xr, stride_xc, amax_p
     only needed to seed it, and one captured CUDA graph serves both cases).
 
     DEQUANT: x is an INT8 payload with one FP32 scale per row (xs_ptr), read as its BF16
-    dequantization (`_load_source_tile`)."""
+    dequantization (`_load_source_tile`); with ROTATE_IN (AXIS=0, BC == HAD) its rows rotated back by
+    the same Hadamard block first."""
     h = _load_hadamard(h_ptr, HAD)
     strips = n_strips
     if SKIP:
@@ -653,7 +667,8 @@ def _amax_partial_kernel(x_ptr, xs_ptr, R_in, C_in, stride_xr, stride_xc, amax_p
             csum = tl.zeros([BC], tl.float32)
         for blk in tl.range(tl.program_id(1), n_blocks, tl.num_programs(1), num_stages=STAGES):
             rows, cols = _strip_tile(strip, blk, AXIS, BR, BC)
-            x = _load_source_tile(x_ptr, xs_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc, DEQUANT, UPCAST)
+            x = _load_source_tile(x_ptr, xs_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc, DEQUANT, UPCAST,
+                                  h, inv_sqrt, ROTATE_IN)
             ay = tl.abs(_hadamard_sums(x, h, AXIS, HAD, x.dtype == tl.float32, UPCAST))
             if CHECK:
                 _raise_flag(_nonfinite(ay), flag_ptr)
@@ -674,7 +689,8 @@ def _quant_given_amax_kernel(x_ptr, xs_ptr, R, C, R_in, C_in, stride_xr, stride_
                              UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr, QMAX: tl.constexpr,
                              RINT_LIBDEVICE: tl.constexpr, STAGES: tl.constexpr,
                              DELAYED: tl.constexpr = False, CHECK: tl.constexpr = False,
-                             COLSUM: tl.constexpr = False, DEQUANT: tl.constexpr = False):
+                             COLSUM: tl.constexpr = False, DEQUANT: tl.constexpr = False,
+                             ROTATE_IN: tl.constexpr = False):
     """Pass 2: quantize each tile with the finished abs-max, programs over strips and tiles as in
     pass 1. A strip's scale constants (`_divisor`) are computed once, before its tiles. AXIS=0:
     q [C, R] (x.T per row), s [C, 1]; AXIS=1: q [R, C], s [R, 1]; R, C: padded extents (Hadamard
@@ -686,7 +702,7 @@ def _quant_given_amax_kernel(x_ptr, xs_ptr, R, C, R_in, C_in, stride_xr, stride_
     before the fixed-point stochastic rounding, whose int32 would overflow far out), and the true
     abs-max per payload row is folded into track with atomics (FP32 bits in int32) for
     `_delayed_update_kernel`. CHECK and COLSUM are then pass 1's NaN/Inf flag and column sums
-    (COLSUM: AXIS=0 only), done here. DEQUANT: as in pass 1."""
+    (COLSUM: AXIS=0 only), done here. DEQUANT, ROTATE_IN: as in pass 1."""
     h = _load_hadamard(h_ptr, HAD)
     seed = 0
     if STOCHASTIC:
@@ -712,7 +728,8 @@ def _quant_given_amax_kernel(x_ptr, xs_ptr, R, C, R_in, C_in, stride_xr, stride_
             csum = tl.zeros([BC], tl.float32)
         for blk in tl.range(tl.program_id(1), n_blocks, tl.num_programs(1), num_stages=STAGES):
             rows, cols = _strip_tile(strip, blk, AXIS, BR, BC)
-            x = _load_source_tile(x_ptr, xs_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc, DEQUANT, UPCAST)
+            x = _load_source_tile(x_ptr, xs_ptr, rows, cols, R_in, C_in, stride_xr, stride_xc, DEQUANT, UPCAST,
+                                  h, inv_sqrt, ROTATE_IN)
             if AXIS == 0:
                 # the tile of x.T, [BC, BR]: its rows are x's columns, scaled per row and stored as
                 # they are (quantizing H · x and storing it transposed held ~250 registers per thread

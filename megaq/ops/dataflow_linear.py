@@ -41,11 +41,13 @@ the BF16 path's 4. (The first version handed autograd a dequantized dense copy, 
 The GELU's incoming gradient (fc2's dgrad) stays BF16.
 
 wgrad from the saved operand. `∇W = ∇Yᵀ X` reduces over tokens, but X̃ holds X·H (rotated along
-`in`, padded to C' columns). Since H is symmetric, orthonormal and block diagonal,
-`∇Yᵀ X = (∇Yᵀ (X H)) H`: the wgrad GEMM runs on X̃, read as its BF16 dequantization, requantized
-along tokens (the recipe's wgrad spec, e.g. its own Hadamard over tokens), and its `[out, C']` result
-(written in the weight's 16-bit dtype) is rotated back and cut to `in` columns in one pass
-(`dataflow.rotate_back`). For the per-row Hadamard
+`in`, padded to C' columns). H is symmetric, orthonormal and block diagonal, so X = X̃·H: the wgrad
+operand's quantizer rotates each tile of X̃ back as it loads it (`ROTATE_WGRAD_OPERAND`, the default:
+INT8 values times ±1 on the tensor cores, exact, then the scale) and requantizes it along tokens (the
+recipe's wgrad spec, e.g. its own Hadamard over tokens); the GEMM writes ∇W in the weight's dtype,
+cut to `in` columns. (Before, and with the switch off: `∇Yᵀ X = (∇Yᵀ (X H)) H` — the GEMM reduced
+over X̃ itself and its `[out, C']` result, written in the weight's 16-bit dtype, was rotated back and
+cut to `in` columns in one more pass, `dataflow.rotate_back`.) For the per-row Hadamard
 wgrad specs the quantizer's kernels dequantize each tile of X̃ as they load it
 (`kernels.requantize_transposed`): bit for bit dequantize + quantize, without writing and reading
 back the BF16 copy. (An earlier kernel that rotated the dequantized values in FP32, three BF16
@@ -98,17 +100,32 @@ def data_flow_format(recipe: Recipe | str | dict) -> tuple[int, tuple[int, int]]
     return fwd.hadamard, block
 
 
-def _wgrad_input_operand(xq: QuantizedTensor, recipe: Recipe, dtype: torch.dtype, delayed_b):
-    """The wgrad GEMM's operand Xᵀ from the saved X̃ (read as its dequantization to `dtype`): quantized
+# True (default): the wgrad GEMM reads X itself, not X̃ = X·H: its operand quantizer rotates each tile
+# of the saved X̃ back as it loads it (`kernels.requantize_transposed(..., rotate_back=True)`: the INT8
+# values times ±1 on the tensor cores, exact), so ∇W comes out of the GEMM in the weight's dtype, with
+# no rotation pass over it and one rounding. False: the GEMM reduces over X̃ into ∇W̃ and
+# `dataflow.rotate_back` takes the result back (the design described above). Read in backward.
+ROTATE_WGRAD_OPERAND = True
+
+
+def _wgrad_input_operand(xq: QuantizedTensor, recipe: Recipe, dtype: torch.dtype, delayed_b,
+                         rotate_back: int = 0):
+    """The wgrad GEMM's operand Xᵀ from the saved X̃ (read as its dequantization to `dtype`; with
+    `rotate_back` the dequantization's rows rotated by that Hadamard block, i.e. X): quantized
     straight from the INT8 payload (`kernels.requantize_transposed`, no dequantized copy written) where
-    the wgrad's B spec is the per-row Hadamard INT8 one that computes; otherwise the dequantized X̃,
-    which `quantized_gemm` quantizes per its spec."""
+    the wgrad's B spec is the per-row Hadamard INT8 one that computes (with `rotate_back`: over the
+    same block size); otherwise the dequantized (rotated) X̃, which `quantized_gemm` quantizes per its
+    spec."""
     wgrad = recipe.wgrad
     b = wgrad.b
     if (wgrad.is_quantized and wgrad.hadamard and b.fmt == "int8" and tuple(b.block) == (1, -1)
-            and b.scale in ("max", "delayed")):
+            and b.scale in ("max", "delayed") and rotate_back in (0, wgrad.hadamard)):
         return kernels.requantize_transposed(xq, wgrad.hadamard, dtype, state=delayed_b if b.scale == "delayed"
-                                             else None, rounding=b.rounding, check=recipe.check_finite)
+                                             else None, rounding=b.rounding, check=recipe.check_finite,
+                                             rotate_back=bool(rotate_back))
+    if rotate_back:
+        from ..quant import block_hadamard
+        return block_hadamard(kernels.dequantize(xq, torch.float32), rotate_back).to(dtype)
     return kernels.dequantize(xq, dtype)
 
 
@@ -194,19 +211,23 @@ class _DataFlowLinear(torch.autograd.Function):
             delayed_a, delayed_b = ctx.delayed
             gy_cols = grad_y if bias_sum is None else quantize_grad_y_t(grad_y, wgrad, recipe.check_finite, bias_sum,
                                                                         delayed_a)
-            # Into Hadamard space's ∇W̃ in the weight's 16-bit dtype where there is one: half the bytes
-            # written and read back by the rotation, and the TMA-store epilogue. Its extra rounding
-            # before the rotation: ∇W's error 1.4x that of one BF16 rounding (relative Frobenius,
-            # 2.3e-3 against 1.7e-3 on heavy-tailed inputs), far below the INT8 product's own.
+            rotate_operand = ctx.hadamard if ROTATE_WGRAD_OPERAND else 0
+            # Into Hadamard space's ∇W̃ (without `rotate_operand`) in the weight's 16-bit dtype where
+            # there is one: half the bytes written and read back by the rotation, and the TMA-store
+            # epilogue. Its extra rounding before the rotation: ∇W's error 1.4x that of one BF16
+            # rounding (relative Frobenius, 2.3e-3 against 1.7e-3 on heavy-tailed inputs), far below the
+            # INT8 product's own.
             rotated_dtype = weight.dtype if ctx.hadamard and weight.dtype in (torch.bfloat16, torch.float16) \
                 else torch.float32
-            grad_w = quantized_gemm(gy_cols, _wgrad_input_operand(xq, recipe, ctx.x_dtype, delayed_b), wgrad,
-                                    recipe.check_finite, transpose_a=True, transpose_b=True, out_dtype=rotated_dtype,
-                                    delayed_a=delayed_a, delayed_b=delayed_b)
-            if ctx.hadamard:
+            out_dtype = weight.dtype if rotate_operand or not ctx.hadamard else rotated_dtype
+            operand = _wgrad_input_operand(xq, recipe, ctx.x_dtype, delayed_b, rotate_operand)
+            grad_w = quantized_gemm(gy_cols, operand, wgrad, recipe.check_finite, transpose_a=True, transpose_b=True,
+                                    out_dtype=out_dtype, delayed_a=delayed_a, delayed_b=delayed_b)
+            if ctx.hadamard and not rotate_operand:
                 grad_w = dataflow_kernels.rotate_back(grad_w, ctx.hadamard, in_features, weight.dtype)
-            else:
-                grad_w = grad_w[:, :in_features].to(weight.dtype)
+            elif grad_w.shape[1] != in_features:
+                grad_w = grad_w[:, :in_features].contiguous()   # the Hadamard padding's columns
+            grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             if bias_sum is None:
                 bias_sum = grad_y.sum(0, dtype=torch.float32)   # FP32 sums, no FP32 copy of ∇Y
