@@ -289,8 +289,8 @@ RESIDENT_MAX_CHUNKS = {"layernorm": 128, "layernorm_residual": 128, "gelu": 128,
 _PLANS = {"layernorm": {"TILE": 64, "WARPS": 4, "PER_SM": 2},
           "layernorm_residual": {"TILE": 32, "WARPS": 4, "PER_SM": 2},
           "gelu": {"TILE": 64, "WARPS": 4, "PER_SM": 2}, "layernorm_backward": {"TILE": 1},
-          # GELU's plus the incoming gradient's tile held at once: twice the warps, half the programs
-          "gelu_backward_operand": {"TILE": 64, "WARPS": 8, "PER_SM": 1}}
+          # the GELU's plan: its forward half is the GELU's kernel
+          "gelu_backward_operand": {"TILE": 64, "WARPS": 4, "PER_SM": 2}}
 GELU_BACKWARD_TILE = (32, 1, 4)     # rows, 128-column blocks, warps (every plan swept within 3%)
 _OVERRIDE: dict | None = None
 
