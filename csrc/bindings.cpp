@@ -156,12 +156,16 @@ std::pair<int64_t, int64_t> check_int8_scale(const torch::Tensor& s, int64_t row
 // [ceil(N/scale_b_rows), ceil(K/128)] (either may be [rows, 1]: one scale per row), promoted to FP32
 // every 128 of K. bias: float32 [N] or None. out: [M, N] float32 / bfloat16 with contiguous rows, or
 // int8 (requantized per (1, 128) block of each row, nearest; the scales go to out_scale, float32
-// [M, ceil(N/128)] with contiguous rows).
+// [M, ceil(N/128)] with contiguous rows). gelu_q / gelu_scale (bfloat16 out, rowcol, no bias): the
+// product times GELU'(gelu_q * gelu_scale) — int8 [M, N] with out's row stride and float32
+// [M, ceil(N/128)] with contiguous rows.
 torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor out,
                         const torch::Tensor& scale_a, const torch::Tensor& scale_b,
                         const std::optional<torch::Tensor>& bias, const std::string& mode,
                         int64_t scale_b_rows, int64_t tile, int64_t group_m,
-                        const std::optional<torch::Tensor>& out_scale) {
+                        const std::optional<torch::Tensor>& out_scale,
+                        const std::optional<torch::Tensor>& gelu_q,
+                        const std::optional<torch::Tensor>& gelu_scale) {
   check_int8_operand(a, "a");
   check_int8_operand(b, "b");
   TORCH_CHECK(a.device() == b.device(), "int8_gemm: a and b must be on the same device; got ",
@@ -232,6 +236,38 @@ torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::T
   const int64_t ldc = M == 1 ? N : out.stride(0);
   TORCH_CHECK(ldc >= N, "int8_gemm: out row stride ", num(ldc), " < N = ", num(N));
   TORCH_CHECK(tile >= 0 && tile <= MEGAQ_INT8_TILE_128x128_SERIAL, "int8_gemm: unknown tile ", num(tile));
+  TORCH_CHECK(gelu_q.has_value() == gelu_scale.has_value(),
+              "int8_gemm: gelu_q and gelu_scale come together (the GELU input and its scales)");
+  const int8_t* gelu_q_ptr = nullptr;
+  const float* gelu_scale_ptr = nullptr;
+  int64_t ld_gelu_q = 0, ld_gelu_scale = 0;
+  if (gelu_q.has_value()) {
+    TORCH_CHECK(out_kind == MEGAQ_INT8_OUT_BF16 && mode_id == MEGAQ_INT8_ROWCOL && !bias.has_value() &&
+                    tile == MEGAQ_INT8_TILE_AUTO,
+                "int8_gemm: the GELU-backward epilogue (gelu_q) runs with bfloat16 out, mode rowcol, no bias "
+                "and the default tile; got out ", out.scalar_type(), ", mode ", mode, ", bias ",
+                bias.has_value() ? "given" : "none", ", tile ", num(tile));
+    const torch::Tensor& gq = *gelu_q;
+    const torch::Tensor& gs = *gelu_scale;
+    TORCH_CHECK(gq.device() == a.device() && gq.scalar_type() == torch::kInt8 && gq.dim() == 2 &&
+                    gq.size(0) == M && gq.size(1) == N && (N == 1 || gq.stride(1) == 1),
+                "int8_gemm: gelu_q must be an int8 [", num(M), ", ", num(N), "] tensor with contiguous rows on ",
+                a.device().str(), "; got ", gq.scalar_type(), " ", dims(gq.sizes()), " strides ",
+                dims(gq.strides()), " on ", gq.device().str());
+    TORCH_CHECK(gs.device() == a.device() && gs.scalar_type() == torch::kFloat32 && gs.dim() == 2 &&
+                    gs.size(0) == M && gs.size(1) == out_blocks && (out_blocks == 1 || gs.stride(1) == 1),
+                "int8_gemm: gelu_scale must be a float32 [", num(M), ", ", num(out_blocks), "] tensor with "
+                "contiguous rows on ", a.device().str(), "; got ", gs.scalar_type(), " ", dims(gs.sizes()),
+                " on ", gs.device().str());
+    gelu_q_ptr = static_cast<const int8_t*>(gq.data_ptr());
+    gelu_scale_ptr = gs.data_ptr<float>();
+    ld_gelu_q = M == 1 ? N : gq.stride(0);
+    ld_gelu_scale = M == 1 ? out_blocks : gs.stride(0);
+    TORCH_CHECK(ld_gelu_q == ldc, "int8_gemm: gelu_q must have out's row stride (", num(ldc), "); got ",
+                num(ld_gelu_q));
+    TORCH_CHECK(ld_gelu_scale >= out_blocks, "int8_gemm: gelu_scale row stride ", num(ld_gelu_scale),
+                " < ", num(out_blocks));
+  }
 
   const c10::cuda::CUDAGuard guard(a.device());
   const cudaError_t ready = megaq_int8_gemm_check_device();
@@ -244,7 +280,8 @@ torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::T
       M == 1 ? K : a.stride(0), N == 1 ? K : b.stride(0), mode_id, scale_a.data_ptr<float>(), sa.first,
       sa.second, scale_b.data_ptr<float>(), scale_b_rows, sb.first, sb.second,
       bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr(), out_kind, ldc, out_scale_ptr,
-      ld_out_scale, static_cast<int>(tile), static_cast<int>(group_m), stream);
+      ld_out_scale, gelu_q_ptr, ld_gelu_q, gelu_scale_ptr, ld_gelu_scale, static_cast<int>(tile),
+      static_cast<int>(group_m), stream);
   TORCH_CHECK(err != cudaErrorInvalidValue, "int8_gemm: the kernel refused tile ", num(tile),
               " for mode ", mode, " (or an argument the checks above missed)");
   TORCH_CHECK(err == cudaSuccess, "int8_gemm: CUDA error: ", cudaGetErrorString(err));
@@ -268,11 +305,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scale_a"), pybind11::arg("scale_b"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("mode") = "rowcol", pybind11::arg("scale_b_rows") = 1, pybind11::arg("tile") = 0,
         pybind11::arg("group_m") = 0, pybind11::arg("out_scale") = pybind11::none(),
+        pybind11::arg("gelu_q") = pybind11::none(), pybind11::arg("gelu_scale") = pybind11::none(),
         "out = scaled_mm(A, B) (+ bias) on sm_90a wgmma s8 tensor cores (TMA, warp-specialized). "
         "a [M, K], b [N, K] int8, K % 16 == 0; mode 'rowcol' (scales [M] x [N], INT32 over all K) or "
         "'block128' (scales per 128 of K, B scale per row or per 128-row block: scale_b_rows). "
         "out: preallocated [M, N] float32 / bfloat16, or int8 requantized per (1, 128) block of each row "
-        "(nearest) with its scales in out_scale (float32 [M, ceil(N/128)]).");
+        "(nearest) with its scales in out_scale (float32 [M, ceil(N/128)]). gelu_q, gelu_scale (bfloat16 "
+        "out, rowcol, no bias): out times GELU'(gelu_q * gelu_scale), the (1, 128)-block INT8 GELU input.");
   m.def("int8_gemm_supported", &int8_gemm_supported,
         "True when int8_gemm runs on the current CUDA device (sm_90 with sm_90a code in this build).");
 }

@@ -42,6 +42,21 @@ def test_wrapper_refuses_cpu_tensors_with_a_clear_error():
         cuda_ext.int8_gemm(a, a, s, s, mode="blocked64")
     with pytest.raises(ValueError, match="out_dtype"):
         cuda_ext.int8_gemm(a, a, s, s, out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="writes bfloat16"):
+        cuda_ext.int8_gemm(a, a, s, s, out_dtype=torch.float32, gelu_input=(a, s))
+
+
+def test_scaled_mm_gelu_backward_reference_is_the_two_steps():
+    """Off the CUDA kernel, scaled_mm(gelu_grad_of=h) is the product in out_dtype, then the GELU
+    backward; a GELU input of another shape or block is refused."""
+    from megaq.kernels.dataflow import gelu_backward
+    qa = quantize_blockwise(torch.randn(8, 64), (1, -1))
+    qb = quantize_blockwise(torch.randn(256, 64), (1, -1))
+    h = quantize_blockwise(torch.randn(8, 256) * 3, (1, 128))
+    out = kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16, gelu_grad_of=h)
+    assert torch.equal(out, gelu_backward(h, kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16)))
+    with pytest.raises(ValueError, match="gelu_grad_of must be an INT8"):
+        kernels.scaled_mm(qa, qb, gelu_grad_of=quantize_blockwise(torch.randn(8, 256), (1, 64)))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only behaviour")
@@ -377,3 +392,68 @@ def test_scaled_mm_int8_output_on_the_cuda_kernel(dev, monkeypatch):
     assert int(step.max()) <= 1 and float(step.float().mean()) < 1e-3
     kernels.scaled_mm(qa, qb, out_dtype=torch.int8, bias=bias, out_rounding="stochastic")
     assert calls == [torch.int8]   # stochastic: the Triton epilogue
+
+
+# ------------------------------------------------------------------------ the GELU-backward epilogue
+def _gelu_input(m, n, dev, seed):
+    """A GELU's INT8 input in (1, 128) blocks, as fc1's epilogue writes it (values ~ 3·N(0, 1) - 0.5)."""
+    h = torch.randn(m, n, generator=torch.Generator().manual_seed(seed)) * 3.0 - 0.5
+    q = quantize_blockwise(h, (1, 128), 8, "nearest")
+    return type(q)(q.data.to(dev), q.scale.to(dev), q.block, q.bits, q.shape)
+
+
+@gpu
+@pytest.mark.parametrize("m,n,k", [(1000, 1600, 384), (77, 200, 1600), (300, 6472, 4096), (129, 100, 48)])
+def test_gelu_backward_epilogue_matches_fp64(dev, m, n, k):
+    """gelu_input: the product times GELU'(h) in FP32, rounded once to BF16 (TMA stores; n = 100: rows
+    not 16-byte aligned, register stores), against the FP64 product times FP64 GELU' of the same INT8
+    h: within one BF16 ulp of the reference (2^-7 relative; the FP32 math and its approximate exp2 and
+    reciprocal are ~2^-20) plus 1e-6 of the largest value. A NaN h scale makes its block NaN."""
+    from megaq.kernels.dataflow import gelu_tanh_grad
+    a, b, g = _operands(m, n, k, dev, seed=m + 5 * n + k)
+    sa, sb = _scales(m, 1, g, dev), _scales(n, 1, g, dev)
+    h = _gelu_input(m, n, dev, seed=n)
+    out = cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.bfloat16, gelu_input=(h.data, h.scale))
+    ref = _ref_rowcol(a, b, sa, sb, None) * gelu_tanh_grad(h.dequantize(torch.float64))
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n) and bool(torch.isfinite(out).all())
+    tol = 2.0 ** -7 * ref.abs() + 1e-6 * float(ref.abs().max())
+    assert bool(((out.double() - ref).abs() <= tol).all()), _rel(out, ref)
+    bad = h.scale.clone()
+    bad[m // 2, 0] = float("nan")
+    out = cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.bfloat16, gelu_input=(h.data, bad))
+    nan = torch.isnan(out)
+    assert bool(nan[m // 2, :min(n, 128)].all()) and int(nan.sum()) == min(n, 128)
+
+
+@gpu
+def test_gelu_backward_epilogue_refuses_what_it_does_not_run(dev):
+    a, b, g = _operands(64, 256, 128, dev)
+    sa, sb = _scales(64, 1, g, dev), _scales(256, 1, g, dev)
+    h = _gelu_input(64, 256, dev, seed=1)
+    with pytest.raises(ValueError, match="writes bfloat16"):
+        cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.float32, gelu_input=(h.data, h.scale))
+    with pytest.raises(RuntimeError, match="no bias"):
+        cuda_ext.int8_gemm(a, b, sa, sb, bias=torch.zeros(256, device=dev), gelu_input=(h.data, h.scale))
+    with pytest.raises(RuntimeError, match="gelu_q must be an int8"):
+        cuda_ext.int8_gemm(a, b, sa, sb, gelu_input=(h.data[:, :128], h.scale))
+    with pytest.raises(RuntimeError, match="gelu_scale must be a float32"):
+        cuda_ext.int8_gemm(a, b, sa, sb, gelu_input=(h.data, h.scale[:32]))
+
+
+@gpu
+def test_scaled_mm_gelu_backward_on_the_cuda_kernel(dev, monkeypatch):
+    """scaled_mm(gelu_grad_of=h) (the data flow's fc2 dgrad) runs in the CUDA epilogue for BF16 out and
+    agrees with the two-step path (the product in BF16, then the Triton GELU backward: one rounding
+    more) within 4e-3 relative."""
+    qa, qb, _ = _quantized_linear_operands(dev, 6400, (1, -1), (1, -1), seed=3)
+    h = _gelu_input(1000, 6400, dev, seed=4)
+    calls = _record_cuda_calls(monkeypatch, "out_dtype")
+    monkeypatch.setenv("MEGAQ_INT8_GEMM", "triton")
+    two_step = kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16, gelu_grad_of=h)
+    assert calls == []
+    monkeypatch.setenv("MEGAQ_INT8_GEMM", "auto")
+    fused = kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16, gelu_grad_of=h)
+    assert calls == [torch.bfloat16] and fused.dtype == torch.bfloat16
+    assert _rel(fused, two_step.double()) <= 4e-3
+    with pytest.raises(ValueError, match="gelu_grad_of must be an INT8"):
+        kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16, gelu_grad_of=_gelu_input(1000, 640, dev, seed=5))

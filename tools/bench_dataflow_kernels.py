@@ -16,7 +16,6 @@ BF16 inputs and BF16 LayerNorm parameters, `check_finite` off (as the trainer ru
 | LN bwd + residual grad | `layernorm_backward(..., grad_residual)` | the same + the add of the residual's gradient |
 | GELU fwd | `gelu_quantize` (INT8 (1, 128) input) | `F.gelu(approximate="tanh")` |
 | GELU bwd | `gelu_backward` | `aten.gelu_backward(approximate="tanh")` |
-| GELU bwd + operand | `gelu_backward_operand`: GELU bwd and fc2's wgrad operand rebuilt, one kernel (a baseline without it: the two calls) | `aten.gelu_backward` |
 
 Time: median of `--iters` CUDA-event timings of one call each, every call enqueued behind a
 `torch.cuda._sleep` so that the GPU runs its kernels back to back: kernel time, not the host's
@@ -46,7 +45,7 @@ from megaq import kernels  # noqa: E402
 from megaq.kernels import dataflow  # noqa: E402
 from megaq.quant import QuantizedTensor  # noqa: E402
 
-OPERATORS = ("ln_fwd", "ln_fwd_res", "ln_bwd", "ln_bwd_res", "gelu_fwd", "gelu_bwd", "gelu_bwd_operand")
+OPERATORS = ("ln_fwd", "ln_fwd_res", "ln_bwd", "ln_bwd_res", "gelu_fwd", "gelu_bwd")
 FORMAT = (128, (1, -1))          # the default recipe's operand: 128-Hadamard, one scale per row
 EPS = 1e-5
 # launch plans timed by --sweep, per operator (config_override keys)
@@ -62,14 +61,12 @@ SWEEP = {
                  for r, b, w in ((8, 1, 4), (16, 1, 4), (16, 2, 4), (32, 1, 4), (16, 2, 8), (32, 1, 8),
                                  (32, 2, 8), (64, 1, 8), (16, 4, 8))],
 }
-SWEEP["gelu_bwd_operand"] = _RESIDENT + [dict(TILE=t, WARPS=w, PER_SM=p, MAXNREG=m) for t, w, p, m in
-                                           ((64, 8, 2, 128), (64, 4, 2, 255))]
 SWEEP["ln_fwd_res"] = SWEEP["ln_fwd"]
 SWEEP["ln_bwd_res"] = SWEEP["ln_bwd"]
 
 
 _PLAN_OP = {"ln_fwd": "layernorm", "ln_fwd_res": "layernorm_residual", "gelu_fwd": "gelu", "ln_bwd": "layernorm_backward",
-            "ln_bwd_res": "layernorm_backward", "gelu_bwd_operand": "gelu_backward_operand"}
+            "ln_bwd_res": "layernorm_backward"}
 
 
 def sweep_configs(op: str, width: int, rows: int) -> list[dict]:
@@ -139,10 +136,6 @@ def dataflow_call(mod, op: str, inp: dict):
         return lambda: mod.gelu_quantize(inp["h_q"], *FORMAT)
     if op == "gelu_bwd":
         return lambda: mod.gelu_backward(inp["h_q"], inp["gh"])
-    if op == "gelu_bwd_operand":
-        if hasattr(mod, "gelu_backward_operand"):
-            return lambda: mod.gelu_backward_operand(inp["h_q"], inp["gh"], *FORMAT)
-        return lambda: (mod.gelu_backward(inp["h_q"], inp["gh"]), mod.gelu_quantize(inp["h_q"], *FORMAT))
     raise ValueError(op)
 
 
@@ -162,7 +155,7 @@ def bf16_call(op: str, inp: dict):
         return lambda: ln_bwd()[0] + inp["gr"]
     if op == "gelu_fwd":
         return lambda: F.gelu(inp["h"], approximate="tanh")
-    if op in ("gelu_bwd", "gelu_bwd_operand"):
+    if op == "gelu_bwd":
         return lambda: torch.ops.aten.gelu_backward(inp["gh"], inp["h"], approximate="tanh")
     raise ValueError(op)
 
@@ -290,8 +283,7 @@ def table(results: list[dict], meta: dict) -> str:
                      + (f"{old / r['new_ms']:.2f}×" if old else "—") + " |")
     for w in sorted({r["width"] for r in results}):
         for name, parts in (("LN fwd+bwd (+res)", ("ln_fwd", "ln_bwd", "ln_fwd_res", "ln_bwd_res")),
-                            ("GELU fwd+bwd", ("gelu_fwd", "gelu_bwd")),
-                            ("GELU fwd+bwd, operand rebuilt in bwd", ("gelu_fwd", "gelu_bwd_operand"))):
+                            ("GELU fwd+bwd", ("gelu_fwd", "gelu_bwd"))):
             rows = [r for r in results if r["width"] == w and r["operator"] in parts]
             if len(rows) != len(parts):
                 continue

@@ -27,12 +27,20 @@
 //   (1, 128)) bit for bit; the values differ from its v / s only within 1.5 ulp of a rounding tie (one
 //   INT8 step, ~1e-5 of them). A NaN in a block makes its scale NaN (the reference's torch.where would
 //   give 1), so it never passes.
+// gelu_q (optional; BF16 out, mode ROWCOL, default tile, no bias): the GELU's backward fused into the
+// epilogue (the INT8 data flow's fc2 dgrad, whose output is the GELU output's gradient):
+//   out[m, n] = v[m, n] * GELU'(h[m, n]),  h[m, n] = gelu_q[m * ld_gelu_q + n] * gelu_scale[m * ld_gelu_scale + n / 128]
+// with GELU the tanh approximation and its derivative in FP32 (the formula of megaq's Triton data-flow
+// kernels: one ex2.approx and one approximate reciprocal), rounded once to BF16. gelu_q is int8 [M, N]
+// (the GELU's saved INT8 input), gelu_scale its FP32 (1, 128)-block scales.
 // A NaN or Inf scale makes the affected outputs NaN/Inf (never silently finite).
 //
 // Requirements (the launcher returns cudaErrorInvalidValue otherwise): M, N >= 1 (any tails);
 // K >= 16 and K % 16 == 0; lda, ldb (bytes) multiples of 16 and >= K; A and B 16-byte aligned
 // (the TMA engine's rules: it zero-fills the K tail of the last 128-wide K tile, and rows past M / N);
-// ldc >= N; INT8 out: out_scale non-null, ld_out_scale >= ceil(N / 128).
+// ldc >= N; INT8 out: out_scale non-null, ld_out_scale >= ceil(N / 128); gelu_q: gelu_scale non-null,
+// ld_gelu_q == ldc (the GELU input has the output's layout), ld_gelu_scale >= ceil(N / 128), and the
+// combination above (else invalid value).
 //
 // Architecture: sm_90a only (wgmma, setmaxnreg). The file compiles for every target (CI checks
 // sm_80 / sm_89 / sm_90a); elsewhere the kernel body is compiled out and megaq_int8_gemm_check_device
@@ -87,7 +95,9 @@ cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t M, int64_t
                             int64_t sa_stride_m, int64_t sa_stride_kb, const float* scale_b,
                             int64_t sb_rows, int64_t sb_stride_n, int64_t sb_stride_kb,
                             const float* bias, void* out, int out_kind, int64_t ldc, float* out_scale,
-                            int64_t ld_out_scale, int tile, int group_m, cudaStream_t stream);
+                            int64_t ld_out_scale, const int8_t* gelu_q, int64_t ld_gelu_q,
+                            const float* gelu_scale, int64_t ld_gelu_scale, int tile, int group_m,
+                            cudaStream_t stream);
 
 #ifdef __cplusplus
 }

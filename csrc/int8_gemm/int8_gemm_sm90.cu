@@ -31,7 +31,9 @@
 //   sectors), or, when out rows are not 16-byte aligned, stores its fragment directly. INT8 out (the
 //   data flow's fc1): the fragment becomes its FP32 values in place, each row's 128-column blocks get
 //   their abs-max (a lane quad holds a block row) and scale, and the requantized bytes leave through
-//   the same staging rows (store_tile_int8).
+//   the same staging rows (store_tile_int8). GELU_BWD (the data flow's fc2 dgrad, BF16 out through TMA
+//   stores): each value is multiplied by GELU' of the GELU's INT8 input at its place, read in the
+//   epilogue, so that the GEMM writes the GELU input's gradient instead of its output's.
 //   Tiles are visited in grouped order (group_m row tiles walk the column tiles together, for L2 reuse).
 // wgmma operand descriptors: K-major, 128-byte swizzle, 8-row core-matrix groups 1024 bytes apart; the
 // k-th 32-byte slice of a 128-byte row starts 32 k bytes into the (1024-aligned) tile.
@@ -77,11 +79,23 @@ struct Params {
   int64_t sa_stride_m, sa_stride_kb;
   const float* scale_b;
   int64_t sb_rows, sb_stride_n, sb_stride_kb;
-  const float* bias;
+  // GELU_BWD kernels take no bias and write BF16, so their inputs share the bias and INT8-out fields
+  // (a larger Params changed the SASS of every kernel): the GELU's INT8 input [M, N] (row stride
+  // ldc, as out) and its (1, 128)-block scales, [M, ceil(N / 128)] with row stride ld_gelu_scale
+  union {
+    const float* bias;
+    const int8_t* gelu_q;
+  };
   void* out;
   int64_t ldc;
-  float* out_scale;        // INT8 out: the (1, 128) blocks' scales, [M, ceil(N / 128)] with row stride
-  int64_t ld_out_scale;    // ld_out_scale (elements)
+  union {
+    float* out_scale;      // INT8 out: the (1, 128) blocks' scales, [M, ceil(N / 128)] with row stride
+    const float* gelu_scale;
+  };
+  union {
+    int64_t ld_out_scale;  // ld_out_scale (elements)
+    int64_t ld_gelu_scale;
+  };
   int group_m;
   bool pair_store;   // out rows and pointer allow 2-element vector stores
   bool row_store;    // out rows and pointer are 16-byte aligned: the staged, coalesced epilogue
@@ -468,6 +482,19 @@ __device__ __forceinline__ void store_tile_tma(const Value& value, const float* 
   }
 }
 
+// GELU'(v) of the tanh approximation, as megaq's Triton data-flow kernels compute it (_gelu_grad in
+// megaq/kernels/triton_dataflow.py): GELU(v) = v·σ(2z), 2z = 2·sqrt(2/π)·(v + 0.044715 v³); with
+// e = 2^-|w| (w = 2z·log2 e, never overflows) σ(2z) is 1/(1+e) or e/(1+e) by the sign of w, and
+// σ(2z)σ(-2z) = e/(1+e)². A NaN input gives NaN.
+__device__ __forceinline__ float gelu_tanh_grad(float v) {
+  const float w = v * (2.302208198144325f + 0.1029432395800235f * v * v);
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-fabsf(w)));
+  const float r = __fdividef(1.f, 1.f + e);
+  const float sig = w >= 0.f ? r : e * r;
+  return sig + v * (e * r * r) * (1.5957691216057308f + 0.21406444881780073f * v * v);
+}
+
 // INT8 out (the data flow's epilogue, int8_gemm.h): max that keeps a NaN (fmaxf would drop it, and
 // the block's scale would come out finite)
 __device__ __forceinline__ float max_keep_nan(float a, float b) {
@@ -656,8 +683,10 @@ struct Pipe {   // position in the ring of stages: stage index and the parity of
 // MODE: MEGAQ_INT8_ROWCOL / MEGAQ_INT8_BLOCK128. DUAL: two INT32 accumulator sets (BLOCK128).
 // SB_VEC: a B scale per output column (sb_rows = 1) rather than one per 128-column tile (BLOCK128).
 // TMA_OUT (BF16 out): tiles leave through TMA stores from shared memory when p.tma_store
-// (store_tile_tma), else as in the other kernels.
-template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool TMA_OUT, typename OutT>
+// (store_tile_tma), else as in the other kernels. GELU_BWD: each output value is multiplied by GELU' of
+// the GELU input at its place (p.gelu_q, p.gelu_scale; int8_gemm.h) before it is stored.
+template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool TMA_OUT, typename OutT,
+          bool GELU_BWD = false>
 __global__ void __launch_bounds__(THREADS, 1)
     int8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,
                      const __grid_constant__ CUtensorMap tmap_b,
@@ -784,8 +813,24 @@ __global__ void __launch_bounds__(THREADS, 1)
   // and `value` (fragment element -> FP32 before the bias): INT8 out requantizes it (store_tile_int8,
   // which reuses `vals` for the final values); BF16 out with TMA leaves through TMA stores; else the
   // staged rows or the direct fragment stores. Only the branch of this kernel's OutT is instantiated.
-  auto store = [&](auto& vals, const auto& value, const float* col_scales, const float* col_biases, int m0,
+  auto store = [&](auto& vals, const auto& value_in, const float* col_scales, const float* col_biases, int m0,
                    int n0) {
+    // GELU_BWD: fragment element j of row half h sits at tile row frag.row + 8 h, column
+    // 8 (j / 4) + frag.col + j % 2 (Fragment); its GELU input is read there (L1-cached loads: the
+    // lanes of a quad read neighbouring bytes). The launcher refuses a bias with it.
+    auto value = [&](int j, int h, float sb) {
+      const float v = value_in(j, h, sb);
+      if constexpr (GELU_BWD) {
+        const int r = m0 + frag.row + 8 * h;
+        const int c = n0 + 8 * (j / 4) + frag.col + j % 2;
+        if (r >= p.M || c >= p.N) return v;   // not stored
+        const float x = static_cast<float>(__ldg(p.gelu_q + static_cast<int64_t>(r) * p.ldc + c)) *
+                        __ldg(p.gelu_scale + static_cast<int64_t>(r) * p.ld_gelu_scale + c / 128);
+        return v * gelu_tanh_grad(x);
+      } else {
+        return v;
+      }
+    };
     if constexpr (std::is_same_v<OutT, int8_t>) {
       finish_values<BN>(vals, value, col_scales, col_biases, frag);
       store_tile_int8<BN>(vals, p, frag, m0, n0, staging, L::STAGING_PITCH);
@@ -815,7 +860,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     if (threadIdx.x < BN && n0 + static_cast<int>(threadIdx.x) < p.N) {
       const int n = n0 + threadIdx.x;
       if (!BLOCKED) col_scale = p.scale_b[n * p.sb_stride_n];
-      if (p.bias != nullptr) col_bias = p.bias[n];
+      if (!GELU_BWD && p.bias != nullptr) col_bias = p.bias[n];
     }
     float sa[2] = {0.f, 0.f};
     if (!BLOCKED) {
@@ -961,7 +1006,8 @@ bool make_out_map(CUtensorMap* map, EncodeTiled encode, void* base, int64_t rows
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool TMA_OUT, typename OutT>
+template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool TMA_OUT, typename OutT,
+          bool GELU_BWD = false>
 cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, Params p,
                    int device, cudaStream_t stream) {
   using L = Layout<BN, STAGES, MODE == MEGAQ_INT8_BLOCK128, TMA_OUT>;
@@ -974,7 +1020,7 @@ cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, P
   // from registers as the other kernels do
   p.tma_store = TMA_OUT && p.row_store && make_out_map(&map_c, encode, p.out, p.M, p.N, p.ldc);
   if (!p.tma_store) map_c = map_a;   // unused
-  auto kernel = int8_gemm_kernel<BN, STAGES, MODE, DUAL, SB_VEC, TMA_OUT, OutT>;
+  auto kernel = int8_gemm_kernel<BN, STAGES, MODE, DUAL, SB_VEC, TMA_OUT, OutT, GELU_BWD>;
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
@@ -991,10 +1037,17 @@ cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, P
 }
 
 template <typename OutT>
-cudaError_t dispatch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, int mode, int tile,
+cudaError_t dispatch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, int mode, int tile, bool gelu,
                      const Params& p, int device, cudaStream_t stream) {
   constexpr int ROW = MEGAQ_INT8_ROWCOL, BLK = MEGAQ_INT8_BLOCK128;
   constexpr bool BF16_OUT = std::is_same_v<OutT, __nv_bfloat16>;
+  if (gelu) {   // the data flow's fc2 dgrad: one kernel (int8_gemm.h)
+    if constexpr (BF16_OUT) {
+      if (mode == ROW && tile == MEGAQ_INT8_TILE_AUTO)
+        return launch<256, 3, ROW, false, false, true, OutT, true>(A, B, lda, ldb, p, device, stream);
+    }
+    return cudaErrorInvalidValue;
+  }
   if (mode == ROW) {
     switch (tile) {
       case MEGAQ_INT8_TILE_AUTO:
@@ -1066,8 +1119,9 @@ extern "C" cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t
                                        int64_t sa_stride_m, int64_t sa_stride_kb, const float* scale_b,
                                        int64_t sb_rows, int64_t sb_stride_n, int64_t sb_stride_kb,
                                        const float* bias, void* out, int out_kind, int64_t ldc,
-                                       float* out_scale, int64_t ld_out_scale, int tile, int group_m,
-                                       cudaStream_t stream) {
+                                       float* out_scale, int64_t ld_out_scale, const int8_t* gelu_q,
+                                       int64_t ld_gelu_q, const float* gelu_scale, int64_t ld_gelu_scale,
+                                       int tile, int group_m, cudaStream_t stream) {
   using namespace megaq::int8_gemm;
   constexpr int64_t kIntMax = 0x7fffffff;
   if (M < 1 || N < 1 || K < 16 || K % 16 != 0 || M > kIntMax || N > kIntMax || K > kIntMax)
@@ -1111,17 +1165,28 @@ extern "C" cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t
   p.ld_out_scale = ld_out_scale;
   if (out_kind == MEGAQ_INT8_OUT_INT8 && (out_scale == nullptr || ld_out_scale < (N + 127) / 128))
     return cudaErrorInvalidValue;
+  const bool gelu = gelu_q != nullptr;
+  if (gelu) {
+    // its inputs share fields with the bias and the INT8 output's scales (Params), and its row stride
+    // is out's
+    if (gelu_scale == nullptr || ld_gelu_q != ldc || ld_gelu_scale < (N + 127) / 128 || bias != nullptr ||
+        out_kind != MEGAQ_INT8_OUT_BF16)
+      return cudaErrorInvalidValue;
+    p.gelu_q = gelu_q;
+    p.gelu_scale = gelu_scale;
+    p.ld_gelu_scale = ld_gelu_scale;
+  }
   const int elem = out_kind == MEGAQ_INT8_OUT_F32 ? 4 : out_kind == MEGAQ_INT8_OUT_BF16 ? 2 : 1;
   p.pair_store = ldc % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * elem) == 0;
   p.row_store = (ldc * elem) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   p.tma_store = false;   // the TMA_OUT launchers decide
   switch (out_kind) {
     case MEGAQ_INT8_OUT_F32:
-      return dispatch<float>(A, B, lda, ldb, mode, tile, p, device, stream);
+      return dispatch<float>(A, B, lda, ldb, mode, tile, gelu, p, device, stream);
     case MEGAQ_INT8_OUT_BF16:
-      return dispatch<__nv_bfloat16>(A, B, lda, ldb, mode, tile, p, device, stream);
+      return dispatch<__nv_bfloat16>(A, B, lda, ldb, mode, tile, gelu, p, device, stream);
     case MEGAQ_INT8_OUT_INT8:
-      return dispatch<int8_t>(A, B, lda, ldb, mode, tile, p, device, stream);
+      return dispatch<int8_t>(A, B, lda, ldb, mode, tile, gelu, p, device, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -247,7 +247,9 @@ def _int8_scale(s: torch.Tensor, name: str) -> torch.Tensor:
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, *,
               mode: str = "rowcol", scale_b_rows: int = 1, bias: torch.Tensor | None = None,
               out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
-              tile: int = 0, group_m: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              tile: int = 0, group_m: int = 0,
+              gelu_input: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`scaled_mm` of two INT8 operands on Hopper tensor cores (csrc/int8_gemm, sm_90 only).
 
     a: int8 [M, K], b: int8 [N, K], rows K-contiguous, K a multiple of 16, on one CUDA device.
@@ -265,6 +267,10 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
     scale (one step apart from the reference's division within 1.5 ulp of a tie), and a NaN scale for
     a block holding a NaN (the reference's would be 1) — as int8 [M, N] and float32 scales
     [M, ceil(N/128)].
+    gelu_input `(q, scales)` (bfloat16 out, mode rowcol, no bias, default tile): the GELU's backward in
+    the epilogue — out[m, n] = product · GELU'(q[m, n] · scales[m, n // 128]), q int8 [M, N] and
+    scales float32 [M, ceil(N/128)] (the GELU's INT8 input in (1, 128) blocks), FP32 inside, one
+    rounding to BF16 (the INT8 data flow's fc2 dgrad writing the GELU input's gradient).
     tile / group_m: the kernel's tile configuration and raster group (0 = default; for benchmarks).
     FP32 output of rowcol rounds float(acc) (exact below 2^24) and the product with sa·sb: relative
     error ≤ ~2^-22; block128 adds one FP32 rounding per K-block; bf16 rounds once more."""
@@ -272,6 +278,9 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
         raise ValueError(f"int8_gemm: mode must be one of {list(_INT8_MODES)}; got {mode!r}")
     if out_dtype not in (torch.float32, torch.bfloat16, torch.int8):
         raise ValueError(f"int8_gemm: out_dtype must be torch.float32, torch.bfloat16 or torch.int8; got "
+                         f"{out_dtype}")
+    if gelu_input is not None and out_dtype != torch.bfloat16:
+        raise ValueError(f"int8_gemm: the GELU-backward epilogue (gelu_input) writes bfloat16; got out_dtype "
                          f"{out_dtype}")
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"int8_gemm: operands must be 2-D; got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -296,4 +305,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
         out_scale = torch.empty((m, -(-n // 128)), dtype=torch.float32, device=a.device)
         ext.int8_gemm(a, b, out, sa, sb, bias, mode, scale_b_rows, tile, group_m, out_scale)
         return out, out_scale
+    if gelu_input is not None:
+        q, qs = gelu_input
+        return ext.int8_gemm(a, b, out, sa, sb, bias, mode, scale_b_rows, tile, group_m, None,
+                             q.contiguous(), _int8_scale(qs, "gelu scales").contiguous())
     return ext.int8_gemm(a, b, out, sa, sb, bias, mode, scale_b_rows, tile, group_m)

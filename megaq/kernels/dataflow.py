@@ -220,26 +220,6 @@ def gelu_backward(h_q: QuantizedTensor, grad2d: torch.Tensor) -> torch.Tensor:
     return (gelu_tanh_grad(h_q.dequantize(torch.float32)) * grad2d.float()).to(grad2d.dtype)
 
 
-def gelu_backward_operand(h_q: QuantizedTensor, grad2d: torch.Tensor, hadamard: int,
-                          block: tuple[int, int]) -> tuple[torch.Tensor, QuantizedTensor]:
-    """`(gelu_backward(h_q, grad2d), gelu_quantize(h_q, hadamard, block))` — the GELU's backward and
-    its forward output again (fc2's wgrad operand, rebuilt in backward) — from one read of `h_q`
-    where the row-resident kernel holds the row (one kernel instead of two; the operand the same bits
-    as `gelu_quantize`'s); otherwise the two calls."""
-    _check_format(hadamard, block)
-    if grad2d.shape != tuple(h_q.shape):
-        raise ValueError(f"gelu_backward_operand: gradient shape {tuple(grad2d.shape)} != saved input "
-                         f"shape {tuple(h_q.shape)}")
-    Np = _padded(h_q.shape[1], hadamard)
-    plan = None
-    if _use_triton(h_q.data, grad2d) and h_q.bits == 8 and h_q.block == SAVE_BLOCK \
-            and _kernel_format(hadamard, block, Np):
-        plan = _plan("gelu_backward_operand", Np, h_q.shape[0], h_q.data.device)
-    if plan is None:
-        return gelu_backward(h_q, grad2d), gelu_quantize(h_q, hadamard, block)
-    return _launch_gelu_backward_operand(h_q, grad2d.contiguous(), hadamard, plan)
-
-
 # --------------------------------------------------------------------------------------------------
 # the weight gradient out of Hadamard space
 def rotate_back(x2d: torch.Tensor, hadamard: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -273,8 +253,7 @@ ROWS = 16   # rows per program of the chunked kernels (>= 16: the Hadamard rotat
 # row-sized FP32 accumulators (the weight and bias gradients) per program. Measured up to 32 chunks
 # (LayerNorm) and 128 (GELU); a LayerNorm row of 64 or 128 chunks fills the same tile shapes as the
 # GELU's measured ones.
-RESIDENT_MAX_CHUNKS = {"layernorm": 128, "layernorm_residual": 128, "gelu": 128, "gelu_backward_operand": 128,
-                       "layernorm_backward": 64}
+RESIDENT_MAX_CHUNKS = {"layernorm": 128, "layernorm_residual": 128, "gelu": 128, "layernorm_backward": 64}
 # Resident launch plans, from tools/bench_dataflow_kernels.py --sweep on an H100 at 16,384 tokens,
 # widths 1600 and 4096 (GELU 6400 and 16384): TILE = rows BR·NCH of the [BR·NCH, 128] tile (the
 # LayerNorm backward: rows BR of its [BR, NCH, 128] tile), PER_SM = persistent programs per SM (the
@@ -288,9 +267,7 @@ RESIDENT_MAX_CHUNKS = {"layernorm": 128, "layernorm_residual": 128, "gelu": 128,
 # run at once (64 chunks: 16 warps, not measured).
 _PLANS = {"layernorm": {"TILE": 64, "WARPS": 4, "PER_SM": 2},
           "layernorm_residual": {"TILE": 32, "WARPS": 4, "PER_SM": 2},
-          "gelu": {"TILE": 64, "WARPS": 4, "PER_SM": 2}, "layernorm_backward": {"TILE": 1},
-          # the GELU's plan: its forward half is the GELU's kernel
-          "gelu_backward_operand": {"TILE": 64, "WARPS": 4, "PER_SM": 2}}
+          "gelu": {"TILE": 64, "WARPS": 4, "PER_SM": 2}, "layernorm_backward": {"TILE": 1}}
 GELU_BACKWARD_TILE = (32, 1, 4)     # rows, 128-column blocks, warps (every plan swept within 3%)
 _OVERRIDE: dict | None = None
 
@@ -317,7 +294,7 @@ def _sm_count(device: str) -> int:
 
 def _plan(op: str, cols: int, R: int, device: torch.device) -> dict | None:
     """The resident kernel's launch plan for `op` ("layernorm", "layernorm_residual", "gelu",
-    "gelu_backward_operand", "layernorm_backward") on rows of `cols` columns, None for the chunked kernel: BR rows per tile,
+    "layernorm_backward") on rows of `cols` columns, None for the chunked kernel: BR rows per tile,
     NCH chunks per row, warps, tiles, (persistent) programs and launch options."""
     ov = dict(_PLANS[op], **(_OVERRIDE or {}))
     nch = _next_pow2(math.ceil(cols / _CHUNK))
@@ -423,23 +400,16 @@ def _launch_layernorm_backward(x_q, mean, rstd, weight, grad, grad_residual, out
     return dx, dw_part.sum(0) if weight is not None else None, db_part.sum(0)
 
 
-def _gelu_operand_buffers(h_q, hadamard):
-    """The GELU's output operand (`QuantizedTensor`, unfilled) and the rotation's arguments."""
+def _launch_gelu(h_q, hadamard):
     R, N = h_q.shape
     dev = h_q.data.device
     Np = _padded(N, hadamard)
-    y_data = torch.empty((R, Np), dtype=torch.int8, device=dev)
-    y_scale = torch.empty((R, 1 if hadamard else h_q.scale.shape[1]), dtype=torch.float32, device=dev)
-    block = (1, Np) if hadamard else (1, _CHUNK)
-    return QuantizedTensor(y_data, y_scale, block, 8, (R, Np)), *_hadamard_arg(hadamard, dev)
-
-
-def _launch_gelu(h_q, hadamard):
-    R, N = h_q.shape
     n_blk = h_q.scale.shape[1]
-    y, h, inv_sqrt = _gelu_operand_buffers(h_q, hadamard)
-    y_data, y_scale, Np = y.data, y.scale, y.shape[1]
-    plan = _plan("gelu", Np, R, h_q.data.device)
+    n_out_blocks = 1 if hadamard else n_blk
+    y_data = torch.empty((R, Np), dtype=torch.int8, device=dev)
+    y_scale = torch.empty((R, n_out_blocks), dtype=torch.float32, device=dev)
+    h, inv_sqrt = _hadamard_arg(hadamard, dev)
+    plan = _plan("gelu", Np, R, dev)
     if plan is not None:
         _triton()._gelu_quant_resident_kernel[(plan["programs"],)](
             h_q.data, h_q.scale, R, N, n_blk, y_data, y_scale, Np, h, inv_sqrt, plan["tiles"],
@@ -450,18 +420,8 @@ def _launch_gelu(h_q, hadamard):
             h_q.data, h_q.scale, n_blk, R, N, Np, y_data, y_scale, h, inv_sqrt,
             BR=ROWS, BC=_CHUNK, HAD=hadamard, UPCAST=_interpreting(), RINT_LIBDEVICE=_rint_libdevice(),
             num_warps=4)
-    return y
-
-
-def _launch_gelu_backward_operand(h_q, grad2d, hadamard, plan):
-    R, N = h_q.shape
-    dh = torch.empty((R, N), dtype=grad2d.dtype, device=grad2d.device)
-    y, h, inv_sqrt = _gelu_operand_buffers(h_q, hadamard)
-    _triton()._gelu_backward_quant_resident_kernel[(plan["programs"],)](
-        h_q.data, h_q.scale, R, N, h_q.scale.shape[1], grad2d, dh, y.data, y.scale, y.shape[1], h, inv_sqrt,
-        plan["tiles"], BR=plan["BR"], NCH=plan["NCH"], HAD=hadamard, UPCAST=_interpreting(),
-        LIBDEVICE=_rint_libdevice(), **plan["options"])
-    return dh, y
+    block = (1, Np) if hadamard else (1, _CHUNK)
+    return QuantizedTensor(y_data, y_scale, block, 8, (R, Np))
 
 
 def _launch_gelu_backward(h_q, grad2d):
@@ -478,5 +438,5 @@ def _launch_gelu_backward(h_q, grad2d):
 
 
 __all__ = ["LayerNormQuantized", "SAVE_BLOCK", "layernorm_quantize", "layernorm_backward",
-           "gelu_quantize", "gelu_backward", "gelu_backward_operand", "rotate_back", "gelu_tanh", "gelu_tanh_grad", "layernorm_forward_math",
+           "gelu_quantize", "gelu_backward", "rotate_back", "gelu_tanh", "gelu_tanh_grad", "layernorm_forward_math",
            "layernorm_backward_math", "quantize_operand_reference"]

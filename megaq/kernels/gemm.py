@@ -1,6 +1,7 @@
 """`scaled_mm` of megaq.kernels: A · Bᵀ of two block-scaled `QuantizedTensor`s on the GPU.
 
-    scaled_mm(a, b, out_dtype=torch.float32, bias=None, out_block=(1, 128), out_rounding="nearest")
+    scaled_mm(a, b, out_dtype=torch.float32, bias=None, out_block=(1, 128), out_rounding="nearest",
+              gelu_grad_of=None)
 
 Which implementation runs, in the order `scaled_mm` asks: packed INT4 operands with one scale per row
 go to csrc/int4_gemm where `_native_int4_eligible` says so (`MEGAQ_INT4_GEMM`); the `megaq.quant`
@@ -84,7 +85,7 @@ def _gemm_plan(a, b):
 
 def scaled_mm(a, b, out_dtype: torch.dtype = torch.float32, bias: torch.Tensor | None = None, *,
               out_block: tuple[int, int] = (1, 128), out_rounding: str = "nearest",
-              generator: torch.Generator | None = None):
+              generator: torch.Generator | None = None, gelu_grad_of=None):
     """`A · Bᵀ` for `QuantizedTensor`s quantized along their shared last dim (K), each with its own
     block scales: Σ_kb s_a[m, kb] s_b[n, kb] Σ_{k∈kb} a[m, k] b[n, k] (+ bias[n]).
 
@@ -92,9 +93,17 @@ def scaled_mm(a, b, out_dtype: torch.dtype = torch.float32, bias: torch.Tensor |
     per `out_block` (1 × QB) as a `QuantizedTensor` (the INT8 data flow), rounding `out_rounding`. On
     sm_90 the (1, 128) nearest case runs in the CUDA kernel's epilogue, which gives a block holding a
     NaN a NaN scale (the reference and the Triton epilogue give it scale 1).
+
+    gelu_grad_of (an INT8 `QuantizedTensor` [M, N] in (1, 128) blocks: a GELU's saved input h): the
+    product times GELU'(h), i.e. the GELU's backward applied to the product (the INT8 data flow's fc2
+    dgrad, whose product is the gradient of the GELU's output). On sm_90 with a per-row × per-column
+    plan, BF16 out and no bias it runs in the CUDA kernel's epilogue (FP32 inside, one rounding);
+    elsewhere the product is written in `out_dtype` and `dataflow.gelu_backward` applied to it.
     """
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"scaled_mm: reduction sizes differ: A {a.shape} vs B {b.shape}")
+    if gelu_grad_of is not None:
+        return _scaled_mm_gelu_backward(a, b, out_dtype, bias, gelu_grad_of)
     int8_out = out_dtype == torch.int8
     if _native_int4_eligible(a, b, out_dtype):
         from .cuda_ext import int4_gemm
@@ -107,6 +116,28 @@ def scaled_mm(a, b, out_dtype: torch.dtype = torch.float32, bias: torch.Tensor |
             return quantize(out, out_block, 8, out_rounding, generator, check=False)
         return out.to(out_dtype)
     return _gpu_scaled_mm(a, b, plan, out_dtype, bias, out_block, out_rounding, generator)
+
+
+def _scaled_mm_gelu_backward(a, b, out_dtype, bias, h):
+    """`scaled_mm(..., gelu_grad_of=h)`: the CUDA epilogue where it applies, else the two steps."""
+    M, N = a.shape[0], b.shape[0]
+    if h.bits != 8 or tuple(h.shape) != (M, N) or h.block != (1, 128):
+        raise ValueError(f"scaled_mm: gelu_grad_of must be an INT8 [{M}, {N}] QuantizedTensor in (1, 128) "
+                         f"blocks; got {h!r}")
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"scaled_mm: gelu_grad_of needs a floating out_dtype; got {out_dtype}")
+    plan = _gemm_plan(a, b) if dispatch._use_triton(a.data, b.data, h.data) else None
+    if plan is not None and bias is None and out_dtype == torch.bfloat16 and a.bits == b.bits == 8:
+        mode = plan[0]
+        K = a.shape[1]
+        ad, bd = a.int_values().contiguous(), b.int_values().contiguous()
+        if mode == "rowcol" and K * 127 * 127 < 2 ** 31 \
+                and _cuda_int8_mode(a, b, ad, bd, mode, *plan[1:4], out_dtype) == "rowcol":
+            from .cuda_ext import int8_gemm
+            return int8_gemm(ad, bd, a.scale.float(), b.scale.float(), mode="rowcol", out_dtype=out_dtype,
+                             gelu_input=(h.data, h.scale))
+    from .dataflow import gelu_backward
+    return gelu_backward(h, scaled_mm(a, b, out_dtype, bias))
 
 
 def _native_int4_eligible(a, b, out_dtype) -> bool:

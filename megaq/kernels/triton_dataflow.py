@@ -16,8 +16,6 @@ weights are loaded once per program.
   normalize, affine, rotate, row abs-max, quantize.
 - `_gelu_quant_resident_kernel`: INT8 (1, 128) input (fc1's GEMM epilogue) -> GELU in FP32 ->
   rotate -> row abs-max -> quantize.
-- `_gelu_backward_quant_resident_kernel`: the GELU's backward and fc2's wgrad operand rebuilt from
-  one read of the INT8 input: GELU'·g, and the forward kernel's output again.
 - `_layernorm_backward_resident_kernel`: a [BR, NCH, 128] tile (no product here, so a 3-D tile):
   row sums Σ g·w·x̂ and Σ g·w, dx (+ the residual stream's gradient); the weight and bias gradients
   are accumulated over the program's tiles in registers and written once per program.
@@ -499,18 +497,6 @@ def _layernorm_quant_resident_kernel(x_ptr, r_ptr, xs_ptr, w_ptr, b_ptr, R, C, n
 
 
 @triton.jit
-def _load_resident_int8(q_ptr, s_ptr, rows, chunk, cols, R, N, n_blk):
-    """The resident [BR·NCH, 128] tile of an INT8 [R, N] tensor with (1, 128) scales s [R, n_blk],
-    dequantized to FP32 (zeros outside), with its element offsets and mask."""
-    live = (rows < R) & (chunk < n_blk)
-    mask = live[:, None] & (cols < N)
-    offs = rows.to(tl.int64)[:, None] * N + cols
-    q = tl.load(q_ptr + offs, mask=mask, other=0)
-    s = tl.load(s_ptr + rows * n_blk + chunk, mask=live, other=0.0)
-    return q.to(tl.float32) * s[:, None], offs, mask
-
-
-@triton.jit
 def _gelu_quant_resident_kernel(hq_ptr, hs_ptr, R, N, n_blk, yq_ptr, ys_ptr, n_out, h_ptr, inv_sqrt, n_tiles,
                                 BR: tl.constexpr, NCH: tl.constexpr, HAD: tl.constexpr,
                                 UPCAST: tl.constexpr, LIBDEVICE: tl.constexpr):
@@ -521,35 +507,12 @@ def _gelu_quant_resident_kernel(hq_ptr, hs_ptr, R, N, n_blk, yq_ptr, ys_ptr, n_o
     h = _load_hadamard(h_ptr, HAD)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         rows = tile * BR + r_in
-        v, _, _ = _load_resident_int8(hq_ptr, hs_ptr, rows, chunk, cols, R, N, n_blk)
-        _store_operand(yq_ptr, ys_ptr, n_out, _gelu(v, LIBDEVICE), tile, rows, chunk, cols, R, n_blk, h,
-                       inv_sqrt, BR, NCH, HAD, UPCAST)
-
-
-@triton.jit
-def _gelu_backward_quant_resident_kernel(hq_ptr, hs_ptr, R, N, n_blk, g_ptr, dh_ptr, yq_ptr, ys_ptr, n_out,
-                                         h_ptr, inv_sqrt, n_tiles, BR: tl.constexpr, NCH: tl.constexpr,
-                                         HAD: tl.constexpr, UPCAST: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """`_gelu_quant_resident_kernel` and `_gelu_backward_kernel` in one: GELU(h) in the operand format
-    (`_store_operand`) — fc2's wgrad operand rebuilt in backward, the same bits as the forward's (the
-    same GELU and store) — and dh [R, N] = GELU'(h) · g (g, dh in g's dtype).
-
-    h is read twice per tile, the second time from cache (the tile was just loaded). The first version
-    loaded it once for both halves and measured slower than the two kernels (H100, 16384 × 16384:
-    1.21 ms against 0.97; 16384 × 6400: 0.95 against 0.40), most likely because the one tensor took
-    the rotation's MMA operand layout for the elementwise half too, so that its loads of g and stores
-    of dh did not coalesce. Two loads let each half have its own layout."""
-    BC: tl.constexpr = 128
-    r_in, chunk, cols = _tile_layout(BR, NCH, BC)
-    h = _load_hadamard(h_ptr, HAD)
-    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        rows = tile * BR + r_in
-        v, offs, mask = _load_resident_int8(hq_ptr, hs_ptr, rows, chunk, cols, R, N, n_blk)
-        _store_operand(yq_ptr, ys_ptr, n_out, _gelu(v, LIBDEVICE), tile, rows, chunk, cols, R, n_blk, h,
-                       inv_sqrt, BR, NCH, HAD, UPCAST)
-        v, offs, mask = _load_resident_int8(hq_ptr, hs_ptr, rows, chunk, cols, R, N, n_blk)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dh_ptr + offs, (_gelu_grad(v, LIBDEVICE) * g).to(dh_ptr.dtype.element_ty), mask=mask)
+        live = (rows < R) & (chunk < n_blk)
+        q = tl.load(hq_ptr + rows.to(tl.int64)[:, None] * N + cols, mask=live[:, None] & (cols < N), other=0)
+        s = tl.load(hs_ptr + rows * n_blk + chunk, mask=live, other=0.0)
+        y = _gelu(q.to(tl.float32) * s[:, None], LIBDEVICE)
+        _store_operand(yq_ptr, ys_ptr, n_out, y, tile, rows, chunk, cols, R, n_blk, h, inv_sqrt,
+                       BR, NCH, HAD, UPCAST)
 
 
 @triton.jit

@@ -18,8 +18,9 @@ The scales that cross an operator boundary, forward:
 - Saved for backward: each linear's X̃ (INT8, per-token scale), the LayerNorm's INT8 (1, 128) input
   copy + mean/rstd, the GELU's INT8 input. fc2's X̃ is not kept but rebuilt in backward from the
   GELU's input by the GELU kernel itself (`RECOMPUTE_GELU_OPERAND`, bit-identical: nearest
-  rounding); with `FUSED_GELU_BACKWARD` fc2's backward runs the GELU's backward in the same kernel
-  (one read of the GELU's input for both) and hands ∇h to the GELU through a `GeluGradSlot`.
+  rounding); with `FUSED_GELU_BACKWARD` fc2's dgrad GEMM runs the GELU's backward in its epilogue
+  (∇h = ∇y · GELU'(h) from the GELU's INT8 input, which fc2 keeps anyway) and hands ∇h to the GELU
+  through a `GeluGradSlot`: no BF16 ∇y is written and read back, and no GELU backward kernel runs.
   No BF16 activation is saved by the block except SDPA's own q, k, v, output (attention stays BF16).
 
 Backward: an autograd edge carries a dense gradient of the output's shape. Each linear quantizes its
@@ -170,24 +171,22 @@ class _DataFlowLinear(torch.autograd.Function):
         in_features = weight.shape[1]
         grad_y = grad_y.reshape(-1, weight.shape[0]).contiguous()
         grad_x = grad_w = grad_b = None
-        rebuilt = None   # X̃ rebuilt together with the GELU's backward (`GeluGradSlot`)
         if ctx.needs_input_grad[0]:
             # dgrad: ∇X = ∇Y · W, operands ∇Y [tokens, out] and Wᵀ [in, out]
             w_operand = weight_operand(weight, recipe.dgrad, recipe.check_finite, transpose=True)
             if ctx.grad_slot is None:
                 # the activation dtype from the GEMM's epilogue (the same rounding as a cast of its FP32
                 # output, without writing FP32 and reading it back)
-                grad_x = quantized_gemm(grad_y, w_operand, recipe.dgrad, recipe.check_finite,
-                                        transpose_b=True, out_dtype=ctx.x_dtype).view(ctx.x_shape)
-                if ctx.gelu_slot is not None:
-                    # the GELU's backward here, from the one read of its input that rebuilds X̃; autograd
-                    # carries a zero placeholder to the GELU, and ∇X is freed now, not after the wgrad
-                    source = QuantizedTensor(data, scale, *ctx.xq_meta)
-                    g2d = grad_x.view(-1, grad_x.shape[-1])
-                    if ctx.needs_input_grad[3]:
-                        dh, rebuilt = dataflow_kernels.gelu_backward_operand(source, g2d, *ctx.rebuild_format)
-                    else:
-                        dh = dataflow_kernels.gelu_backward(source, g2d)
+                if ctx.gelu_slot is None:
+                    grad_x = quantized_gemm(grad_y, w_operand, recipe.dgrad, recipe.check_finite,
+                                            transpose_b=True, out_dtype=ctx.x_dtype).view(ctx.x_shape)
+                else:
+                    # the GELU's backward too, in the dgrad GEMM's epilogue (∇h = ∇y · GELU'(h), h the
+                    # GELU's INT8 input that fc2 keeps as its `source`): autograd carries a zero
+                    # placeholder to the GELU, whose backward takes ∇h from the slot
+                    dh = quantized_gemm(grad_y, w_operand, recipe.dgrad, recipe.check_finite, transpose_b=True,
+                                        out_dtype=ctx.x_dtype,
+                                        gelu_grad_of=QuantizedTensor(data, scale, *ctx.xq_meta))
                     grad_x = zero_placeholder(ctx.x_shape, ctx.x_dtype, grad_y.device)
                     ctx.gelu_slot.put(dh, grad_x)
             else:
@@ -202,9 +201,7 @@ class _DataFlowLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             # wgrad from the saved operand: ∇Yᵀ · X̃ over tokens, then H back on the [out, C'] result
             xq = QuantizedTensor(data, scale, *ctx.xq_meta)
-            if rebuilt is not None:
-                xq = rebuilt
-            elif ctx.rebuild_format is not None:
+            if ctx.rebuild_format is not None:
                 xq = dataflow_kernels.gelu_quantize(xq, *ctx.rebuild_format)
             wgrad = recipe.wgrad
             bias_sum = fused_bias_sum_buffer(grad_y, wgrad, ctx.has_bias and ctx.needs_input_grad[4])

@@ -122,21 +122,27 @@ def quantized_gemm(a: torch.Tensor | QuantizedTensor, b: torch.Tensor | Quantize
                    check: bool = True, transpose_a: bool = False, transpose_b: bool = False,
                    out_dtype: torch.dtype = torch.float32,
                    bias: torch.Tensor | None = None, delayed_a: DelayedAmax | None = None,
-                   delayed_b: DelayedAmax | None = None) -> torch.Tensor:
+                   delayed_b: DelayedAmax | None = None,
+                   gelu_grad_of: QuantizedTensor | None = None) -> torch.Tensor:
     """`A · Bᵀ (+ bias)` in `out_dtype` (bf16 specs: in the inputs' dtype), both operands
     `[rows, reduction]`; the output conversion and the bias run in the GEMM's epilogue.
 
     `transpose_a/b` say the operand is given as its transpose `[reduction, rows]`, which lets the
     quantizer write the reduction-major layout in the same pass instead of a separate transpose.
     An operand may arrive already quantized for this GEMM (`quantize_gemm_operand`). `delayed_a/b`:
-    the operands' predictions where their specs are "delayed" (`wgrad_delayed_states`)."""
+    the operands' predictions where their specs are "delayed" (`wgrad_delayed_states`).
+    `gelu_grad_of`: the product times GELU' of this INT8 GELU input (`kernels.scaled_mm`)."""
     if not spec.is_quantized:
         a = a.t() if transpose_a else a
         b = b.t() if transpose_b else b
-        return F.linear(a, b, bias)
+        out = F.linear(a, b, bias)
+        if gelu_grad_of is not None:
+            from ..kernels.dataflow import gelu_backward
+            out = gelu_backward(gelu_grad_of, out)
+        return out
     qa = a if isinstance(a, QuantizedTensor) else quantize_gemm_operand(a, spec, "a", check, transpose_a, delayed_a)
     qb = b if isinstance(b, QuantizedTensor) else quantize_gemm_operand(b, spec, "b", check, transpose_b, delayed_b)
-    return kernels.scaled_mm(qa, qb, out_dtype=out_dtype, bias=bias)
+    return kernels.scaled_mm(qa, qb, out_dtype=out_dtype, bias=bias, gelu_grad_of=gelu_grad_of)
 
 
 # Quantize a tensor once for both GEMMs that read it (X: forward and wgrad; ∇Y: dgrad and wgrad)
