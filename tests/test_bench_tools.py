@@ -556,7 +556,7 @@ def _bench_block():
 
 def test_block_variant_switches_name_real_defaults():
     bench_block = _bench_block()
-    assert bench_block.parse_variant("int8_df_delayed+gelu2+wrot") == ("int8_df_delayed", ["gelu2", "wrot"])
+    assert bench_block.parse_variant("int8_df_delayed+gelu2+gelu32+wrot") == ("int8_df_delayed", ["gelu2", "gelu32", "wrot"])
     assert bench_block.parse_variant("bf16") == ("bf16", [])
     for bad in ("int8_df+nope", "int9"):
         with pytest.raises(ValueError, match="unknown variant"):

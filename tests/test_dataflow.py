@@ -517,7 +517,7 @@ def _mlp_grads(monkeypatch, fused, x, w1, b1, w2, g, extra=None, recipe="int8"):
     h = dataflow_linear(layernorm_operand(ts[0], None, None, 1e-5, hadamard, block), ts[1], ts[2], recipe,
                         int8_output=True)
     y = gelu_operand(h, hadamard, block)
-    assert (y.gelu_slot is not None) == fused
+    assert (y.gelu_slot is not None) == (fused and dataflow_ops.RECOMPUTE_GELU_OPERAND)
     out = dataflow_linear(y, ts[3], None, recipe)
     if extra is None:
         out.backward(g)
@@ -558,3 +558,25 @@ def test_gelu_grad_slot_takes_once():
     assert slot.take(placeholder, h) is dh
     g = torch.randn(4, 256)            # an empty slot: the plain GELU backward
     assert torch.equal(slot.take(g, h), gelu_tanh_grad(h.dequantize(torch.float32)) * g)
+
+
+@pytest.mark.parametrize("bf16_output", [True, False])
+def test_gelu_output_rounded_to_bf16_and_rebuilt_the_same(monkeypatch, bf16_output):
+    """BF16 activations: the GELU's operand for fc2 is the GELU output rounded to BF16 (GELU_OUTPUT_BF16)
+    or the FP32 output, and fc2's rebuild in backward makes the same choice: every gradient equals the
+    one with fc2 keeping its forward operand, bit for bit."""
+    from megaq.kernels import dataflow as dataflow_kernels
+    monkeypatch.setattr(dataflow_ops, "GELU_OUTPUT_BF16", bf16_output)
+    x, w1, b1, w2, g, _ = _mlp_case(rows=40, seed=53)
+    x, w1, b1, w2, g = (t.bfloat16() for t in (x, w1, b1, w2, g))
+    h = dataflow_linear(layernorm_operand(x, None, None, 1e-5, 128, (1, -1)), w1, b1, "int8", int8_output=True)
+    y = gelu_operand(h, 128, (1, -1))
+    want = dataflow_kernels.gelu_quantize(h.q, 128, (1, -1), torch.bfloat16 if bf16_output else None)
+    assert torch.equal(y.q.data, want.data) and torch.equal(y.q.scale, want.scale)
+    assert y.source_round_to == (torch.bfloat16 if bf16_output else None)
+    runs = {}
+    for recompute in (True, False):
+        monkeypatch.setattr(dataflow_ops, "RECOMPUTE_GELU_OPERAND", recompute)
+        runs[recompute] = _mlp_grads(monkeypatch, True, x, w1, b1, w2, g)
+    for a, b in zip(runs[True], runs[False]):
+        assert torch.equal(a, b)

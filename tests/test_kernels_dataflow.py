@@ -129,16 +129,16 @@ def _check_layernorm(R, C, dtype, residual, hadamard, block, device, bias):
     assert _rel(dw, rdw) <= 1e-5 and _rel(db, rdb) <= 1e-5
 
 
-def check_gelu(R, N, dtype, hadamard, block, device, plan=None):
+def check_gelu(R, N, dtype, hadamard, block, device, plan=None, round_to=None):
     with kd.config_override(**(plan or {})):
-        _check_gelu(R, N, dtype, hadamard, block, device)
+        _check_gelu(R, N, dtype, hadamard, block, device, round_to)
 
 
-def _check_gelu(R, N, dtype, hadamard, block, device):
+def _check_gelu(R, N, dtype, hadamard, block, device, round_to=None):
     h = quantize_blockwise(_data((R, N), "cpu", torch.float32, seed=N, scale=3.0, shift=-0.5), (1, 128))
     h = type(h)(h.data.to(device), h.scale.to(device), h.block, h.bits, h.shape)
-    _assert_int8_close(kd.gelu_quantize(h, hadamard, block), _reference(kd.gelu_quantize, h, hadamard, block),
-                       "GELU output")
+    _assert_int8_close(kd.gelu_quantize(h, hadamard, block, round_to),
+                       _reference(kd.gelu_quantize, h, hadamard, block, round_to), "GELU output")
     g = _data((R, N), device, dtype, seed=3, scale=1.0, shift=0.0)
     _assert_grad_close(kd.gelu_backward(h, g), _reference(kd.gelu_backward, h, g), "GELU dh")
 
@@ -432,6 +432,15 @@ def test_interp_gelu(R, N, dtype, hadamard, block):
 
 
 @interp_only
+@pytest.mark.parametrize("plan", [None, {"KERNEL": "chunked"}])
+def test_interp_gelu_rounded_to_bf16(plan):
+    """The GELU output rounded to BF16 before the rotation (one product): against the reference that
+    rounds torch's GELU, within the same bounds."""
+    check_gelu(37, 384, torch.bfloat16, 128, (1, -1), "cpu", plan=plan, round_to=torch.bfloat16)
+    check_gelu(19, 800, torch.bfloat16, 0, (1, 128), "cpu", plan=plan, round_to=torch.bfloat16)
+
+
+@interp_only
 @pytest.mark.parametrize("R,C,dtype,residual,weight", [(37, 384, torch.bfloat16, True, True),
                                                         (19, 200, torch.float32, False, True),
                                                         (21, 256, torch.float32, True, False)])
@@ -561,6 +570,8 @@ def test_gpu_layernorm(R, C, dtype, residual, hadamard, block):
 @pytest.mark.parametrize("R,N,dtype", [(4099, 6400, torch.bfloat16), (300, 1536, torch.float32)])
 def test_gpu_gelu(R, N, dtype, hadamard, block):
     check_gelu(R, N, dtype, hadamard, block, "cuda")
+    if dtype == torch.bfloat16:
+        check_gelu(R, N, dtype, hadamard, block, "cuda", round_to=torch.bfloat16)
 
 
 @gpu

@@ -201,13 +201,21 @@ def layernorm_backward(x_q: QuantizedTensor, mean: torch.Tensor, rstd: torch.Ten
 
 # --------------------------------------------------------------------------------------------------
 # GELU
-def gelu_quantize(h_q: QuantizedTensor, hadamard: int, block: tuple[int, int]) -> QuantizedTensor:
-    """GELU of the INT8 `h_q` (FP32 inside) written in the operand format (nearest)."""
+def gelu_quantize(h_q: QuantizedTensor, hadamard: int, block: tuple[int, int],
+                  round_to: torch.dtype | None = None) -> QuantizedTensor:
+    """GELU of the INT8 `h_q` (FP32 inside) written in the operand format (nearest). `round_to`
+    (torch.bfloat16 or None): the GELU output is first rounded to that dtype, as a BF16 model's GELU
+    writes it — which the kernel then rotates exactly with one BF16 product instead of two."""
     _check_format(hadamard, block)
+    if round_to not in (None, torch.bfloat16):
+        raise ValueError(f"gelu_quantize: round_to must be None or torch.bfloat16; got {round_to}")
     if _use_triton(h_q.data) and h_q.bits == 8 and h_q.block == SAVE_BLOCK \
             and _kernel_format(hadamard, block, _padded(h_q.shape[1], hadamard)):
-        return _launch_gelu(h_q, hadamard)
-    return quantize_operand_reference(gelu_tanh(h_q.dequantize(torch.float32)), hadamard, block)
+        return _launch_gelu(h_q, hadamard, round_to is not None)
+    y = gelu_tanh(h_q.dequantize(torch.float32))
+    if round_to is not None:
+        y = y.to(round_to).float()
+    return quantize_operand_reference(y, hadamard, block)
 
 
 def gelu_backward(h_q: QuantizedTensor, grad2d: torch.Tensor) -> torch.Tensor:
@@ -400,7 +408,7 @@ def _launch_layernorm_backward(x_q, mean, rstd, weight, grad, grad_residual, out
     return dx, dw_part.sum(0) if weight is not None else None, db_part.sum(0)
 
 
-def _launch_gelu(h_q, hadamard):
+def _launch_gelu(h_q, hadamard, round_bf16=False):
     R, N = h_q.shape
     dev = h_q.data.device
     Np = _padded(N, hadamard)
@@ -414,12 +422,12 @@ def _launch_gelu(h_q, hadamard):
         _triton()._gelu_quant_resident_kernel[(plan["programs"],)](
             h_q.data, h_q.scale, R, N, n_blk, y_data, y_scale, Np, h, inv_sqrt, plan["tiles"],
             BR=plan["BR"], NCH=plan["NCH"], HAD=hadamard, UPCAST=_interpreting(), LIBDEVICE=_rint_libdevice(),
-            **plan["options"])
+            ROUND_BF16=round_bf16, **plan["options"])
     else:
         _triton()._gelu_quant_kernel[(math.ceil(R / ROWS),)](
             h_q.data, h_q.scale, n_blk, R, N, Np, y_data, y_scale, h, inv_sqrt,
             BR=ROWS, BC=_CHUNK, HAD=hadamard, UPCAST=_interpreting(), RINT_LIBDEVICE=_rint_libdevice(),
-            num_warps=4)
+            ROUND_BF16=round_bf16, num_warps=4)
     block = (1, Np) if hadamard else (1, _CHUNK)
     return QuantizedTensor(y_data, y_scale, block, 8, (R, Np))
 

@@ -59,10 +59,13 @@ from .triton_quant import _cast_out, _load_hadamard, _nonfinite, _scale_from_ama
 
 
 @triton.jit
-def _rotate_pm1(y, h, UPCAST: tl.constexpr):
-    """y [BR, HAD] (FP32) times the ±1 Hadamard matrix h (not normalised)."""
+def _rotate_pm1(y, h, UPCAST: tl.constexpr, BF16_Y: tl.constexpr = False):
+    """y [BR, HAD] (FP32) times the ±1 Hadamard matrix h (not normalised). BF16_Y: y holds BF16 values
+    (`_round_bf16`), which one BF16 product rotates exactly (FP32 sums)."""
     if UPCAST:
         r = tl.dot(y, h.to(tl.float32), out_dtype=tl.float32)
+    elif BF16_Y:
+        r = tl.dot(y.to(tl.bfloat16), h, out_dtype=tl.float32)
     else:
         hi = y.to(tl.bfloat16)
         lo = (y - hi.to(tl.float32)).to(tl.bfloat16)
@@ -72,9 +75,18 @@ def _rotate_pm1(y, h, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _rotate(y, h, inv_sqrt, UPCAST: tl.constexpr):
+def _rotate(y, h, inv_sqrt, UPCAST: tl.constexpr, BF16_Y: tl.constexpr = False):
     """y [BR, HAD] (FP32) times the orthonormal Hadamard block (h: the ±1 matrix)."""
-    return _rotate_pm1(y, h, UPCAST) * inv_sqrt
+    return _rotate_pm1(y, h, UPCAST, BF16_Y) * inv_sqrt
+
+
+@triton.jit
+def _round_bf16(y, ROUND: tl.constexpr, UPCAST: tl.constexpr):
+    """y (FP32) rounded to BF16 (nearest even; also under the interpreter, whose own conversion
+    truncates) and back, where ROUND: the GELU output as a BF16 activation."""
+    if ROUND:
+        y = _cast_out(y, tl.bfloat16, UPCAST).to(tl.float32)
+    return y
 
 
 # GELU, tanh approximation (as the model: F.gelu(approximate="tanh")), in its sigmoid form:
@@ -267,9 +279,10 @@ def _load_int8_chunk(q_ptr, s_ptr, n_blocks, rows, c0, R, C, BC: tl.constexpr):
 @triton.jit
 def _gelu_quant_kernel(hq_ptr, hs_ptr, n_hblk, R, N, Np, yq_ptr, ys_ptr, h_ptr, inv_sqrt,
                        BR: tl.constexpr, BC: tl.constexpr, HAD: tl.constexpr, UPCAST: tl.constexpr,
-                       RINT_LIBDEVICE: tl.constexpr):
+                       RINT_LIBDEVICE: tl.constexpr, ROUND_BF16: tl.constexpr = False):
     """GELU of h [R, N] (INT8, (1, BC) scales) -> y_q [R, Np] per-row after the Hadamard (HAD = BC)
-    or (1, BC) blocks (HAD = 0, Np = N). GELU(0) = 0, so the padding stays zero."""
+    or (1, BC) blocks (HAD = 0, Np = N). GELU(0) = 0, so the padding stays zero. ROUND_BF16: the GELU
+    output rounded to BF16 first (`_round_bf16`)."""
     pid = tl.program_id(0)
     rows = pid * BR + tl.arange(0, BR)
     rmask = rows < R
@@ -278,20 +291,23 @@ def _gelu_quant_kernel(hq_ptr, hs_ptr, n_hblk, R, N, Np, yq_ptr, ys_ptr, h_ptr, 
         h = _load_hadamard(h_ptr, HAD)
         amax = tl.zeros([BR], tl.float32)
         for c0 in range(0, Np, BC):
-            y = _gelu(_load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC), RINT_LIBDEVICE)
-            amax = tl.maximum(amax, tl.max(tl.abs(_rotate(y, h, inv_sqrt, UPCAST)), axis=1))
+            y = _round_bf16(_gelu(_load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC), RINT_LIBDEVICE),
+                            ROUND_BF16, UPCAST)
+            amax = tl.maximum(amax, tl.max(tl.abs(_rotate(y, h, inv_sqrt, UPCAST, ROUND_BF16)), axis=1))
         s = _scale_from_amax(amax, QMAX)
         tl.store(ys_ptr + rows, s, mask=rmask)
         for c0 in range(0, Np, BC):
             cols = c0 + tl.arange(0, BC)
-            y = _gelu(_load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC), RINT_LIBDEVICE)
+            y = _round_bf16(_gelu(_load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC), RINT_LIBDEVICE),
+                            ROUND_BF16, UPCAST)
             mask = rmask[:, None] & (cols < Np)[None, :]
-            _store_quantized(yq_ptr, rows, cols, Np, mask, _rotate(y, h, inv_sqrt, UPCAST), s, QMAX,
+            _store_quantized(yq_ptr, rows, cols, Np, mask, _rotate(y, h, inv_sqrt, UPCAST, ROUND_BF16), s, QMAX,
                              RINT_LIBDEVICE)
     else:
         for c0 in range(0, N, BC):
             cols = c0 + tl.arange(0, BC)
-            y = _gelu(_load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC), RINT_LIBDEVICE)
+            y = _round_bf16(_gelu(_load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC), RINT_LIBDEVICE),
+                            ROUND_BF16, UPCAST)
             s = _scale_from_amax(tl.max(tl.abs(y), axis=1), QMAX)
             tl.store(ys_ptr + rows * n_hblk + c0 // BC, s, mask=rmask)
             mask = rmask[:, None] & (cols < N)[None, :]
@@ -423,13 +439,15 @@ def _div_rn_rows(x, s, UPCAST: tl.constexpr):
 
 @triton.jit
 def _store_operand(yq_ptr, ys_ptr, n_out, y, tile, rows, chunk, cols, R, n_blk, h, inv_sqrt,
-                   BR: tl.constexpr, NCH: tl.constexpr, HAD: tl.constexpr, UPCAST: tl.constexpr):
+                   BR: tl.constexpr, NCH: tl.constexpr, HAD: tl.constexpr, UPCAST: tl.constexpr,
+                   BF16_Y: tl.constexpr = False):
     """Write the resident tile y (FP32, zero beyond the row) in the operand format: rotated, one
     scale per row (HAD = 128: y_q [R, n_blk·128], ys [R, 1]); or (1, 128) blocks (HAD = 0: y_q
-    [R, n_out], ys [R, n_blk]). Values are multiplied by the reciprocal scale (the module doc)."""
+    [R, n_out], ys [R, n_blk]). Values are multiplied by the reciprocal scale (the module doc).
+    BF16_Y: y holds BF16 values (one product rotates them)."""
     live = (rows < R) & (chunk < n_blk)
     if HAD > 0:
-        y = _rotate_pm1(y, h, UPCAST)            # the 1/√128 goes into the per-row multiplier
+        y = _rotate_pm1(y, h, UPCAST, BF16_Y)    # the 1/√128 goes into the per-row multiplier
         s_row = _scale_nan(_row_amax(tl.abs(y), BR, NCH) * inv_sqrt)
         out_rows = tile * BR + tl.arange(0, BR)
         tl.store(ys_ptr + out_rows, s_row, mask=out_rows < R)
@@ -499,9 +517,10 @@ def _layernorm_quant_resident_kernel(x_ptr, r_ptr, xs_ptr, w_ptr, b_ptr, R, C, n
 @triton.jit
 def _gelu_quant_resident_kernel(hq_ptr, hs_ptr, R, N, n_blk, yq_ptr, ys_ptr, n_out, h_ptr, inv_sqrt, n_tiles,
                                 BR: tl.constexpr, NCH: tl.constexpr, HAD: tl.constexpr,
-                                UPCAST: tl.constexpr, LIBDEVICE: tl.constexpr):
+                                UPCAST: tl.constexpr, LIBDEVICE: tl.constexpr, ROUND_BF16: tl.constexpr = False):
     """GELU of h [R, N] (INT8, (1, 128) scales hs [R, n_blk]) -> the operand (`_store_operand`).
-    GELU(0) = 0, so the Hadamard padding stays zero."""
+    GELU(0) = 0, so the Hadamard padding stays zero. ROUND_BF16: the GELU output rounded to BF16
+    first (`_round_bf16`), then rotated by one BF16 product."""
     BC: tl.constexpr = 128
     r_in, chunk, cols = _tile_layout(BR, NCH, BC)
     h = _load_hadamard(h_ptr, HAD)
@@ -510,9 +529,9 @@ def _gelu_quant_resident_kernel(hq_ptr, hs_ptr, R, N, n_blk, yq_ptr, ys_ptr, n_o
         live = (rows < R) & (chunk < n_blk)
         q = tl.load(hq_ptr + rows.to(tl.int64)[:, None] * N + cols, mask=live[:, None] & (cols < N), other=0)
         s = tl.load(hs_ptr + rows * n_blk + chunk, mask=live, other=0.0)
-        y = _gelu(q.to(tl.float32) * s[:, None], LIBDEVICE)
+        y = _round_bf16(_gelu(q.to(tl.float32) * s[:, None], LIBDEVICE), ROUND_BF16, UPCAST)
         _store_operand(yq_ptr, ys_ptr, n_out, y, tile, rows, chunk, cols, R, n_blk, h, inv_sqrt,
-                       BR, NCH, HAD, UPCAST)
+                       BR, NCH, HAD, UPCAST, ROUND_BF16)
 
 
 @triton.jit

@@ -197,6 +197,13 @@ INT8_LAYERNORM_GRAD = False
 RECOMPUTE_GELU_OPERAND = True
 
 
+# True (default): with BF16 activations the GELU's output is rounded to BF16 before it is rotated and
+# quantized for fc2 — what a BF16 model's GELU writes and the per-linear int8 recipe quantizes — which
+# the kernel then rotates exactly with one BF16 tensor-core product instead of two (hi + lo parts of
+# the FP32 value). False: the FP32 GELU output is rotated (two products). Read when the GELU's forward
+# runs; fc2's rebuild in backward uses the forward's choice (`Int8Operand.source_round_to`).
+GELU_OUTPUT_BF16 = True
+
 # True (default, with RECOMPUTE_GELU_OPERAND): fc2's backward computes the GELU's backward as well, in
 # its dgrad GEMM's epilogue (`kernels.scaled_mm(..., gelu_grad_of=h)`: the GELU's INT8 input h, which
 # fc2 keeps anyway, read there), and hands the result to the GELU's backward through a `GeluGradSlot`:
@@ -316,7 +323,9 @@ class Int8Operand(NamedTuple):
     the GELU keeps `source` anyway, so fc2 saves no bytes of its own.
 
     `gelu_slot`: set with `source` (with `FUSED_GELU_BACKWARD`) — where the consuming linear leaves
-    the GELU's input gradient, computed with the rebuild (`GeluGradSlot`)."""
+    the GELU's input gradient, computed in its dgrad GEMM (`GeluGradSlot`).
+
+    `source_round_to`: with `source`, the `round_to` of that `gelu_quantize` (`GELU_OUTPUT_BF16`)."""
 
     carrier: torch.Tensor
     q: QuantizedTensor
@@ -324,6 +333,7 @@ class Int8Operand(NamedTuple):
     grad_slot: Int8GradSlot | None = None
     source: QuantizedTensor | None = None
     gelu_slot: GeluGradSlot | None = None
+    source_round_to: torch.dtype | None = None
 
     @property
     def features(self) -> int:
@@ -411,9 +421,9 @@ def layernorm_operand(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
 
 class _GeluOperand(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, carrier, h_data, h_scale, h_meta, hadamard, block, box, slot):
+    def forward(ctx, carrier, h_data, h_scale, h_meta, hadamard, block, box, slot, round_to):
         h_q = QuantizedTensor(h_data, h_scale, *h_meta)
-        box.append(dataflow_kernels.gelu_quantize(h_q, hadamard, block))
+        box.append(dataflow_kernels.gelu_quantize(h_q, hadamard, block, round_to))
         ctx.save_for_backward(h_data, h_scale)       # only the INT8 input
         ctx.h_meta, ctx.shape, ctx.slot = h_meta, carrier.shape, slot
         return carrier_like(carrier.shape, carrier.dtype, carrier.device)
@@ -426,7 +436,7 @@ class _GeluOperand(torch.autograd.Function):
             dh = ctx.slot.take(grad, h_q)
         else:
             dh = dataflow_kernels.gelu_backward(h_q, grad.reshape(-1, ctx.shape[-1]))
-        return dh.view(ctx.shape), None, None, None, None, None, None, None
+        return dh.view(ctx.shape), None, None, None, None, None, None, None, None
 
 
 def gelu_operand(h: Int8Operand, hadamard: int, block: tuple[int, int]) -> Int8Operand:
@@ -439,7 +449,9 @@ def gelu_operand(h: Int8Operand, hadamard: int, block: tuple[int, int]) -> Int8O
                                                       if isinstance(h, Int8Operand) else ""))
     box: list = []
     slot = GeluGradSlot() if RECOMPUTE_GELU_OPERAND and FUSED_GELU_BACKWARD else None
+    round_to = torch.bfloat16 if GELU_OUTPUT_BF16 and h.carrier.dtype == torch.bfloat16 else None
     carrier = _GeluOperand.apply(h.carrier, h.q.data, h.q.scale, _qt_meta(h.q), int(hadamard),
-                                 tuple(block), box, slot)
-    return Int8Operand(carrier, box[0], int(hadamard), source=h.q if RECOMPUTE_GELU_OPERAND else None,
-                       gelu_slot=slot)
+                                 tuple(block), box, slot, round_to)
+    recompute = RECOMPUTE_GELU_OPERAND
+    return Int8Operand(carrier, box[0], int(hadamard), source=h.q if recompute else None, gelu_slot=slot,
+                       source_round_to=round_to if recompute else None)

@@ -133,7 +133,8 @@ def _wgrad_input_operand(xq: QuantizedTensor, recipe: Recipe, dtype: torch.dtype
 class _DataFlowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xq, hadamard, weight, bias, recipe: Recipe, int8_output, box,
-                grad_slot: Int8GradSlot | None, source: QuantizedTensor | None, gelu_slot: GeluGradSlot | None):
+                grad_slot: Int8GradSlot | None, source: QuantizedTensor | None, gelu_slot: GeluGradSlot | None,
+                source_round_to: torch.dtype | None):
         in_features = weight.shape[1]
         spec = recipe.forward
         if xq is None:
@@ -153,7 +154,7 @@ class _DataFlowLinear(torch.autograd.Function):
         kept = source if source is not None else xq
         ctx.save_for_backward(kept.data, kept.scale, weight)
         ctx.xq_meta = (kept.block, kept.bits, kept.shape)
-        ctx.rebuild_format = (hadamard, xq.block) if source is not None else None
+        ctx.rebuild_format = (hadamard, xq.block, source_round_to) if source is not None else None
         ctx.gelu_slot = gelu_slot if source is not None else None
         ctx.recipe, ctx.hadamard, ctx.has_bias = recipe, hadamard, bias is not None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -229,7 +230,7 @@ class _DataFlowLinear(torch.autograd.Function):
             if bias_sum is None:
                 bias_sum = grad_y.sum(0, dtype=torch.float32)   # FP32 sums, no FP32 copy of ∇Y
             grad_b = bias_sum.to(grad_y.dtype)
-        return grad_x, None, None, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, None, None, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def dataflow_linear(x: torch.Tensor | Int8Operand, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -252,12 +253,13 @@ def dataflow_linear(x: torch.Tensor | Int8Operand, weight: torch.Tensor, bias: t
                              f"{x.q.block}, bits={x.q.bits}) is not recipe {recipe.name!r}'s forward "
                              f"operand (hadamard={hadamard}, block={expected}, bits=8)")
         value, xq, grad_slot, source, gelu_slot = x.carrier, x.q, x.grad_slot, x.source, x.gelu_slot
+        source_round_to = x.source_round_to
     else:
-        value, xq, grad_slot, source, gelu_slot = x, None, None, None, None
+        value, xq, grad_slot, source, gelu_slot, source_round_to = x, None, None, None, None, None
     if value.shape[-1] != weight.shape[1]:
         raise ValueError(f"dataflow_linear: input features {value.shape[-1]} != weight in_features "
                          f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
     box: list = []
     y = _DataFlowLinear.apply(value, xq, hadamard, weight, bias, recipe, bool(int8_output), box,
-                              grad_slot, source, gelu_slot)
+                              grad_slot, source, gelu_slot, source_round_to)
     return Int8Operand(y, box[0], 0) if int8_output else y
