@@ -259,6 +259,11 @@ torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::T
                 "int8_gemm: gelu_scale must be a float32 [", num(M), ", ", num(out_blocks), "] tensor with "
                 "contiguous rows on ", a.device().str(), "; got ", gs.scalar_type(), " ", dims(gs.sizes()),
                 " on ", gs.device().str());
+    TORCH_CHECK(N % 8 == 0 && ldc % 8 == 0 && reinterpret_cast<std::uintptr_t>(out.data_ptr()) % 16 == 0 &&
+                    reinterpret_cast<std::uintptr_t>(gq.data_ptr()) % 16 == 0,
+                "int8_gemm: the GELU-backward epilogue needs 16-byte aligned rows (N and the row stride "
+                "multiples of 8, out and gelu_q 16-byte aligned: TMA stores); got N = ", num(N), ", ldc = ",
+                num(ldc));
     gelu_q_ptr = static_cast<const int8_t*>(gq.data_ptr());
     gelu_scale_ptr = gs.data_ptr<float>();
     ld_gelu_q = M == 1 ? N : gq.stride(0);

@@ -403,12 +403,13 @@ def _gelu_input(m, n, dev, seed):
 
 
 @gpu
-@pytest.mark.parametrize("m,n,k", [(1000, 1600, 384), (77, 200, 1600), (300, 6472, 4096), (129, 100, 48)])
+@pytest.mark.parametrize("m,n,k", [(1000, 1600, 384), (77, 200, 1600), (300, 6472, 4096), (129, 136, 48)])
 def test_gelu_backward_epilogue_matches_fp64(dev, m, n, k):
-    """gelu_input: the product times GELU'(h) in FP32, rounded once to BF16 (TMA stores; n = 100: rows
-    not 16-byte aligned, register stores), against the FP64 product times FP64 GELU' of the same INT8
-    h: within one BF16 ulp of the reference (2^-7 relative; the FP32 math and its approximate exp2 and
-    reciprocal are ~2^-20) plus 1e-6 of the largest value. A NaN h scale makes its block NaN."""
+    """gelu_input: the product rounded to BF16, times GELU'(h) in FP32, rounded again (the two-step
+    path's roundings; row and column tails of the tiles), against the FP64 product times FP64 GELU' of
+    the same INT8 h: two half-ulp roundings are within 2^-7 relative (the FP32 math and its
+    approximate exp2 and reciprocal are ~2^-20), plus 1e-6 of the largest value. A NaN h scale makes
+    its block NaN."""
     from megaq.kernels.dataflow import gelu_tanh_grad
     a, b, g = _operands(m, n, k, dev, seed=m + 5 * n + k)
     sa, sb = _scales(m, 1, g, dev), _scales(n, 1, g, dev)
@@ -438,6 +439,10 @@ def test_gelu_backward_epilogue_refuses_what_it_does_not_run(dev):
         cuda_ext.int8_gemm(a, b, sa, sb, gelu_input=(h.data[:, :128], h.scale))
     with pytest.raises(RuntimeError, match="gelu_scale must be a float32"):
         cuda_ext.int8_gemm(a, b, sa, sb, gelu_input=(h.data, h.scale[:32]))
+    a, b, g = _operands(64, 100, 128, dev)           # rows of 200 bytes: no TMA stores
+    h = _gelu_input(64, 100, dev, seed=2)
+    with pytest.raises(RuntimeError, match="16-byte aligned rows"):
+        cuda_ext.int8_gemm(a, b, sa, _scales(100, 1, g, dev), gelu_input=(h.data, h.scale))
 
 
 @gpu

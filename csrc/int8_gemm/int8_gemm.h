@@ -31,16 +31,18 @@
 // epilogue (the INT8 data flow's fc2 dgrad, whose output is the GELU output's gradient):
 //   out[m, n] = v[m, n] * GELU'(h[m, n]),  h[m, n] = gelu_q[m * ld_gelu_q + n] * gelu_scale[m * ld_gelu_scale + n / 128]
 // with GELU the tanh approximation and its derivative in FP32 (the formula of megaq's Triton data-flow
-// kernels: one ex2.approx and one approximate reciprocal), rounded once to BF16. gelu_q is int8 [M, N]
-// (the GELU's saved INT8 input), gelu_scale its FP32 (1, 128)-block scales.
+// kernels: one ex2.approx and one approximate reciprocal); v is rounded to BF16 first and the product
+// again (the two-step path's roundings). gelu_q is int8 [M, N] (the GELU's saved INT8 input, 16-byte
+// aligned), gelu_scale its FP32 (1, 128)-block scales; out rows must allow TMA stores (N % 8 == 0,
+// 16-byte aligned rows).
 // A NaN or Inf scale makes the affected outputs NaN/Inf (never silently finite).
 //
 // Requirements (the launcher returns cudaErrorInvalidValue otherwise): M, N >= 1 (any tails);
 // K >= 16 and K % 16 == 0; lda, ldb (bytes) multiples of 16 and >= K; A and B 16-byte aligned
 // (the TMA engine's rules: it zero-fills the K tail of the last 128-wide K tile, and rows past M / N);
 // ldc >= N; INT8 out: out_scale non-null, ld_out_scale >= ceil(N / 128); gelu_q: gelu_scale non-null,
-// ld_gelu_q == ldc (the GELU input has the output's layout), ld_gelu_scale >= ceil(N / 128), and the
-// combination above (else invalid value).
+// ld_gelu_q == ldc (the GELU input has the output's layout), ld_gelu_scale >= ceil(N / 128), gelu_q
+// 16-byte aligned, out rows 16-byte aligned, and the combination above (else invalid value).
 //
 // Architecture: sm_90a only (wgmma, setmaxnreg). The file compiles for every target (CI checks
 // sm_80 / sm_89 / sm_90a); elsewhere the kernel body is compiled out and megaq_int8_gemm_check_device

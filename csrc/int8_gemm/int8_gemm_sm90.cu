@@ -32,8 +32,8 @@
 //   data flow's fc1): the fragment becomes its FP32 values in place, each row's 128-column blocks get
 //   their abs-max (a lane quad holds a block row) and scale, and the requantized bytes leave through
 //   the same staging rows (store_tile_int8). GELU_BWD (the data flow's fc2 dgrad, BF16 out through TMA
-//   stores): each value is multiplied by GELU' of the GELU's INT8 input at its place, read in the
-//   epilogue, so that the GEMM writes the GELU input's gradient instead of its output's.
+//   stores): the staged BF16 tile is multiplied by GELU' of the GELU's INT8 input at each place
+//   before the TMA store (gelu_backward_rows), so that the GEMM writes the GELU input's gradient.
 //   Tiles are visited in grouped order (group_m row tiles walk the column tiles together, for L2 reuse).
 // wgmma operand descriptors: K-major, 128-byte swizzle, 8-row core-matrix groups 1024 bytes apart; the
 // k-th 32-byte slice of a 128-byte row starts 32 k bytes into the (1024-aligned) tile.
@@ -442,15 +442,80 @@ __device__ __forceinline__ void store_tile_rows(const Value& value, const float*
   }
 }
 
+// GELU'(v) of the tanh approximation, as megaq's Triton data-flow kernels compute it (_gelu_grad in
+// megaq/kernels/triton_dataflow.py): GELU(v) = v·σ(2z), 2z = 2·sqrt(2/π)·(v + 0.044715 v³); with
+// e = 2^-|w| (w = 2z·log2 e, never overflows) σ(2z) is 1/(1+e) or e/(1+e) by the sign of w, and
+// σ(2z)σ(-2z) = e/(1+e)². A NaN input gives NaN.
+__device__ __forceinline__ float gelu_tanh_grad(float v) {
+  const float w = v * (2.302208198144325f + 0.1029432395800235f * v * v);
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-fabsf(w)));
+  const float r = __fdividef(1.f, 1.f + e);
+  const float sig = w >= 0.f ? r : e * r;
+  return sig + v * (e * r * r) * (1.5957691216057308f + 0.21406444881780073f * v * v);
+}
+
+// GELU_BWD: the warpgroup's 64 x BN BF16 rows in shared memory (store_tile_tma's swizzled layout)
+// multiplied by GELU'(h) in place, h = gelu_q * gelu_scale at the same place. Over 16-byte chunks (8
+// values), consecutive threads on consecutive chunks of a row, so that each warp reads 256 contiguous
+// bytes of gelu_q; unrolled, so that all of a thread's loads are in flight at once (the accumulators
+// are dead by now: registers are free). Written out in the fragment loop instead, the per-value loads
+// and GELU' math made the epilogue 20x the code of this one (29k instructions) and the GEMM took
+// 2.1 ms more at 16384 x 16384 x 4096 (H100). Rows past M are skipped (TMA clips them); the launcher
+// guarantees N % 8 == 0 and 16-byte aligned rows (TMA stores), so chunks are whole and the 8-byte
+// loads aligned. The product is rounded to BF16 before the multiplication, as in the two-step path
+// (the GEMM's BF16 output, then the GELU backward).
+template <int BN>
+__device__ __forceinline__ void gelu_backward_rows(const Params& p, uint8_t* rows, int row0, int n0, int t) {
+  constexpr int CHUNK_BYTES = 64 * 128;           // one [64 x 64] BF16 column block of the tile
+  constexpr int CHUNKS = BN / 8;                  // 16-byte chunks per tile row
+  constexpr int ROWS_PER_PASS = 128 / CHUNKS;     // rows the warpgroup covers per pass
+  constexpr int PASSES = 64 / ROWS_PER_PASS;
+  const int c = (t % CHUNKS) * 8;                 // this thread's tile column: the same in every pass
+  const int gc = n0 + c;
+  const int r0 = t / CHUNKS;
+  // every pass's loads first, all in flight together (the compiler does not move them above the
+  // previous pass's shared-memory store itself)
+  uint2 q[PASSES];
+  float sc[PASSES];
+#pragma unroll
+  for (int i = 0; i < PASSES; ++i) {
+    const int gr = row0 + r0 + i * ROWS_PER_PASS;
+    const bool ok = gr < p.M && gc < p.N;
+    q[i] = ok ? __ldg(reinterpret_cast<const uint2*>(p.gelu_q + static_cast<int64_t>(gr) * p.ldc + gc))
+              : make_uint2(0u, 0u);
+    sc[i] = ok ? __ldg(p.gelu_scale + static_cast<int64_t>(gr) * p.ld_gelu_scale + gc / 128) : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < PASSES; ++i) {
+    const int r = r0 + i * ROWS_PER_PASS;
+    if (row0 + r >= p.M || gc >= p.N) continue;
+    uint4* chunk = reinterpret_cast<uint4*>(rows + (c / 64) * CHUNK_BYTES + r * 128 + ((((c % 64) / 8) ^ (r & 7)) << 4));
+    uint4 v = *chunk;
+    uint32_t* words = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t qw = e < 2 ? q[i].x : q[i].y;
+      const int shift = 16 * (e % 2);
+      const float h0 = static_cast<float>(static_cast<int8_t>((qw >> shift) & 0xff)) * sc[i];
+      const float h1 = static_cast<float>(static_cast<int8_t>((qw >> (shift + 8)) & 0xff)) * sc[i];
+      const float2 g = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[e]));
+      const __nv_bfloat162 out = __floats2bfloat162_rn(g.x * gelu_tanh_grad(h0), g.y * gelu_tanh_grad(h1));
+      words[e] = *reinterpret_cast<const uint32_t*>(&out);
+    }
+    *chunk = v;
+  }
+}
+
 // The TMA_OUT epilogue of consumer warpgroup w: its 64 x BN rows of the tile, converted to BF16
 // into its half of the output tile in shared memory (the 128-byte swizzle of the map: 16-byte chunk j
 // of row r sits at chunk j ^ (r % 8), so that the 8 rows a warp's fragment spans hit different
 // banks), then written by one thread's TMA stores, which complete while the warpgroup goes on to its
 // next tile's main loop. The buffer is rewritten only once the previous stores have read it.
-template <int BN, typename Value>
+template <int BN, bool GELU_BWD, typename Value>
 __device__ __forceinline__ void store_tile_tma(const Value& value, const float* col_scale, const float* col_bias,
-                                               const CUtensorMap* map, const Fragment& f, int w, uint8_t* tile,
-                                               int m0, int n0) {
+                                               const CUtensorMap* map, const Params& p, const Fragment& f, int w,
+                                               uint8_t* tile, int m0, int n0) {
   constexpr int CHUNK_COLS = 64;                   // 128 bytes of BF16: one swizzle row
   constexpr int CHUNK_BYTES = 64 * CHUNK_COLS * 2;  // 64 rows
   uint8_t* mine = tile + w * (BN / CHUNK_COLS) * CHUNK_BYTES;
@@ -472,6 +537,10 @@ __device__ __forceinline__ void store_tile_tma(const Value& value, const float* 
                                                                        value(4 * i + 2 * h + 1, h, s.y) + b.y);
     }
   }
+  if constexpr (GELU_BWD) {
+    warpgroup_sync(w);   // the whole 64-row half is in shared memory
+    gelu_backward_rows<BN>(p, mine, m0 + 64 * w, n0, threadIdx.x % 128);
+  }
   fence_async_shared();
   warpgroup_sync(w);
   if (leader) {
@@ -480,19 +549,6 @@ __device__ __forceinline__ void store_tile_tma(const Value& value, const float* 
       tma_store_2d(map, mine + k * CHUNK_BYTES, n0 + k * CHUNK_COLS, m0 + 64 * w);
     bulk_commit();
   }
-}
-
-// GELU'(v) of the tanh approximation, as megaq's Triton data-flow kernels compute it (_gelu_grad in
-// megaq/kernels/triton_dataflow.py): GELU(v) = v·σ(2z), 2z = 2·sqrt(2/π)·(v + 0.044715 v³); with
-// e = 2^-|w| (w = 2z·log2 e, never overflows) σ(2z) is 1/(1+e) or e/(1+e) by the sign of w, and
-// σ(2z)σ(-2z) = e/(1+e)². A NaN input gives NaN.
-__device__ __forceinline__ float gelu_tanh_grad(float v) {
-  const float w = v * (2.302208198144325f + 0.1029432395800235f * v * v);
-  float e;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-fabsf(w)));
-  const float r = __fdividef(1.f, 1.f + e);
-  const float sig = w >= 0.f ? r : e * r;
-  return sig + v * (e * r * r) * (1.5957691216057308f + 0.21406444881780073f * v * v);
 }
 
 // INT8 out (the data flow's epilogue, int8_gemm.h): max that keeps a NaN (fmaxf would drop it, and
@@ -813,38 +869,25 @@ __global__ void __launch_bounds__(THREADS, 1)
   // and `value` (fragment element -> FP32 before the bias): INT8 out requantizes it (store_tile_int8,
   // which reuses `vals` for the final values); BF16 out with TMA leaves through TMA stores; else the
   // staged rows or the direct fragment stores. Only the branch of this kernel's OutT is instantiated.
-  auto store = [&](auto& vals, const auto& value_in, const float* col_scales, const float* col_biases, int m0,
+  auto store = [&](auto& vals, const auto& value, const float* col_scales, const float* col_biases, int m0,
                    int n0) {
-    // GELU_BWD: fragment element j of row half h sits at tile row frag.row + 8 h, column
-    // 8 (j / 4) + frag.col + j % 2 (Fragment); its GELU input is read there (L1-cached loads: the
-    // lanes of a quad read neighbouring bytes). The launcher refuses a bias with it.
-    auto value = [&](int j, int h, float sb) {
-      const float v = value_in(j, h, sb);
-      if constexpr (GELU_BWD) {
-        const int r = m0 + frag.row + 8 * h;
-        const int c = n0 + 8 * (j / 4) + frag.col + j % 2;
-        if (r >= p.M || c >= p.N) return v;   // not stored
-        const float x = static_cast<float>(__ldg(p.gelu_q + static_cast<int64_t>(r) * p.ldc + c)) *
-                        __ldg(p.gelu_scale + static_cast<int64_t>(r) * p.ld_gelu_scale + c / 128);
-        return v * gelu_tanh_grad(x);
-      } else {
-        return v;
-      }
-    };
     if constexpr (std::is_same_v<OutT, int8_t>) {
       finish_values<BN>(vals, value, col_scales, col_biases, frag);
       store_tile_int8<BN>(vals, p, frag, m0, n0, staging, L::STAGING_PITCH);
     } else {
       if constexpr (TMA_OUT) {
         if (p.tma_store) {
-          store_tile_tma<BN>(value, col_scales, col_biases, &tmap_c, frag, warpgroup, smem_out, m0, n0);
+          store_tile_tma<BN, GELU_BWD>(value, col_scales, col_biases, &tmap_c, p, frag, warpgroup, smem_out, m0,
+                                       n0);
           return;
         }
       }
-      if (p.row_store)
-        store_tile_rows<BN, OutT>(value, col_scales, col_biases, p, frag, m0, n0, staging, L::STAGING_PITCH);
-      else
-        store_tile<BN, OutT>(value, col_scales, col_biases, p, frag, m0, n0);
+      if constexpr (!GELU_BWD) {   // GELU_BWD kernels always store with TMA (the launcher sees to it)
+        if (p.row_store)
+          store_tile_rows<BN, OutT>(value, col_scales, col_biases, p, frag, m0, n0, staging, L::STAGING_PITCH);
+        else
+          store_tile<BN, OutT>(value, col_scales, col_biases, p, frag, m0, n0);
+      }
     }
   };
 
@@ -1019,6 +1062,7 @@ cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, P
   // TMA stores need 16-byte aligned rows (the staged epilogue's condition); else the kernel stores
   // from registers as the other kernels do
   p.tma_store = TMA_OUT && p.row_store && make_out_map(&map_c, encode, p.out, p.M, p.N, p.ldc);
+  if (GELU_BWD && !p.tma_store) return cudaErrorInvalidValue;   // its epilogue works on the TMA tile
   if (!p.tma_store) map_c = map_a;   // unused
   auto kernel = int8_gemm_kernel<BN, STAGES, MODE, DUAL, SB_VEC, TMA_OUT, OutT, GELU_BWD>;
   cudaFuncAttributes attr;

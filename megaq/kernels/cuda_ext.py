@@ -269,8 +269,9 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: 
     [M, ceil(N/128)].
     gelu_input `(q, scales)` (bfloat16 out, mode rowcol, no bias, default tile): the GELU's backward in
     the epilogue — out[m, n] = product · GELU'(q[m, n] · scales[m, n // 128]), q int8 [M, N] and
-    scales float32 [M, ceil(N/128)] (the GELU's INT8 input in (1, 128) blocks), FP32 inside, one
-    rounding to BF16 (the INT8 data flow's fc2 dgrad writing the GELU input's gradient).
+    scales float32 [M, ceil(N/128)] (the GELU's INT8 input in (1, 128) blocks), the product rounded
+    to BF16, then multiplied in FP32 and rounded again (the INT8 data flow's fc2 dgrad writing the
+    GELU input's gradient). Needs N % 8 == 0 (TMA-stored rows).
     tile / group_m: the kernel's tile configuration and raster group (0 = default; for benchmarks).
     FP32 output of rowcol rounds float(acc) (exact below 2^24) and the product with sa·sb: relative
     error ≤ ~2^-22; block128 adds one FP32 rounding per K-block; bf16 rounds once more."""

@@ -97,7 +97,7 @@ def scaled_mm(a, b, out_dtype: torch.dtype = torch.float32, bias: torch.Tensor |
     gelu_grad_of (an INT8 `QuantizedTensor` [M, N] in (1, 128) blocks: a GELU's saved input h): the
     product times GELU'(h), i.e. the GELU's backward applied to the product (the INT8 data flow's fc2
     dgrad, whose product is the gradient of the GELU's output). On sm_90 with a per-row × per-column
-    plan, BF16 out and no bias it runs in the CUDA kernel's epilogue (FP32 inside, one rounding);
+    plan, BF16 out, no bias and N % 8 == 0 it runs in the CUDA kernel's epilogue (the same roundings);
     elsewhere the product is written in `out_dtype` and `dataflow.gelu_backward` applied to it.
     """
     if a.shape[1] != b.shape[1]:
@@ -127,7 +127,7 @@ def _scaled_mm_gelu_backward(a, b, out_dtype, bias, h):
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"scaled_mm: gelu_grad_of needs a floating out_dtype; got {out_dtype}")
     plan = _gemm_plan(a, b) if dispatch._use_triton(a.data, b.data, h.data) else None
-    if plan is not None and bias is None and out_dtype == torch.bfloat16 and a.bits == b.bits == 8:
+    if plan is not None and bias is None and out_dtype == torch.bfloat16 and a.bits == b.bits == 8 and N % 8 == 0:
         mode = plan[0]
         K = a.shape[1]
         ad, bd = a.int_values().contiguous(), b.int_values().contiguous()
