@@ -355,18 +355,25 @@ def _record_cuda_calls(monkeypatch, key: str) -> list:
     return calls
 
 
+def _on_triton_then(monkeypatch, choice: str, key: str, call):
+    """`call()` with MEGAQ_INT8_GEMM=triton (it must make no CUDA GEMM call), then with `choice`: both
+    results, and the list of the CUDA calls' `key` values (`_record_cuda_calls`, still recording)."""
+    calls = _record_cuda_calls(monkeypatch, key)
+    monkeypatch.setenv("MEGAQ_INT8_GEMM", "triton")
+    on_triton = call()
+    assert calls == []
+    monkeypatch.setenv("MEGAQ_INT8_GEMM", choice)
+    return on_triton, call(), calls
+
+
 @gpu
 @pytest.mark.parametrize("ablock,bblock", [((1, -1), (1, -1)), ((1, 128), (128, 128)), ((1, 128), (1, 128))])
 def test_scaled_mm_routes_to_the_cuda_kernel(dev, monkeypatch, ablock, bblock):
     """MEGAQ_INT8_GEMM=cuda sends every supported plan to csrc/int8_gemm (and its result matches the
     Triton kernel's), =triton never does."""
     qa, qb, bias = _quantized_linear_operands(dev, 384, ablock, bblock, seed=1)
-    calls = _record_cuda_calls(monkeypatch, "mode")
-    monkeypatch.setenv("MEGAQ_INT8_GEMM", "triton")
-    triton_out = kernels.scaled_mm(qa, qb, out_dtype=torch.float32, bias=bias)
-    assert calls == []
-    monkeypatch.setenv("MEGAQ_INT8_GEMM", "cuda")
-    out = kernels.scaled_mm(qa, qb, out_dtype=torch.float32, bias=bias)
+    triton_out, out, calls = _on_triton_then(monkeypatch, "cuda", "mode",
+                                             lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.float32, bias=bias))
     assert calls == ["rowcol" if ablock == (1, -1) else "block128"]
     assert _rel(out, triton_out.double()) <= 1e-6
     assert kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16).dtype == torch.bfloat16
@@ -379,12 +386,8 @@ def test_scaled_mm_int8_output_on_the_cuda_kernel(dev, monkeypatch):
     within 1e-6, at most one INT8 step apart, on almost no elements), and stochastic rounding stays on
     Triton."""
     qa, qb, bias = _quantized_linear_operands(dev, 6400, (1, -1), (1, -1), seed=2)
-    calls = _record_cuda_calls(monkeypatch, "out_dtype")
-    monkeypatch.setenv("MEGAQ_INT8_GEMM", "triton")
-    ref = kernels.scaled_mm(qa, qb, out_dtype=torch.int8, bias=bias)
-    assert calls == []
-    monkeypatch.setenv("MEGAQ_INT8_GEMM", "auto")
-    out = kernels.scaled_mm(qa, qb, out_dtype=torch.int8, bias=bias)
+    ref, out, calls = _on_triton_then(monkeypatch, "auto", "out_dtype",
+                                      lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.int8, bias=bias))
     assert calls == [torch.int8]
     assert out.block == ref.block == (1, 128) and out.shape == ref.shape
     assert float(((out.scale - ref.scale).abs() / ref.scale).max()) <= 1e-6
@@ -452,12 +455,8 @@ def test_scaled_mm_gelu_backward_on_the_cuda_kernel(dev, monkeypatch):
     more) within 4e-3 relative."""
     qa, qb, _ = _quantized_linear_operands(dev, 6400, (1, -1), (1, -1), seed=3)
     h = _gelu_input(1000, 6400, dev, seed=4)
-    calls = _record_cuda_calls(monkeypatch, "out_dtype")
-    monkeypatch.setenv("MEGAQ_INT8_GEMM", "triton")
-    two_step = kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16, gelu_grad_of=h)
-    assert calls == []
-    monkeypatch.setenv("MEGAQ_INT8_GEMM", "auto")
-    fused = kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16, gelu_grad_of=h)
+    two_step, fused, calls = _on_triton_then(
+        monkeypatch, "auto", "out_dtype", lambda: kernels.scaled_mm(qa, qb, out_dtype=torch.bfloat16, gelu_grad_of=h))
     assert calls == [torch.bfloat16] and fused.dtype == torch.bfloat16
     assert _rel(fused, two_step.double()) <= 4e-3
     with pytest.raises(ValueError, match="gelu_grad_of must be an INT8"):
