@@ -210,22 +210,17 @@ class _DataFlowLinear(torch.autograd.Function):
             gy_cols = grad_y if bias_sum is None else quantize_grad_y_t(grad_y, wgrad, recipe.check_finite, bias_sum,
                                                                         delayed_a)
             rotate_operand = ctx.hadamard if ROTATE_WGRAD_OPERAND else 0
-            # Into Hadamard space's ∇W̃ (without `rotate_operand`) in the weight's 16-bit dtype where
-            # there is one: half the bytes written and read back by the rotation, and the TMA-store
-            # epilogue. Its extra rounding before the rotation: ∇W's error 1.4x that of one BF16
-            # rounding (relative Frobenius, 2.3e-3 against 1.7e-3 on heavy-tailed inputs), far below the
-            # INT8 product's own.
-            rotated_dtype = weight.dtype if ctx.hadamard and weight.dtype in (torch.bfloat16, torch.float16) \
-                else torch.float32
-            out_dtype = weight.dtype if rotate_operand or not ctx.hadamard else rotated_dtype
             operand = _wgrad_input_operand(xq, recipe, ctx.x_dtype, delayed_b, rotate_operand)
+            # ∇W (or, rotated after, ∇W̃) in the weight's dtype from the GEMM's epilogue. ∇W̃'s 16-bit
+            # rounding before the rotation halves the bytes the rotation moves; it makes ∇W's error 1.4x
+            # that of one BF16 rounding (relative Frobenius, 2.3e-3 against 1.7e-3 on heavy-tailed
+            # inputs), far below the INT8 product's own.
             grad_w = quantized_gemm(gy_cols, operand, wgrad, recipe.check_finite, transpose_a=True, transpose_b=True,
-                                    out_dtype=out_dtype, delayed_a=delayed_a, delayed_b=delayed_b)
+                                    out_dtype=weight.dtype, delayed_a=delayed_a, delayed_b=delayed_b)
             if ctx.hadamard and not rotate_operand:
                 grad_w = dataflow_kernels.rotate_back(grad_w, ctx.hadamard, in_features, weight.dtype)
             elif grad_w.shape[1] != in_features:
                 grad_w = grad_w[:, :in_features].contiguous()   # the Hadamard padding's columns
-            grad_w = grad_w.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[4]:
             if bias_sum is None:
                 bias_sum = grad_y.sum(0, dtype=torch.float32)   # FP32 sums, no FP32 copy of ∇Y
