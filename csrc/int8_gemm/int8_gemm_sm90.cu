@@ -1214,7 +1214,7 @@ extern "C" cudaError_t megaq_int8_gemm(const int8_t* A, const int8_t* B, int64_t
     // its inputs share fields with the bias and the INT8 output's scales (Params), and its row stride
     // is out's
     if (gelu_scale == nullptr || ld_gelu_q != ldc || ld_gelu_scale < (N + 127) / 128 || bias != nullptr ||
-        out_kind != MEGAQ_INT8_OUT_BF16)
+        out_kind != MEGAQ_INT8_OUT_BF16 || reinterpret_cast<uintptr_t>(gelu_q) % 16 != 0)
       return cudaErrorInvalidValue;
     p.gelu_q = gelu_q;
     p.gelu_scale = gelu_scale;
