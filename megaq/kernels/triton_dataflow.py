@@ -280,6 +280,14 @@ def _load_int8_chunk(q_ptr, s_ptr, n_blocks, rows, c0, R, C, BC: tl.constexpr):
 
 
 @triton.jit
+def _gelu_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC: tl.constexpr, LIBDEVICE: tl.constexpr,
+                ROUND_BF16: tl.constexpr, UPCAST: tl.constexpr):
+    """GELU of a [BR, BC] chunk of the INT8 input (`_load_int8_chunk`), FP32 (BF16 values: ROUND_BF16)."""
+    return _round_bf16(_gelu(_load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC), LIBDEVICE),
+                       ROUND_BF16, UPCAST)
+
+
+@triton.jit
 def _gelu_quant_kernel(hq_ptr, hs_ptr, n_hblk, R, N, Np, yq_ptr, ys_ptr, h_ptr, inv_sqrt,
                        BR: tl.constexpr, BC: tl.constexpr, HAD: tl.constexpr, UPCAST: tl.constexpr,
                        RINT_LIBDEVICE: tl.constexpr, ROUND_BF16: tl.constexpr = False):
@@ -294,23 +302,20 @@ def _gelu_quant_kernel(hq_ptr, hs_ptr, n_hblk, R, N, Np, yq_ptr, ys_ptr, h_ptr, 
         h = _load_hadamard(h_ptr, HAD)
         amax = tl.zeros([BR], tl.float32)
         for c0 in range(0, Np, BC):
-            y = _round_bf16(_gelu(_load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC), RINT_LIBDEVICE),
-                            ROUND_BF16, UPCAST)
+            y = _gelu_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC, RINT_LIBDEVICE, ROUND_BF16, UPCAST)
             amax = tl.maximum(amax, tl.max(tl.abs(_rotate(y, h, inv_sqrt, UPCAST, ROUND_BF16)), axis=1))
         s = _scale_from_amax(amax, QMAX)
         tl.store(ys_ptr + rows, s, mask=rmask)
         for c0 in range(0, Np, BC):
             cols = c0 + tl.arange(0, BC)
-            y = _round_bf16(_gelu(_load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC), RINT_LIBDEVICE),
-                            ROUND_BF16, UPCAST)
+            y = _gelu_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC, RINT_LIBDEVICE, ROUND_BF16, UPCAST)
             mask = rmask[:, None] & (cols < Np)[None, :]
             _store_quantized(yq_ptr, rows, cols, Np, mask, _rotate(y, h, inv_sqrt, UPCAST, ROUND_BF16), s, QMAX,
                              RINT_LIBDEVICE)
     else:
         for c0 in range(0, N, BC):
             cols = c0 + tl.arange(0, BC)
-            y = _round_bf16(_gelu(_load_int8_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC), RINT_LIBDEVICE),
-                            ROUND_BF16, UPCAST)
+            y = _gelu_chunk(hq_ptr, hs_ptr, n_hblk, rows, c0, R, N, BC, RINT_LIBDEVICE, ROUND_BF16, UPCAST)
             s = _scale_from_amax(tl.max(tl.abs(y), axis=1), QMAX)
             tl.store(ys_ptr + rows * n_hblk + c0 // BC, s, mask=rmask)
             mask = rmask[:, None] & (cols < N)[None, :]
