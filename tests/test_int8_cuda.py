@@ -180,6 +180,22 @@ def test_int8_output_is_the_fp32_output_requantized(dev, m, n, k, mode, tile):
     assert int(q.abs().max()) == 127   # every block's abs-max maps to ±127
 
 
+@gpu
+@pytest.mark.parametrize("m,n,k", [(4099, 1664, 2048), (77, 1600, 1600), (130, 384, 48), (1000, 6400, 4096)])
+def test_int8_output_tma_is_the_staged_output(dev, m, n, k):
+    """The default launch's INT8 epilogue (TMA stores from a swizzled shared-memory tile, rows 16-byte
+    aligned) writes what the 4-stage kernel's staged stores write, bit for bit, scales included:
+    row and column tails of the tile, a bias, and an N tail inside a 128-column block."""
+    a, b, g = _operands(m, n, k, dev, seed=m + 7 * n + k)
+    sa, sb = _scales(m, 1, g, dev), _scales(n, 1, g, dev)
+    bias = torch.randn(n, generator=g, device=dev)
+    q_tma, s_tma = cuda_ext.int8_gemm(a, b, sa, sb, bias=bias, out_dtype=torch.int8, tile=0)
+    q_old, s_old = cuda_ext.int8_gemm(a, b, sa, sb, bias=bias, out_dtype=torch.int8, tile=1)
+    assert torch.equal(s_tma, s_old)
+    assert torch.equal(q_tma, q_old)
+    assert int(q_tma.abs().max()) == 127
+
+
 def _assert_near_ties_only(q, ref_q):
     step = (q.int() - ref_q.int()).abs()
     assert int(step.max()) <= 1 and float((step > 0).float().mean()) <= 1e-4, \
@@ -189,8 +205,9 @@ def _assert_near_ties_only(q, ref_q):
 @gpu
 @pytest.mark.parametrize("pad", [0, 1, 2, 8])
 def test_int8_output_rows_not_16_byte_aligned(dev, pad):
-    """INT8 out into a strided `out` (pad 0: the staged 16-byte stores; else the per-fragment ones):
-    nothing written past N (-128 never comes out of the kernel: it clamps to ±127)."""
+    """INT8 out into a strided `out` (pad 0: 16-byte aligned rows, the TMA stores, clipped at N by the
+    tensor map; else the per-fragment stores): nothing written past N (-128 never comes out of the
+    kernel: it clamps to ±127)."""
     a, b, g = _operands(300, 301, 384, dev, seed=11 + pad)
     sa, sb = _scales(300, 1, g, dev), _scales(301, 1, g, dev)
     ref = quantize_blockwise(cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.float32).cpu(), (1, 128))

@@ -22,6 +22,10 @@ Sections
 6. Host time per call of the entry points and of a tiny linear step (Python dispatch + launch).
 7. The INT4 recipe's kernels (quantizer, bit split, sampled GEMMs) and its linear against BF16.
 8. Error on outlier-heavy inputs (a few input channels ×50) of each variant against FP64.
+9. (`--sections epilogue`, not in the default list) The CUDA rowcol GEMM's output epilogues at the
+   data flow's fc1 shapes: BF16 out and INT8 out (per (1, 128) block, the data flow's fc1) through
+   the default launch's TMA stores, and INT8 out through the 4-stage kernel's staged stores (tile 1),
+   next to cuBLAS BF16.
 Timings: triton.testing.do_bench (CUDA events, L2 flushed before each call), median.
 """
 
@@ -728,6 +732,35 @@ INT4_GRAD_MM_SWEEP = [dict(BM=128, BN=128, BK=128, GROUP_M=16, num_warps=4, num_
                       dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=4, num_stages=4)]
 
 
+# the data flow's fc1 at 16,384 tokens: widths 1600, 2048 (1.3B) and 4096
+EPILOGUE_SHAPES = [(16384, 6400, 1600), (16384, 8192, 2048), (16384, 16384, 4096)]
+
+
+def epilogue_section(args, results):
+    if not cuda_ext.int8_gemm_available():
+        results["epilogue_error"] = "the CUDA INT8 GEMM is not available on this GPU"
+        return
+    rows = []
+    for (M, N, K) in EPILOGUE_SHAPES:
+        flop = 2 * M * N * K
+        a = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+        b = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+        sa = torch.rand(M, device="cuda") * 0.01 + 1e-3
+        sb = torch.rand(N, device="cuda") * 0.01 + 1e-3
+        bias = torch.randn(N, device="cuda")
+        x, w = rand((M, K), seed=1), rand((N, K), seed=2)
+        row = dict(shape=(M, N, K), bf16_cublas=flop / bench_ms(lambda: x @ w.t()) / 1e9)
+        cases = (("bf16_out_tma", torch.bfloat16, 0), ("int8_out_tma", torch.int8, 0),
+                 ("int8_out_staged", torch.int8, 1))
+        for name, dtype, tile in cases:
+            fn = lambda: cuda_ext.int8_gemm(a, b, sa, sb, bias=bias, out_dtype=dtype, tile=tile)  # noqa: E731
+            fn()
+            row[name] = flop / bench_ms(fn) / 1e9
+        rows.append(row)
+        print("epilogue", json.dumps(row), flush=True)
+    results["epilogue"] = rows
+
+
 def int4_section(args, results):
     """The INT4 recipe (megaq.kernels.int4) at tokens × out × in = 8192×4096×4096: the fused Hadamard +
     INT4 quantizer and the bit split (bandwidth), the sampling weights, the sampled dgrad / wgrad
@@ -888,6 +921,15 @@ def print_table(results):
                                          else q.get("error", ""))
                   + (f" {q['speedup_vs_single']:.2f}× |" if "speedup_vs_single" in q else "")
                   + (f" MISMATCH {q['mismatch']}" if q.get("matches_single") is False else ""))
+    if results.get("epilogue"):
+        print("\n## CUDA rowcol GEMM epilogues, TOPS (ratio to cuBLAS BF16)")
+        print("| M, N, K | cuBLAS BF16 | BF16 out, TMA | INT8 out, TMA | INT8 out, staged |")
+        print("|---|---|---|---|---|")
+        for r in results["epilogue"]:
+            base = r["bf16_cublas"]
+            cells = " | ".join(f"{r[k]:.0f} ({r[k] / base:.2f}×)" for k in ("bf16_out_tma", "int8_out_tma",
+                                                                            "int8_out_staged"))
+            print(f"| {', '.join(map(str, r['shape']))} | {base:.0f} | {cells} |")
     if results.get("outlier_error"):
         print("\n## error vs fp64 on outlier inputs:", json.dumps(results["outlier_error"]))
 
@@ -919,7 +961,7 @@ def main():
     for name, fn in (("gemm", gemm_section), ("quant", quant_section), ("fwd", fwd_section),
                      ("pipeline", pipeline_section), ("linear", linear_section),
                      ("linear_profile", linear_profile_section), ("host", host_section),
-                     ("int4", int4_section), ("error", error_section)):
+                     ("int4", int4_section), ("error", error_section), ("epilogue", epilogue_section)):
         if name not in sections or (name == "linear" and args.no_linear):
             continue
         try:

@@ -77,7 +77,7 @@ enum MegaqInt8GemmOut {
 enum MegaqInt8GemmTile {
   MEGAQ_INT8_TILE_AUTO = 0,
   MEGAQ_INT8_TILE_128x256 = 1,         // ROWCOL: 4 stages of 48 KB, stores from registers (AUTO with BF16
-                                       // out: 3 stages, and the tile leaves through TMA stores)
+                                       // or INT8 out: 3 stages, and the tile leaves through TMA stores)
   MEGAQ_INT8_TILE_128x128 = 2,         // ROWCOL: 6 stages; BLOCK128: two INT32 accumulator sets
                                        // per consumer (block k+1 in flight while k is promoted), stores
                                        // from registers (AUTO with BF16 out: 5 stages, TMA stores)

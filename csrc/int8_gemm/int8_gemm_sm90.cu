@@ -30,8 +30,9 @@
 //   stages 4 output rows at a time in shared memory and writes them with 16-byte stores (whole
 //   sectors), or, when out rows are not 16-byte aligned, stores its fragment directly. INT8 out (the
 //   data flow's fc1): the fragment becomes its FP32 values in place, each row's 128-column blocks get
-//   their abs-max (a lane quad holds a block row) and scale, and the requantized bytes leave through
-//   the same staging rows (store_tile_int8). GELU_BWD (the data flow's fc2 dgrad, BF16 out through TMA
+//   their abs-max (a lane quad holds a block row) and scale, and the requantized bytes leave as the
+//   BF16 tile does: through TMA stores from a shared-memory tile in the default launch
+//   (store_tile_int8_tma), else through the staging rows (store_tile_int8). GELU_BWD (the data flow's fc2 dgrad, BF16 out through TMA
 //   stores): the staged BF16 tile is multiplied by GELU' of the GELU's INT8 input at each place
 //   before the TMA store (gelu_backward_rows), so that the GEMM writes the GELU input's gradient.
 //   Tiles are visited in grouped order (group_m row tiles walk the column tiles together, for L2 reuse).
@@ -102,16 +103,17 @@ struct Params {
   bool tma_store;    // the kernel writes its tiles with TMA stores (tmap_c; TMA_OUT kernels only)
 };
 
-template <int BN, int STAGES, bool BLOCKED, bool TMA_OUT = false>
+template <int BN, int STAGES, bool BLOCKED, bool TMA_OUT = false, int OUT_ELEM = 2>
 struct Layout {
   static constexpr int A_BYTES = BM * BK;
   static constexpr int B_BYTES = BN * BK;
   static constexpr int SCALES = BLOCKED ? BM + BN : 0;   // floats per stage
   static constexpr int A_OFFSET = 0;
   static constexpr int B_OFFSET = STAGES * A_BYTES;
-  // TMA_OUT: the BF16 output tile, [BM x BN] as BN / 64 column chunks of [BM x 64] (128-byte rows,
-  // 128-byte swizzle), which TMA stores write out while the next tile's main loop runs
-  static constexpr int OUT_BYTES = TMA_OUT ? BM * BN * 2 : 0;
+  // TMA_OUT: the output tile, [BM x BN] elements of OUT_ELEM bytes as column chunks of 128-byte rows
+  // (BF16: 64 columns, INT8: 128; 128-byte swizzle), which TMA stores write out while the next tile's
+  // main loop runs
+  static constexpr int OUT_BYTES = TMA_OUT ? BM * BN * OUT_ELEM : 0;
   static constexpr int OUT_OFFSET = B_OFFSET + STAGES * B_BYTES;
   static constexpr int SCALE_OFFSET = OUT_OFFSET + OUT_BYTES;
   // epilogue columns of a tile, double-buffered by tile parity: ROWCOL's sb, then the bias
@@ -597,20 +599,18 @@ __device__ __forceinline__ void finish_values(T (&acc)[BN / 2], const Value& val
   }
 }
 
-// The tile at (m0, n0) as INT8 with a scale per (1, 128) block of each row, from its final FP32
-// values v (finish_values; columns past N hold zeros: their scale and bias read 0). Each 128-column
-// block of a fragment row lives in one lane quad (32 values per lane): the abs-max is reduced in the
-// lane, then over the quad by two shuffles; lane 0 of the quad writes the scale. Stores go through
-// the warp's staging rows as 16-byte stores (as store_tile_rows) when out rows are 16-byte aligned,
-// else straight from the fragment.
+// INT8 out: the scale of each (1, 128) block of the tile at (m0, n0), from its final FP32 values v
+// (finish_values; columns past N hold zeros: their scale and bias read 0), written to p.out_scale;
+// s[h][q] comes back as the reciprocal of block q's scale on the fragment's row half h. Each
+// 128-column block of a fragment row lives in one lane quad (32 values per lane): the abs-max is
+// reduced in the lane, then over the quad by two shuffles; lane 0 of the quad writes the scale.
 template <int BN, typename T>
-__device__ __forceinline__ void store_tile_int8(const T (&v)[BN / 2], const Params& p, const Fragment& f,
-                                                int m0, int n0, uint8_t* staging, int pitch) {
+__device__ __forceinline__ void int8_block_scales(const T (&v)[BN / 2], const Params& p, const Fragment& f,
+                                                  int m0, int n0, float (&s)[2][BN / 128]) {
   constexpr int NQ = BN / 128;   // scale blocks per tile row
   constexpr int IPQ = 128 / 8;   // fragment column groups (i) per block
   static_assert(BN % 128 == 0 && BN <= 512, "INT8 out: whole 128-column blocks, staged rows <= 512 bytes");
   const int lane = threadIdx.x % 32;
-  float s[2][NQ];
 #pragma unroll
   for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -636,10 +636,26 @@ __device__ __forceinline__ void store_tile_int8(const T (&v)[BN / 2], const Para
       s[h][q] = __fdiv_rn(1.f, scale);   // from here on: the reciprocal
     }
   }
-  auto pair = [&](int i, int h) {
-    return make_char2(quantize_q8(as_float(v[4 * i + 2 * h]), s[h][i / IPQ]),
-                      quantize_q8(as_float(v[4 * i + 2 * h + 1]), s[h][i / IPQ]));
-  };
+}
+
+// fragment values (i, h) of v as the char2 of INT8 out, s the reciprocal scales (int8_block_scales)
+template <int BN, typename T>
+__device__ __forceinline__ char2 int8_pair(const T (&v)[BN / 2], const float (&s)[2][BN / 128], int i, int h) {
+  constexpr int IPQ = 128 / 8;   // fragment column groups (i) per block
+  return make_char2(quantize_q8(as_float(v[4 * i + 2 * h]), s[h][i / IPQ]),
+                    quantize_q8(as_float(v[4 * i + 2 * h + 1]), s[h][i / IPQ]));
+}
+
+// The tile at (m0, n0) as INT8 with a scale per (1, 128) block of each row (int8_block_scales).
+// Stores go through the warp's staging rows as 16-byte stores (as store_tile_rows) when out rows are
+// 16-byte aligned, else straight from the fragment.
+template <int BN, typename T>
+__device__ __forceinline__ void store_tile_int8(const T (&v)[BN / 2], const Params& p, const Fragment& f,
+                                                int m0, int n0, uint8_t* staging, int pitch) {
+  const int lane = threadIdx.x % 32;
+  float s[2][BN / 128];
+  int8_block_scales<BN>(v, p, f, m0, n0, s);
+  auto pair = [&](int i, int h) { return int8_pair<BN>(v, s, i, h); };
   int8_t* out = static_cast<int8_t*>(p.out);
   if (p.row_store) {
     constexpr int CHUNKS = BN / 16;   // 16-byte stores per row
@@ -692,6 +708,45 @@ __device__ __forceinline__ void store_tile_int8(const T (&v)[BN / 2], const Para
         }
       }
     }
+  }
+}
+
+// store_tile_int8 through TMA stores (TMA_OUT kernels, 16-byte aligned out rows): consumer warpgroup w
+// writes its 64 x BN bytes into its half of the output tile in shared memory as BN / 128 chunks of
+// [64 x 128] (128-byte swizzle: 16-byte chunk j of row r at j ^ (r % 8), so the 8 rows of a fragment
+// store hit different banks), and one thread hands them to TMA stores, which drain under the next
+// tile's main loop (as store_tile_tma; the staged 16-byte stores held the warpgroup until HBM took
+// them: 1,230 TOPS against the BF16-out kernel's ~1,440 at 16384 x 16384 x 4096 on an H100).
+template <int BN, typename T>
+__device__ __forceinline__ void store_tile_int8_tma(const T (&v)[BN / 2], const CUtensorMap* map, const Params& p,
+                                                    const Fragment& f, int w, uint8_t* tile, int m0, int n0) {
+  constexpr int CHUNK_COLS = 128;                 // 128 bytes of INT8: one swizzle row
+  constexpr int CHUNK_BYTES = 64 * CHUNK_COLS;    // 64 rows
+  float s[2][BN / 128];
+  int8_block_scales<BN>(v, p, f, m0, n0, s);      // before the wait: it overlaps the previous stores
+  uint8_t* mine = tile + w * (BN / CHUNK_COLS) * CHUNK_BYTES;
+  const bool leader = threadIdx.x % 128 == 0;
+  if (leader) bulk_wait_read();
+  warpgroup_sync(w);
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i) {
+    const int c = 8 * i + f.col;
+    const int byte = c % CHUNK_COLS;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = f.row - 64 * w + 8 * h;
+      uint8_t* dst = mine + (c / CHUNK_COLS) * CHUNK_BYTES + r * 128 + ((((byte >> 4) ^ (r & 7))) << 4) +
+                     (byte & 15);
+      *reinterpret_cast<char2*>(dst) = int8_pair<BN>(v, s, i, h);
+    }
+  }
+  fence_async_shared();
+  warpgroup_sync(w);
+  if (leader) {
+#pragma unroll
+    for (int k = 0; k < BN / CHUNK_COLS; ++k)
+      tma_store_2d(map, mine + k * CHUNK_BYTES, n0 + k * CHUNK_COLS, m0 + 64 * w);
+    bulk_commit();
   }
 }
 
@@ -749,8 +804,9 @@ __global__ void __launch_bounds__(THREADS, 1)
                      const __grid_constant__ CUtensorMap tmap_c, const Params p) {
 #ifdef MEGAQ_INT8_GEMM_SM90A
   constexpr bool BLOCKED = MODE == MEGAQ_INT8_BLOCK128;
-  static_assert(!TMA_OUT || std::is_same_v<OutT, __nv_bfloat16>, "TMA_OUT: BF16 out");
-  using L = Layout<BN, STAGES, BLOCKED, TMA_OUT>;
+  static_assert(!TMA_OUT || std::is_same_v<OutT, __nv_bfloat16> || std::is_same_v<OutT, int8_t>,
+                "TMA_OUT: BF16 or INT8 out");
+  using L = Layout<BN, STAGES, BLOCKED, TMA_OUT, sizeof(OutT)>;
   static_assert(!DUAL || BLOCKED, "two accumulator sets only pay off with per-block promotion");
   static_assert(!SB_VEC || BLOCKED, "ROWCOL reads its column scales in the epilogue");
   static_assert(!BLOCKED || BN == 128, "BLOCK128 keeps an FP32 sum plus INT32 sets: 128 columns fit");
@@ -873,6 +929,12 @@ __global__ void __launch_bounds__(THREADS, 1)
                    int n0) {
     if constexpr (std::is_same_v<OutT, int8_t>) {
       finish_values<BN>(vals, value, col_scales, col_biases, frag);
+      if constexpr (TMA_OUT) {
+        if (p.tma_store) {
+          store_tile_int8_tma<BN>(vals, &tmap_c, p, frag, warpgroup, smem_out, m0, n0);
+          return;
+        }
+      }
       store_tile_int8<BN>(vals, p, frag, m0, n0, staging, L::STAGING_PITCH);
     } else {
       if constexpr (TMA_OUT) {
@@ -1037,14 +1099,16 @@ bool make_map(CUtensorMap* map, EncodeTiled encode, const int8_t* base, int64_t 
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// A 2-D map of the BF16 output [rows, cols] with row stride ldc elements, boxes of 64 rows x 64 columns
-// (128 bytes: one swizzle row), 128-byte swizzle: what store_tile_tma writes.
-bool make_out_map(CUtensorMap* map, EncodeTiled encode, void* base, int64_t rows, int64_t cols, int64_t ldc) {
+// A 2-D map of the output [rows, cols] (BF16 or INT8: elem bytes) with row stride ldc elements, boxes of
+// 64 rows x 128 bytes (one swizzle row), 128-byte swizzle: what store_tile_tma / store_tile_int8_tma write.
+bool make_out_map(CUtensorMap* map, EncodeTiled encode, void* base, int64_t rows, int64_t cols, int64_t ldc,
+                  int elem) {
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ldc * 2)};
-  const cuuint32_t box[2] = {64, 64};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ldc * elem)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(128 / elem), 64};
   const cuuint32_t elem_strides[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, base, dims, strides, box, elem_strides,
+  return encode(map, elem == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, base, dims,
+                strides, box, elem_strides,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
@@ -1053,7 +1117,7 @@ template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool TMA_OUT, ty
           bool GELU_BWD = false>
 cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, Params p,
                    int device, cudaStream_t stream) {
-  using L = Layout<BN, STAGES, MODE == MEGAQ_INT8_BLOCK128, TMA_OUT>;
+  using L = Layout<BN, STAGES, MODE == MEGAQ_INT8_BLOCK128, TMA_OUT, sizeof(OutT)>;
   const EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return cudaErrorNotSupported;
   CUtensorMap map_a, map_b, map_c;
@@ -1061,7 +1125,8 @@ cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, P
     return cudaErrorInvalidValue;
   // TMA stores need 16-byte aligned rows (the staged epilogue's condition); else the kernel stores
   // from registers as the other kernels do
-  p.tma_store = TMA_OUT && p.row_store && make_out_map(&map_c, encode, p.out, p.M, p.N, p.ldc);
+  p.tma_store =
+      TMA_OUT && p.row_store && make_out_map(&map_c, encode, p.out, p.M, p.N, p.ldc, sizeof(OutT));
   if (GELU_BWD && !p.tma_store) return cudaErrorInvalidValue;   // its epilogue works on the TMA tile
   if (!p.tma_store) map_c = map_a;   // unused
   auto kernel = int8_gemm_kernel<BN, STAGES, MODE, DUAL, SB_VEC, TMA_OUT, OutT, GELU_BWD>;
@@ -1095,9 +1160,10 @@ cudaError_t dispatch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb,
   if (mode == ROW) {
     switch (tile) {
       case MEGAQ_INT8_TILE_AUTO:
-        // BF16 out: 3 stages, the output tile leaving through TMA stores under the next tile's main
-        // loop (the 4-stage kernel's synchronous stores took 15-33% of its time at K <= 4096, H100)
-        if constexpr (BF16_OUT)
+        // BF16 and INT8 out: 3 stages, the output tile leaving through TMA stores under the next
+        // tile's main loop (the 4-stage kernel's synchronous stores took 15-33% of its time at
+        // K <= 4096, H100)
+        if constexpr (BF16_OUT || std::is_same_v<OutT, int8_t>)
           return launch<256, 3, ROW, false, false, true, OutT>(A, B, lda, ldb, p, device, stream);
         else
           return launch<256, 4, ROW, false, false, false, OutT>(A, B, lda, ldb, p, device, stream);
