@@ -561,6 +561,25 @@ def test_gelu_grad_slot_takes_once():
 
 
 @pytest.mark.parametrize("bf16_output", [True, False])
+def test_layernorm_output_rounded_to_bf16_by_default(monkeypatch, bf16_output):
+    """BF16 activations: the LayerNorm's operand for the next GEMM is its output rounded to BF16
+    (LAYERNORM_OUTPUT_BF16), or the FP32 output rotated; FP32 activations are never rounded."""
+    from megaq.kernels import dataflow as dataflow_kernels
+    monkeypatch.setattr(dataflow_ops, "LAYERNORM_OUTPUT_BF16", bf16_output)
+    x = (torch.randn(40, 256, generator=torch.Generator().manual_seed(5)) * 3).bfloat16()
+    for act in (x, x.float()):
+        op = layernorm_operand(act, None, None, 1e-5, 128, (1, -1))
+        rounded = bf16_output and act.dtype == torch.bfloat16
+        want = dataflow_kernels.layernorm_quantize(act, None, None, 1e-5, 128, (1, -1),
+                                                   round_to=torch.bfloat16 if rounded else None)
+        assert torch.equal(op.q.data, want.y_q.data) and torch.equal(op.q.scale, want.y_q.scale)
+    # the rounding is seen: some INT8 value differs from the unrounded operand's
+    unrounded = dataflow_kernels.layernorm_quantize(x, None, None, 1e-5, 128, (1, -1))
+    rounded_op = dataflow_kernels.layernorm_quantize(x, None, None, 1e-5, 128, (1, -1), round_to=torch.bfloat16)
+    assert not torch.equal(unrounded.y_q.data, rounded_op.y_q.data)
+
+
+@pytest.mark.parametrize("bf16_output", [True, False])
 def test_gelu_output_rounded_to_bf16_and_rebuilt_the_same(monkeypatch, bf16_output):
     """BF16 activations: the GELU's operand for fc2 is the GELU output rounded to BF16 (GELU_OUTPUT_BF16)
     or the FP32 output, and fc2's rebuild in backward makes the same choice: every gradient equals the

@@ -97,24 +97,24 @@ def _assert_grad_close(out, ref, what):
 
 # --------------------------------------------------------------------------------------------------
 # checks shared by the interpreter and the GPU tests
-def check_layernorm(R, C, dtype, residual, hadamard, block, device, bias=True, plan=None):
+def check_layernorm(R, C, dtype, residual, hadamard, block, device, bias=True, plan=None, round_to=None):
     with kd.config_override(**(plan or {})):
-        _check_layernorm(R, C, dtype, residual, hadamard, block, device, bias)
+        _check_layernorm(R, C, dtype, residual, hadamard, block, device, bias, round_to)
 
 
-def _check_layernorm(R, C, dtype, residual, hadamard, block, device, bias):
+def _check_layernorm(R, C, dtype, residual, hadamard, block, device, bias, round_to=None):
     x = _data((R, C), device, dtype, seed=R + C)
     r = _data((R, C), device, dtype, seed=R * C, scale=1.0, shift=0.0) if residual else None
     g = torch.Generator().manual_seed(1)
     w = (1 + 0.1 * torch.randn(C, generator=g)).to(device)
     b = (0.1 * torch.randn(C, generator=g)).to(device) if bias else None
-    out = kd.layernorm_quantize(x, w, b, 1e-5, hadamard, block, residual=r)
+    out = kd.layernorm_quantize(x, w, b, 1e-5, hadamard, block, residual=r, round_to=round_to)
     xs = x if r is None else out.x_sum
     if r is not None:
         exact = (x.float() + r.float()).to(dtype).cpu()
         ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -23
         assert bool(((xs.cpu().float() - exact.float()).abs() <= ulp * exact.float().abs()).all())
-    ref = _reference(kd.layernorm_quantize, xs, w, b, 1e-5, hadamard, block)
+    ref = _reference(kd.layernorm_quantize, xs, w, b, 1e-5, hadamard, block, round_to=round_to)
     assert torch.equal(out.x_q.data.cpu(), ref.x_q.data) and torch.equal(out.x_q.scale.cpu(), ref.x_q.scale)
     assert out.x_q.block == ref.x_q.block == kd.SAVE_BLOCK
     assert _rel(out.rstd, ref.rstd) <= 1e-5
@@ -441,6 +441,20 @@ def test_interp_gelu_rounded_to_bf16(plan):
 
 
 @interp_only
+@pytest.mark.parametrize("plan", [None, {"KERNEL": "chunked"}])
+def test_interp_layernorm_rounded_to_bf16(plan):
+    """The LayerNorm output rounded to BF16 before the rotation (one product), both kernel families:
+    against the reference that rounds the FP32 LayerNorm output, within the same bounds."""
+    check_layernorm(37, 384, torch.bfloat16, True, 128, (1, -1), "cpu", plan=plan, round_to=torch.bfloat16)
+    check_layernorm(19, 200, torch.bfloat16, False, 0, (1, 128), "cpu", plan=plan, round_to=torch.bfloat16)
+
+
+def test_layernorm_round_to_names_a_bad_dtype():
+    with pytest.raises(ValueError, match="round_to"):
+        kd.layernorm_quantize(torch.randn(4, 128), None, None, 1e-5, 128, (1, -1), round_to=torch.float16)
+
+
+@interp_only
 @pytest.mark.parametrize("R,C,dtype,residual,weight", [(37, 384, torch.bfloat16, True, True),
                                                         (19, 200, torch.float32, False, True),
                                                         (21, 256, torch.float32, True, False)])
@@ -563,6 +577,8 @@ def test_layernorm_backward_from_sr_int8_gradient_is_unbiased(monkeypatch):
                                                  (300, 384, torch.float32, True)])
 def test_gpu_layernorm(R, C, dtype, residual, hadamard, block):
     check_layernorm(R, C, dtype, residual, hadamard, block, "cuda")
+    if dtype == torch.bfloat16:
+        check_layernorm(R, C, dtype, residual, hadamard, block, "cuda", round_to=torch.bfloat16)
 
 
 @gpu

@@ -28,9 +28,10 @@ recompute traded for the bytes the attention saves free), `int4` (recipe int4). 
 A variant may carry switches after `+`, each turning one of the data flow's defaults off (SWITCHES):
 `+gelu2` — the GELU's backward as its own kernel, not in fc2's dgrad epilogue (`FUSED_GELU_BACKWARD`
 off); `+gelu32` — the FP32 GELU output rotated for fc2 (two products), not its BF16 rounding
-(`GELU_OUTPUT_BF16` off);
+(`GELU_OUTPUT_BF16` off); `+ln32` — the FP32 LayerNorm output rotated for qkv and fc1, not its BF16
+rounding (`LAYERNORM_OUTPUT_BF16` off);
 `+wrot` — ∇W computed in Hadamard space and rotated back after the GEMM (`ROTATE_WGRAD_OPERAND`
-off). E.g. `int8_df_delayed+gelu2+gelu32+wrot` is the data flow as of commit 640dd8a.
+off). E.g. `int8_df_delayed+gelu2+gelu32+wrot+ln32` is the data flow as of commit 640dd8a.
 
 `--accumulation N` times the block as a trainer with N micro batches per optimizer step runs it: the
 quantized weights are cached across the micro batches (`quant.cache_weights`, on by default in the
@@ -78,6 +79,7 @@ VARIANTS = {"bf16": ("bf16", "bf16", False, "bf16", True), "int8": ("int8", "bf1
 
 # switch suffix -> (module, module attribute set to False): the data flow's defaults, one at a time
 SWITCHES = {"gelu2": (dataflow_ops, "FUSED_GELU_BACKWARD"), "gelu32": (dataflow_ops, "GELU_OUTPUT_BF16"),
+            "ln32": (dataflow_ops, "LAYERNORM_OUTPUT_BF16"),
             "wrot": (sys.modules["megaq.ops.dataflow_linear"], "ROTATE_WGRAD_OPERAND")}
 
 

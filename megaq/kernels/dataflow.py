@@ -145,10 +145,15 @@ def _triton():
 # LayerNorm
 def layernorm_quantize(x2d: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                        eps: float, hadamard: int, block: tuple[int, int], *,
-                       residual: torch.Tensor | None = None, check: bool = True) -> LayerNormQuantized:
+                       residual: torch.Tensor | None = None, check: bool = True,
+                       round_to: torch.dtype | None = None) -> LayerNormQuantized:
     """[Residual add +] LayerNorm of `x2d` `[R, C]` writing the next GEMM's INT8 operand (see the
-    module doc). NaN/Inf in the (summed) input raises `NonFiniteError` when `check`."""
+    module doc). NaN/Inf in the (summed) input raises `NonFiniteError` when `check`. `round_to`
+    (torch.bfloat16 or None): the LayerNorm output is first rounded to that dtype, as a BF16 model's
+    LayerNorm writes it — which the kernel then rotates exactly with one BF16 product instead of two."""
     _check_format(hadamard, block)
+    if round_to not in (None, torch.bfloat16):
+        raise ValueError(f"layernorm_quantize: round_to must be None or torch.bfloat16; got {round_to}")
     if x2d.dim() != 2:
         raise ValueError(f"layernorm_quantize: input must be 2-D; got shape {tuple(x2d.shape)}")
     if residual is not None and residual.shape != x2d.shape:
@@ -157,12 +162,14 @@ def layernorm_quantize(x2d: torch.Tensor, weight: torch.Tensor | None, bias: tor
     tensors = [t for t in (x2d, residual, weight, bias) if t is not None]
     if _use_triton(*tensors) and _kernel_format(hadamard, block, _padded(x2d.shape[1], hadamard)) \
             and x2d.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        return _launch_layernorm(x2d, weight, bias, eps, hadamard, residual, check)
+        return _launch_layernorm(x2d, weight, bias, eps, hadamard, residual, check, round_to is not None)
     x_sum = x2d + residual if residual is not None else None
     xs = x_sum if x_sum is not None else x2d
     if check:
         check_finite(xs, "LayerNorm input")
     y, mean, rstd = layernorm_forward_math(xs, weight, bias, eps)
+    if round_to is not None:
+        y = y.to(round_to).float()
     y_q = quantize_operand_reference(y, hadamard, block)
     x_q = quantize_blockwise(xs, SAVE_BLOCK, 8, "nearest", check=False)
     return LayerNormQuantized(x_sum, y_q, x_q, mean, rstd)
@@ -338,7 +345,7 @@ def _hadamard_arg(hadamard: int, device: torch.device):
 
 # --------------------------------------------------------------------------------------------------
 # launchers
-def _launch_layernorm(x2d, weight, bias, eps, hadamard, residual, check):
+def _launch_layernorm(x2d, weight, bias, eps, hadamard, residual, check, round_bf16=False):
     from ..quant import NonFiniteError
     R, C = x2d.shape
     dev = x2d.device
@@ -361,7 +368,7 @@ def _launch_layernorm(x2d, weight, bias, eps, hadamard, residual, check):
     w_arg = weight if weight is not None else dummy
     b_arg = bias if bias is not None else dummy
     flags = dict(HAD=hadamard, HAS_RES=residual is not None, HAS_W=weight is not None,
-                 HAS_B=bias is not None, CHECK=check, UPCAST=_interpreting())
+                 HAS_B=bias is not None, CHECK=check, UPCAST=_interpreting(), ROUND_BF16=round_bf16)
     plan = _plan("layernorm_residual" if residual is not None else "layernorm", Cp, R, dev)
     if plan is not None:
         _triton()._layernorm_quant_resident_kernel[(plan["programs"],)](

@@ -43,9 +43,10 @@ the row's RMS on every rotated value. Simulated in PyTorch on GELU outputs of wi
 tests' inputs), that moves the row scales by 6·10⁻⁴ (BF16) / 7.5·10⁻⁵ (FP16) / 3.6·10⁻⁴ (TF32)
 relative and flips 2.4% / 0.31% / 0.32% of the INT8 values, against the bounds of 10⁻⁵ and 0.5%
 the kernels are held to (the reference rotates in FP32); hi + lo: 1.0·10⁻⁶ and 0.004%. The GELU
-kernels with ROUND_BF16 (`gelu_quantize(round_to=torch.bfloat16)`) round the GELU output to BF16
-first, as a BF16 model's GELU writes it; one BF16 product then rotates those values exactly, and the
-reference rounds the same way (H100, 16384 × 16384: the GELU kernels 0.19 ms faster per call).
+and LayerNorm kernels with ROUND_BF16 (`gelu_quantize` / `layernorm_quantize(round_to=torch.bfloat16)`)
+round their output to BF16 first, as a BF16 model's GELU or LayerNorm writes it; one BF16 product then
+rotates those values exactly, and the reference rounds the same way (H100, 16384 × 16384: the GELU
+kernels 0.19 ms faster per call).
 
 Scales: amax / 127 (IEEE division), 1 for an all-zero block. In the resident kernels the abs-max
 reductions propagate NaN, so a NaN input leaves a NaN scale (never a silently finite row); the
@@ -86,7 +87,7 @@ def _rotate(y, h, inv_sqrt, UPCAST: tl.constexpr, BF16_Y: tl.constexpr = False):
 @triton.jit
 def _round_bf16(y, ROUND: tl.constexpr, UPCAST: tl.constexpr):
     """y (FP32) rounded to BF16 (nearest even; also under the interpreter, whose own conversion
-    truncates) and back, where ROUND: the GELU output as a BF16 activation."""
+    truncates) and back, where ROUND: the GELU or LayerNorm output as a BF16 activation."""
     if ROUND:
         y = _cast_out(y, tl.bfloat16, UPCAST).to(tl.float32)
     return y
@@ -200,9 +201,11 @@ def _layernorm_quant_kernel(x_ptr, r_ptr, xs_ptr, w_ptr, b_ptr, R, C, Cp, eps,
                             h_ptr, inv_sqrt, flag_ptr,
                             BR: tl.constexpr, BC: tl.constexpr, HAD: tl.constexpr,
                             HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                            CHECK: tl.constexpr, UPCAST: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
+                            CHECK: tl.constexpr, UPCAST: tl.constexpr, RINT_LIBDEVICE: tl.constexpr,
+                            ROUND_BF16: tl.constexpr = False):
     """y_q [R, Cp]: per-row scale ys [R, 1] after the Hadamard (HAD = BC) or (1, BC) blocks, ys
-    [R, C/BC] (HAD = 0, Cp = C). x_q [R, C] with (1, BC) scales xqs [R, n_save]; xs [R, C] = x + r."""
+    [R, C/BC] (HAD = 0, Cp = C). x_q [R, C] with (1, BC) scales xqs [R, n_save]; xs [R, C] = x + r.
+    ROUND_BF16: the LayerNorm output rounded to BF16 first (`_round_bf16`; one product rotates it)."""
     pid = tl.program_id(0)
     rows = pid * BR + tl.arange(0, BR)
     rmask = rows < R
@@ -246,22 +249,25 @@ def _layernorm_quant_kernel(x_ptr, r_ptr, xs_ptr, w_ptr, b_ptr, R, C, Cp, eps,
         amax = tl.zeros([BR], tl.float32)
         for c0 in range(0, Cp, BC):
             cols = c0 + tl.arange(0, BC)
-            y = _normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W, HAS_B)
-            amax = tl.maximum(amax, tl.max(tl.abs(_rotate(y, h, inv_sqrt, UPCAST)), axis=1))
+            y = _round_bf16(_normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W,
+                                        HAS_B), ROUND_BF16, UPCAST)
+            amax = tl.maximum(amax, tl.max(tl.abs(_rotate(y, h, inv_sqrt, UPCAST, ROUND_BF16)), axis=1))
         s = _scale_from_amax(amax, QMAX)
         tl.store(ys_ptr + rows, s, mask=rmask)
         # pass 3: quantize
         for c0 in range(0, Cp, BC):
             cols = c0 + tl.arange(0, BC)
-            y = _normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W, HAS_B)
+            y = _round_bf16(_normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W,
+                                        HAS_B), ROUND_BF16, UPCAST)
             mask = rmask[:, None] & (cols < Cp)[None, :]
-            _store_quantized(yq_ptr, rows, cols, Cp, mask, _rotate(y, h, inv_sqrt, UPCAST), s, QMAX,
+            _store_quantized(yq_ptr, rows, cols, Cp, mask, _rotate(y, h, inv_sqrt, UPCAST, ROUND_BF16), s, QMAX,
                              RINT_LIBDEVICE)
     else:
         n_blocks = tl.cdiv(C, BC)
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
-            y = _normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W, HAS_B)
+            y = _round_bf16(_normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W,
+                                        HAS_B), ROUND_BF16, UPCAST)
             s = _scale_from_amax(tl.max(tl.abs(y), axis=1), QMAX)
             tl.store(ys_ptr + rows * n_blocks + c0 // BC, s, mask=rmask)
             mask = rmask[:, None] & (cols < C)[None, :]
@@ -475,9 +481,11 @@ def _layernorm_quant_resident_kernel(x_ptr, r_ptr, xs_ptr, w_ptr, b_ptr, R, C, n
                                      h_ptr, inv_sqrt, flag_ptr, n_tiles,
                                      BR: tl.constexpr, NCH: tl.constexpr, HAD: tl.constexpr,
                                      HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                                     CHECK: tl.constexpr, UPCAST: tl.constexpr):
+                                     CHECK: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr = False):
     """[x + r ->] LayerNorm of x [R, C] -> the operand (`_store_operand`; n_blk = ⌈C/128⌉); x_q
-    [R, C] with (1, 128) scales xqs [R, n_blk]; mean, rstd [R]; xs [R, C] = x + r (HAS_RES)."""
+    [R, C] with (1, 128) scales xqs [R, n_blk]; mean, rstd [R]; xs [R, C] = x + r (HAS_RES).
+    ROUND_BF16: the LayerNorm output rounded to BF16 first (`_round_bf16`), then rotated by one BF16
+    product."""
     BC: tl.constexpr = 128
     r_in, chunk, cols = _tile_layout(BR, NCH, BC)
     cmask = cols < C
@@ -515,8 +523,9 @@ def _layernorm_quant_resident_kernel(x_ptr, r_ptr, xs_ptr, w_ptr, b_ptr, R, C, n
         tl.store(mean_ptr + out_rows, mean, mask=out_rows < R)
         tl.store(rstd_ptr + out_rows, rstd, mask=out_rows < R)
         y = d * _spread(rstd, BR, NCH)[:, None] * w + b      # zero beyond C: d, w and b are
+        y = _round_bf16(y, ROUND_BF16, UPCAST)
         _store_operand(yq_ptr, ys_ptr, n_out, y, tile, rows, chunk, cols, R, n_blk, h, inv_sqrt,
-                       BR, NCH, HAD, UPCAST)
+                       BR, NCH, HAD, UPCAST, ROUND_BF16)
     if CHECK:
         if tl.max(bad, axis=0) > 0:
             tl.store(flag_ptr, 1)

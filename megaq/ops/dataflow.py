@@ -203,6 +203,10 @@ RECOMPUTE_GELU_OPERAND = True
 # the FP32 value). False: the FP32 GELU output is rotated (two products). Read when the GELU's forward
 # runs; fc2's rebuild in backward uses the forward's choice (`Int8Operand.source_round_to`).
 GELU_OUTPUT_BF16 = True
+# The same for the LayerNorm's output (qkv's and fc1's operand): True (default) rounds it to BF16
+# before the rotation, with BF16 activations, as a BF16 model's LayerNorm writes it. Read when the
+# LayerNorm's forward runs.
+LAYERNORM_OUTPUT_BF16 = True
 
 # True (default, with RECOMPUTE_GELU_OPERAND): fc2's backward computes the GELU's backward as well, in
 # its dgrad GEMM's epilogue (`kernels.scaled_mm(..., gelu_grad_of=h)`: the GELU's INT8 input h, which
@@ -361,9 +365,10 @@ class _LayerNormOperand(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, hadamard, block, check, box, grad_slot, carry):
         C = x.shape[-1]
+        round_to = torch.bfloat16 if LAYERNORM_OUTPUT_BF16 and x.dtype == torch.bfloat16 else None
         out = dataflow_kernels.layernorm_quantize(
             x.reshape(-1, C), weight, bias, eps, hadamard, block,
-            residual=residual.reshape(-1, C) if residual is not None else None, check=check)
+            residual=residual.reshape(-1, C) if residual is not None else None, check=check, round_to=round_to)
         w = weight if weight is not None else x.new_empty(0)
         ctx.save_for_backward(out.x_q.data, out.x_q.scale, out.mean, out.rstd, w)
         ctx.x_meta = _qt_meta(out.x_q)
