@@ -196,6 +196,28 @@ def test_int8_output_tma_is_the_staged_output(dev, m, n, k):
     assert int(q_tma.abs().max()) == 127
 
 
+@gpu
+@pytest.mark.parametrize("m,n,k,ldc", [(300, 301, 384, 320), (77, 1601, 1600, 1616), (300, 304, 384, 320)])
+def test_outputs_never_written_past_n_in_a_strided_out(dev, m, n, k, ldc):
+    """BF16 and INT8 out into rows of ldc > N elements, 16-byte aligned: the default launch takes TMA
+    stores only where a row is whole 16-byte pieces (N = 304 INT8; the others fall back to staged
+    stores: TMA wrote the rest of the last 16-byte piece past N on an H100), and the values are the
+    FP32 output's, rounded or requantized."""
+    a, b, g = _operands(m, n, k, dev, seed=m + n)
+    sa, sb = _scales(m, 1, g, dev), _scales(n, 1, g, dev)
+    out32 = cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.float32)
+    full16 = torch.full((m, ldc), 7.0, device=dev, dtype=torch.bfloat16)
+    cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.bfloat16, out=full16[:, :n])
+    assert torch.equal(full16[:, :n], out32.bfloat16())
+    assert (full16[:, n:] == 7.0).all()
+    full8 = torch.full((m, ldc), -128, device=dev, dtype=torch.int8)
+    q, s = cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.int8, out=full8[:, :n])
+    ref = quantize_blockwise(out32.cpu(), (1, 128))
+    assert torch.equal(s.cpu(), ref.scale)
+    _assert_near_ties_only(q.cpu(), ref.data)
+    assert (full8[:, n:] == -128).all()
+
+
 def _assert_near_ties_only(q, ref_q):
     step = (q.int() - ref_q.int()).abs()
     assert int(step.max()) <= 1 and float((step > 0).float().mean()) <= 1e-4, \
@@ -205,9 +227,9 @@ def _assert_near_ties_only(q, ref_q):
 @gpu
 @pytest.mark.parametrize("pad", [0, 1, 2, 8])
 def test_int8_output_rows_not_16_byte_aligned(dev, pad):
-    """INT8 out into a strided `out` (pad 0: 16-byte aligned rows, the TMA stores, clipped at N by the
-    tensor map; else the per-fragment stores): nothing written past N (-128 never comes out of the
-    kernel: it clamps to ±127)."""
+    """INT8 out into a strided `out` (pad 0: 16-byte aligned rows, but N = 301 not whole 16-byte
+    pieces, so the staged stores, not TMA; else the per-fragment stores): nothing written past N (-128
+    never comes out of the kernel: it clamps to ±127)."""
     a, b, g = _operands(300, 301, 384, dev, seed=11 + pad)
     sa, sb = _scales(300, 1, g, dev), _scales(301, 1, g, dev)
     ref = quantize_blockwise(cuda_ext.int8_gemm(a, b, sa, sb, out_dtype=torch.float32).cpu(), (1, 128))

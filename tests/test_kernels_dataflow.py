@@ -77,9 +77,21 @@ def _qt_cpu(q):
     return type(q)(q.data.cpu(), q.scale.cpu(), q.block, q.bits, q.shape)
 
 
-def _assert_int8_close(q, ref, what):
+def _assert_int8_close(q, ref, what, bf16_rounded=False):
+    """INT8 operands within the kernels' bounds of the reference: scales to 1e-5 (relative, all of
+    them), values one step apart on ≤ 0.5% of them. `bf16_rounded`: both sides first round FP32
+    values, computed in different orders, to BF16, and the two roundings part on the values within
+    an FP32 ulp or two of a BF16 tie (~10⁻⁵ of them). Each such value moves by one BF16 ulp, which
+    moves its block's scale by at most 2⁻⁸ relative (a (1, 128) block whose abs-max it is) and far
+    less after a rotation; a few such blocks broke the 1e-5 bound on an H100. So each scale is held
+    to 2⁻⁸ and their mean relative deviation to 1e-5 (sparse flips, not a drift)."""
     assert q.block == ref.block and q.shape == ref.shape, (what, q.block, ref.block, q.shape, ref.shape)
-    assert _rel(q.scale, ref.scale) <= 1e-5, (what, _rel(q.scale, ref.scale))
+    if bf16_rounded:
+        rel = (q.scale.cpu().double() - ref.scale.double()).abs() / ref.scale.double().abs()
+        assert float(rel.max()) <= 2.0 ** -8 and float(rel.mean()) <= 1e-5, \
+            (what, float(rel.max()), float(rel.mean()))
+    else:
+        assert _rel(q.scale, ref.scale) <= 1e-5, (what, _rel(q.scale, ref.scale))
     diff = (q.data.cpu().int() - ref.data.int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 5e-3, \
         (what, int(diff.max()), float((diff > 0).float().mean()))
@@ -119,7 +131,7 @@ def _check_layernorm(R, C, dtype, residual, hadamard, block, device, bias, round
     assert out.x_q.block == ref.x_q.block == kd.SAVE_BLOCK
     assert _rel(out.rstd, ref.rstd) <= 1e-5
     assert bool(((out.mean.cpu() - ref.mean).abs() <= 1e-5 / ref.rstd).all())
-    _assert_int8_close(out.y_q, ref.y_q, "LayerNorm output")
+    _assert_int8_close(out.y_q, ref.y_q, "LayerNorm output", bf16_rounded=round_to is not None)
     # backward from the saved copy, with and without the residual gradient
     gy = _data((R, C), device, dtype, seed=7, scale=1.0, shift=0.0)
     gres = _data((R, C), device, dtype, seed=8, scale=1.0, shift=0.0) if residual else None
@@ -138,7 +150,8 @@ def _check_gelu(R, N, dtype, hadamard, block, device, round_to=None):
     h = quantize_blockwise(_data((R, N), "cpu", torch.float32, seed=N, scale=3.0, shift=-0.5), (1, 128))
     h = type(h)(h.data.to(device), h.scale.to(device), h.block, h.bits, h.shape)
     _assert_int8_close(kd.gelu_quantize(h, hadamard, block, round_to),
-                       _reference(kd.gelu_quantize, h, hadamard, block, round_to), "GELU output")
+                       _reference(kd.gelu_quantize, h, hadamard, block, round_to), "GELU output",
+                       bf16_rounded=round_to is not None)
     g = _data((R, N), device, dtype, seed=3, scale=1.0, shift=0.0)
     _assert_grad_close(kd.gelu_backward(h, g), _reference(kd.gelu_backward, h, g), "GELU dh")
 
