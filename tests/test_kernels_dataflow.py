@@ -81,14 +81,15 @@ def _assert_int8_close(q, ref, what, bf16_rounded=False):
     """INT8 operands within the kernels' bounds of the reference: scales to 1e-5 (relative, all of
     them), values one step apart on ≤ 0.5% of them. `bf16_rounded`: both sides first round FP32
     values, computed in different orders, to BF16, and the two roundings part on the values within
-    an FP32 ulp or two of a BF16 tie (~10⁻⁵ of them). Each such value moves by one BF16 ulp, which
-    moves its block's scale by at most 2⁻⁸ relative (a (1, 128) block whose abs-max it is) and far
-    less after a rotation; a few such blocks broke the 1e-5 bound on an H100. So each scale is held
-    to 2⁻⁸ and their mean relative deviation to 1e-5 (sparse flips, not a drift)."""
+    an FP32 ulp or two of a BF16 tie (~10⁻⁵ of them). Each such value moves by one BF16 ulp (2⁻⁸ to
+    2⁻⁷ of it), and so does its block's scale where it is a (1, 128) block's abs-max (less after a
+    rotation): on an H100 a few such blocks broke the 1e-5 bound (one scale 0.71% off, a mean of
+    2.4·10⁻⁷). So each scale is held to 2⁻⁷ and their mean relative deviation to 1e-5 (sparse flips,
+    not a drift)."""
     assert q.block == ref.block and q.shape == ref.shape, (what, q.block, ref.block, q.shape, ref.shape)
     if bf16_rounded:
         rel = (q.scale.cpu().double() - ref.scale.double()).abs() / ref.scale.double().abs()
-        assert float(rel.max()) <= 2.0 ** -8 and float(rel.mean()) <= 1e-5, \
+        assert float(rel.max()) <= 2.0 ** -7 and float(rel.mean()) <= 1e-5, \
             (what, float(rel.max()), float(rel.mean()))
     else:
         assert _rel(q.scale, ref.scale) <= 1e-5, (what, _rel(q.scale, ref.scale))
