@@ -235,7 +235,7 @@ torch::Tensor int8_gemm(const torch::Tensor& a, const torch::Tensor& b, torch::T
               dims(out.strides()));
   const int64_t ldc = M == 1 ? N : out.stride(0);
   TORCH_CHECK(ldc >= N, "int8_gemm: out row stride ", num(ldc), " < N = ", num(N));
-  TORCH_CHECK(tile >= 0 && tile <= MEGAQ_INT8_TILE_128x256_WARP_STORE, "int8_gemm: unknown tile ", num(tile));
+  TORCH_CHECK(tile >= 0 && tile <= MEGAQ_INT8_TILE_128x128_SERIAL, "int8_gemm: unknown tile ", num(tile));
   TORCH_CHECK(gelu_q.has_value() == gelu_scale.has_value(),
               "int8_gemm: gelu_q and gelu_scale come together (the GELU input and its scales)");
   const int8_t* gelu_q_ptr = nullptr;

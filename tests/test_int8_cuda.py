@@ -218,28 +218,6 @@ def test_outputs_never_written_past_n_in_a_strided_out(dev, m, n, k, ldc):
     assert (full8[:, n:] == -128).all()
 
 
-@gpu
-@pytest.mark.parametrize("m,n,k,ldc", [(4099, 1664, 2048, 1664), (77, 1600, 1600, 1600), (300, 304, 384, 320),
-                                       (1000, 6400, 4096, 6400)])
-def test_warp_store_tile_writes_the_tma_output(dev, m, n, k, ldc):
-    """Tile 4 (the staged tile written by the producer warpgroup's store warps) writes the TMA
-    launch's BF16 and INT8 outputs bit for bit, scales included: row and column tails, a bias, a
-    strided out (nothing written past N)."""
-    a, b, g = _operands(m, n, k, dev, seed=3 * m + n + k)
-    sa, sb = _scales(m, 1, g, dev), _scales(n, 1, g, dev)
-    bias = torch.randn(n, generator=g, device=dev)
-    outs = {}
-    for tile in (0, 4):
-        full16 = torch.full((m, ldc), 7.0, device=dev, dtype=torch.bfloat16)
-        cuda_ext.int8_gemm(a, b, sa, sb, bias=bias, out_dtype=torch.bfloat16, out=full16[:, :n], tile=tile)
-        full8 = torch.full((m, ldc), -128, device=dev, dtype=torch.int8)
-        _, s = cuda_ext.int8_gemm(a, b, sa, sb, bias=bias, out_dtype=torch.int8, out=full8[:, :n], tile=tile)
-        outs[tile] = (full16, full8, s)
-    for x, y in zip(outs[0], outs[4]):
-        assert torch.equal(x, y)
-    assert (outs[4][0][:, n:] == 7.0).all() and (outs[4][1][:, n:] == -128).all()
-
-
 def _assert_near_ties_only(q, ref_q):
     step = (q.int() - ref_q.int()).abs()
     assert int(step.max()) <= 1 and float((step > 0).float().mean()) <= 1e-4, \

@@ -82,9 +82,6 @@ enum MegaqInt8GemmTile {
                                        // per consumer (block k+1 in flight while k is promoted), stores
                                        // from registers (AUTO with BF16 out: 5 stages, TMA stores)
   MEGAQ_INT8_TILE_128x128_SERIAL = 3,  // BLOCK128: one accumulator set, promote after each block
-  MEGAQ_INT8_TILE_128x256_WARP_STORE = 4,  // ROWCOL, BF16 or INT8 out: as AUTO, but the staged output tile
-                                           // is written by two warps of the producer warpgroup with
-                                           // 16-byte stores instead of TMA stores
 };
 
 // cudaSuccess when the current device runs the kernel (sm_90 with this build's sm_90a code);

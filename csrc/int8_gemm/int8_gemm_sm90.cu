@@ -100,8 +100,7 @@ struct Params {
   int group_m;
   bool pair_store;   // out rows and pointer allow 2-element vector stores
   bool row_store;    // out rows and pointer are 16-byte aligned: the staged, coalesced epilogue
-  bool tma_store;    // the kernel stages its tiles in shared memory for TMA stores or the store warps
-                     // (TMA_OUT kernels only)
+  bool tma_store;    // the kernel writes its tiles with TMA stores (tmap_c; TMA_OUT kernels only)
 };
 
 template <int BN, int STAGES, bool BLOCKED, bool TMA_OUT = false, int OUT_ELEM = 2>
@@ -126,8 +125,7 @@ struct Layout {
   static constexpr int STAGING_OFFSET = TMA_OUT ? OUT_OFFSET : EPILOGUE_OFFSET + 2 * 2 * BN * 4;
   static constexpr int BARRIER_OFFSET =
       TMA_OUT ? EPILOGUE_OFFSET + 2 * 2 * BN * 4 : STAGING_OFFSET + 8 * 4 * STAGING_PITCH;
-  // the ring's full and empty mbarriers; TMA_OUT: and the output tile halves' full and empty ones
-  static constexpr int BYTES = BARRIER_OFFSET + 2 * STAGES * 8 + (TMA_OUT ? 4 * 8 : 0);
+  static constexpr int BYTES = BARRIER_OFFSET + 2 * STAGES * 8;
   static constexpr int ALLOC = BYTES + 1024;   // room to align the dynamic buffer to 1024
   static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzle atoms must stay 1024-aligned");
   static_assert(!TMA_OUT || 8 * 4 * STAGING_PITCH <= OUT_BYTES, "staging fits in the output tile");
@@ -151,8 +149,6 @@ constexpr int WGMMA_K = 32;
 constexpr int PRODUCER_WARP = 8;           // first warp of the producer warpgroup: issues the TMA loads
 constexpr int SCALE_WARP = 9;              // stages the BLOCK128 scales
 constexpr int CONSUMER_ARRIVALS = 8;       // one per consumer warp on each empty mbarrier
-constexpr int STORE_WARP = 10;             // warps 10 and 11 write the staged output tiles (warp_store)
-constexpr int STORE_THREADS = 64;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -518,55 +514,16 @@ __device__ __forceinline__ void gelu_backward_rows(const Params& p, uint8_t* row
 // of row r sits at chunk j ^ (r % 8), so that the 8 rows a warp's fragment spans hit different
 // banks), then written by one thread's TMA stores, which complete while the warpgroup goes on to its
 // next tile's main loop. The buffer is rewritten only once the previous stores have read it.
-// Where the staged output tile goes (WARP_STORE): each consumer warpgroup's half has a full mbarrier
-// (its 128 threads arrive once they have written it) and an empty one (the 64 store threads arrive
-// once they have read it); `phase` is the tile's parity.
-struct OutHalf {
-  uint64_t* full;
-  uint64_t* empty;
-  uint32_t phase;
-};
-
-// Before a consumer warpgroup writes its half of the staged tile: the previous tile's half must have
-// been read, by the TMA stores (leader's bulk wait + warpgroup barrier) or by the store warps (empty
-// mbarrier).
-template <bool WARP_STORE>
-__device__ __forceinline__ void acquire_out_half(const OutHalf& h, int w) {
-  if constexpr (WARP_STORE) {
-    mbar_wait(h.empty, h.phase ^ 1);
-  } else {
-    if (threadIdx.x % 128 == 0) bulk_wait_read();
-    warpgroup_sync(w);
-  }
-}
-
-// After it: hand the half to the store warps (every thread arrives: the mbarrier's release orders its
-// shared-memory writes), or fence it for the async proxy and let one thread issue the TMA stores.
-template <bool WARP_STORE, int CHUNK_COLS, int CHUNKS>
-__device__ __forceinline__ void release_out_half(const OutHalf& h, int w, const CUtensorMap* map, uint8_t* mine,
-                                                 int m0, int n0) {
-  constexpr int CHUNK_BYTES = 64 * 128;
-  if constexpr (WARP_STORE) {
-    mbar_arrive(h.full);
-    return;
-  }
-  fence_async_shared();
-  warpgroup_sync(w);
-  if (threadIdx.x % 128 == 0) {
-#pragma unroll
-    for (int k = 0; k < CHUNKS; ++k) tma_store_2d(map, mine + k * CHUNK_BYTES, n0 + k * CHUNK_COLS, m0 + 64 * w);
-    bulk_commit();
-  }
-}
-
-template <int BN, bool GELU_BWD, bool WARP_STORE, typename Value>
+template <int BN, bool GELU_BWD, typename Value>
 __device__ __forceinline__ void store_tile_tma(const Value& value, const float* col_scale, const float* col_bias,
                                                const CUtensorMap* map, const Params& p, const Fragment& f, int w,
-                                               uint8_t* tile, int m0, int n0, const OutHalf& half) {
+                                               uint8_t* tile, int m0, int n0) {
   constexpr int CHUNK_COLS = 64;                   // 128 bytes of BF16: one swizzle row
   constexpr int CHUNK_BYTES = 64 * CHUNK_COLS * 2;  // 64 rows
   uint8_t* mine = tile + w * (BN / CHUNK_COLS) * CHUNK_BYTES;
-  acquire_out_half<WARP_STORE>(half, w);
+  const bool leader = threadIdx.x % 128 == 0;
+  if (leader) bulk_wait_read();
+  warpgroup_sync(w);
 #pragma unroll
   for (int i = 0; i < BN / 8; ++i) {
     const int c = 8 * i + f.col;
@@ -586,7 +543,14 @@ __device__ __forceinline__ void store_tile_tma(const Value& value, const float* 
     warpgroup_sync(w);   // the whole 64-row half is in shared memory
     gelu_backward_rows<BN>(p, mine, m0 + 64 * w, n0, threadIdx.x % 128);
   }
-  release_out_half<WARP_STORE, CHUNK_COLS, BN / CHUNK_COLS>(half, w, map, mine, m0, n0);
+  fence_async_shared();
+  warpgroup_sync(w);
+  if (leader) {
+#pragma unroll
+    for (int k = 0; k < BN / CHUNK_COLS; ++k)
+      tma_store_2d(map, mine + k * CHUNK_BYTES, n0 + k * CHUNK_COLS, m0 + 64 * w);
+    bulk_commit();
+  }
 }
 
 // INT8 out (the data flow's epilogue, int8_gemm.h): max that keeps a NaN (fmaxf would drop it, and
@@ -753,16 +717,17 @@ __device__ __forceinline__ void store_tile_int8(const T (&v)[BN / 2], const Para
 // store hit different banks), and one thread hands them to TMA stores, which drain under the next
 // tile's main loop (as store_tile_tma; the staged 16-byte stores held the warpgroup until HBM took
 // them: 1,230 TOPS against the BF16-out kernel's ~1,440 at 16384 x 16384 x 4096 on an H100).
-template <int BN, bool WARP_STORE, typename T>
+template <int BN, typename T>
 __device__ __forceinline__ void store_tile_int8_tma(const T (&v)[BN / 2], const CUtensorMap* map, const Params& p,
-                                                    const Fragment& f, int w, uint8_t* tile, int m0, int n0,
-                                                    const OutHalf& half) {
+                                                    const Fragment& f, int w, uint8_t* tile, int m0, int n0) {
   constexpr int CHUNK_COLS = 128;                 // 128 bytes of INT8: one swizzle row
   constexpr int CHUNK_BYTES = 64 * CHUNK_COLS;    // 64 rows
   float s[2][BN / 128];
   int8_block_scales<BN>(v, p, f, m0, n0, s);      // before the wait: it overlaps the previous stores
   uint8_t* mine = tile + w * (BN / CHUNK_COLS) * CHUNK_BYTES;
-  acquire_out_half<WARP_STORE>(half, w);
+  const bool leader = threadIdx.x % 128 == 0;
+  if (leader) bulk_wait_read();
+  warpgroup_sync(w);
 #pragma unroll
   for (int i = 0; i < BN / 8; ++i) {
     const int c = 8 * i + f.col;
@@ -775,28 +740,13 @@ __device__ __forceinline__ void store_tile_int8_tma(const T (&v)[BN / 2], const 
       *reinterpret_cast<char2*>(dst) = int8_pair<BN>(v, s, i, h);
     }
   }
-  release_out_half<WARP_STORE, CHUNK_COLS, BN / CHUNK_COLS>(half, w, map, mine, m0, n0);
-}
-
-// WARP_STORE: store warp thread st (of STORE_THREADS) writes its share of consumer warpgroup w's half
-// of the staged tile (64 rows of BN elements of OUT_ELEM bytes, in 128-byte swizzled column chunks of
-// 64 rows) to out with 16-byte loads and stores: a warp covers 512 consecutive bytes of out (one BF16
-// row, two INT8 rows). Rows past M are skipped; rows are whole 16-byte pieces (the launcher's TMA_OUT
-// condition), so a piece is either inside N or past it.
-template <int BN, int OUT_ELEM>
-__device__ __forceinline__ void write_out_half(const Params& p, const uint8_t* half, int st, int m0, int n0,
-                                               int w) {
-  constexpr int ROW_CHUNKS = BN * OUT_ELEM / 16;   // 16-byte pieces per row
-  constexpr int CHUNK_BYTES = 64 * 128;             // a 128-byte column chunk of 64 rows
-#pragma unroll 2
-  for (int q = st; q < 64 * ROW_CHUNKS; q += STORE_THREADS) {
-    const int r = q / ROW_CHUNKS, j = q % ROW_CHUNKS;
-    const int row = m0 + 64 * w + r;
-    const int64_t col_byte = static_cast<int64_t>(n0) * OUT_ELEM + 16 * j;
-    const int4 v = *reinterpret_cast<const int4*>(half + (j / 8) * CHUNK_BYTES + r * 128 + (((j % 8) ^ (r & 7)) << 4));
-    if (row < p.M && col_byte < static_cast<int64_t>(p.N) * OUT_ELEM)
-      *reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<int64_t>(row) * p.ldc * OUT_ELEM +
-                               col_byte) = v;
+  fence_async_shared();
+  warpgroup_sync(w);
+  if (leader) {
+#pragma unroll
+    for (int k = 0; k < BN / CHUNK_COLS; ++k)
+      tma_store_2d(map, mine + k * CHUNK_BYTES, n0 + k * CHUNK_COLS, m0 + 64 * w);
+    bulk_commit();
   }
 }
 
@@ -847,7 +797,7 @@ struct Pipe {   // position in the ring of stages: stage index and the parity of
 // (store_tile_tma), else as in the other kernels. GELU_BWD: each output value is multiplied by GELU' of
 // the GELU input at its place (p.gelu_q, p.gelu_scale; int8_gemm.h) before it is stored.
 template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool TMA_OUT, typename OutT,
-          bool GELU_BWD = false, bool WARP_STORE = false>
+          bool GELU_BWD = false>
 __global__ void __launch_bounds__(THREADS, 1)
     int8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a,
                      const __grid_constant__ CUtensorMap tmap_b,
@@ -873,8 +823,6 @@ __global__ void __launch_bounds__(THREADS, 1)
   uint8_t* smem_out = smem + L::OUT_OFFSET;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::BARRIER_OFFSET);
   uint64_t* empty = full + STAGES;
-  uint64_t* out_full = empty + STAGES;   // TMA_OUT: [2] then out_empty [2]
-  uint64_t* out_empty = out_full + 2;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -887,12 +835,6 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full[s], BLOCKED ? 1 + 32 : 1);
       mbar_init(&empty[s], CONSUMER_ARRIVALS);
-    }
-    if (WARP_STORE) {
-      for (int h = 0; h < 2; ++h) {
-        mbar_init(&out_full[h], 128);
-        mbar_init(&out_empty[h], STORE_THREADS);
-      }
     }
     // make the initialized barriers visible to the TMA engine (async proxy)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -918,20 +860,6 @@ __global__ void __launch_bounds__(THREADS, 1)
           tma_load_2d(smem_a + pipe.stage * L::A_BYTES, &tmap_a, &full[pipe.stage], kb * BK, mb * BM);
           tma_load_2d(smem_b + pipe.stage * L::B_BYTES, &tmap_b, &full[pipe.stage], kb * BK, nb * BN);
           pipe.template advance<STAGES>();
-        }
-      }
-    } else if (WARP_STORE && p.tma_store && warp >= STORE_WARP) {
-      const int st = threadIdx.x - STORE_WARP * 32;
-      uint32_t phase = 0;
-      for (int t = blockIdx.x; t < num_tiles; t += gridDim.x, phase ^= 1) {
-        int mb, nb;
-        tile_coords(t, num_m, num_n, p.group_m, mb, nb);
-#pragma unroll
-        for (int w = 0; w < 2; ++w) {
-          mbar_wait(&out_full[w], phase);
-          write_out_half<BN, sizeof(OutT)>(p, smem_out + w * (BN * sizeof(OutT) / 128) * (64 * 128), st, mb * BM,
-                                           nb * BN, w);
-          mbar_arrive(&out_empty[w]);
         }
       }
     } else if (BLOCKED && warp == SCALE_WARP) {
@@ -997,17 +925,13 @@ __global__ void __launch_bounds__(THREADS, 1)
   // and `value` (fragment element -> FP32 before the bias): INT8 out requantizes it (store_tile_int8,
   // which reuses `vals` for the final values); BF16 out with TMA leaves through TMA stores; else the
   // staged rows or the direct fragment stores. Only the branch of this kernel's OutT is instantiated.
-  int parity = 0;   // the tile's parity: which epilogue buffer it uses, and the output half's phase
-  auto out_half = [&]() {
-    return OutHalf{&out_full[warpgroup], &out_empty[warpgroup], static_cast<uint32_t>(parity)};
-  };
   auto store = [&](auto& vals, const auto& value, const float* col_scales, const float* col_biases, int m0,
                    int n0) {
     if constexpr (std::is_same_v<OutT, int8_t>) {
       finish_values<BN>(vals, value, col_scales, col_biases, frag);
       if constexpr (TMA_OUT) {
         if (p.tma_store) {
-          store_tile_int8_tma<BN, WARP_STORE>(vals, &tmap_c, p, frag, warpgroup, smem_out, m0, n0, out_half());
+          store_tile_int8_tma<BN>(vals, &tmap_c, p, frag, warpgroup, smem_out, m0, n0);
           return;
         }
       }
@@ -1015,8 +939,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     } else {
       if constexpr (TMA_OUT) {
         if (p.tma_store) {
-          store_tile_tma<BN, GELU_BWD, WARP_STORE>(value, col_scales, col_biases, &tmap_c, p, frag, warpgroup, smem_out, m0,
-                                       n0, out_half());
+          store_tile_tma<BN, GELU_BWD>(value, col_scales, col_biases, &tmap_c, p, frag, warpgroup, smem_out, m0,
+                                       n0);
           return;
         }
       }
@@ -1030,6 +954,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   };
 
   Pipe pipe;
+  int parity = 0;   // which epilogue buffer this tile uses
   for (int t = blockIdx.x; t < num_tiles; t += gridDim.x, parity ^= 1) {
     int mb, nb;
     tile_coords(t, num_m, num_n, p.group_m, mb, nb);
@@ -1189,7 +1114,7 @@ bool make_out_map(CUtensorMap* map, EncodeTiled encode, void* base, int64_t rows
 }
 
 template <int BN, int STAGES, int MODE, bool DUAL, bool SB_VEC, bool TMA_OUT, typename OutT,
-          bool GELU_BWD = false, bool WARP_STORE = false>
+          bool GELU_BWD = false>
 cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, Params p,
                    int device, cudaStream_t stream) {
   using L = Layout<BN, STAGES, MODE == MEGAQ_INT8_BLOCK128, TMA_OUT, sizeof(OutT)>;
@@ -1206,7 +1131,7 @@ cudaError_t launch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb, P
                 make_out_map(&map_c, encode, p.out, p.M, p.N, p.ldc, sizeof(OutT));
   if (GELU_BWD && !p.tma_store) return cudaErrorInvalidValue;   // its epilogue works on the TMA tile
   if (!p.tma_store) map_c = map_a;   // unused
-  auto kernel = int8_gemm_kernel<BN, STAGES, MODE, DUAL, SB_VEC, TMA_OUT, OutT, GELU_BWD, WARP_STORE>;
+  auto kernel = int8_gemm_kernel<BN, STAGES, MODE, DUAL, SB_VEC, TMA_OUT, OutT, GELU_BWD>;
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
@@ -1246,11 +1171,6 @@ cudaError_t dispatch(const int8_t* A, const int8_t* B, int64_t lda, int64_t ldb,
           return launch<256, 4, ROW, false, false, false, OutT>(A, B, lda, ldb, p, device, stream);
       case MEGAQ_INT8_TILE_128x256:
         return launch<256, 4, ROW, false, false, false, OutT>(A, B, lda, ldb, p, device, stream);
-      case MEGAQ_INT8_TILE_128x256_WARP_STORE:
-        if constexpr (BF16_OUT || std::is_same_v<OutT, int8_t>)
-          return launch<256, 3, ROW, false, false, true, OutT, false, true>(A, B, lda, ldb, p, device, stream);
-        else
-          return cudaErrorInvalidValue;
       case MEGAQ_INT8_TILE_128x128:
         return launch<128, 6, ROW, false, false, false, OutT>(A, B, lda, ldb, p, device, stream);
       default:
