@@ -23,9 +23,9 @@ Sections
 7. The INT4 recipe's kernels (quantizer, bit split, sampled GEMMs) and its linear against BF16.
 8. Error on outlier-heavy inputs (a few input channels ×50) of each variant against FP64.
 9. (`--sections epilogue`, not in the default list) The CUDA rowcol GEMM's output epilogues at the
-   data flow's fc1 shapes: BF16 out and INT8 out (per (1, 128) block, the data flow's fc1) through
-   the default launch's TMA stores, and INT8 out through the 4-stage kernel's staged stores (tile 1),
-   next to cuBLAS BF16.
+   training shapes (fc1 at widths 1600, 2048 (1.3B) and 4096; 1.3B's qkv and fc2): BF16 out and INT8
+   out (per (1, 128) block, the data flow's fc1), each through the default launch's TMA stores and
+   through the 4-stage kernel's register stores (tile 1), next to cuBLAS BF16.
 Timings: triton.testing.do_bench (CUDA events, L2 flushed before each call), median.
 """
 
@@ -732,8 +732,11 @@ INT4_GRAD_MM_SWEEP = [dict(BM=128, BN=128, BK=128, GROUP_M=16, num_warps=4, num_
                       dict(BM=128, BN=128, BK=64, GROUP_M=16, num_warps=4, num_stages=4)]
 
 
-# the data flow's fc1 at 16,384 tokens: widths 1600, 2048 (1.3B) and 4096
-EPILOGUE_SHAPES = [(16384, 6400, 1600), (16384, 8192, 2048), (16384, 16384, 4096)]
+# 16,384 tokens: fc1 at widths 1600, 2048 (1.3B) and 4096, and 1.3B's qkv and fc2
+EPILOGUE_SHAPES = [(16384, 6400, 1600), (16384, 8192, 2048), (16384, 16384, 4096), (16384, 6144, 2048),
+                   (16384, 2048, 8192)]
+EPILOGUE_CASES = (("bf16_out_tma", torch.bfloat16, 0), ("bf16_out_regs", torch.bfloat16, 1),
+                  ("int8_out_tma", torch.int8, 0), ("int8_out_regs", torch.int8, 1))
 
 
 def epilogue_section(args, results):
@@ -750,9 +753,7 @@ def epilogue_section(args, results):
         bias = torch.randn(N, device="cuda")
         x, w = rand((M, K), seed=1), rand((N, K), seed=2)
         row = dict(shape=(M, N, K), bf16_cublas=flop / bench_ms(lambda: x @ w.t()) / 1e9)
-        cases = (("bf16_out_tma", torch.bfloat16, 0), ("int8_out_tma", torch.int8, 0),
-                 ("int8_out_staged", torch.int8, 1))
-        for name, dtype, tile in cases:
+        for name, dtype, tile in EPILOGUE_CASES:
             fn = lambda: cuda_ext.int8_gemm(a, b, sa, sb, bias=bias, out_dtype=dtype, tile=tile)  # noqa: E731
             fn()
             row[name] = flop / bench_ms(fn) / 1e9
@@ -923,12 +924,11 @@ def print_table(results):
                   + (f" MISMATCH {q['mismatch']}" if q.get("matches_single") is False else ""))
     if results.get("epilogue"):
         print("\n## CUDA rowcol GEMM epilogues, TOPS (ratio to cuBLAS BF16)")
-        print("| M, N, K | cuBLAS BF16 | BF16 out, TMA | INT8 out, TMA | INT8 out, staged |")
-        print("|---|---|---|---|---|")
+        print("| M, N, K | cuBLAS BF16 | " + " | ".join(c[0] for c in EPILOGUE_CASES) + " |")
+        print("|---" * (len(EPILOGUE_CASES) + 2) + "|")
         for r in results["epilogue"]:
             base = r["bf16_cublas"]
-            cells = " | ".join(f"{r[k]:.0f} ({r[k] / base:.2f}×)" for k in ("bf16_out_tma", "int8_out_tma",
-                                                                            "int8_out_staged"))
+            cells = " | ".join(f"{r[c[0]]:.0f} ({r[c[0]] / base:.2f}×)" for c in EPILOGUE_CASES)
             print(f"| {', '.join(map(str, r['shape']))} | {base:.0f} | {cells} |")
     if results.get("outlier_error"):
         print("\n## error vs fp64 on outlier inputs:", json.dumps(results["outlier_error"]))
