@@ -457,6 +457,36 @@ __device__ __forceinline__ float gelu_tanh_grad(float v) {
   return sig + v * (e * r * r) * (1.5957691216057308f + 0.21406444881780073f * v * v);
 }
 
+// The TMA_OUT tile's shared-memory halves (store_tile_tma, store_tile_int8_tma): consumer warpgroup w
+// owns rows [64 w, 64 w + 64) as column chunks of [64 rows x 128 bytes], 128-byte swizzled.
+constexpr int OUT_CHUNK_BYTES = 64 * 128;
+
+// Byte `byte` (< 128) of row r in a column chunk: 16-byte piece j sits at j ^ (r % 8), so that the 8
+// rows a fragment store spans hit different banks (the tensor map's CU_TENSOR_MAP_SWIZZLE_128B).
+__device__ __forceinline__ uint8_t* swizzled(uint8_t* chunk, int r, int byte) {
+  return chunk + r * 128 + ((((byte >> 4) ^ (r & 7))) << 4) + (byte & 15);
+}
+
+// Before warpgroup w rewrites its half: the TMA stores of its previous tile have read it.
+__device__ __forceinline__ void await_out_half(int w) {
+  if (threadIdx.x % 128 == 0) bulk_wait_read();
+  warpgroup_sync(w);
+}
+
+// After it: make the half visible to the async proxy, then one thread issues its CHUNKS TMA stores
+// (CHUNK_COLS elements wide each), which drain under the next tile's main loop.
+template <int CHUNK_COLS, int CHUNKS>
+__device__ __forceinline__ void store_out_half(const CUtensorMap* map, uint8_t* mine, int m0, int n0, int w) {
+  fence_async_shared();
+  warpgroup_sync(w);
+  if (threadIdx.x % 128 == 0) {
+#pragma unroll
+    for (int k = 0; k < CHUNKS; ++k)
+      tma_store_2d(map, mine + k * OUT_CHUNK_BYTES, n0 + k * CHUNK_COLS, m0 + 64 * w);
+    bulk_commit();
+  }
+}
+
 // GELU_BWD: the warpgroup's 64 x BN BF16 rows in shared memory (store_tile_tma's swizzled layout)
 // multiplied by GELU'(h) in place, h = gelu_q * gelu_scale at the same place. Over 16-byte chunks (8
 // values), consecutive threads on consecutive chunks of a row, so that each warp reads 256 contiguous
@@ -469,7 +499,6 @@ __device__ __forceinline__ float gelu_tanh_grad(float v) {
 // (the GEMM's BF16 output, then the GELU backward).
 template <int BN>
 __device__ __forceinline__ void gelu_backward_rows(const Params& p, uint8_t* rows, int row0, int n0, int t) {
-  constexpr int CHUNK_BYTES = 64 * 128;           // one [64 x 64] BF16 column block of the tile
   constexpr int CHUNKS = BN / 8;                  // 16-byte chunks per tile row
   constexpr int ROWS_PER_PASS = 128 / CHUNKS;     // rows the warpgroup covers per pass
   constexpr int PASSES = 64 / ROWS_PER_PASS;
@@ -492,7 +521,7 @@ __device__ __forceinline__ void gelu_backward_rows(const Params& p, uint8_t* row
   for (int i = 0; i < PASSES; ++i) {
     const int r = r0 + i * ROWS_PER_PASS;
     if (row0 + r >= p.M || gc >= p.N) continue;
-    uint4* chunk = reinterpret_cast<uint4*>(rows + (c / 64) * CHUNK_BYTES + r * 128 + ((((c % 64) / 8) ^ (r & 7)) << 4));
+    uint4* chunk = reinterpret_cast<uint4*>(swizzled(rows + (c / 64) * OUT_CHUNK_BYTES, r, (c % 64) * 2));
     uint4 v = *chunk;
     uint32_t* words = reinterpret_cast<uint32_t*>(&v);
 #pragma unroll
@@ -518,23 +547,18 @@ template <int BN, bool GELU_BWD, typename Value>
 __device__ __forceinline__ void store_tile_tma(const Value& value, const float* col_scale, const float* col_bias,
                                                const CUtensorMap* map, const Params& p, const Fragment& f, int w,
                                                uint8_t* tile, int m0, int n0) {
-  constexpr int CHUNK_COLS = 64;                   // 128 bytes of BF16: one swizzle row
-  constexpr int CHUNK_BYTES = 64 * CHUNK_COLS * 2;  // 64 rows
-  uint8_t* mine = tile + w * (BN / CHUNK_COLS) * CHUNK_BYTES;
-  const bool leader = threadIdx.x % 128 == 0;
-  if (leader) bulk_wait_read();
-  warpgroup_sync(w);
+  constexpr int CHUNK_COLS = 64;   // 128 bytes of BF16: one swizzle row
+  uint8_t* mine = tile + w * (BN / CHUNK_COLS) * OUT_CHUNK_BYTES;
+  await_out_half(w);
 #pragma unroll
   for (int i = 0; i < BN / 8; ++i) {
     const int c = 8 * i + f.col;
     const float2 s = *reinterpret_cast<const float2*>(col_scale + c);
     const float2 b = *reinterpret_cast<const float2*>(col_bias + c);
-    const int byte = (c % CHUNK_COLS) * 2;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = f.row - 64 * w + 8 * h;
-      uint8_t* dst = mine + (c / CHUNK_COLS) * CHUNK_BYTES + r * 128 + ((((byte >> 4) ^ (r & 7))) << 4) +
-                     (byte & 15);
+      uint8_t* dst = swizzled(mine + (c / CHUNK_COLS) * OUT_CHUNK_BYTES, r, (c % CHUNK_COLS) * 2);
       *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(value(4 * i + 2 * h, h, s.x) + b.x,
                                                                        value(4 * i + 2 * h + 1, h, s.y) + b.y);
     }
@@ -543,14 +567,7 @@ __device__ __forceinline__ void store_tile_tma(const Value& value, const float* 
     warpgroup_sync(w);   // the whole 64-row half is in shared memory
     gelu_backward_rows<BN>(p, mine, m0 + 64 * w, n0, threadIdx.x % 128);
   }
-  fence_async_shared();
-  warpgroup_sync(w);
-  if (leader) {
-#pragma unroll
-    for (int k = 0; k < BN / CHUNK_COLS; ++k)
-      tma_store_2d(map, mine + k * CHUNK_BYTES, n0 + k * CHUNK_COLS, m0 + 64 * w);
-    bulk_commit();
-  }
+  store_out_half<CHUNK_COLS, BN / CHUNK_COLS>(map, mine, m0, n0, w);
 }
 
 // INT8 out (the data flow's epilogue, int8_gemm.h): max that keeps a NaN (fmaxf would drop it, and
@@ -720,34 +737,22 @@ __device__ __forceinline__ void store_tile_int8(const T (&v)[BN / 2], const Para
 template <int BN, typename T>
 __device__ __forceinline__ void store_tile_int8_tma(const T (&v)[BN / 2], const CUtensorMap* map, const Params& p,
                                                     const Fragment& f, int w, uint8_t* tile, int m0, int n0) {
-  constexpr int CHUNK_COLS = 128;                 // 128 bytes of INT8: one swizzle row
-  constexpr int CHUNK_BYTES = 64 * CHUNK_COLS;    // 64 rows
+  constexpr int CHUNK_COLS = 128;              // 128 bytes of INT8: one swizzle row
   float s[2][BN / 128];
-  int8_block_scales<BN>(v, p, f, m0, n0, s);      // before the wait: it overlaps the previous stores
-  uint8_t* mine = tile + w * (BN / CHUNK_COLS) * CHUNK_BYTES;
-  const bool leader = threadIdx.x % 128 == 0;
-  if (leader) bulk_wait_read();
-  warpgroup_sync(w);
+  int8_block_scales<BN>(v, p, f, m0, n0, s);   // before the wait: it overlaps the previous stores
+  uint8_t* mine = tile + w * (BN / CHUNK_COLS) * OUT_CHUNK_BYTES;
+  await_out_half(w);
 #pragma unroll
   for (int i = 0; i < BN / 8; ++i) {
     const int c = 8 * i + f.col;
-    const int byte = c % CHUNK_COLS;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = f.row - 64 * w + 8 * h;
-      uint8_t* dst = mine + (c / CHUNK_COLS) * CHUNK_BYTES + r * 128 + ((((byte >> 4) ^ (r & 7))) << 4) +
-                     (byte & 15);
+      uint8_t* dst = swizzled(mine + (c / CHUNK_COLS) * OUT_CHUNK_BYTES, r, c % CHUNK_COLS);
       *reinterpret_cast<char2*>(dst) = int8_pair<BN>(v, s, i, h);
     }
   }
-  fence_async_shared();
-  warpgroup_sync(w);
-  if (leader) {
-#pragma unroll
-    for (int k = 0; k < BN / CHUNK_COLS; ++k)
-      tma_store_2d(map, mine + k * CHUNK_BYTES, n0 + k * CHUNK_COLS, m0 + 64 * w);
-    bulk_commit();
-  }
+  store_out_half<CHUNK_COLS, BN / CHUNK_COLS>(map, mine, m0, n0, w);
 }
 
 // BLOCK128 promotion of one K-block: v += float(acc) * sa[m, kb] * sb[n, kb], scales from the stage.
