@@ -419,8 +419,11 @@ def test_graphed_int8_delayed_run_resumes_where_it_stopped(demo_cache, tmp_path)
     assert entries and all(int(e["valid"]) == 1 and float(e["pred"].min()) > 0 for e in entries.values())
     resumed = pretrain(cfg("b", 6))
     assert resumed["start_step"] == 3
-    assert first["losses"] == straight["losses"][:3]
-    assert resumed["losses"] == straight["losses"][3:], (straight["losses"], first["losses"], resumed["losses"])
+    # the messages tell the two failure modes apart (one failure in 26 GPU runs, session 16, message not
+    # kept): two fresh runs that differ are a non-reproducible step; a resume that differs misses a state
+    assert first["losses"] == straight["losses"][:3], ("fresh runs differ", straight["losses"], first["losses"])
+    assert resumed["losses"] == straight["losses"][3:], ("resume differs", straight["losses"], first["losses"],
+                                                         resumed["losses"])
 
 
 @gpu
