@@ -182,8 +182,10 @@ def _load_sum(x_ptr, r_ptr, rows, cols, R, C, HAS_RES: tl.constexpr):
 
 @triton.jit
 def _normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd,
-                HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """LayerNorm output chunk (FP32), zero outside R x C (the Hadamard padding)."""
+                HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                ROUND_BF16: tl.constexpr, UPCAST: tl.constexpr):
+    """LayerNorm output chunk (FP32; BF16 values: ROUND_BF16, `_round_bf16`), zero outside R x C (the
+    Hadamard padding)."""
     xs = _load_sum(x_ptr, r_ptr, rows, cols, R, C, HAS_RES)
     y = (xs - mean[:, None]) * rstd[:, None]
     cmask = cols < C
@@ -192,7 +194,7 @@ def _normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd,
     if HAS_B:
         y = y + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     mask = (rows < R)[:, None] & cmask[None, :]
-    return tl.where(mask, y, 0.0)
+    return _round_bf16(tl.where(mask, y, 0.0), ROUND_BF16, UPCAST)
 
 
 @triton.jit
@@ -249,16 +251,16 @@ def _layernorm_quant_kernel(x_ptr, r_ptr, xs_ptr, w_ptr, b_ptr, R, C, Cp, eps,
         amax = tl.zeros([BR], tl.float32)
         for c0 in range(0, Cp, BC):
             cols = c0 + tl.arange(0, BC)
-            y = _round_bf16(_normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W,
-                                        HAS_B), ROUND_BF16, UPCAST)
+            y = _normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W, HAS_B,
+                            ROUND_BF16, UPCAST)
             amax = tl.maximum(amax, tl.max(tl.abs(_rotate(y, h, inv_sqrt, UPCAST, ROUND_BF16)), axis=1))
         s = _scale_from_amax(amax, QMAX)
         tl.store(ys_ptr + rows, s, mask=rmask)
         # pass 3: quantize
         for c0 in range(0, Cp, BC):
             cols = c0 + tl.arange(0, BC)
-            y = _round_bf16(_normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W,
-                                        HAS_B), ROUND_BF16, UPCAST)
+            y = _normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W, HAS_B,
+                            ROUND_BF16, UPCAST)
             mask = rmask[:, None] & (cols < Cp)[None, :]
             _store_quantized(yq_ptr, rows, cols, Cp, mask, _rotate(y, h, inv_sqrt, UPCAST, ROUND_BF16), s, QMAX,
                              RINT_LIBDEVICE)
@@ -266,8 +268,8 @@ def _layernorm_quant_kernel(x_ptr, r_ptr, xs_ptr, w_ptr, b_ptr, R, C, Cp, eps,
         n_blocks = tl.cdiv(C, BC)
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
-            y = _round_bf16(_normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W,
-                                        HAS_B), ROUND_BF16, UPCAST)
+            y = _normalized(x_ptr, r_ptr, w_ptr, b_ptr, rows, cols, R, C, mean, rstd, HAS_RES, HAS_W, HAS_B,
+                            ROUND_BF16, UPCAST)
             s = _scale_from_amax(tl.max(tl.abs(y), axis=1), QMAX)
             tl.store(ys_ptr + rows * n_blocks + c0 // BC, s, mask=rmask)
             mask = rmask[:, None] & (cols < C)[None, :]
