@@ -321,6 +321,31 @@ def check_column_sums(shape, had, device, dtype=torch.bfloat16):
         assert torch.equal(q.data, r.data) and torch.equal(q.scale, r.scale)
 
 
+def check_first_call_uses_one_scale_per_row(shape, had, device, dtype=torch.float32, per_strip=4):
+    """A state's first call: pass 2 quantizes with the abs-maxes pass 1 left in `track`, and every program
+    of a strip must use the one its scale is stored from. Pass 2 rotates xᵀ·H where pass 1 rotated H·x,
+    so its own maxima may round larger; had it folded them into `track` during the call, a program of
+    the same strip starting later would read them (scheduling-dependent scales on the GPU). Pass 1 is
+    simulated as having found half of each abs-max, so that any raised value read shows as a factor 2."""
+    from megaq.kernels import quantizers
+    from megaq.kernels.dispatch import config_override
+
+    x = random_input(shape, "cpu", torch.float32, seed=8).to(dtype)
+    rotated = _rotated(x, had)
+    half = (rotated.abs().amax(1) / 2).to(device)
+    state = DelayedAmax(shape[1], 0.9, device)
+    state.track.copy_(half)
+    with config_override(QUANT_PER_STRIP=per_strip):
+        launch = quantizers._TwoPassLaunch.plan(x.to(device), 0, "nearest", None, False, had)
+        assert launch.grid[1] == per_strip <= launch.n_blocks   # several programs share each strip
+        quantizers._delayed_quantize_pass(launch, 0, state, 8, "nearest", False, had, None)
+    assert torch.equal(state.track, half)     # the first call's maxima are pass 1's, left as they were
+    scale = launch.scale.cpu().reshape(-1, 1)
+    assert float(((scale.reshape(-1) - half.cpu() / 127).abs() / (half.cpu() / 127)).max()) <= 1e-6
+    diff = (launch.data.cpu().float() - (rotated / scale).clamp(-127, 127).round()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 1e-2, int((diff > 0).sum())
+
+
 # --------------------------------------------------------------------------------------------------
 # CPU: the interpreter subprocess
 @parent_only
@@ -367,6 +392,11 @@ def test_interp_abs_max_pass_skips_itself_once_the_prediction_is_valid():
 
 
 @interp_only
+def test_interp_first_call_quantizes_a_row_with_the_scale_it_stores():
+    check_first_call_uses_one_scale_per_row((256, 72), 32, "cpu")
+
+
+@interp_only
 def test_interp_delayed_stochastic_clips():
     check_stochastic_clips_without_wrapping((160, 48), 32, "cpu")
 
@@ -390,6 +420,12 @@ def test_interp_delayed_column_sums(monkeypatch):
 @pytest.mark.parametrize("shape", [(16384, 384), (16384, 1600), (4100, 6400), (1000, 4096)])
 def test_gpu_delayed_nearest(shape):
     check_nearest_against_reference(shape, 128, "cuda", dtype=torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+def test_gpu_first_call_quantizes_a_row_with_the_scale_it_stores():
+    check_first_call_uses_one_scale_per_row((16384, 1600), 128, "cuda", dtype=torch.bfloat16, per_strip=8)
 
 
 @gpu

@@ -340,35 +340,39 @@ def _launch_delayed(x, axis, state, bits, rounding, generator, check, hadamard: 
     """Delayed-scaling quantization (`megaq.quant.delayed`) on the two-pass grid, three launches whatever
     the state (one CUDA graph serves the first call and the later ones; the device flag `state.valid`
     decides): pass 1 (`_amax_partial_kernel` with SKIP) finds the exact abs-maxes into `state.track`
-    only on a state's first call and otherwise returns at once; pass 2 (`_quant_given_amax_kernel` with
-    DELAYED) quantizes with the prediction (or that exact abs-max), tracks the true one and folds in the
+    only on a state's first call and otherwise returns at once; pass 2 (`_delayed_quantize_pass`)
+    quantizes with the prediction (or that exact abs-max), tracks the true one and folds in the
     NaN/Inf check and the column sums, so that after the first call x is read once; then
     `_delayed_update_kernel` updates the prediction. row_scales, rotate_in: as in `_launch_twopass`."""
     if state.pred.device != x.device:
         raise ValueError(f"delayed-scaling state is on {state.pred.device}, the operand on {x.device}")
     L = _TwoPassLaunch.plan(x, axis, rounding, generator, check, hadamard, row_scales, rotate_in)
     state.check_rows(L.n, "delayed-scaling quantizer")
-    track = state.track.view(torch.int32)
     assert column_sums_out is None or axis == 0, "the kernel sums columns only where its strips are columns"
     partials = _column_sum_partials(column_sums_out, L.grid[1])
     _kernel("triton_quant", "_amax_partial_kernel")[L.grid](
-        L.x, L.xs, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), track, L.h, L.inv, L.dummy, L.dummy, L.n_strips,
-        L.n_blocks, state.valid, BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), CHECK=False,
-        COLSUM=False, STAGES=L.stages, SKIP=True, DEQUANT=L.dequant, ROTATE_IN=L.rotate_in,
-        num_warps=L.num_warps)
-    _kernel("triton_quant", "_quant_given_amax_kernel")[L.grid](
-        L.x, L.xs, L.R, L.C, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), state.pred.view(torch.int32), L.data,
-        L.scale, L.h, L.inv, L.seed, L.n_strips, L.n_blocks, track, L.flag if check else L.dummy,
-        L.dummy if partials is None else partials, state.valid, BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard,
-        UPCAST=_interpreting(), STOCHASTIC=rounding == "stochastic", QMAX=_qmax(bits),
-        RINT_LIBDEVICE=_rint_libdevice(), STAGES=L.stages, DELAYED=True, CHECK=check,
-        COLSUM=partials is not None, DEQUANT=L.dequant, ROTATE_IN=L.rotate_in,
-        num_warps=L.num_warps)
+        L.x, L.xs, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), state.track.view(torch.int32), L.h, L.inv,
+        L.dummy, L.dummy, L.n_strips, L.n_blocks, state.valid, BR=L.BR, BC=L.BC, AXIS=axis, HAD=hadamard,
+        UPCAST=_interpreting(), CHECK=False, COLSUM=False, STAGES=L.stages, SKIP=True, DEQUANT=L.dequant,
+        ROTATE_IN=L.rotate_in, num_warps=L.num_warps)
+    _delayed_quantize_pass(L, axis, state, bits, rounding, check, hadamard, partials)
     _add_column_sum_partials(partials, column_sums_out)
     _kernel("triton_quant", "_delayed_update_kernel")[(1,)](
         state.pred, state.track, state.counts, state.valid, state.rows, state.decay, BLOCK=1024, num_warps=4)
     _check_flag(L.flag, x, "quantize input")
     return L.result(axis, bits, block)
+
+
+def _delayed_quantize_pass(L: "_TwoPassLaunch", axis, state, bits, rounding, check, hadamard: int,
+                           partials: torch.Tensor | None) -> None:
+    """Pass 2 of `_launch_delayed` (`_quant_given_amax_kernel` with DELAYED) into L's payload and scales."""
+    _kernel("triton_quant", "_quant_given_amax_kernel")[L.grid](
+        L.x, L.xs, L.R, L.C, L.R_in, L.C_in, L.x.stride(0), L.x.stride(1), state.pred.view(torch.int32), L.data,
+        L.scale, L.h, L.inv, L.seed, L.n_strips, L.n_blocks, state.track.view(torch.int32),
+        L.flag if check else L.dummy, L.dummy if partials is None else partials, state.valid, BR=L.BR, BC=L.BC,
+        AXIS=axis, HAD=hadamard, UPCAST=_interpreting(), STOCHASTIC=rounding == "stochastic", QMAX=_qmax(bits),
+        RINT_LIBDEVICE=_rint_libdevice(), STAGES=L.stages, DELAYED=True, CHECK=check,
+        COLSUM=partials is not None, DEQUANT=L.dequant, ROTATE_IN=L.rotate_in, num_warps=L.num_warps)
 
 
 def _check_column_sums_out(out: torch.Tensor, x2d: torch.Tensor) -> None:

@@ -701,7 +701,7 @@ def _quant_given_amax_kernel(x_ptr, xs_ptr, R, C, R_in, C_in, stride_xr, stride_
     the exact abs-max in track, which is used instead. Values past the abs-max clip to ±QMAX (clamped
     before the fixed-point stochastic rounding, whose int32 would overflow far out), and the true
     abs-max per payload row is folded into track with atomics (FP32 bits in int32) for
-    `_delayed_update_kernel`. CHECK and COLSUM are then pass 1's NaN/Inf flag and column sums
+    `_delayed_update_kernel` (on later calls only: the first call's is pass 1's, already there). CHECK and COLSUM are then pass 1's NaN/Inf flag and column sums
     (COLSUM: AXIS=0 only), done here. DEQUANT, ROTATE_IN: as in pass 1."""
     h = _load_hadamard(h_ptr, HAD)
     seed = 0
@@ -754,7 +754,13 @@ def _quant_given_amax_kernel(x_ptr, xs_ptr, R, C, R_in, C_in, stride_xr, stride_
             q = _quantize_scaled(a, sn[:, None], rn[:, None], bits, STOCHASTIC, QMAX, RINT_LIBDEVICE)
             _store_payload(q_ptr, q, q_rows, q_cols, q_R, q_C, False)
         if DELAYED:
-            tl.atomic_max(track_ptr + idx, (m * inv_sqrt).to(tl.int32, bitcast=True), mask=idx < n)
+            # Only where the prediction was used: on a state's first call every program of this strip
+            # reads pass 1's abs-max from track as its scale, and a maximum folded in now could reach a
+            # program of the same strip that starts later (this pass rotates xᵀ·H where pass 1 rotated
+            # H·x: nothing makes their FP32 sums round alike), which would then quantize with another
+            # scale than the one stored, in a scheduling-dependent way. Pass 1's value is the exact one.
+            if predicted:
+                tl.atomic_max(track_ptr + idx, (m * inv_sqrt).to(tl.int32, bitcast=True), mask=idx < n)
         if COLSUM:
             tl.store(colsum_ptr + tl.program_id(1) * C_in + idx, csum, mask=idx < C_in)
 
