@@ -590,3 +590,29 @@ def test_short_case_timeout_warns_only_when_a_quantized_recipe_runs(capsys):
     bench.parse_args(["--models", "gpt2", "--recipes", "bf16@graphs,fp8_tensorwise", "--case-timeout", "130"])
     bench.parse_args(["--models", "gpt2", "--recipes", "int8_delayed@graphs"])     # the default: 600 s
     assert capsys.readouterr().err == ""
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gemm_tiles_table_gives_ratios_to_bf16_and_the_same_tile_ratio():
+    tiles = _load_tool("bench_gemm_tiles")
+    row = {"shape": [8192, 4096, 4096], "cuBLAS bf16": 800.0}
+    row.update({name: 400.0 * (i + 1) for i, name in enumerate(tiles.CASES)})
+    row["blk128 / rowcol, 128x128 registers"] = 0.5
+    text = tiles.table([row])
+    header, _, line = text.splitlines()
+    assert header.count("|") == len(tiles.CASES) + 4
+    assert line.startswith("| 8192, 4096, 4096 | 800 | 400 (0.50×) | 800 (1.00×) |")
+    assert line.endswith("| 0.50 |")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is what a machine without a GPU gets")
+def test_gemm_tiles_without_a_gpu_says_what_it_needs(capsys):
+    tiles = _load_tool("bench_gemm_tiles")
+    assert tiles.main([]) == 2
+    assert "needs an sm_90 GPU" in capsys.readouterr().err
