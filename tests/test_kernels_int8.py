@@ -493,6 +493,25 @@ def test_kernel_mode_env(monkeypatch):
     assert kernels.kernel_mode() == "reference"
 
 
+@pytest.mark.skipif(IN_CHILD, reason="parent-process test")
+def test_two_pass_grid_programs_per_strip():
+    """The two-pass grid's programs per strip (`_programs_per_strip`) on an H100's 264 places (132 SMs x 2)
+    and 16,384 tokens (128 tiles per strip): what the session-17 sweep measured best at 2048, 6144 and
+    8192 columns of 64; never more programs than tiles; one program per strip once the strips fill the
+    places; and the modelled time of its choice is the least of all counts."""
+    from megaq.kernels.quantizers import _PROGRAM_OVERHEAD_TILES, _cdiv, _programs_per_strip
+
+    assert [_programs_per_strip(columns // 64, 128, 264) for columns in (2048, 6144, 8192)] == [8, 8, 2]
+    assert _programs_per_strip(300, 128, 264) == 1 and _programs_per_strip(264, 128, 264) == 1
+    for strips, tiles in ((1, 3), (5, 7), (25, 128), (100, 64), (36, 129)):
+        p = _programs_per_strip(strips, tiles, 264)
+        assert 1 <= p <= tiles
+
+        def modelled(q):
+            return _cdiv(strips * q, 264) * (_cdiv(tiles, q) + _PROGRAM_OVERHEAD_TILES)
+        assert modelled(p) == min(modelled(q) for q in range(1, tiles + 1)), (strips, tiles, p)
+
+
 # --------------------------------------------------------------------------------------------------
 # interpreter (run by the subprocess above)
 QUANT_BLOCKS = [(1, 128), (128, 128), (32, 32), (1, 32), (1, -1), (128, 1)]

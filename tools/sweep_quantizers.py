@@ -54,6 +54,8 @@ HADAMARD = 128
 DEFAULT_CASES = [(768, "nearest"), (3072, "nearest"), (2048, "nearest"), (8192, "nearest"),
                  (768, "stochastic"), (2304, "stochastic"), (3072, "stochastic"),
                  (2048, "stochastic"), (6144, "stochastic"), (8192, "stochastic")]
+# programs per strip of the two-pass grid (`megaq.kernels.quantizers._programs_per_strip` picks one)
+PER_STRIP_COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 11, 12, 16)
 SWEEP = {
     # rows of x: the resident kernel (BR·NCH rows of 128 per program), warps, programs per SM, load stages
     # (each tile x warps compiles once per width: the stages stay at the default 3 to bound the compiles)
@@ -64,7 +66,7 @@ SWEEP = {
                    for c, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for p in (1, 2, 4) for s in (2, 3)]
     # programs per strip of the default tile (the automatic choice: 2 programs per SM over the strips,
     # rounded down)
-    + [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)],
+    + [dict(QUANT_PER_STRIP=n) for n in PER_STRIP_COUNTS],
     # both orientations from one call (`hadamard_quantize_dual`: abs-maxes, scales, payloads over
     # [128, 128] tiles), against the two single calls above (`singles_us` of each case)
     # (the default 3 load stages take ~150 KB of shared memory per program: one program per SM)
@@ -73,8 +75,8 @@ SWEEP = {
 }
 # the one-pass delayed-scaling kernel runs on the two-pass grid: the same plans
 SWEEP["delayed"] = SWEEP["transposed"]
-PER_STRIP_SWEEP = {"rows": [], "transposed": [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)], "dual": [],
-                   "delayed": [dict(QUANT_PER_STRIP=n) for n in (1, 2, 3, 4, 6, 8)]}
+PER_STRIP_SWEEP = {"rows": [], "transposed": [dict(QUANT_PER_STRIP=n) for n in PER_STRIP_COUNTS], "dual": [],
+                   "delayed": [dict(QUANT_PER_STRIP=n) for n in PER_STRIP_COUNTS]}
 QUICK_SWEEP = {name: plans[:2] for name, plans in SWEEP.items()}
 
 

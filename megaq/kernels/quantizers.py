@@ -228,17 +228,35 @@ def _twopass_grid(R: int, C: int, axis: int, hadamard: int, dev, element_size: i
     # and split each strip's tiles among grid[1] programs
     n_strips, n_blocks = (_cdiv(C, BC), _cdiv(R, BR)) if axis == 0 else (_cdiv(R, BR), _cdiv(C, BC))
     programs = _persistent_programs(n_strips * n_blocks, dev, ov.get("QUANT_PER_SM", _PER_SM))
-    # programs per strip rounded down: the grid never spills past one wave of `programs`. Rounding up
-    # measured slower wherever it changes the count (H100, 16384 rows, x.T, `tools/sweep_quantizers.py
-    # --per-strip`: 2048 columns stochastic 112 -> 152 µs, 8192 376 -> 418, 6144 371 -> 414); the one
-    # width where more programs won, 6144 (96 strips: 192 programs, 299 µs at 8 per strip), is left as
-    # measured, not made a rule.
-    per_strip = ov.get("QUANT_PER_STRIP", programs // n_strips)
+    per_strip = ov.get("QUANT_PER_STRIP", _programs_per_strip(n_strips, n_blocks, programs))
     grid = (min(n_strips, programs), max(1, min(n_blocks, per_strip)))
     stages = _pipeline_stages(ov.get("QUANT_STAGES", _TWOPASS_STAGES), BR * BC * element_size, hadamard)
     # rotate_in: the tile twice as wide and a second product on it: 4 and 8 warps ran alike, 16 1.5x
     # slower (H100, 16384 tokens x 1664 / 4096 / 16384 features, session 15)
     return BR, BC, grid, n_strips, n_blocks, stages, ov.get("QUANT_WARPS", 8 if rotate_in else 4)
+
+
+# what a program of the two-pass grid costs beyond its tiles (the Hadamard matrix, the strip's scales,
+# filling the load pipeline), in tiles: fitted to the H100 sweep below (8192 columns: 1, 2 and 4 waves of
+# 64, 32 and 16 tiles per program took 163, 167 and 175 µs)
+_PROGRAM_OVERHEAD_TILES = 2
+
+
+def _programs_per_strip(n_strips: int, n_blocks: int, programs: int) -> int:
+    """How many programs share each strip's n_blocks tiles on the two-pass grid, where `programs` run at
+    once (`_persistent_programs`): the count p of the shortest modelled time, waves × (tiles per program
+    + _PROGRAM_OVERHEAD_TILES) = ceil(n_strips · p / programs) · (ceil(n_blocks / p) + 2), the fewest
+    programs among equals. It takes what an H100 sweep of the delayed x.T kernel measured best at 16,384
+    rows (`tools/sweep_quantizers.py --per-strip`, session 17): 2048 columns 8 per strip, 8192 2, and
+    6144 8, where the earlier rule (programs // strips, rounded down) gave 2: 192 programs for 264 places,
+    155 -> 135 µs nearest, 219 -> 178 stochastic. Counts that split a strip's tiles unevenly cost a
+    tile per program (3 per strip ran 25-35% slower than 2 or 4)."""
+    if n_strips >= programs:
+        return 1
+
+    def cost(p: int) -> tuple[int, int]:
+        return _cdiv(n_strips * p, programs) * (_cdiv(n_blocks, p) + _PROGRAM_OVERHEAD_TILES), p
+    return min(range(1, n_blocks + 1), key=cost)
 
 
 @dataclass
