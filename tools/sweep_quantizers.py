@@ -60,9 +60,7 @@ SWEEP = {
     # rows of x: the resident kernel (BR·NCH rows of 128 per program), warps, programs per SM, load stages
     # (each tile x warps compiles once per width: the stages stay at the default 3 to bound the compiles)
     "rows": [dict(ROW_KERNEL="resident", RESIDENT_TILE=t, QUANT_WARPS=w, QUANT_PER_SM=p)
-             for t, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for p in (1, 2, 4)]
-    # a row whose block count is not a power of two as one padded tile, not two (`_resident_segments`)
-    + [dict(ROW_KERNEL="resident", RESIDENT_SEGMENTS=1)],
+             for t, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for p in (1, 2, 4)],
     # rows of x.T: the two-pass kernels' tile columns (128 rows = one Hadamard block), warps, programs, stages
     "transposed": [dict(QUANT_COLS=c, QUANT_WARPS=w, QUANT_PER_SM=p, QUANT_STAGES=s)
                    for c, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for p in (1, 2, 4) for s in (2, 3)]
