@@ -593,29 +593,6 @@ def test_interp_hadamard_rows_resident(monkeypatch):
 
 
 @interp_only
-def test_interp_resident_rows_in_two_tiles_are_the_padded_tile_bit_for_bit():
-    """Rows of 24 or 48 Hadamard blocks held as two power-of-two tiles (16 + 8, 32 + 16) instead of one
-    padded to 32 or 64 (`quantizers._resident_segments`): the same payload, scales and dither as the one
-    padded tile, nearest and stochastic, with row tails and an FP32 input; within the reference bounds."""
-    cases = [((11, 3072), 128, torch.bfloat16, 64), ((9, 768), 32, torch.float32, 64), ((5, 6144), 128,
-                                                                                       torch.bfloat16, 64)]
-    for shape, had, dtype, tile in cases:
-        x = _rand(shape, "cpu", dtype, seed=shape[1] + 1, outliers=True)
-        chunks = shape[1] // had
-        first, second = quantizers._resident_segments(chunks)
-        assert second and first + second == chunks < quantizers._next_pow2(chunks)
-        with kernels.config_override(ROW_KERNEL="resident", RESIDENT_TILE=tile):
-            check_hadamard_quantize(x, had)
-        for rounding in ("nearest", "stochastic"):
-            out = []
-            for segments in (2, 1):
-                with kernels.config_override(ROW_KERNEL="resident", RESIDENT_TILE=tile, RESIDENT_SEGMENTS=segments):
-                    torch.manual_seed(11)
-                    out.append(kernels.hadamard_quantize(x, had, rounding=rounding))
-            assert torch.equal(out[0].data, out[1].data) and torch.equal(out[0].scale, out[1].scale), rounding
-
-
-@interp_only
 def test_interp_hadamard_stochastic():
     """Unbiased stochastic rounding of the rotated values, both kernels and orientations."""
     x = _rand((32, 128), "cpu", seed=4)

@@ -98,8 +98,7 @@ def config_override(**cfg):
     """Force kernel tile configurations (tests use tiny tiles under the interpreter; the benchmark
     sweeps). GEMM keys: BM, BN, BK, J, CVT, GROUP_M, num_warps, num_stages, USE_TMA, WS. Quantizer
     keys: QUANT_ROWS, QUANT_COLS, QUANT_WARPS, QUANT_STAGES, QUANT_PER_SM, QUANT_PER_STRIP (the two-pass
-    kernels' programs per strip), DUAL_FUSED, ROW_KERNEL, RESIDENT_TILE, RESIDENT_SEGMENTS (1: the resident
-    row kernel pads a row's Hadamard blocks to a power of two in one tile instead of two tiles)."""
+    kernels' programs per strip), DUAL_FUSED, ROW_KERNEL, RESIDENT_TILE."""
     global _CONFIG_OVERRIDE
     old = _CONFIG_OVERRIDE
     _CONFIG_OVERRIDE = dict(cfg)

@@ -183,16 +183,6 @@ def _launch_strip(view, bits, rounding, generator, check, hadamard: int = 0, blo
     return q.QuantizedTensor(_pack(data, bits), scale, blk, bits, (R, C))
 
 
-def _resident_segments(chunks: int) -> tuple[int, int]:
-    """The resident kernel's two tiles of a row of `chunks` Hadamard blocks, each a power of two: the
-    largest power of two in `chunks` and the rest rounded up to one (48 = 32 + 16, 24 = 16 + 8, 18 = 16 +
-    2), or one tile rounded up (second 0) where two would hold no fewer blocks (13: 16, not 8 + 8)."""
-    whole = _next_pow2(chunks)
-    first = whole if whole == chunks else whole // 2
-    second = _next_pow2(chunks - first) if chunks > first else 0
-    return (first, second) if first + second < whole else (whole, 0)
-
-
 def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int, block):
     """Per-row Hadamard quantization of `view` [R, C_in] (any strides), zero padded to whole
     Hadamard blocks, with whole rows held in registers (`_quant_rows_resident_kernel`): one read."""
@@ -207,9 +197,6 @@ def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int,
     ov = dispatch._CONFIG_OVERRIDE or {}
     nch = _next_pow2(Cp // hadamard)
     BR = max(1, ov.get("RESIDENT_TILE", _RESIDENT_TILE) // nch)
-    nch1, nch2 = _resident_segments(Cp // hadamard)
-    if BR * nch2 < 16 or ov.get("RESIDENT_SEGMENTS", 2) < 2:   # a tensor-core product needs 16 rows
-        nch1, nch2 = nch, 0
     # 64 FP32 values per thread: 4 warps for the default [64, 128] tile, 8 for one whole row of 128 blocks
     # (H100, 16384 wide: stochastic 273.5 / 535.0 µs at 8192 / 16384 rows against 403.1 / 807.7 with
     # 4 warps, which spill; nearest 186.8 / 362.4 against 190.9 / 369.9)
@@ -219,7 +206,7 @@ def _launch_rows_resident(view, bits, rounding, generator, check, hadamard: int,
     _kernel("triton_quant", "_quant_rows_resident_kernel")[grid](
         view, R, C_in, Cp, view.stride(0), view.stride(1), data, scale, h, 1.0 / math.sqrt(hadamard),
         seed, flag if check else dummy, n_tiles,
-        BR=BR, NCH=nch1, NCH2=nch2, HAD=hadamard, F32_INPUT=f32, UPCAST=_interpreting(), STOCHASTIC=stochastic,
+        BR=BR, NCH=nch, HAD=hadamard, F32_INPUT=f32, UPCAST=_interpreting(), STOCHASTIC=stochastic,
         CHECK=check, QMAX=_qmax(bits), RINT_LIBDEVICE=_rint_libdevice(),
         STAGES=_pipeline_stages(ov.get("QUANT_STAGES", _PERSISTENT_STAGES), BR * nch * hadamard * view.element_size(),
                                 hadamard), num_warps=nw)

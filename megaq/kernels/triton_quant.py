@@ -542,81 +542,43 @@ def _quant_strip_kernel(x_ptr, R, C, C_in, stride_xr, stride_xc,
 
 
 @triton.jit
-def _resident_segment(x_ptr, tile, R, C_in, n_chunks, stride_xr, stride_xc, h, BR: tl.constexpr,
-                      NCH: tl.constexpr, OFF: tl.constexpr, HAD: tl.constexpr, F32_INPUT: tl.constexpr,
-                      UPCAST: tl.constexpr):
-    """Hadamard blocks OFF .. OFF + NCH of the BR rows of `tile`, rotated: a [BR * NCH, HAD] tile whose
-    row t is block OFF + t % NCH of row t // NCH (blocks past n_chunks and rows past R read as zeros).
-    Returns the unscaled rotation (FP32), each tile row's row and block, the columns and the live mask."""
-    t = tl.arange(0, BR * NCH)
-    chunk = OFF + t % NCH
-    rows = tile * BR + t // NCH
-    cols = chunk[:, None] * HAD + tl.arange(0, HAD)[None, :]
-    live = (rows < R) & (chunk < n_chunks)
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols * stride_xc,
-                mask=live[:, None] & (cols < C_in), other=0.0)
-    return _hadamard_sums(x, h, 1, HAD, F32_INPUT, UPCAST), rows, chunk, cols, live
-
-
-@triton.jit
-def _segment_row_amax(ay, BR: tl.constexpr, NCH: tl.constexpr):
-    """[BR] abs-max over a segment's NCH blocks of each row (ay: its [BR * NCH, HAD] |rotation|)."""
-    return tl.max(tl.reshape(tl.max(ay, axis=1), [BR, NCH]), axis=1)
-
-
-@triton.jit
-def _store_resident_segment(y, row_amax, rows, chunk, cols, live, q_ptr, Cp, inv_sqrt, seed,
-                            BR: tl.constexpr, NCH: tl.constexpr, HAD: tl.constexpr, STOCHASTIC: tl.constexpr,
-                            QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr):
-    """A segment's payload (`_resident_segment`'s layout) with the row scales from row_amax [BR]."""
-    T: tl.constexpr = BR * NCH
-    spread = tl.reshape(tl.broadcast_to(row_amax[:, None], [BR, NCH]), [T])
-    q = _quant_rows(y, inv_sqrt, spread, seed, rows, tl.cdiv(Cp, 32), chunk * HAD, T, HAD,
-                    STOCHASTIC, QMAX, RINT_LIBDEVICE)
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * Cp + cols, q, mask=live[:, None])
-
-
-@triton.jit
 def _quant_rows_resident_kernel(x_ptr, R, C_in, Cp, stride_xr, stride_xc, q_ptr, s_ptr, h_ptr, inv_sqrt,
                                 seed_ptr, flag_ptr, n_tiles,
-                                BR: tl.constexpr, NCH: tl.constexpr, NCH2: tl.constexpr, HAD: tl.constexpr,
+                                BR: tl.constexpr, NCH: tl.constexpr, HAD: tl.constexpr,
                                 F32_INPUT: tl.constexpr, UPCAST: tl.constexpr, STOCHASTIC: tl.constexpr,
                                 CHECK: tl.constexpr, QMAX: tl.constexpr, RINT_LIBDEVICE: tl.constexpr,
                                 STAGES: tl.constexpr):
     """Per-row Hadamard quantization reading x once: a persistent program takes the n_tiles blocks of
     BR whole rows in turn (the next block's load in flight while this one computes, STAGES deep), each
     held in registers as a [BR * NCH, HAD] tile whose row t is Hadamard block t % NCH of row t // NCH
-    (NCH: a power of two; the blocks past Cp are masked off), and, where NCH2 > 0, a second
-    [BR * NCH2, HAD] tile of blocks NCH .. NCH + NCH2 (a row of 48 blocks is 32 + 16, not 64 of which 16
-    are padding: NCH2 is a power of two too). One tensor-core product against the Hadamard matrix
-    (loaded once per program) rotates every block, the row abs-max is a max over the row's blocks, and
-    the rotated values are quantized straight from registers — 2 bytes read and 1 written per element.
-    Same outputs as `_amax_partial_kernel` + `_quant_given_amax_kernel` (AXIS=1), the dither included."""
+    (NCH: the row's Cp / HAD blocks rounded up to a power of two; the blocks past Cp are masked off).
+    One tensor-core product against the Hadamard matrix (loaded once per program) rotates every
+    block, the row abs-max is a max over the row's blocks, and the rotated values are quantized
+    straight from registers — 2 bytes read and 1 written per element. Same outputs as
+    `_amax_partial_kernel` + `_quant_given_amax_kernel` (AXIS=1), the dither included."""
+    T: tl.constexpr = BR * NCH
     h = _load_hadamard(h_ptr, HAD)
     seed = 0
     if STOCHASTIC:
         seed = tl.load(seed_ptr)
+    t = tl.arange(0, T)
+    chunk = t % NCH
     n_chunks = Cp // HAD
+    cols = chunk[:, None] * HAD + tl.arange(0, HAD)[None, :]
     for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
-        y, rows, chunk, cols, live = _resident_segment(x_ptr, tile, R, C_in, n_chunks, stride_xr, stride_xc, h,
-                                                       BR, NCH, 0, HAD, F32_INPUT, UPCAST)
+        rows = tile * BR + t // NCH                        # [T]
+        live = (rows < R) & (chunk < n_chunks)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols * stride_xc,
+                    mask=live[:, None] & (cols < C_in), other=0.0)
+        y = _hadamard_sums(x, h, 1, HAD, F32_INPUT, UPCAST)
         ay = tl.abs(y)
         if CHECK:
             _raise_flag(_nonfinite(ay), flag_ptr)
-        row_amax = _segment_row_amax(ay, BR, NCH)
-        if NCH2 > 0:
-            y2, rows2, chunk2, cols2, live2 = _resident_segment(x_ptr, tile, R, C_in, n_chunks, stride_xr,
-                                                                stride_xc, h, BR, NCH2, NCH, HAD, F32_INPUT, UPCAST)
-            ay2 = tl.abs(y2)
-            if CHECK:
-                _raise_flag(_nonfinite(ay2), flag_ptr)
-            row_amax = tl.maximum(row_amax, _segment_row_amax(ay2, BR, NCH2))
-        row_amax = row_amax * inv_sqrt                                                        # [BR]
-        _store_resident_segment(y, row_amax, rows, chunk, cols, live, q_ptr, Cp, inv_sqrt, seed, BR, NCH, HAD,
-                                STOCHASTIC, QMAX, RINT_LIBDEVICE)
-        if NCH2 > 0:
-            _store_resident_segment(y2, row_amax, rows2, chunk2, cols2, live2, q_ptr, Cp, inv_sqrt, seed, BR, NCH2,
-                                    HAD, STOCHASTIC, QMAX, RINT_LIBDEVICE)
+        row_amax = tl.max(tl.reshape(tl.max(ay, axis=1), [BR, NCH]), axis=1) * inv_sqrt    # [BR]
+        spread = tl.reshape(tl.broadcast_to(row_amax[:, None], [BR, NCH]), [T])
+        q = _quant_rows(y, inv_sqrt, spread, seed, rows, tl.cdiv(Cp, 32), chunk * HAD, T, HAD,
+                        STOCHASTIC, QMAX, RINT_LIBDEVICE)
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * Cp + cols, q, mask=live[:, None])
         out_rows = tile * BR + tl.arange(0, BR)
         tl.store(s_ptr + out_rows, _scale_from_amax(row_amax, QMAX), mask=out_rows < R)
 
