@@ -64,8 +64,7 @@ SWEEP = {
     # rows of x.T: the two-pass kernels' tile columns (128 rows = one Hadamard block), warps, programs, stages
     "transposed": [dict(QUANT_COLS=c, QUANT_WARPS=w, QUANT_PER_SM=p, QUANT_STAGES=s)
                    for c, w in ((32, 4), (64, 4), (64, 8), (128, 8)) for p in (1, 2, 4) for s in (2, 3)]
-    # programs per strip of the default tile (the automatic choice: 2 programs per SM over the strips,
-    # rounded down)
+    # programs per strip of the default tile (the automatic choice: `quantizers._programs_per_strip`)
     + [dict(QUANT_PER_STRIP=n) for n in PER_STRIP_COUNTS],
     # both orientations from one call (`hadamard_quantize_dual`: abs-maxes, scales, payloads over
     # [128, 128] tiles), against the two single calls above (`singles_us` of each case)

@@ -701,8 +701,9 @@ def _quant_given_amax_kernel(x_ptr, xs_ptr, R, C, R_in, C_in, stride_xr, stride_
     the exact abs-max in track, which is used instead. Values past the abs-max clip to ±QMAX (clamped
     before the fixed-point stochastic rounding, whose int32 would overflow far out), and the true
     abs-max per payload row is folded into track with atomics (FP32 bits in int32) for
-    `_delayed_update_kernel` (on later calls only: the first call's is pass 1's, already there). CHECK and COLSUM are then pass 1's NaN/Inf flag and column sums
-    (COLSUM: AXIS=0 only), done here. DEQUANT, ROTATE_IN: as in pass 1."""
+    `_delayed_update_kernel` (on later calls only: the first call's is pass 1's, already there). CHECK
+    and COLSUM are then pass 1's NaN/Inf flag and column sums (COLSUM: AXIS=0 only), done here. DEQUANT,
+    ROTATE_IN: as in pass 1."""
     h = _load_hadamard(h_ptr, HAD)
     seed = 0
     if STOCHASTIC:
