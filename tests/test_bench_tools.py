@@ -18,15 +18,18 @@ from distributed_utils import run_distributed
 from megaq.training.config import ConfigError, config_from_dict, load_config
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_e2e", REPO_ROOT / "tools" / "bench_e2e.py")
+def _load_tool(name: str, register: bool = False):
+    """tools/<name>.py as a module (the scripts are not a package). register: also in sys.modules, where
+    a script's dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
+    if register:
+        sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-bench = _load_bench()
+bench = _load_tool("bench_e2e", register=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,9 +404,7 @@ def test_memory_breakdown_counts_what_each_recipe_keeps(tmp_path):
     nothing else changes), the INT8 data flow moves the LayerNorm/GELU/attention saves into the block
     (INT8); the head's logits and the model state are the same for all; the weight cache holds two
     INT8 orientations of every block linear (2 bytes per weight element + scales)."""
-    spec = importlib.util.spec_from_file_location("memory_breakdown", REPO_ROOT / "tools" / "memory_breakdown.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = _load_tool("memory_breakdown")
     out = tmp_path / "mem.json"
     assert tool.main(["--model", "tiny", "--seq", "64", "--micro-batch", "8", "--count-batch", "2",
                       "--vocab", "512", "--recipes", "bf16,int8,int8_df", "--json", str(out)]) == 0
@@ -430,9 +431,7 @@ def test_memory_breakdown_counts_what_each_recipe_keeps(tmp_path):
 # tools/bench_kernels.py (GPU only; its argument parsing is checked here)
 
 def test_bench_kernels_profile_shapes_parse_and_name_bad_ones():
-    spec = importlib.util.spec_from_file_location("bench_kernels", REPO_ROOT / "tools" / "bench_kernels.py")
-    kernels_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernels_bench)
+    kernels_bench = _load_tool("bench_kernels")
     assert kernels_bench._parse_shapes("8192x4096x4096, 16384X3072x768") == [(8192, 4096, 4096), (16384, 3072, 768)]
     for bad in ("8192x4096", "8192x0x4096", "axbxc"):
         with pytest.raises(ValueError, match=f"--profile-shapes: '{bad}' is not MxNxK"):
@@ -489,9 +488,7 @@ def test_quantizer_sweep_times_the_delayed_call_against_the_two_pass_call(tmp_pa
 def test_quantizer_sweep_flags_a_plan_whose_output_differs():
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("sweep_quantizers", REPO_ROOT / "tools" / "sweep_quantizers.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _load_tool("sweep_quantizers")
     data = torch.randint(-127, 128, (64, 64), dtype=torch.int8)
     ref = SimpleNamespace(data=data, scale=torch.ones(64, 1))
     assert sweep.compare(SimpleNamespace(data=data.clone(), scale=torch.ones(64, 1)), ref)["ok"]
@@ -511,10 +508,7 @@ def test_quantizer_sweep_flags_a_plan_whose_output_differs():
 # tools/bench_env.py: the commit a results file names
 
 def _bench_env():
-    spec = importlib.util.spec_from_file_location("bench_env", REPO_ROOT / "tools" / "bench_env.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_tool("bench_env")
 
 
 def test_results_name_the_checkouts_commit_and_not_an_enclosing_ones(tmp_path, monkeypatch):
@@ -548,10 +542,7 @@ def test_results_name_the_checkouts_commit_and_not_an_enclosing_ones(tmp_path, m
 # tools/bench_block.py (GPU-only; its table from results here)
 
 def _bench_block():
-    spec = importlib.util.spec_from_file_location("bench_block", REPO_ROOT / "tools" / "bench_block.py")
-    bench_block = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_block)
-    return bench_block
+    return _load_tool("bench_block")
 
 
 def test_block_variant_switches_name_real_defaults():
@@ -590,13 +581,6 @@ def test_short_case_timeout_warns_only_when_a_quantized_recipe_runs(capsys):
     bench.parse_args(["--models", "gpt2", "--recipes", "bf16@graphs,fp8_tensorwise", "--case-timeout", "130"])
     bench.parse_args(["--models", "gpt2", "--recipes", "int8_delayed@graphs"])     # the default: 600 s
     assert capsys.readouterr().err == ""
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_gemm_tiles_table_gives_ratios_to_bf16_and_the_same_tile_ratio():
