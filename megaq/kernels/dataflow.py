@@ -132,6 +132,12 @@ def _check_format(hadamard: int, block: tuple[int, int]) -> None:
         raise ValueError(f"operand block must be (1, k) or (1, -1) (one row per token); got {block!r}")
 
 
+def _check_round_to(round_to: torch.dtype | None, who: str) -> None:
+    """The output rounding the GELU and LayerNorm kernels take: none, or to BF16."""
+    if round_to not in (None, torch.bfloat16):
+        raise ValueError(f"{who}: round_to must be None or torch.bfloat16; got {round_to}")
+
+
 def _padded(cols: int, hadamard: int) -> int:
     return math.ceil(cols / hadamard) * hadamard if hadamard else cols
 
@@ -152,8 +158,7 @@ def layernorm_quantize(x2d: torch.Tensor, weight: torch.Tensor | None, bias: tor
     (torch.bfloat16 or None): the LayerNorm output is first rounded to that dtype, as a BF16 model's
     LayerNorm writes it — which the kernel then rotates exactly with one BF16 product instead of two."""
     _check_format(hadamard, block)
-    if round_to not in (None, torch.bfloat16):
-        raise ValueError(f"layernorm_quantize: round_to must be None or torch.bfloat16; got {round_to}")
+    _check_round_to(round_to, "layernorm_quantize")
     if x2d.dim() != 2:
         raise ValueError(f"layernorm_quantize: input must be 2-D; got shape {tuple(x2d.shape)}")
     if residual is not None and residual.shape != x2d.shape:
@@ -214,8 +219,7 @@ def gelu_quantize(h_q: QuantizedTensor, hadamard: int, block: tuple[int, int],
     (torch.bfloat16 or None): the GELU output is first rounded to that dtype, as a BF16 model's GELU
     writes it — which the kernel then rotates exactly with one BF16 product instead of two."""
     _check_format(hadamard, block)
-    if round_to not in (None, torch.bfloat16):
-        raise ValueError(f"gelu_quantize: round_to must be None or torch.bfloat16; got {round_to}")
+    _check_round_to(round_to, "gelu_quantize")
     if _use_triton(h_q.data) and h_q.bits == 8 and h_q.block == SAVE_BLOCK \
             and _kernel_format(hadamard, block, _padded(h_q.shape[1], hadamard)):
         return _launch_gelu(h_q, hadamard, round_to is not None)
